@@ -1,0 +1,16 @@
+//! Compiles the snapshot schema with the vendored protoc, so a fresh machine
+//! needs nothing beyond cargo.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // set_var is unsafe in edition 2024: hand protoc to prost-build directly.
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
+    config.type_attribute(".", "#[derive(serde::Serialize)]");
+    config.type_attribute(".", "#[serde(rename_all = \"camelCase\")]");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_with_config(config, &["toolmesh/v1alpha1/snapshot.proto"], &["."])?;
+    println!("cargo:rerun-if-changed=toolmesh/v1alpha1/snapshot.proto");
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Render resources + an identity into that identity's snapshot.
+//!
+//! The one function both the control plane and the sidecar's standalone mode use, so
+//! that what a sidecar enforces never depends on where its config came from. A
+//! snapshot holds only what the identity needs: the policies whose subjects match
+//! it, the servers those policies name, and the credentials of those servers alone.
+//! Its version is a content hash: rendering the same inputs twice gives the same
+//! version, and any change that identity can observe gives a new one.
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::glob;
+use crate::resource::{
+    ActionSpec, DEFAULT_SERVER_TIMEOUT, McpServer, ResourceError, ResourceSet, RuleSpec,
+    parse_duration, validate_set,
+};
+use crate::v1alpha1 as pb;
+
+/// Render the snapshot for `identity` from a validated resource set.
+pub fn render(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot, ResourceError> {
+    validate_set(set)?;
+    let policies: Vec<pb::Policy> = set
+        .policies
+        .values()
+        .filter(|p| {
+            p.spec
+                .subjects
+                .iter()
+                .any(|s| glob::matches(&s.identity, identity))
+        })
+        .map(|p| pb::Policy {
+            name: p.metadata.name.clone(),
+            rules: p.spec.rules.iter().map(render_rule).collect(),
+        })
+        .collect();
+    let mut names: Vec<&str> = policies
+        .iter()
+        .flat_map(|p| p.rules.iter().map(|r| r.server.as_str()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let servers = names
+        .into_iter()
+        .filter_map(|n| set.servers.get(n))
+        .map(|s| render_server(set, s))
+        .collect();
+    let mut snapshot = pb::Snapshot {
+        version: String::new(),
+        identity: identity.to_owned(),
+        servers,
+        policies,
+    };
+    snapshot.version = content_version(&snapshot);
+    Ok(snapshot)
+}
+
+/// The content hash of a snapshot, ignoring its `version` field.
+pub fn content_version(snapshot: &pb::Snapshot) -> String {
+    let mut unversioned = snapshot.clone();
+    unversioned.version.clear();
+    let digest = Sha256::digest(unversioned.encode_to_vec());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
+    let spec = &server.spec;
+    let credential = spec.credential.as_ref().and_then(|c| {
+        // validate_set has checked that the secret and key exist.
+        let value = set
+            .secrets
+            .get(&c.secret_ref.name)?
+            .data
+            .get(&c.secret_ref.key)?;
+        Some(pb::Credential {
+            header: c.header.to_ascii_lowercase(),
+            value: format!("{}{}", c.prefix, value),
+            source: format!("{}/{}", c.secret_ref.name, c.secret_ref.key),
+        })
+    });
+    let timeout = spec
+        .timeout
+        .as_deref()
+        .and_then(|t| parse_duration(t).ok())
+        .unwrap_or(DEFAULT_SERVER_TIMEOUT);
+    pb::Server {
+        name: server.metadata.name.clone(),
+        endpoints: spec
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint { url: e.url.clone() })
+            .collect(),
+        credential,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+fn render_rule(rule: &RuleSpec) -> pb::Rule {
+    pb::Rule {
+        server: rule.server.clone(),
+        tools: rule.tools.clone(),
+        resources: rule.resources.clone(),
+        prompts: rule.prompts.clone(),
+        action: match rule.action {
+            ActionSpec::Allow => pb::Action::Allow,
+            ActionSpec::Deny => pb::Action::Deny,
+        } as i32,
+        rate_limit: rule.rate_limit.as_ref().map(|rl| pb::RateLimit {
+            requests: rl.requests,
+            per_ms: parse_duration(&rl.per)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or_default(),
+        }),
+        conditions: rule
+            .conditions
+            .iter()
+            .map(|c| pb::ArgumentCondition {
+                path: c.argument.clone(),
+                matches: c.matches.clone(),
+            })
+            .collect(),
+        audit_arguments: rule.audit.is_some_and(|a| a.arguments),
+    }
+}
+
+/// A copy of `snapshot` that is safe to show: credential values replaced.
+pub fn redacted(snapshot: &pb::Snapshot) -> pb::Snapshot {
+    let mut copy = snapshot.clone();
+    for server in &mut copy.servers {
+        if let Some(cred) = &mut server.credential {
+            cred.value = REDACTED.to_owned();
+        }
+    }
+    copy
+}
+
+/// What stands in for a secret in every dump.
+pub const REDACTED: &str = "<redacted>";
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,118 @@
+use super::*;
+use crate::resource::{ResourceSet, parse_resources};
+
+const RESOURCES: &str = r#"
+apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {name: github}
+spec:
+  endpoints: [{url: "https://mcp.example.com/mcp"}]
+  credential: {header: Authorization, secretRef: {name: github-token, key: token}, prefix: "Bearer "}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {name: payroll}
+spec:
+  endpoints: [{url: "http://payroll:8080/mcp"}]
+  credential: {header: X-API-Key, secretRef: {name: payroll-key, key: key}}
+  timeout: 5s
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: Secret
+metadata: {name: github-token}
+data: {token: "gh-secret"}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: Secret
+metadata: {name: payroll-key}
+data: {key: "payroll-secret"}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: triage}
+spec:
+  subjects: [{identity: "agents/*"}]
+  rules:
+    - server: github
+      tools: ["get_*"]
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: finance}
+spec:
+  subjects: [{identity: "agents/finance"}]
+  rules:
+    - server: payroll
+      tools: ["*"]
+      audit: {arguments: true}
+"#;
+
+fn set() -> ResourceSet {
+    ResourceSet::new(parse_resources(RESOURCES).expect("valid")).expect("set")
+}
+
+#[test]
+fn an_identity_gets_only_its_servers_and_credentials() {
+    let snap = render(&set(), "agents/triage").expect("render");
+    assert_eq!(snap.identity, "agents/triage");
+    let names: Vec<_> = snap.servers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["github"]);
+    assert_eq!(snap.policies.len(), 1);
+    let encoded = format!("{snap:?}");
+    assert!(encoded.contains("gh-secret"));
+    assert!(
+        !encoded.contains("payroll-secret"),
+        "another server's credential leaked"
+    );
+
+    let finance = render(&set(), "agents/finance").expect("render");
+    let names: Vec<_> = finance.servers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["github", "payroll"]);
+    let payroll = &finance.servers[1];
+    assert_eq!(payroll.timeout_ms, 5_000);
+    let cred = payroll.credential.as_ref().expect("credential");
+    assert_eq!(
+        (cred.header.as_str(), cred.value.as_str()),
+        ("x-api-key", "payroll-secret")
+    );
+    assert!(finance.policies[0].rules[0].audit_arguments);
+}
+
+#[test]
+fn an_identity_no_policy_names_gets_nothing() {
+    let snap = render(&set(), "humans/bob").expect("render");
+    assert!(snap.servers.is_empty());
+    assert!(snap.policies.is_empty());
+}
+
+#[test]
+fn version_is_a_content_hash() {
+    let a = render(&set(), "agents/triage").expect("render");
+    let b = render(&set(), "agents/triage").expect("render");
+    assert_eq!(a.version, b.version);
+    assert_eq!(a.version.len(), 16);
+    // A change the identity cannot see leaves its version alone...
+    let changed = RESOURCES.replacen("payroll-secret", "rotated", 1);
+    let set2 = ResourceSet::new(parse_resources(&changed).expect("valid")).expect("set");
+    assert_eq!(
+        render(&set2, "agents/triage").expect("render").version,
+        a.version
+    );
+    // ...and one it can see changes it.
+    assert_ne!(
+        render(&set2, "agents/finance").expect("render").version,
+        render(&set(), "agents/finance").expect("render").version
+    );
+}
+
+#[test]
+fn redaction_hides_every_credential() {
+    let snap = render(&set(), "agents/finance").expect("render");
+    let shown = serde_json::to_string(&redacted(&snap)).expect("json");
+    assert!(
+        !shown.contains("gh-secret") && !shown.contains("payroll-secret"),
+        "{shown}"
+    );
+    assert!(shown.contains(REDACTED));
+    assert!(shown.contains("github-token/token"));
+}

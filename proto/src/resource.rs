@@ -1,0 +1,414 @@
+//! The YAML resource model platform teams write: `McpServer`, `AccessPolicy`, `Secret`.
+//!
+//! Every resource is Kubernetes-shaped (`apiVersion: toolmesh.dev/v1alpha1`, `kind`,
+//! `metadata.name`, `spec`, or `data` for a `Secret`). Parsing is strict: unknown
+//! fields are errors, and every error names the resource and the field path
+//! (`McpServer/github: spec.endpoints[0].url: ...`). Parsing and validating are pure;
+//! cross-resource checks (a rule naming a server that does not exist, a credential
+//! naming a missing secret) happen in [`validate_set`], which the renderer runs.
+//!
+//! This module does not read files or talk to a store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::API_VERSION;
+
+mod validate;
+pub use validate::validate_set;
+
+/// Default time an upstream gets to answer with a response head.
+pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A parsed, validated resource.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind")]
+pub enum Resource {
+    McpServer(McpServer),
+    AccessPolicy(AccessPolicy),
+    Secret(Secret),
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::McpServer(_) => Kind::McpServer,
+            Resource::AccessPolicy(_) => Kind::AccessPolicy,
+            Resource::Secret(_) => Kind::Secret,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Resource::McpServer(r) => &r.metadata.name,
+            Resource::AccessPolicy(r) => &r.metadata.name,
+            Resource::Secret(r) => &r.metadata.name,
+        }
+    }
+}
+
+/// The kinds of resource, as written in `kind:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    McpServer,
+    AccessPolicy,
+    Secret,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::McpServer, Kind::AccessPolicy, Kind::Secret];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::McpServer => "McpServer",
+            Kind::AccessPolicy => "AccessPolicy",
+            Kind::Secret => "Secret",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// DNS label (RFC 1123): lowercase letters, digits and `-`, at most 63 characters.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// An upstream MCP server reachable over Streamable HTTP.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct McpServer {
+    #[serde(default = "api_version")]
+    pub api_version: String,
+    pub metadata: Metadata,
+    pub spec: McpServerSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct McpServerSpec {
+    /// One or more Streamable HTTP endpoints of the same server.
+    pub endpoints: Vec<EndpointSpec>,
+    /// A header the sidecar adds to every upstream request, its value from a `Secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialSpec>,
+    /// Time allowed for the upstream's response head, e.g. `30s` (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EndpointSpec {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CredentialSpec {
+    /// Header name, e.g. `Authorization` or `X-API-Key`.
+    pub header: String,
+    pub secret_ref: SecretRef,
+    /// Text put before the secret's value, e.g. `"Bearer "`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretRef {
+    pub name: String,
+    pub key: String,
+}
+
+/// Credentials, in plain text, for standalone and embedded-store setups.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Secret {
+    #[serde(default = "api_version")]
+    pub api_version: String,
+    pub metadata: Metadata,
+    /// Key → secret value.
+    pub data: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never let a secret's value reach a log line through `{:?}`.
+        f.debug_struct("Secret")
+            .field("metadata", &self.metadata)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Who may use which servers, tools, resources and prompts.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessPolicy {
+    #[serde(default = "api_version")]
+    pub api_version: String,
+    pub metadata: Metadata,
+    pub spec: AccessPolicySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessPolicySpec {
+    pub subjects: Vec<SubjectSpec>,
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SubjectSpec {
+    /// Identity glob, e.g. `agents/triage` or `agents/*`.
+    pub identity: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleSpec {
+    /// The `McpServer` this rule is about.
+    pub server: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompts: Vec<String>,
+    #[serde(default)]
+    pub action: ActionSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Conditions on `params.arguments`; all must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ConditionSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionSpec {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    pub requests: u32,
+    /// Window, e.g. `1m`, `10s`.
+    pub per: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConditionSpec {
+    /// Dotted path into the call's arguments, e.g. `repo`.
+    pub argument: String,
+    /// Glob the argument's string value must match.
+    pub matches: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuditSpec {
+    #[serde(default)]
+    pub arguments: bool,
+}
+
+fn api_version() -> String {
+    API_VERSION.to_owned()
+}
+
+/// Why a resource (or a set of them) was refused. Always names where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceError {
+    #[error("document {index}: not valid YAML: {message}")]
+    Yaml { index: usize, message: String },
+    #[error("document {index}: {field}: {message}")]
+    Document {
+        index: usize,
+        field: String,
+        message: String,
+    },
+    #[error("{kind}/{name}: {field}: {message}")]
+    Field {
+        kind: Kind,
+        name: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// Parse a multi-document YAML text into validated resources.
+///
+/// Empty documents are skipped. The first bad document stops the parse: a config
+/// is taken whole or not at all.
+pub fn parse_resources(text: &str) -> Result<Vec<Resource>, ResourceError> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| ResourceError::Yaml {
+            index: 0,
+            message: e.to_string(),
+        })?;
+    let mut out = Vec::with_capacity(docs.len());
+    for (index, doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        out.push(parse_document(index, doc)?);
+    }
+    Ok(out)
+}
+
+/// Parse one document (already decoded from YAML or JSON) into a validated resource.
+pub fn parse_document(index: usize, doc: serde_json::Value) -> Result<Resource, ResourceError> {
+    let doc_err = |field: &str, message: String| ResourceError::Document {
+        index,
+        field: field.to_owned(),
+        message,
+    };
+    let obj = doc
+        .as_object()
+        .ok_or_else(|| doc_err("(root)", "expected a mapping".to_owned()))?;
+    match obj.get("apiVersion").and_then(|v| v.as_str()) {
+        Some(API_VERSION) => {}
+        Some(other) => {
+            return Err(doc_err(
+                "apiVersion",
+                format!("unsupported {other:?}, expected {API_VERSION:?}"),
+            ));
+        }
+        None => return Err(doc_err("apiVersion", "missing".to_owned())),
+    }
+    let kind = match obj.get("kind").and_then(|v| v.as_str()) {
+        Some("McpServer") => Kind::McpServer,
+        Some("AccessPolicy") => Kind::AccessPolicy,
+        Some("Secret") => Kind::Secret,
+        Some(other) => {
+            return Err(doc_err(
+                "kind",
+                format!("unknown kind {other:?}, expected one of McpServer, AccessPolicy, Secret"),
+            ));
+        }
+        None => return Err(doc_err("kind", "missing".to_owned())),
+    };
+    let name = obj
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    let mut body = doc;
+    if let Some(map) = body.as_object_mut() {
+        map.remove("kind");
+    }
+    let field_err = |field: String, message: String| ResourceError::Field {
+        kind,
+        name: name.clone(),
+        field,
+        message,
+    };
+    let resource = match kind {
+        Kind::McpServer => Resource::McpServer(decode(body, &field_err)?),
+        Kind::AccessPolicy => Resource::AccessPolicy(decode(body, &field_err)?),
+        Kind::Secret => Resource::Secret(decode(body, &field_err)?),
+    };
+    validate::validate_resource(&resource).map_err(|(field, message)| field_err(field, message))?;
+    Ok(resource)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    body: serde_json::Value,
+    err: &impl Fn(String, String) -> ResourceError,
+) -> Result<T, ResourceError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "(root)".to_owned()
+        } else {
+            path
+        };
+        err(field, e.into_inner().to_string())
+    })
+}
+
+/// Parse a duration such as `30s`, `1m`, `500ms`, `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 500ms, 30s, 1m)"))?;
+    if d.is_zero() {
+        return Err(format!(
+            "invalid duration {text:?}: must be greater than zero"
+        ));
+    }
+    Ok(d)
+}
+
+/// Names that may be used as `metadata.name` (and so in paths and tool prefixes).
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// All resources of one kind, keyed by name, as a set the renderer can look into.
+#[derive(Debug, Default, Clone)]
+pub struct ResourceSet {
+    pub servers: BTreeMap<String, McpServer>,
+    pub policies: BTreeMap<String, AccessPolicy>,
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+impl ResourceSet {
+    /// Index resources by kind and name; a name used twice within a kind is an error.
+    pub fn new(resources: impl IntoIterator<Item = Resource>) -> Result<Self, ResourceError> {
+        let mut set = ResourceSet::default();
+        let mut seen = BTreeSet::new();
+        for r in resources {
+            if !seen.insert((r.kind(), r.name().to_owned())) {
+                return Err(ResourceError::Field {
+                    kind: r.kind(),
+                    name: r.name().to_owned(),
+                    field: "metadata.name".to_owned(),
+                    message: "defined more than once".to_owned(),
+                });
+            }
+            match r {
+                Resource::McpServer(s) => {
+                    set.servers.insert(s.metadata.name.clone(), s);
+                }
+                Resource::AccessPolicy(p) => {
+                    set.policies.insert(p.metadata.name.clone(), p);
+                }
+                Resource::Secret(s) => {
+                    set.secrets.insert(s.metadata.name.clone(), s);
+                }
+            }
+        }
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+use super::*;
+
+const GOOD: &str = r#"
+apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {name: github}
+spec:
+  endpoints: [{url: "https://mcp.example.com/mcp"}]
+  credential: {header: Authorization, secretRef: {name: github-token, key: token}, prefix: "Bearer "}
+  timeout: 30s
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: Secret
+metadata: {name: github-token}
+data: {token: "s3cr3t"}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: triage}
+spec:
+  subjects: [{identity: "agents/triage"}]
+  rules:
+    - server: github
+      tools: ["get_*", "list_*"]
+      rateLimit: {requests: 60, per: 1m}
+    - server: github
+      tools: ["delete_*"]
+      action: deny
+"#;
+
+fn err_of(yaml: &str) -> String {
+    match parse_resources(yaml) {
+        Ok(r) => panic!("expected an error, parsed {r:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn parses_the_design_example() {
+    let resources = parse_resources(GOOD).expect("valid");
+    assert_eq!(resources.len(), 3);
+    assert_eq!(resources[0].kind(), Kind::McpServer);
+    assert_eq!(resources[2].name(), "triage");
+    let Resource::AccessPolicy(p) = &resources[2] else {
+        panic!("not a policy")
+    };
+    assert_eq!(p.spec.rules[1].action, ActionSpec::Deny);
+    assert_eq!(
+        p.spec.rules[0].rate_limit.as_ref().map(|r| r.requests),
+        Some(60)
+    );
+}
+
+#[test]
+fn unknown_field_is_named_with_its_path() {
+    let yaml = GOOD.replacen("timeout: 30s", "timeout: 30s\n  retries: 3", 1);
+    let e = err_of(&yaml);
+    assert!(
+        e.starts_with("McpServer/github: spec.retries: unknown field `retries`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_values_name_the_field() {
+    let cases = [
+        (
+            GOOD.replacen("https://mcp.example.com/mcp", "ftp://x", 1),
+            "McpServer/github: spec.endpoints[0].url:",
+        ),
+        (
+            GOOD.replacen("30s", "soon", 1),
+            "McpServer/github: spec.timeout:",
+        ),
+        (
+            GOOD.replacen("per: 1m", "per: 0s", 1),
+            "AccessPolicy/triage: spec.rules[0].rateLimit.per:",
+        ),
+        (
+            GOOD.replacen("requests: 60", "requests: -1", 1),
+            "AccessPolicy/triage: spec.rules[0].rateLimit.requests:",
+        ),
+        (
+            GOOD.replacen("action: deny", "action: maybe", 1),
+            "AccessPolicy/triage: spec.rules[1].action:",
+        ),
+        (
+            GOOD.replacen("{name: github}", "{name: GitHub}", 1),
+            "McpServer/GitHub: metadata.name:",
+        ),
+        (
+            GOOD.replacen("kind: Secret", "kind: Secrets", 1),
+            "document 1: kind: unknown kind \"Secrets\"",
+        ),
+        (
+            GOOD.replacen("toolmesh.dev/v1alpha1", "v1", 1),
+            "document 0: apiVersion: unsupported \"v1\"",
+        ),
+        (
+            GOOD.replacen("header: Authorization", "header: \"Bad Header\"", 1),
+            "McpServer/github: spec.credential.header:",
+        ),
+        (
+            GOOD.replacen("header: Authorization", "header: Host", 1),
+            "McpServer/github: spec.credential.header:",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let e = err_of(&yaml);
+        assert!(e.starts_with(want), "want {want:?}, got {e:?}");
+    }
+}
+
+#[test]
+fn secret_values_never_appear_in_errors_or_debug() {
+    let yaml = GOOD.replacen("\"s3cr3t\"", "\"s3cr3t\\r\\nX-Evil: 1\"", 1);
+    let e = err_of(&yaml);
+    assert!(e.contains("Secret/github-token: data.token"), "{e}");
+    assert!(!e.contains("s3cr3t"), "{e}");
+    let resources = parse_resources(GOOD).expect("valid");
+    assert!(!format!("{resources:?}").contains("s3cr3t"));
+}
+
+#[test]
+fn malformed_yaml_is_an_error_not_a_panic() {
+    for text in [
+        "a: [",
+        "- 1\n- 2",
+        "\"unterminated",
+        "apiVersion: [1, 2]",
+        "::",
+    ] {
+        assert!(parse_resources(text).is_err(), "{text:?} parsed");
+    }
+    assert_eq!(parse_resources("").expect("empty is fine"), vec![]);
+    assert_eq!(parse_resources("---\n---\n").expect("empty docs"), vec![]);
+}
+
+#[test]
+fn duplicate_names_are_refused() {
+    let twice = format!(
+        "{GOOD}\n---\n{}",
+        GOOD.split("---").next().unwrap_or_default()
+    );
+    let resources = parse_resources(&twice).expect("each is valid alone");
+    let e = ResourceSet::new(resources)
+        .expect_err("duplicate")
+        .to_string();
+    assert_eq!(e, "McpServer/github: metadata.name: defined more than once");
+}
+
+#[test]
+fn dangling_references_are_refused() {
+    let set = ResourceSet::new(
+        parse_resources(&GOOD.replacen("key: token", "key: nope", 1)).expect("valid alone"),
+    )
+    .expect("set");
+    let e = validate_set(&set).expect_err("missing key").to_string();
+    assert!(
+        e.starts_with("McpServer/github: spec.credential.secretRef:"),
+        "{e}"
+    );
+
+    let set = ResourceSet::new(
+        parse_resources(&GOOD.replacen(
+            "- server: github\n      tools: [\"delete_*\"]",
+            "- server: gitlab\n      tools: [\"delete_*\"]",
+            1,
+        ))
+        .expect("valid alone"),
+    )
+    .expect("set");
+    let e = validate_set(&set).expect_err("missing server").to_string();
+    assert_eq!(
+        e,
+        "AccessPolicy/triage: spec.rules[1].server: McpServer \"gitlab\" does not exist"
+    );
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert!(parse_duration("0s").is_err());
+    assert!(parse_duration("").is_err());
+}

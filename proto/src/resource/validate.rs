@@ -1,0 +1,231 @@
+//! Field-level checks on one resource, and reference checks across a set.
+//!
+//! Errors are `(field path, message)` pairs; the caller adds kind and name.
+
+use super::{
+    AccessPolicy, Kind, McpServer, Resource, ResourceError, ResourceSet, Secret, is_dns_label,
+    parse_duration,
+};
+
+type FieldResult = Result<(), (String, String)>;
+
+fn fail(field: impl Into<String>, message: impl Into<String>) -> FieldResult {
+    Err((field.into(), message.into()))
+}
+
+pub(super) fn validate_resource(resource: &Resource) -> FieldResult {
+    let metadata = match resource {
+        Resource::McpServer(r) => &r.metadata,
+        Resource::AccessPolicy(r) => &r.metadata,
+        Resource::Secret(r) => &r.metadata,
+    };
+    if !is_dns_label(&metadata.name) {
+        return fail(
+            "metadata.name",
+            format!(
+                "{:?} is not a DNS label (lowercase letters, digits and '-', at most 63)",
+                metadata.name
+            ),
+        );
+    }
+    match resource {
+        Resource::McpServer(s) => validate_server(s),
+        Resource::AccessPolicy(p) => validate_policy(p),
+        Resource::Secret(s) => validate_secret(s),
+    }
+}
+
+fn validate_server(server: &McpServer) -> FieldResult {
+    let spec = &server.spec;
+    if spec.endpoints.is_empty() {
+        return fail("spec.endpoints", "at least one endpoint is required");
+    }
+    for (i, ep) in spec.endpoints.iter().enumerate() {
+        validate_url(&ep.url).map_err(|m| (format!("spec.endpoints[{i}].url"), m))?;
+    }
+    if let Some(cred) = &spec.credential {
+        if !is_header_name(&cred.header) {
+            return fail(
+                "spec.credential.header",
+                format!("{:?} is not a valid HTTP header name", cred.header),
+            );
+        }
+        if is_reserved_header(&cred.header) {
+            return fail(
+                "spec.credential.header",
+                format!(
+                    "{:?} is managed by the proxy and cannot carry a credential",
+                    cred.header
+                ),
+            );
+        }
+        if !is_dns_label(&cred.secret_ref.name) {
+            return fail("spec.credential.secretRef.name", "must name a Secret");
+        }
+        if cred.secret_ref.key.is_empty() {
+            return fail("spec.credential.secretRef.key", "must not be empty");
+        }
+        if !is_header_value(&cred.prefix) {
+            return fail("spec.credential.prefix", "must be printable ASCII");
+        }
+    }
+    if let Some(t) = &spec.timeout {
+        parse_duration(t).map_err(|m| ("spec.timeout".to_owned(), m))?;
+    }
+    Ok(())
+}
+
+fn validate_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} must start with http:// or https://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if authority.contains('@') {
+        return Err(format!(
+            "{url:?} carries user info; use spec.credential for upstream credentials"
+        ));
+    }
+    if url.contains('#') {
+        return Err(format!("{url:?} must not have a fragment"));
+    }
+    if url.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(format!("{url:?} contains whitespace or control characters"));
+    }
+    Ok(())
+}
+
+fn validate_policy(policy: &AccessPolicy) -> FieldResult {
+    let spec = &policy.spec;
+    if spec.subjects.is_empty() {
+        return fail("spec.subjects", "at least one subject is required");
+    }
+    for (i, s) in spec.subjects.iter().enumerate() {
+        if s.identity.is_empty() {
+            return fail(format!("spec.subjects[{i}].identity"), "must not be empty");
+        }
+    }
+    if spec.rules.is_empty() {
+        return fail("spec.rules", "at least one rule is required");
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let at = |f: &str| format!("spec.rules[{i}].{f}");
+        if !is_dns_label(&rule.server) {
+            return fail(
+                at("server"),
+                format!("{:?} does not name an McpServer", rule.server),
+            );
+        }
+        for (list, name) in [
+            (&rule.tools, "tools"),
+            (&rule.resources, "resources"),
+            (&rule.prompts, "prompts"),
+        ] {
+            if let Some(j) = list.iter().position(|g| g.is_empty()) {
+                return fail(at(&format!("{name}[{j}]")), "must not be empty");
+            }
+        }
+        if let Some(rl) = &rule.rate_limit {
+            if rl.requests == 0 {
+                return fail(at("rateLimit.requests"), "must be at least 1");
+            }
+            parse_duration(&rl.per).map_err(|m| (at("rateLimit.per"), m))?;
+        }
+        for (j, c) in rule.conditions.iter().enumerate() {
+            if c.argument.is_empty() || c.argument.split('.').any(str::is_empty) {
+                return fail(
+                    at(&format!("conditions[{j}].argument")),
+                    format!("{:?} is not a dotted argument path", c.argument),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_secret(secret: &Secret) -> FieldResult {
+    for (key, value) in &secret.data {
+        if key.is_empty() {
+            return fail("data", "keys must not be empty");
+        }
+        // Secrets end up in header values: refuse what would be a header injection.
+        if !is_header_value(value) {
+            // The message names the key, never the value.
+            return fail(
+                format!("data.{key}"),
+                "must be printable ASCII (no control characters)",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Cross-resource checks: every rule names an existing server, every credential an
+/// existing secret and key.
+pub fn validate_set(set: &ResourceSet) -> Result<(), ResourceError> {
+    for server in set.servers.values() {
+        let Some(cred) = &server.spec.credential else {
+            continue;
+        };
+        let err = |message: String| ResourceError::Field {
+            kind: Kind::McpServer,
+            name: server.metadata.name.clone(),
+            field: "spec.credential.secretRef".to_owned(),
+            message,
+        };
+        let secret = set
+            .secrets
+            .get(&cred.secret_ref.name)
+            .ok_or_else(|| err(format!("Secret {:?} does not exist", cred.secret_ref.name)))?;
+        if !secret.data.contains_key(&cred.secret_ref.key) {
+            return Err(err(format!(
+                "Secret {:?} has no key {:?}",
+                cred.secret_ref.name, cred.secret_ref.key
+            )));
+        }
+    }
+    for policy in set.policies.values() {
+        for (i, rule) in policy.spec.rules.iter().enumerate() {
+            if !set.servers.contains_key(&rule.server) {
+                return Err(ResourceError::Field {
+                    kind: Kind::AccessPolicy,
+                    name: policy.metadata.name.clone(),
+                    field: format!("spec.rules[{i}].server"),
+                    message: format!("McpServer {:?} does not exist", rule.server),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn is_header_value(value: &str) -> bool {
+    value.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
+/// Headers the proxy owns: a credential must not be able to override them.
+fn is_reserved_header(name: &str) -> bool {
+    const RESERVED: &[&str] = &[
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+        "last-event-id",
+    ];
+    RESERVED.iter().any(|r| name.eq_ignore_ascii_case(r))
+}
