@@ -1,1 +1,130 @@
-//! placeholder
+//! toolmesh-sidecar: the data plane that runs next to an agent.
+//!
+//! An agent's MCP client talks Streamable HTTP to `127.0.0.1:15001/mcp/<server>`;
+//! the sidecar checks the request ([`mcp`]), finds the server in the active
+//! configuration ([`snapshot`]) and relays it to the upstream ([`upstream`]), streaming
+//! the answer back ([`body`]). [`proxy`] is that path end to end; [`listener`] accepts
+//! and drains connections; [`admin`] serves health, metrics and the redacted config;
+//! [`standalone`] feeds the configuration from a local file; [`telemetry`] names every
+//! metric; [`error`] every answer the sidecar gives on its own; [`config`] every flag.
+//!
+//! [`run`] wires them together; `main.rs` only parses flags and sets up logging.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod listener;
+pub mod mcp;
+pub mod proxy;
+pub mod snapshot;
+pub mod standalone;
+pub mod telemetry;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+/// Run the sidecar until SIGTERM or SIGINT; returns once drained.
+pub async fn run(config: Config) -> Result<(), String> {
+    let metrics = telemetry::install().map_err(|e| format!("metrics: {e}"))?;
+    let active = Arc::new(snapshot::Active::default());
+    let mut watcher = standalone::Watcher::new(
+        config.config.clone(),
+        config.identity.clone(),
+        active.clone(),
+    );
+    // A bad file at startup is logged; the sidecar serves (not ready) and keeps looking.
+    let _ = watcher.check();
+
+    let mcp_listener = listener::bind("--listen", config.listen).await?;
+    let admin_listener = listener::bind("--admin-listen", config.admin_listen).await?;
+    let mcp_addr = mcp_listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let proxy = Arc::new(proxy::Proxy {
+        active: active.clone(),
+        upstream: upstream::Upstream::new(config.connect_timeout),
+        allowed_origins: config
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .collect(),
+        max_body_bytes: config.max_body_bytes,
+    });
+    let admin = Arc::new(admin::Admin {
+        active: active.clone(),
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mcp_task = tokio::spawn(listener::serve(
+        "mcp",
+        mcp_listener,
+        move |req| proxy.clone().handle(req),
+        stop_rx,
+        config.drain_timeout,
+    ));
+    // The admin port keeps answering (503 on /ready) until the process exits.
+    let (_admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    tokio::spawn(listener::serve(
+        "admin",
+        admin_listener,
+        move |req| admin.clone().handle(req),
+        admin_stop_rx,
+        config.drain_timeout,
+    ));
+    tokio::spawn(watcher.run(config.config_poll_interval));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            metrics.run_upkeep();
+        }
+    });
+    tracing::info!(
+        mcp = %mcp_addr,
+        admin = %admin_addr,
+        identity = %config.identity,
+        config = %config.config.display(),
+        "listening"
+    );
+
+    shutdown_signal().await;
+    tracing::info!(deadline = ?config.drain_timeout, "shutdown requested; draining");
+    draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = mcp_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

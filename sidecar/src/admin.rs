@@ -1,0 +1,93 @@
+//! The admin port: `/live`, `/ready`, `/metrics` and `/config`.
+//!
+//! `/live` answers as long as the process serves HTTP. `/ready` is 200 once a
+//! configuration is loaded and until shutdown begins (then 503, so Kubernetes stops
+//! routing and the agent stops starting new calls). `/metrics` is the Prometheus text
+//! page. `/config` is the active snapshot with every credential value redacted; it is
+//! safe to expose pod-wide.
+//!
+//! This module serves no MCP traffic.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::body::{self, Body};
+use crate::snapshot::Active;
+
+#[derive(Debug)]
+pub struct Admin {
+    pub active: Arc<Active>,
+    pub metrics: PrometheusHandle,
+    /// Set when shutdown begins.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Admin {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return Ok(resp);
+        }
+        Ok(match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" => self.ready(),
+            "/metrics" => {
+                let mut resp = text(StatusCode::OK, self.metrics.render());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            "/config" => match self.active.current() {
+                Some(runtime) => {
+                    let mut resp = Response::new(body::full(runtime.config_json()));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration loaded\n"),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /live, /ready, /metrics, /config\n",
+            ),
+        })
+    }
+
+    fn ready(&self) -> Response<Body> {
+        if self.draining.load(Ordering::Relaxed) {
+            text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        } else if let Some(runtime) = self.active.current() {
+            text(
+                StatusCode::OK,
+                format!("ready: config {}\n", runtime.version),
+            )
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "no configuration loaded\n")
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
+    let mut resp = Response::new(body::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,134 @@
+//! The sidecar's command line: every flag, its `TOOLMESH_*` environment variable,
+//! its default as a named constant, and the checks that run before anything binds.
+//!
+//! This module only describes and checks settings; it does not read the config file
+//! (see [`crate::standalone`]) or bind sockets (see `main.rs`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Where the agent's MCP traffic is served. Loopback: only the pod may call it.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
+/// Where `/live`, `/ready`, `/metrics` and `/config` are served.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15020";
+/// Largest request body the sidecar accepts (413 above it).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// How often the standalone config file is checked for changes.
+pub const DEFAULT_CONFIG_POLL: &str = "1s";
+/// How long in-flight requests and streams get to finish after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "15s";
+/// Time allowed to open a TCP (and TLS) connection to an upstream.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+
+/// toolmesh-sidecar: enforces MCP policy next to an agent.
+///
+/// Serves Streamable HTTP MCP on --listen at /mcp/<server> and relays each request to
+/// that server's upstream, carrying both protocol generations (2025-03-26 … 2025-11-25
+/// sessions, and 2026-07-28 stateless requests).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "toolmesh-sidecar", version, about, long_about = None)]
+pub struct Config {
+    /// Standalone mode: multi-document YAML file of McpServer, AccessPolicy and Secret
+    /// resources. Watched; a valid change is swapped in, an invalid one is logged and
+    /// ignored.
+    #[arg(long, env = "TOOLMESH_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// The subject this pod is (matched against AccessPolicy subjects), e.g. agents/triage.
+    #[arg(long, env = "TOOLMESH_IDENTITY", value_name = "NAME")]
+    pub identity: String,
+
+    /// Address for agent MCP traffic.
+    #[arg(long, env = "TOOLMESH_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Address for the admin endpoints (/live, /ready, /metrics, /config).
+    #[arg(long, env = "TOOLMESH_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
+    pub admin_listen: SocketAddr,
+
+    /// Allow --listen on a non-loopback address. Without authentication every client
+    /// that can reach the port acts as this identity: only for trusted networks.
+    #[arg(long, env = "TOOLMESH_ALLOW_NON_LOOPBACK")]
+    pub allow_non_loopback: bool,
+
+    /// Extra browser origins allowed to call the MCP endpoint (comma-separated, e.g.
+    /// https://app.example.com). Loopback origins are always allowed; requests without
+    /// an Origin header (non-browser clients) are always allowed.
+    #[arg(
+        long,
+        env = "TOOLMESH_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Largest accepted request body in bytes; larger requests get 413.
+    #[arg(long, env = "TOOLMESH_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES, value_name = "BYTES")]
+    pub max_body_bytes: usize,
+
+    /// How often the --config file is checked for changes.
+    #[arg(long, env = "TOOLMESH_CONFIG_POLL_INTERVAL", default_value = DEFAULT_CONFIG_POLL, value_parser = duration, value_name = "DURATION")]
+    pub config_poll_interval: Duration,
+
+    /// After SIGTERM: how long in-flight requests and open streams get to finish.
+    #[arg(long, env = "TOOLMESH_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+
+    /// Time allowed to connect to an upstream (TCP and TLS).
+    #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. info or toolmesh_sidecar=debug.
+    #[arg(
+        long,
+        env = "TOOLMESH_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+
+    /// Log format.
+    #[arg(long, env = "TOOLMESH_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    toolmesh_proto::resource::parse_duration(text)
+}
+
+impl Config {
+    /// Checks clap cannot express. Returns every problem, not just the first.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.identity.trim().is_empty() {
+            problems.push("--identity: must not be empty".to_owned());
+        }
+        if !self.listen.ip().is_loopback() && !self.allow_non_loopback {
+            problems.push(format!(
+                "--listen: {} is not a loopback address; the sidecar serves its pod only \
+                 (pass --allow-non-loopback to override)",
+                self.listen
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            problems.push("--max-body-bytes: must be at least 1024".to_owned());
+        }
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.trim_end_matches('/').matches('/').count() != 2
+            {
+                problems.push(format!(
+                    "--allowed-origins: {origin:?} is not an origin (scheme://host[:port])"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}

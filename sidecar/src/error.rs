@@ -1,0 +1,160 @@
+//! Every answer the sidecar gives instead of the upstream's, in one place.
+//!
+//! Each error knows its HTTP status, its JSON-RPC error code, which side failed
+//! (the agent, the upstream, or the sidecar itself) and whether retrying is safe.
+//! The body is always a JSON-RPC error response carrying the request's id when it
+//! was readable, so an MCP client surfaces the message instead of a bare status.
+//! Messages never contain secrets or upstream credentials.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde_json::value::RawValue;
+
+use crate::body::{self, Body};
+
+/// JSON-RPC error codes. `-32700`/`-32600` are JSON-RPC's, `-32020` is MCP's own
+/// header-mismatch code (2026-07-28); `-32080..=-32089` are the sidecar's, chosen clear
+/// of the codes MCP defines. The README's "Error answers" table lists them all.
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const HEADER_MISMATCH: i64 = -32020;
+    pub const ORIGIN_FORBIDDEN: i64 = -32080;
+    pub const UNKNOWN_SERVER: i64 = -32081;
+    pub const BODY_TOO_LARGE: i64 = -32082;
+    pub const UNSUPPORTED_MEDIA_TYPE: i64 = -32083;
+    pub const UNKNOWN_SESSION: i64 = -32084;
+    pub const UPSTREAM_UNAVAILABLE: i64 = -32085;
+    pub const UPSTREAM_TIMEOUT: i64 = -32086;
+    pub const NOT_READY: i64 = -32087;
+}
+
+/// Which side of the proxy a failure belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Agent,
+    Upstream,
+    Sidecar,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request body is not valid JSON: {0}")]
+    Parse(String),
+    #[error("invalid JSON-RPC request: {0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    HeaderMismatch(String),
+    #[error("origin {0:?} is not allowed")]
+    OriginForbidden(String),
+    #[error("unknown MCP server {name:?}; known servers: {known}")]
+    UnknownServer { name: String, known: String },
+    #[error("no MCP endpoint at {0:?}; use /mcp/<server>")]
+    UnknownPath(String),
+    #[error("unknown or expired session")]
+    UnknownSession,
+    #[error("request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("content-type must be application/json")]
+    UnsupportedMediaType,
+    #[error("method {0} is not allowed on an MCP endpoint (use POST, GET or DELETE)")]
+    MethodNotAllowed(String),
+    #[error("failed to read the request body: {0}")]
+    BodyRead(String),
+    #[error("upstream {server:?} is unavailable: {reason}")]
+    UpstreamUnavailable { server: String, reason: String },
+    #[error("upstream {server:?} did not answer within {timeout_ms} ms")]
+    UpstreamTimeout { server: String, timeout_ms: u64 },
+    #[error("no configuration is loaded yet")]
+    NotReady,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        use ProxyError::*;
+        match self {
+            Parse(_) | InvalidRequest(_) | HeaderMismatch(_) | BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            OriginForbidden(_) => StatusCode::FORBIDDEN,
+            UnknownServer { .. } | UnknownPath(_) | UnknownSession => StatusCode::NOT_FOUND,
+            BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> i64 {
+        use ProxyError::*;
+        match self {
+            Parse(_) => code::PARSE_ERROR,
+            InvalidRequest(_) | BodyRead(_) | MethodNotAllowed(_) => code::INVALID_REQUEST,
+            HeaderMismatch(_) => code::HEADER_MISMATCH,
+            OriginForbidden(_) => code::ORIGIN_FORBIDDEN,
+            UnknownServer { .. } | UnknownPath(_) => code::UNKNOWN_SERVER,
+            UnknownSession => code::UNKNOWN_SESSION,
+            BodyTooLarge(_) => code::BODY_TOO_LARGE,
+            UnsupportedMediaType => code::UNSUPPORTED_MEDIA_TYPE,
+            UpstreamUnavailable { .. } => code::UPSTREAM_UNAVAILABLE,
+            UpstreamTimeout { .. } => code::UPSTREAM_TIMEOUT,
+            NotReady => code::NOT_READY,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        use ProxyError::*;
+        match self {
+            UpstreamUnavailable { .. } | UpstreamTimeout { .. } => Side::Upstream,
+            NotReady => Side::Sidecar,
+            _ => Side::Agent,
+        }
+    }
+
+    /// Is it safe for the agent to send the same request again?
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NotReady | ProxyError::UpstreamUnavailable { .. }
+        )
+    }
+
+    /// The metrics `outcome` label of this answer.
+    pub fn outcome(&self) -> &'static str {
+        match self.side() {
+            Side::Agent => "rejected",
+            Side::Upstream => "upstream_error",
+            Side::Sidecar => "unavailable",
+        }
+    }
+
+    /// The wire answer: status, JSON-RPC error body with the request's id if known.
+    pub fn into_response(self, id: Option<&RawValue>) -> http::Response<Body> {
+        let payload = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "error": {
+                "code": self.code(),
+                "message": self.to_string(),
+                "data": {"source": "toolmesh-sidecar", "retryable": self.retryable()},
+            },
+        });
+        let bytes = Bytes::from(payload.to_string());
+        let mut resp = http::Response::new(body::full(bytes));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let ProxyError::MethodNotAllowed(_) = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+        }
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,352 @@
+//! The MCP envelope: just enough of a POST body to route, check and (later) decide
+//! policy on it, read without copying, and the per-generation rules on headers.
+//!
+//! Parsing borrows from the request bytes: the `id` stays a [`RawValue`] slice, names
+//! are borrowed unless they contain escapes, and `params.arguments` and everything
+//! else are skipped. The original bytes are what is forwarded; nothing here
+//! re-serializes a message.
+//!
+//! Generations (see DESIGN.md): a request is *modern* (2026-07-28 or later, stateless)
+//! when its `MCP-Protocol-Version` header or its `_meta` protocol version says so.
+//! Modern requests must carry `Mcp-Method`, and `Mcp-Name` where the method names a
+//! target; in every generation a header that is present must agree with the body,
+//! because the upstream executes the body while an intermediary may trust the header.
+//!
+//! This module does not know servers, sessions or policy.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The first protocol revision without sessions, with `Mcp-Method`/`Mcp-Name` headers.
+pub const MODERN_VERSION: &str = "2026-07-28";
+/// The only revision that allowed JSON-RPC batches.
+pub const BATCH_VERSION: &str = "2025-03-26";
+/// `_meta` key carrying the protocol version of a modern request.
+pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+
+pub const HEADER_PROTOCOL_VERSION: &str = "mcp-protocol-version";
+pub const HEADER_METHOD: &str = "mcp-method";
+pub const HEADER_NAME: &str = "mcp-name";
+pub const HEADER_SESSION: &str = "mcp-session-id";
+
+/// Header values that are not plain ASCII travel as `=?base64?…?=`.
+const B64_PREFIX: &str = "=?base64?";
+const B64_SUFFIX: &str = "?=";
+
+/// Is `version` a stateless (2026-07-28 or later) revision? Revisions are dates, so
+/// they order as strings.
+pub fn is_modern(version: &str) -> bool {
+    version >= MODERN_VERSION
+}
+
+/// Which JSON-RPC message a body holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Request,
+    Notification,
+    /// A response the client sends back (to sampling, elicitation, roots, ping).
+    Response,
+}
+
+/// One JSON-RPC message as far as the sidecar reads it.
+#[derive(Debug)]
+pub struct Message<'a> {
+    pub kind: Kind,
+    pub id: Option<&'a RawValue>,
+    pub method: Option<Cow<'a, str>>,
+    /// What `Mcp-Name` must equal: `params.name`, `params.uri` or `params.taskId`,
+    /// depending on the method. `None` when the method names no target.
+    pub target: Option<Cow<'a, str>>,
+    /// The `_meta` protocol version, if the message carries one.
+    pub meta_version: Option<Cow<'a, str>>,
+}
+
+/// A POST body: one message, or a batch (2025-03-26 only).
+#[derive(Debug)]
+pub enum Envelope<'a> {
+    Single(Message<'a>),
+    Batch(Vec<Message<'a>>),
+}
+
+impl<'a> Envelope<'a> {
+    /// The id to answer an error with: the single request's id.
+    pub fn id(&self) -> Option<&'a RawValue> {
+        match self {
+            Envelope::Single(m) => m.id,
+            Envelope::Batch(_) => None,
+        }
+    }
+}
+
+/// Why a body or its headers were refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// Not JSON at all (JSON-RPC parse error).
+    Parse(String),
+    /// JSON, but not an acceptable JSON-RPC message.
+    Invalid(String),
+    /// A header disagrees with the body, or a required header is missing.
+    Header(String),
+}
+
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(borrow, default)]
+    jsonrpc: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawParams<'a> {
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    uri: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "taskId")]
+    task_id: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "_meta")]
+    meta: Option<RawMeta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawMeta<'a> {
+    #[serde(borrow, default, rename = "io.modelcontextprotocol/protocolVersion")]
+    protocol_version: Option<Cow<'a, str>>,
+}
+
+/// The `params` field `Mcp-Name` mirrors for `method`, if any.
+fn target_field(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" | "tasks/result" => Some("taskId"),
+        _ => None,
+    }
+}
+
+/// Parse a POST body into its envelope.
+pub fn parse(body: &[u8]) -> Result<Envelope<'_>, Rejection> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        None => Err(Rejection::Parse("empty body".to_owned())),
+        Some(b'[') => {
+            let raw: Vec<&RawValue> =
+                serde_json::from_slice(body).map_err(|e| Rejection::Parse(e.to_string()))?;
+            if raw.is_empty() {
+                return Err(Rejection::Invalid("empty batch".to_owned()));
+            }
+            raw.into_iter()
+                .map(|m| message(m.get()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Envelope::Batch)
+        }
+        Some(_) => {
+            let text = std::str::from_utf8(body)
+                .map_err(|_| Rejection::Parse("body is not UTF-8".to_owned()))?;
+            message(text).map(Envelope::Single)
+        }
+    }
+}
+
+fn message(text: &str) -> Result<Message<'_>, Rejection> {
+    // Distinguish "not JSON" from "JSON but not a message object".
+    let raw: RawMessage<'_> = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            Rejection::Invalid(format!("not a JSON-RPC message object: {e}"))
+        } else {
+            Rejection::Parse(e.to_string())
+        }
+    })?;
+    if raw.jsonrpc.as_deref() != Some("2.0") {
+        return Err(Rejection::Invalid("\"jsonrpc\" must be \"2.0\"".to_owned()));
+    }
+    let kind = match (
+        &raw.method,
+        raw.id,
+        raw.result.is_some() || raw.error.is_some(),
+    ) {
+        (Some(_), Some(_), false) => Kind::Request,
+        (Some(_), None, false) => Kind::Notification,
+        // `"id": null` reads as no id: allowed on an error response only.
+        (None, _, true) => Kind::Response,
+        _ => {
+            return Err(Rejection::Invalid(
+                "a message needs \"method\" (request or notification) or \"result\"/\"error\" (response)"
+                    .to_owned(),
+            ));
+        }
+    };
+    if let Some(id) = raw.id {
+        if !matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9')) {
+            return Err(Rejection::Invalid(
+                "\"id\" must be a string or a number".to_owned(),
+            ));
+        }
+    }
+    let mut target = None;
+    let mut meta_version = None;
+    if let Some(params) = raw.params {
+        if !params.get().starts_with('{') {
+            return Err(Rejection::Invalid(
+                "\"params\" must be an object".to_owned(),
+            ));
+        }
+        let params: RawParams<'_> = serde_json::from_str(params.get())
+            .map_err(|e| Rejection::Invalid(format!("\"params\" must be an object: {e}")))?;
+        meta_version = params.meta.and_then(|m| m.protocol_version);
+        if let Some(field) = raw.method.as_deref().and_then(target_field) {
+            let value = match field {
+                "name" => params.name,
+                "uri" => params.uri,
+                _ => params.task_id,
+            };
+            target = match value {
+                None => None,
+                Some(v) => Some(json_str(v).ok_or_else(|| {
+                    Rejection::Invalid(format!("\"params.{field}\" must be a string"))
+                })?),
+            };
+        }
+    }
+    Ok(Message {
+        kind,
+        id: raw.id,
+        method: raw.method,
+        target,
+        meta_version,
+    })
+}
+
+/// A JSON string, borrowed unless it contains escapes.
+fn json_str(value: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str::<&str>(value.get())
+        .map(Cow::Borrowed)
+        .or_else(|_| serde_json::from_str::<String>(value.get()).map(Cow::Owned))
+        .ok()
+}
+
+/// The one value of a singleton header, as text.
+fn single_header<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Rejection> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Rejection::Header(format!(
+            "{name} header appears more than once"
+        )));
+    }
+    value
+        .to_str()
+        .map(Some)
+        .map_err(|_| Rejection::Header(format!("{name} header is not visible ASCII")))
+}
+
+/// Decode a header value that may be `=?base64?…?=`-wrapped.
+fn decode_header<'h>(name: &str, raw: &'h str) -> Result<Cow<'h, str>, Rejection> {
+    let Some(inner) = raw
+        .strip_prefix(B64_PREFIX)
+        .and_then(|r| r.strip_suffix(B64_SUFFIX))
+    else {
+        return Ok(Cow::Borrowed(raw));
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(inner)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .map(Cow::Owned)
+        .ok_or_else(|| Rejection::Header(format!("{name} header is not valid base64 UTF-8")))
+}
+
+/// Check that a request's headers agree with its body, and tell its generation.
+///
+/// Returns whether the request is modern (stateless, 2026-07-28 or later), judged by
+/// the `MCP-Protocol-Version` header or else the `_meta` protocol version.
+pub fn check_headers(headers: &HeaderMap, envelope: &Envelope<'_>) -> Result<bool, Rejection> {
+    let header_version = single_header(headers, HEADER_PROTOCOL_VERSION)?;
+    let method_header = single_header(headers, HEADER_METHOD)?;
+    let name_header = single_header(headers, HEADER_NAME)?;
+
+    let message = match envelope {
+        Envelope::Batch(_) => {
+            if let Some(v) = header_version.filter(|v| *v != BATCH_VERSION) {
+                return Err(Rejection::Invalid(format!(
+                    "JSON-RPC batches are not allowed in protocol version {v} (only {BATCH_VERSION})"
+                )));
+            }
+            if method_header.is_some() || name_header.is_some() {
+                return Err(Rejection::Header(
+                    "Mcp-Method/Mcp-Name headers cannot describe a batch".to_owned(),
+                ));
+            }
+            return Ok(false);
+        }
+        Envelope::Single(m) => m,
+    };
+
+    if let (Some(h), Some(m)) = (header_version, message.meta_version.as_deref())
+        && h != m
+    {
+        return Err(Rejection::Header(format!(
+            "MCP-Protocol-Version header {h:?} does not match _meta protocol version {m:?}"
+        )));
+    }
+    let modern = header_version
+        .or(message.meta_version.as_deref())
+        .is_some_and(is_modern);
+
+    let Some(method) = message.method.as_deref() else {
+        // A response carries no method; there is nothing for the headers to describe.
+        return Ok(modern);
+    };
+    match method_header {
+        Some(h) if h != method => {
+            return Err(Rejection::Header(format!(
+                "Mcp-Method header {h:?} does not match the body's method {method:?}"
+            )));
+        }
+        None if modern && message.kind == Kind::Request => {
+            return Err(Rejection::Header(format!(
+                "missing required Mcp-Method header (protocol {MODERN_VERSION} and later)"
+            )));
+        }
+        _ => {}
+    }
+    if target_field(method).is_some() {
+        let body = message.target.as_deref();
+        match (name_header, body) {
+            (Some(raw), _) => {
+                let h = decode_header("Mcp-Name", raw)?;
+                if Some(h.as_ref()) != body {
+                    return Err(Rejection::Header(format!(
+                        "Mcp-Name header {h:?} does not match the body's {:?} for {method}",
+                        body.unwrap_or("(missing)")
+                    )));
+                }
+            }
+            (None, _) if modern && message.kind == Kind::Request => {
+                return Err(Rejection::Header(format!(
+                    "missing required Mcp-Name header for {method}"
+                )));
+            }
+            (None, _) => {}
+        }
+    }
+    Ok(modern)
+}
+
+#[cfg(test)]
+mod tests;

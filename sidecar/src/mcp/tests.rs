@@ -1,0 +1,208 @@
+use http::{HeaderMap, HeaderValue};
+
+use super::*;
+
+fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in pairs {
+        map.append(*k, HeaderValue::from_str(v).expect("header value"));
+    }
+    map
+}
+
+fn single(body: &str) -> Message<'_> {
+    match parse(body.as_bytes()).expect("parses") {
+        Envelope::Single(m) => m,
+        Envelope::Batch(_) => panic!("not a batch"),
+    }
+}
+
+const CALL: &str = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"x":[1,2,{"y":"z"}]}}}"#;
+const MODERN_CALL: &str = r#"{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"echo","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+
+#[test]
+fn reads_the_envelope_and_borrows() {
+    let m = single(CALL);
+    assert_eq!(m.kind, Kind::Request);
+    assert_eq!(m.id.map(RawValue::get), Some("7"));
+    assert_eq!(m.method.as_deref(), Some("tools/call"));
+    assert!(matches!(m.target, Some(Cow::Borrowed("echo"))));
+    assert_eq!(m.meta_version, None);
+}
+
+#[test]
+fn targets_follow_the_method() {
+    let m = single(
+        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///a b","name":"ignored"}}"#,
+    );
+    assert_eq!(m.target.as_deref(), Some("file:///a b"));
+    let m = single(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"name":5}}"#);
+    assert_eq!(m.target, None);
+    let m =
+        single(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"caf\u00e9"}}"#);
+    assert_eq!(m.target.as_deref(), Some("café"));
+}
+
+#[test]
+fn kinds() {
+    assert_eq!(
+        single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).kind,
+        Kind::Notification
+    );
+    assert_eq!(
+        single(r#"{"jsonrpc":"2.0","id":3,"result":{}}"#).kind,
+        Kind::Response
+    );
+    assert_eq!(
+        single(r#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#).kind,
+        Kind::Response
+    );
+}
+
+#[test]
+fn bad_bodies_are_told_apart() {
+    assert!(matches!(parse(b"{not json"), Err(Rejection::Parse(_))));
+    assert!(matches!(parse(b""), Err(Rejection::Parse(_))));
+    assert!(matches!(parse(b"  "), Err(Rejection::Parse(_))));
+    assert!(matches!(parse(b"\xff\xfe"), Err(Rejection::Parse(_))));
+    assert!(matches!(parse(b"42"), Err(Rejection::Invalid(_))));
+    assert!(matches!(parse(b"[]"), Err(Rejection::Invalid(_))));
+    assert!(matches!(
+        parse(br#"{"id":1,"method":"ping"}"#),
+        Err(Rejection::Invalid(_))
+    ));
+    assert!(matches!(
+        parse(br#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#),
+        Err(Rejection::Invalid(_))
+    ));
+    assert!(matches!(
+        parse(br#"{"jsonrpc":"2.0","id":1}"#),
+        Err(Rejection::Invalid(_))
+    ));
+    assert!(matches!(
+        parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping","params":[1]}"#),
+        Err(Rejection::Invalid(_))
+    ));
+    assert!(matches!(
+        parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#),
+        Err(Rejection::Invalid(_))
+    ));
+}
+
+#[test]
+fn batches_only_for_2025_03_26() {
+    let body = format!("[{CALL},{CALL}]");
+    let env = parse(body.as_bytes()).expect("batch parses");
+    assert!(matches!(&env, Envelope::Batch(v) if v.len() == 2));
+    assert_eq!(check_headers(&headers(&[]), &env), Ok(false));
+    assert_eq!(
+        check_headers(&headers(&[("mcp-protocol-version", "2025-03-26")]), &env),
+        Ok(false)
+    );
+    assert!(matches!(
+        check_headers(&headers(&[("mcp-protocol-version", "2025-06-18")]), &env),
+        Err(Rejection::Invalid(_))
+    ));
+    assert!(matches!(
+        check_headers(&headers(&[("mcp-method", "tools/call")]), &env),
+        Err(Rejection::Header(_))
+    ));
+}
+
+#[test]
+fn legacy_requests_need_no_headers_but_present_ones_must_agree() {
+    let env = parse(CALL.as_bytes()).expect("parses");
+    let v = [("mcp-protocol-version", "2025-11-25")];
+    assert_eq!(check_headers(&headers(&v), &env), Ok(false));
+    assert_eq!(
+        check_headers(
+            &headers(&[v[0], ("mcp-method", "tools/call"), ("mcp-name", "echo")]),
+            &env
+        ),
+        Ok(false)
+    );
+    assert!(matches!(
+        check_headers(&headers(&[v[0], ("mcp-name", "delete_repo")]), &env),
+        Err(Rejection::Header(_))
+    ));
+    assert!(matches!(
+        check_headers(&headers(&[v[0], ("mcp-method", "tools/list")]), &env),
+        Err(Rejection::Header(_))
+    ));
+}
+
+#[test]
+fn modern_requests_need_matching_headers() {
+    let env = parse(MODERN_CALL.as_bytes()).expect("parses");
+    let ok = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "echo"),
+    ];
+    assert_eq!(check_headers(&headers(&ok), &env), Ok(true));
+    // Generation detected from _meta alone.
+    assert_eq!(check_headers(&headers(&ok[1..]), &env), Ok(true));
+    for missing in 1..3 {
+        let mut h = ok.to_vec();
+        h.remove(missing);
+        assert!(
+            matches!(check_headers(&headers(&h), &env), Err(Rejection::Header(_))),
+            "{h:?}"
+        );
+    }
+    let mut h = ok.to_vec();
+    h[2] = ("mcp-name", "delete_repo");
+    let err = check_headers(&headers(&h), &env).expect_err("mismatch");
+    assert!(
+        matches!(&err, Rejection::Header(m) if m.contains("delete_repo") && m.contains("echo")),
+        "{err:?}"
+    );
+    let mut h = ok.to_vec();
+    h.push(("mcp-name", "echo"));
+    assert!(
+        matches!(check_headers(&headers(&h), &env), Err(Rejection::Header(_))),
+        "duplicate"
+    );
+    let mut h = ok.to_vec();
+    h[0] = ("mcp-protocol-version", "2025-11-25");
+    assert!(
+        matches!(check_headers(&headers(&h), &env), Err(Rejection::Header(_))),
+        "version disagreement"
+    );
+}
+
+#[test]
+fn base64_names() {
+    let env = parse(
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"café"}}"#.as_bytes(),
+    )
+    .expect("parses");
+    let h = headers(&[
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "=?base64?Y2Fmw6k=?="),
+    ]);
+    assert_eq!(check_headers(&h, &env), Ok(true));
+    let h = headers(&[
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "=?base64?!!?="),
+    ]);
+    assert!(matches!(check_headers(&h, &env), Err(Rejection::Header(_))));
+}
+
+#[test]
+fn modern_notifications_and_discover() {
+    let env =
+        parse(br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#)
+            .expect("parses");
+    assert_eq!(
+        check_headers(&headers(&[("mcp-protocol-version", "2026-07-28")]), &env),
+        Ok(true)
+    );
+    let env = parse(br#"{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#).expect("parses");
+    assert_eq!(
+        check_headers(&headers(&[("mcp-method", "server/discover")]), &env),
+        Ok(true)
+    );
+}

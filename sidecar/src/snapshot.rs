@@ -1,0 +1,270 @@
+//! The active configuration: a snapshot compiled once into what the request path
+//! reads, and the lock-free slot that holds it.
+//!
+//! A [`Runtime`] is built from a [`pb::Snapshot`] when it arrives (from the standalone
+//! file or, later, the control plane), never per request: upstream URIs are parsed,
+//! credential headers are turned into sensitive `HeaderValue`s, the redacted `/config`
+//! document is serialized. The request path does one `ArcSwapOption::load_full` and
+//! reads; a swap never waits for it, and in-flight requests keep the `Arc` they loaded.
+//!
+//! This module does not fetch snapshots (see [`crate::standalone`]) and does not decide
+//! policy (a later module compiles the rules into lookup tables here as well).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::uri::Uri;
+use metrics::SharedString;
+use toolmesh_proto::render::redacted;
+use toolmesh_proto::v1alpha1 as pb;
+
+use crate::telemetry;
+
+/// One upstream endpoint, parsed and checked once.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The full URI requests are sent to (cloning it is a reference-count bump).
+    pub uri: Uri,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("endpoint {url:?}: {e}"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(format!("endpoint {url:?}: scheme must be http or https")),
+        }
+        let Some(authority) = uri.authority() else {
+            return Err(format!("endpoint {url:?}: no host"));
+        };
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "endpoint {url:?}: user info in URLs is not supported; use a credential"
+            ));
+        }
+        Ok(Endpoint { uri })
+    }
+}
+
+/// The header an upstream server's credential is sent in.
+#[derive(Debug)]
+pub struct Credential {
+    pub header: HeaderName,
+    /// Marked sensitive: hyper's HPACK never indexes it, and `Debug` prints `Sensitive`.
+    pub value: HeaderValue,
+}
+
+/// Everything the request path needs to reach one upstream server.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    /// `name` as a metrics label value (shared, so labelling never allocates).
+    pub label: SharedString,
+    pub endpoints: Vec<Endpoint>,
+    pub credential: Option<Credential>,
+    /// How long the upstream has to start answering (response head).
+    pub timeout: Duration,
+    /// Round-robin cursor for requests that carry no session.
+    next: AtomicUsize,
+}
+
+impl Route {
+    /// The endpoint for a request without session affinity (round-robin).
+    pub fn pick(&self) -> usize {
+        if self.endpoints.len() <= 1 {
+            return 0;
+        }
+        self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()
+    }
+}
+
+/// A compiled snapshot. Immutable once built.
+#[derive(Debug)]
+pub struct Runtime {
+    pub version: String,
+    pub identity: String,
+    routes: HashMap<String, Arc<Route>>,
+    /// Comma-separated names, precomputed for the unknown-server error.
+    known: String,
+    /// The redacted snapshot as JSON, served by the admin `/config` endpoint.
+    config_json: Bytes,
+}
+
+impl Runtime {
+    /// Compile a snapshot. Fails, naming the server and field, if anything in it could
+    /// not be used; the caller keeps serving the previous runtime then.
+    pub fn compile(snapshot: &pb::Snapshot) -> Result<Self, String> {
+        let mut routes = HashMap::with_capacity(snapshot.servers.len());
+        for server in &snapshot.servers {
+            let route =
+                compile_server(server).map_err(|e| format!("server {}: {e}", server.name))?;
+            if routes
+                .insert(server.name.clone(), Arc::new(route))
+                .is_some()
+            {
+                return Err(format!("server {}: listed twice", server.name));
+            }
+        }
+        let mut names: Vec<&str> = routes.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        let known = if names.is_empty() {
+            "(none)".to_owned()
+        } else {
+            names.join(", ")
+        };
+        let config_json = serde_json::to_vec_pretty(&redacted(snapshot))
+            .map_err(|e| format!("snapshot does not serialize: {e}"))?;
+        Ok(Runtime {
+            version: snapshot.version.clone(),
+            identity: snapshot.identity.clone(),
+            routes,
+            known,
+            config_json: Bytes::from(config_json),
+        })
+    }
+
+    pub fn route(&self, server: &str) -> Option<&Arc<Route>> {
+        self.routes.get(server)
+    }
+
+    pub fn known_servers(&self) -> &str {
+        &self.known
+    }
+
+    pub fn config_json(&self) -> Bytes {
+        self.config_json.clone()
+    }
+}
+
+fn compile_server(server: &pb::Server) -> Result<Route, String> {
+    if server.endpoints.is_empty() {
+        return Err("no endpoints".to_owned());
+    }
+    let endpoints = server
+        .endpoints
+        .iter()
+        .map(|e| Endpoint::parse(&e.url))
+        .collect::<Result<Vec<_>, _>>()?;
+    let credential = match &server.credential {
+        None => None,
+        Some(c) => {
+            let header = HeaderName::from_bytes(c.header.as_bytes())
+                .map_err(|_| format!("credential header {:?} is not a header name", c.header))?;
+            // Never echo the value: it is a secret.
+            let mut value = HeaderValue::from_str(&c.value)
+                .map_err(|_| "credential value is not a valid header value".to_owned())?;
+            value.set_sensitive(true);
+            Some(Credential { header, value })
+        }
+    };
+    if server.timeout_ms == 0 {
+        return Err("timeout must be positive".to_owned());
+    }
+    Ok(Route {
+        name: server.name.clone(),
+        label: SharedString::from(Arc::<str>::from(server.name.as_str())),
+        endpoints,
+        credential,
+        timeout: Duration::from_millis(server.timeout_ms),
+        next: AtomicUsize::new(0),
+    })
+}
+
+/// The slot holding the active runtime; `None` until the first snapshot loads.
+#[derive(Debug, Default)]
+pub struct Active {
+    slot: ArcSwapOption<Runtime>,
+}
+
+impl Active {
+    /// The runtime a request uses from start to end (one atomic load, no lock).
+    pub fn current(&self) -> Option<Arc<Runtime>> {
+        self.slot.load_full()
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.slot.load().is_some()
+    }
+
+    /// Compile and swap in a snapshot. On error nothing changes.
+    /// Returns whether the version changed.
+    pub fn apply(&self, snapshot: &pb::Snapshot) -> Result<bool, String> {
+        let current = self.slot.load();
+        if current
+            .as_ref()
+            .is_some_and(|r| r.version == snapshot.version)
+        {
+            return Ok(false);
+        }
+        let runtime = Runtime::compile(snapshot)?;
+        let previous = current.as_ref().map(|r| r.version.clone());
+        telemetry::config_applied(previous.as_deref(), &runtime.version);
+        self.slot.store(Some(Arc::new(runtime)));
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(url: &str) -> pb::Snapshot {
+        pb::Snapshot {
+            version: "v1".into(),
+            identity: "agents/a".into(),
+            servers: vec![pb::Server {
+                name: "demo".into(),
+                endpoints: vec![pb::Endpoint { url: url.into() }],
+                credential: Some(pb::Credential {
+                    header: "authorization".into(),
+                    value: "Bearer s3cret".into(),
+                    source: "demo-token/token".into(),
+                }),
+                timeout_ms: 1000,
+            }],
+            policies: vec![],
+        }
+    }
+
+    #[test]
+    fn compiles_routes_and_redacts_config() {
+        let rt = Runtime::compile(&snapshot("http://127.0.0.1:9/mcp")).expect("compiles");
+        let route = rt.route("demo").expect("route");
+        assert_eq!(route.endpoints[0].uri.to_string(), "http://127.0.0.1:9/mcp");
+        assert!(
+            route
+                .credential
+                .as_ref()
+                .expect("credential")
+                .value
+                .is_sensitive()
+        );
+        let json = String::from_utf8(rt.config_json().to_vec()).expect("utf8");
+        assert!(!json.contains("s3cret"), "{json}");
+        assert_eq!(rt.known_servers(), "demo");
+    }
+
+    #[test]
+    fn rejects_unusable_endpoint() {
+        let err = Runtime::compile(&snapshot("ftp://example.com/")).expect_err("bad scheme");
+        assert!(
+            err.contains("server demo") && err.contains("scheme"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn same_version_is_not_reapplied() {
+        let active = Active::default();
+        assert!(!active.is_loaded());
+        let snap = snapshot("http://127.0.0.1:9/mcp");
+        assert!(active.apply(&snap).expect("first"));
+        assert!(!active.apply(&snap).expect("second"));
+        assert!(active.is_loaded());
+    }
+}

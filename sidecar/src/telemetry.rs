@@ -1,0 +1,158 @@
+//! Metric names, their descriptions, and the Prometheus recorder.
+//!
+//! Every metric the sidecar exports is named here, so the README's metrics list and
+//! the code cannot drift apart silently. Label values are bounded: the server label is
+//! a configured server name (or `(unknown)`), the method label one of the MCP methods
+//! in [`METHODS`] or a fixed placeholder, never free text from the network.
+//!
+//! This module does not serve `/metrics` (see [`crate::admin`]).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{
+    SharedString, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "toolmesh_requests_total";
+pub const REQUEST_DURATION: &str = "toolmesh_request_duration_seconds";
+pub const UPSTREAM_ERRORS: &str = "toolmesh_upstream_errors_total";
+pub const ACTIVE_STREAMS: &str = "toolmesh_active_streams";
+pub const CONFIG_INFO: &str = "toolmesh_config_info";
+pub const CONFIG_LOAD_FAILURES: &str = "toolmesh_config_load_failures_total";
+pub const CONFIG_LAST_LOAD: &str = "toolmesh_config_last_load_timestamp_seconds";
+
+/// MCP methods that get their own label value; anything else is `other`.
+pub const METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "tasks/get",
+    "tasks/list",
+    "tasks/result",
+    "tasks/cancel",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/roots/list_changed",
+];
+
+/// The server label of requests for a path that names no configured server.
+pub const UNKNOWN_SERVER: SharedString = SharedString::const_str("(unknown)");
+
+/// The label value for an MCP method name.
+pub fn method_label(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Histogram buckets for request latency, in seconds: from 100µs to 60s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// Install the global recorder and describe every metric.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.to_owned()), LATENCY_BUCKETS)?
+        .install_recorder()?;
+    describe_counter!(
+        REQUESTS,
+        "MCP requests handled, by server, MCP method and outcome (ok, client_error, upstream_error, rejected, unavailable)"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time from request received to response head sent, by server and MCP method"
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "Upstream failures by server and kind (connect, timeout)"
+    );
+    describe_gauge!(
+        ACTIVE_STREAMS,
+        "Response bodies currently being relayed (SSE streams included), by server"
+    );
+    describe_gauge!(
+        CONFIG_INFO,
+        "1 for the active snapshot version, 0 for versions it replaced"
+    );
+    describe_counter!(
+        CONFIG_LOAD_FAILURES,
+        "Configurations rejected (unreadable, invalid or unusable); the previous one kept serving"
+    );
+    describe_gauge!(
+        CONFIG_LAST_LOAD,
+        metrics::Unit::Seconds,
+        "Unix time the active configuration was swapped in"
+    );
+    Ok(handle)
+}
+
+/// Record that `version` replaced `previous`.
+pub fn config_applied(previous: Option<&str>, version: &str) {
+    if let Some(previous) = previous {
+        gauge!(CONFIG_INFO, "version" => previous.to_owned()).set(0.0);
+    }
+    gauge!(CONFIG_INFO, "version" => version.to_owned()).set(1.0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    gauge!(CONFIG_LAST_LOAD).set(now.as_secs_f64());
+}
+
+pub fn config_rejected() {
+    counter!(CONFIG_LOAD_FAILURES).increment(1);
+}
+
+/// Record one finished request (at its response head).
+/// `server` is a route's precomputed label (an `Arc<str>` inside: cloning it does not
+/// allocate) or [`UNKNOWN_SERVER`].
+pub fn request(
+    server: &SharedString,
+    method: &'static str,
+    outcome: &'static str,
+    elapsed: Duration,
+) {
+    counter!(REQUESTS, "server" => server.clone(), "method" => method, "outcome" => outcome)
+        .increment(1);
+    histogram!(REQUEST_DURATION, "server" => server.clone(), "method" => method)
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn upstream_error(server: &SharedString, kind: &'static str) {
+    counter!(UPSTREAM_ERRORS, "server" => server.clone(), "kind" => kind).increment(1);
+}
+
+/// Count a relayed body as active until the returned guard runs.
+pub fn stream_started(server: &SharedString) -> impl FnOnce() + Send + Sync + 'static {
+    let g = gauge!(ACTIVE_STREAMS, "server" => server.clone());
+    g.increment(1.0);
+    move || g.decrement(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_bounded() {
+        assert_eq!(method_label("tools/call"), "tools/call");
+        assert_eq!(method_label("x".repeat(10_000).as_str()), "other");
+    }
+}

@@ -1,0 +1,256 @@
+//! The client side: one pooled hyper client (rustls for https) shared by every route,
+//! and the header hygiene applied in both directions.
+//!
+//! Towards the upstream, the agent's headers are copied except hop-by-hop headers
+//! (and any the agent's `Connection` header names), `Host` and `Content-Length`
+//! (rewritten by hyper for the upstream), credentials of the agent (`Authorization`,
+//! `Proxy-Authorization`, `Cookie`: never passed through), `Origin` (checked here, and
+//! meaningless to the upstream), `Accept-Encoding` (bodies stay identity-encoded so
+//! the sidecar can read what it relays) and any agent copy of the route's credential
+//! header; the route's credential is then inserted, marked sensitive. Towards the
+//! agent, hop-by-hop headers are dropped and everything else is kept.
+//!
+//! This module does not pick the endpoint (see [`crate::proxy`]) and never reads
+//! or buffers a response body: it hands the upstream's body back as it arrives.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::error::ProxyError;
+use crate::snapshot::Route;
+use crate::telemetry;
+
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies still see.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+const LEGACY_HOP_BY_HOP: &[&str] = &["keep-alive", "proxy-connection"];
+
+/// Agent headers that never reach an upstream (besides hop-by-hop ones).
+const NOT_FORWARDED: &[HeaderName] = &[
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::ORIGIN,
+    header::ACCEPT_ENCODING,
+];
+
+/// The shared upstream client.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl Upstream {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match builder.with_provider_and_native_roots(provider.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "no usable system CA certificates; https upstreams will fail verification");
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map(|b| {
+                        b.with_root_certificates(rustls::RootCertStore::empty())
+                            .with_no_client_auth()
+                    });
+                match config {
+                    Ok(config) => {
+                        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+                    }
+                    Err(e) => unreachable!("ring supports the default TLS versions: {e}"),
+                }
+            }
+        };
+        let https = builder
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        Upstream { client }
+    }
+
+    /// Send one request to `uri` and wait (up to the route's timeout) for the response
+    /// head. The body is returned unread.
+    pub async fn send(
+        &self,
+        route: &Route,
+        uri: Uri,
+        method: Method,
+        agent_headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = forward_headers(agent_headers, route);
+        match tokio::time::timeout(route.timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                telemetry::upstream_error(&route.label, "connect");
+                let reason = error_chain(&e);
+                tracing::warn!(server = %route.name, error = %reason, "upstream request failed");
+                Err(ProxyError::UpstreamUnavailable {
+                    server: route.name.clone(),
+                    reason,
+                })
+            }
+            Err(_) => {
+                telemetry::upstream_error(&route.label, "timeout");
+                Err(ProxyError::UpstreamTimeout {
+                    server: route.name.clone(),
+                    timeout_ms: u64::try_from(route.timeout.as_millis()).unwrap_or(u64::MAX),
+                })
+            }
+        }
+    }
+}
+
+/// The error and its sources, e.g. "client error (Connect): tcp connect error: Connection refused".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    for name in LEGACY_HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The headers sent upstream for an agent request on `route`.
+pub fn forward_headers(agent: &HeaderMap, route: &Route) -> HeaderMap {
+    let mut headers = agent.clone();
+    strip_hop_by_hop(&mut headers);
+    for name in NOT_FORWARDED {
+        headers.remove(name);
+    }
+    if let Some(credential) = &route.credential {
+        headers.insert(credential.header.clone(), credential.value.clone());
+    }
+    headers
+}
+
+/// Clean an upstream response's headers for the agent.
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Runtime;
+    use http::HeaderValue;
+    use toolmesh_proto::v1alpha1 as pb;
+
+    fn route(credential: Option<(&str, &str)>) -> std::sync::Arc<Route> {
+        let snapshot = pb::Snapshot {
+            version: "v".into(),
+            identity: "i".into(),
+            servers: vec![pb::Server {
+                name: "s".into(),
+                endpoints: vec![pb::Endpoint {
+                    url: "http://127.0.0.1:1/mcp".into(),
+                }],
+                credential: credential.map(|(h, v)| pb::Credential {
+                    header: h.into(),
+                    value: v.into(),
+                    source: "x/y".into(),
+                }),
+                timeout_ms: 1000,
+            }],
+            policies: vec![],
+        };
+        Runtime::compile(&snapshot)
+            .expect("compiles")
+            .route("s")
+            .expect("route")
+            .clone()
+    }
+
+    #[test]
+    fn agent_credentials_and_hop_by_hop_headers_are_dropped() {
+        let mut agent = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer agent-token"),
+            ("cookie", "a=b"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("host", "127.0.0.1:15001"),
+            ("origin", "http://localhost"),
+            ("accept-encoding", "gzip"),
+            ("mcp-session-id", "abc"),
+            ("accept", "application/json, text/event-stream"),
+            ("last-event-id", "7"),
+        ] {
+            agent.append(k, HeaderValue::from_static(v));
+        }
+        let out = forward_headers(&agent, &route(None));
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["accept", "last-event-id", "mcp-session-id"],
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn route_credential_replaces_any_agent_copy() {
+        let mut agent = HeaderMap::new();
+        agent.insert("x-api-key", HeaderValue::from_static("agent-guess"));
+        agent.insert("authorization", HeaderValue::from_static("Bearer agent"));
+        let out = forward_headers(&agent, &route(Some(("x-api-key", "real"))));
+        let values: Vec<_> = out.get_all("x-api-key").iter().collect();
+        assert_eq!(values, ["real"]);
+        assert!(values[0].is_sensitive());
+        assert!(out.get("authorization").is_none());
+    }
+}
