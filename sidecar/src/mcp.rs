@@ -137,6 +137,12 @@ fn target_field(method: &str) -> Option<&'static str> {
     }
 }
 
+/// Methods whose modern requests must carry `Mcp-Name` (on others it is optional but,
+/// when present, must still agree with the body).
+fn name_required(method: &str) -> bool {
+    matches!(method, "tools/call" | "resources/read" | "prompts/get")
+}
+
 /// Parse a POST body into its envelope.
 pub fn parse(body: &[u8]) -> Result<Envelope<'_>, Rejection> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -307,6 +313,11 @@ pub fn check_headers(headers: &HeaderMap, envelope: &Envelope<'_>) -> Result<boo
     let modern = header_version
         .or(message.meta_version.as_deref())
         .is_some_and(is_modern);
+    if modern && header_version.is_none() && message.kind == Kind::Request {
+        return Err(Rejection::Header(format!(
+            "missing required MCP-Protocol-Version header (protocol {MODERN_VERSION} and later)"
+        )));
+    }
 
     let Some(method) = message.method.as_deref() else {
         // A response carries no method; there is nothing for the headers to describe.
@@ -337,7 +348,7 @@ pub fn check_headers(headers: &HeaderMap, envelope: &Envelope<'_>) -> Result<boo
                     )));
                 }
             }
-            (None, _) if modern && message.kind == Kind::Request => {
+            (None, _) if modern && message.kind == Kind::Request && name_required(method) => {
                 return Err(Rejection::Header(format!(
                     "missing required Mcp-Name header for {method}"
                 )));

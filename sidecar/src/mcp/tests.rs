@@ -140,9 +140,7 @@ fn modern_requests_need_matching_headers() {
         ("mcp-name", "echo"),
     ];
     assert_eq!(check_headers(&headers(&ok), &env), Ok(true));
-    // Generation detected from _meta alone.
-    assert_eq!(check_headers(&headers(&ok[1..]), &env), Ok(true));
-    for missing in 1..3 {
+    for missing in 0..3 {
         let mut h = ok.to_vec();
         h.remove(missing);
         assert!(
@@ -201,8 +199,28 @@ fn modern_notifications_and_discover() {
         Ok(true)
     );
     let env = parse(br#"{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#).expect("parses");
-    assert_eq!(
-        check_headers(&headers(&[("mcp-method", "server/discover")]), &env),
-        Ok(true)
-    );
+    let h = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "server/discover"),
+    ];
+    assert_eq!(check_headers(&headers(&h), &env), Ok(true));
+    // Generation detected from _meta alone: the version header is then required.
+    assert!(matches!(
+        check_headers(&headers(&h[1..]), &env),
+        Err(Rejection::Header(_))
+    ));
+    // Mcp-Name is optional where the spec does not require it, but must agree when sent.
+    let env = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"taskId":"t1"}}"#)
+        .expect("parses");
+    let h = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tasks/get"),
+    ];
+    assert_eq!(check_headers(&headers(&h), &env), Ok(true));
+    let mut h = h.to_vec();
+    h.push(("mcp-name", "t2"));
+    assert!(matches!(
+        check_headers(&headers(&h), &env),
+        Err(Rejection::Header(_))
+    ));
 }
