@@ -1,1 +1,1 @@
-fn main() {}
+//! End-to-end tests: real binaries, real MCP servers, real MCP clients.

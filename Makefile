@@ -1,0 +1,44 @@
+# toolmesh: the few commands a newcomer needs. `make help` lists them.
+#
+# Test peers (npm packages, a Python venv) are installed into the work tree
+# (tests/js/node_modules, .cache/venv) from pinned versions, never globally.
+
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .cache/venv
+JS := tests/js
+
+.PHONY: help deps quickstart test lint ci clean-deps
+
+help:
+	@echo "make quickstart  run the sidecar in front of the demo MCP server (Ctrl-C stops both)"
+	@echo "make deps        install the test peers: npm packages and a Python venv with the mcp SDK"
+	@echo "make test        run every test (installs the peers first)"
+	@echo "make lint        cargo fmt --check and clippy with warnings as errors"
+	@echo "make ci          what CI runs: lint, then test"
+
+deps: $(JS)/node_modules/.installed $(VENV)/.installed
+
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $@
+
+$(VENV)/.installed: tests/python/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r tests/python/requirements.txt
+	touch $@
+
+quickstart:
+	bash deploy/examples/quickstart.sh
+
+test: deps
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+ci: lint test
+
+clean-deps:
+	rm -rf $(JS)/node_modules $(VENV)
