@@ -4,7 +4,8 @@
 //! It serves both protocol generations: 2025-03-26 … 2025-11-25 clients get sessions
 //! and server-to-client requests (sampling, elicitation) over SSE; 2026-07-28 clients
 //! are served statelessly and get `input_required` results instead. Besides a few
-//! friendly tools (`echo`, `add`, `sleep`), it implements every tool, resource and
+//! friendly tools (`echo`, `add`, `sleep`, and `request_headers`, which shows the
+//! headers a request arrived with so tests can see what a proxy forwarded), it implements every tool, resource and
 //! prompt the official MCP conformance suite's server scenarios ask for, so the suite
 //! can run against it directly and through the sidecar.
 //!
@@ -92,6 +93,7 @@ fn tools() -> Value {
             "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}},
         {"name": "sleep", "description": "Waits ms milliseconds, then answers", "inputSchema": {"type": "object",
             "properties": {"ms": {"type": "integer", "minimum": 0}}, "required": ["ms"]}},
+        {"name": "request_headers", "description": "Returns the HTTP headers this request arrived with (a test aid: it shows what a proxy forwarded)", "inputSchema": none},
         {"name": "test_simple_text", "description": "Returns simple text", "inputSchema": none},
         {"name": "test_image_content", "description": "Returns an image", "inputSchema": none},
         {"name": "test_audio_content", "description": "Returns audio", "inputSchema": none},
@@ -248,6 +250,20 @@ impl ServerHandler for Demo {
                 let ms = arg(&request, "ms").and_then(Value::as_u64).unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
                 text_result(format!("slept {ms} ms"))
+            }
+            "request_headers" => {
+                let headers: serde_json::Map<String, Value> = ctx
+                    .extensions
+                    .get::<http::request::Parts>()
+                    .map(|parts| {
+                        parts
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), json!(String::from_utf8_lossy(v.as_bytes()))))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                text_result(Value::Object(headers).to_string())
             }
             "test_simple_text" => text_result("This is a simple text response for testing."),
             "test_image_content" => Ok(from_json::<CallToolResult>(json!({"content": [
