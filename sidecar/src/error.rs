@@ -47,6 +47,8 @@ pub enum ProxyError {
     HeaderMismatch(String),
     #[error("origin {0:?} is not allowed")]
     OriginForbidden(String),
+    #[error("host {0:?} is not allowed on a loopback listener")]
+    HostForbidden(String),
     #[error("unknown MCP server {name:?}; known servers: {known}")]
     UnknownServer { name: String, known: String },
     #[error("no MCP endpoint at {0:?}; use /mcp/<server>")]
@@ -76,7 +78,7 @@ impl ProxyError {
             Parse(_) | InvalidRequest(_) | HeaderMismatch(_) | BodyRead(_) => {
                 StatusCode::BAD_REQUEST
             }
-            OriginForbidden(_) => StatusCode::FORBIDDEN,
+            OriginForbidden(_) | HostForbidden(_) => StatusCode::FORBIDDEN,
             UnknownServer { .. } | UnknownPath(_) | UnknownSession => StatusCode::NOT_FOUND,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -93,7 +95,7 @@ impl ProxyError {
             Parse(_) => code::PARSE_ERROR,
             InvalidRequest(_) | BodyRead(_) | MethodNotAllowed(_) => code::INVALID_REQUEST,
             HeaderMismatch(_) => code::HEADER_MISMATCH,
-            OriginForbidden(_) => code::ORIGIN_FORBIDDEN,
+            OriginForbidden(_) | HostForbidden(_) => code::ORIGIN_FORBIDDEN,
             UnknownServer { .. } | UnknownPath(_) => code::UNKNOWN_SERVER,
             UnknownSession => code::UNKNOWN_SESSION,
             BodyTooLarge(_) => code::BODY_TOO_LARGE,

@@ -56,6 +56,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
             .collect(),
         max_body_bytes: config.max_body_bytes,
+        loopback_host_only: config.listen.ip().is_loopback(),
     });
     let admin = Arc::new(admin::Admin {
         active: active.clone(),

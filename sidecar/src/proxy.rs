@@ -42,6 +42,9 @@ pub struct Proxy {
     /// Browser origins allowed besides loopback ones, lowercased, no trailing slash.
     pub allowed_origins: Vec<String>,
     pub max_body_bytes: usize,
+    /// Loopback listener: the `Host` must name loopback too (DNS-rebinding protection
+    /// for requests that carry no `Origin`, such as a browser's same-origin GET).
+    pub loopback_host_only: bool,
 }
 
 /// What a request is labelled with in metrics, filled in as it becomes known.
@@ -94,6 +97,12 @@ impl Proxy {
         {
             let shown = String::from_utf8_lossy(origin.as_bytes()).into_owned();
             return Err((ProxyError::OriginForbidden(shown), None));
+        }
+        if self.loopback_host_only
+            && let Some(host) = request_host(&req)
+            && !is_loopback_authority(host)
+        {
+            return Err((ProxyError::HostForbidden(truncate(host)), None));
         }
         let server = server_name(req.uri().path()).map_err(|e| (e, None))?;
         let runtime = self.active.current().ok_or((ProxyError::NotReady, None))?;
@@ -187,14 +196,25 @@ impl Proxy {
     }
 }
 
+/// The authority the agent addressed: HTTP/2's `:authority`, else the `Host` header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
 /// `http(s)://localhost|127.0.0.1|[::1][:port]`.
 fn is_loopback_origin(origin: &str) -> bool {
-    let Some(rest) = origin
+    origin
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"))
-    else {
-        return false;
-    };
+        .is_some_and(is_loopback_authority)
+}
+
+/// `localhost|127.0.0.1|[::1][:port]`.
+fn is_loopback_authority(rest: &str) -> bool {
     let host = if let Some(v6) = rest.strip_prefix('[') {
         match v6.split_once(']') {
             Some((host, port)) if port.is_empty() || is_port(port) => return host == "::1",
@@ -316,6 +336,8 @@ mod tests {
         ] {
             assert!(!is_loopback_origin(bad), "{bad}");
         }
+        assert!(is_loopback_authority("127.0.0.1:15001"));
+        assert!(!is_loopback_authority("evil.example.com:15001"));
     }
 
     #[test]

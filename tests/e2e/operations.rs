@@ -1,1 +1,202 @@
-//! placeholder
+//! Running the sidecar: hot reload, readiness, upstream failure, admin endpoints,
+//! graceful shutdown.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use toolmesh_tests::{Sidecar, standalone_config};
+
+use crate::support::{Stack, admin, borrow, eventually, modern_call, modern_headers, post};
+
+async fn echo(url: &str) -> Result<u16> {
+    Ok(post(
+        url,
+        &borrow(&modern_headers("echo")),
+        modern_call(1, "echo", json!({"text": "x"})),
+    )
+    .await?
+    .status)
+}
+
+#[tokio::test]
+async fn hot_reload_swaps_valid_files_and_keeps_serving_through_bad_ones() -> Result<()> {
+    let stack = Stack::start().await?;
+    let sidecar = &stack.sidecar;
+    assert_eq!(echo(&stack.url()).await?, 200);
+    let (_, before) = admin(sidecar, "/ready").await?;
+
+    sidecar.write_config(&standalone_config("renamed", &stack.server.url()))?;
+    let moved = eventually(10, || async {
+        echo(&sidecar.url("renamed")).await.ok() == Some(200)
+    })
+    .await;
+    assert!(moved, "the new server name is served: {}", sidecar.logs());
+    assert_eq!(echo(&stack.url()).await?, 404, "the old name is gone");
+    let (_, after) = admin(sidecar, "/ready").await?;
+    assert_ne!(before, after, "/ready names the new version");
+
+    // An invalid file: one log line naming the field, a metric, and nothing changes.
+    let bad = standalone_config("renamed", &stack.server.url()).replace("endpoints", "endpointz");
+    sidecar.write_config(&bad)?;
+    let logged = eventually(10, || async { sidecar.logs().contains("endpointz") }).await;
+    assert!(logged, "{}", sidecar.logs());
+    let line = sidecar
+        .logs()
+        .lines()
+        .find(|l| l.contains("endpointz"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.contains("configuration rejected") && line.contains("McpServer/renamed"),
+        "{line}"
+    );
+    assert_eq!(
+        echo(&sidecar.url("renamed")).await?,
+        200,
+        "the previous config keeps serving"
+    );
+    let (ready, _) = admin(sidecar, "/ready").await?;
+    assert_eq!(ready, 200);
+    let (_, metrics) = admin(sidecar, "/metrics").await?;
+    assert!(
+        metrics.contains("toolmesh_config_load_failures_total 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn not_ready_until_a_valid_config_arrives() -> Result<()> {
+    let stack = Stack::start().await?;
+    let good = standalone_config("late", &stack.server.url());
+    let sidecar = Sidecar::start("kind: Nonsense\n", &[]).await?;
+    let (status, body) = admin(&sidecar, "/ready").await?;
+    assert_eq!(status, 503, "{body}");
+    let r = post(
+        &sidecar.url("late"),
+        &[],
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+    )
+    .await?;
+    assert_eq!((r.status, r.error_code()), (503, Some(-32087)), "{r:?}");
+    assert_eq!(r.headers["retry-after"], "1");
+
+    sidecar.write_config(&good)?;
+    assert!(
+        eventually(10, || async {
+            admin(&sidecar, "/ready").await.map(|r| r.0).ok() == Some(200)
+        })
+        .await
+    );
+    assert_eq!(echo(&sidecar.url("late")).await?, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_upstream_is_a_clear_502_not_a_dead_sidecar() -> Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.server.proc.terminate().await?;
+    let r = post(
+        &stack.url(),
+        &borrow(&modern_headers("echo")),
+        modern_call(7, "echo", json!({})),
+    )
+    .await?;
+    assert_eq!((r.status, r.error_code()), (502, Some(-32085)), "{r:?}");
+    assert_eq!(r.json()["id"], 7, "the error answers the request's id");
+    assert_eq!(r.json()["error"]["data"]["retryable"], true);
+    let (_, metrics) = admin(&stack.sidecar, "/metrics").await?;
+    assert!(
+        metrics.contains(r#"toolmesh_upstream_errors_total{server="demo",kind="connect"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(admin(&stack.sidecar, "/live").await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_endpoints() -> Result<()> {
+    let stack = Stack::start().await?;
+    assert_eq!(echo(&stack.url()).await?, 200);
+    let s = &stack.sidecar;
+    assert_eq!(admin(s, "/live").await?.0, 200);
+    let (status, ready) = admin(s, "/ready").await?;
+    assert_eq!(status, 200);
+    let (_, config) = admin(s, "/config").await?;
+    let config: Value = serde_json::from_str(&config)?;
+    assert!(
+        ready.contains(config["version"].as_str().unwrap_or("?")),
+        "{ready} vs {config}"
+    );
+    assert_eq!(config["identity"], toolmesh_tests::IDENTITY);
+    assert_eq!(config["servers"][0]["name"], "demo");
+    let (_, metrics) = admin(s, "/metrics").await?;
+    for name in [
+        "toolmesh_requests_total{server=\"demo\",method=\"tools/call\",outcome=\"ok\"} 1",
+        "toolmesh_request_duration_seconds_bucket{server=\"demo\",method=\"tools/call\"",
+        "toolmesh_active_streams{server=\"demo\"} 0",
+        "toolmesh_config_info{version=",
+        "toolmesh_config_last_load_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    assert_eq!(admin(s, "/nope").await?.0, 404);
+    let r = reqwest::Client::new()
+        .post(s.admin_url("/ready"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 405);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_calls_then_exits() -> Result<()> {
+    let mut stack = Stack::start_with(&[], &["--drain-timeout", "10s"]).await?;
+    let url = stack.url();
+    let slow = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = post(
+            &url,
+            &borrow(&modern_headers("sleep")),
+            modern_call(1, "sleep", json!({"ms": 1500})),
+        )
+        .await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let pid = stack.sidecar.proc.pid().expect("running");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+
+    // While draining: not ready, and no new connections on the MCP port.
+    let draining = eventually(5, || async {
+        admin(&stack.sidecar, "/ready").await.map(|r| r.0).ok() == Some(503)
+    })
+    .await;
+    assert!(draining, "{}", stack.sidecar.logs());
+    assert!(
+        tokio::net::TcpStream::connect(stack.sidecar.mcp)
+            .await
+            .is_err(),
+        "listener closed"
+    );
+
+    let (reply, took) = slow.await?;
+    let reply = reply?;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.message()["result"]["content"][0]["text"],
+        "slept 1500 ms"
+    );
+    assert!(took >= Duration::from_millis(1500));
+    let status = tokio::time::timeout(Duration::from_secs(10), stack.sidecar.proc.wait()).await??;
+    assert!(status.success(), "{status}");
+    assert!(
+        stack.sidecar.logs().contains("all connections drained"),
+        "{}",
+        stack.sidecar.logs()
+    );
+    Ok(())
+}

@@ -138,6 +138,12 @@ async fn bad_input_gets_clear_errors_and_no_harm() -> Result<()> {
 
     let r = post(&url, &[("origin", "http://evil.example.com")], ping).await?;
     assert_eq!((r.status, r.error_code()), (403, Some(-32080)), "{r:?}");
+    let r = post(&url, &[("host", "evil.example.com")], ping).await?;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (403, Some(-32080)),
+        "DNS rebinding without Origin: {r:?}"
+    );
     let r = post(&url, &[("origin", "http://localhost:1234")], ping).await?;
     assert_ne!(r.status, 403, "loopback origins are fine: {r:?}");
 
