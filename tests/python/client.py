@@ -1,0 +1,61 @@
+"""An agent built on the official MCP Python SDK, driven by the end-to-end tests.
+
+usage: client.py URL PLAN_JSON
+
+PLAN_JSON maps a step name to [tool, arguments]; steps named "progress",
+"sampling" and "elicitation" exercise those features. The script connects over
+Streamable HTTP, lists tools, runs every step, and prints one JSON object on
+stdout: the tool names, each step's text result, and what the server asked of
+the client (progress notifications, sampling and elicitation requests).
+"""
+
+import asyncio
+import json
+import sys
+
+from mcp import types
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+
+async def main(url: str, plan: dict) -> dict:
+    seen = {"progress": 0, "sampling": 0, "elicitation": 0}
+
+    async def sampling(context, params):
+        seen["sampling"] += 1
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text="Paris"),
+            model="e2e",
+        )
+
+    async def elicitation(context, params):
+        seen["elicitation"] += 1
+        return types.ElicitResult(action="decline")
+
+    async def progress(progress, total, message):
+        seen["progress"] += 1
+
+    out = {"steps": {}}
+    async with streamable_http_client(url) as streams:
+        read, write = streams[0], streams[1]
+        async with ClientSession(
+            read, write, sampling_callback=sampling, elicitation_callback=elicitation
+        ) as session:
+            await session.initialize()
+            tools = await session.list_tools()
+            out["tools"] = sorted(t.name for t in tools.tools)
+            for step, (tool, arguments) in plan.items():
+                result = await session.call_tool(
+                    tool,
+                    arguments,
+                    progress_callback=progress if step == "progress" else None,
+                )
+                texts = [c.text for c in result.content if getattr(c, "type", "") == "text"]
+                out["steps"][step] = {"error": bool(result.is_error), "text": "\n".join(texts)}
+    out["seen"] = seen
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))))
