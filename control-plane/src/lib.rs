@@ -17,7 +17,8 @@ pub fn check(files: &[impl AsRef<Path>], identity: Option<&str>) -> Result<Strin
     for file in files {
         let file = file.as_ref();
         let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let parsed = toolmesh_proto::parse_resources(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+        let parsed = toolmesh_proto::parse_resources(&text)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
         resources.extend(parsed);
     }
     let count = resources.len();
@@ -58,11 +59,15 @@ mod tests {
 
     #[test]
     fn a_bad_file_names_the_file_and_field() {
-        let path = std::env::temp_dir().join(format!("toolmesh-cp-check-{}.yaml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("toolmesh-cp-check-{}.yaml", std::process::id()));
         let text = std::fs::read_to_string(example()).expect("read example");
         std::fs::write(&path, text.replace("timeout: 30s", "timeout: soon")).expect("write");
         let err = check(&[&path], None).expect_err("invalid");
-        assert!(err.contains("McpServer/demo") && err.contains("spec.timeout"), "{err}");
+        assert!(
+            err.contains("McpServer/demo") && err.contains("spec.timeout"),
+            "{err}"
+        );
         std::fs::remove_file(&path).ok();
     }
 }

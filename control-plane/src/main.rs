@@ -30,15 +30,17 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Check { files, identity } => match toolmesh_control_plane::check(&files, identity.as_deref()) {
-            Ok(out) => {
-                println!("{out}");
-                ExitCode::SUCCESS
+        Command::Check { files, identity } => {
+            match toolmesh_control_plane::check(&files, identity.as_deref()) {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("toolmesh-control-plane: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("toolmesh-control-plane: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
     }
 }
