@@ -140,7 +140,7 @@ impl Proxy {
         let uri = route.endpoints[endpoint].uri.clone();
         let upstream_resp = self
             .upstream
-            .send(&route, uri, method, &headers, body)
+            .send(&route, uri, method, headers, body)
             .await
             .map_err(|e| (e, id))?;
 
