@@ -270,6 +270,11 @@ async fn sessions_streams_resumption_and_session_end() -> Result<()> {
         "{events:?}"
     );
 
+    // Cancellation is a notification like any other: relayed, answered 202.
+    let cancel = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":9,"reason":"test"}}"#;
+    let r = post(&url, &h, cancel).await?;
+    assert_eq!(r.status, 202, "{r:?}");
+
     // DELETE ends the session; the id is then unknown upstream.
     let del = http
         .delete(&url)
