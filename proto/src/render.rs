@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 
 use crate::glob;
 use crate::resource::{
-    ActionSpec, DEFAULT_SERVER_TIMEOUT, McpServer, ResourceError, ResourceSet, RuleSpec,
-    parse_duration, validate_set,
+    ActionSpec, DEFAULT_SERVER_TIMEOUT, McpServer, RateLimitScope, ResourceError, ResourceSet,
+    RuleSpec, parse_duration, validate_set,
 };
 use crate::v1alpha1 as pb;
 
@@ -110,6 +110,7 @@ fn render_rule(rule: &RuleSpec) -> pb::Rule {
             per_ms: parse_duration(&rl.per)
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or_default(),
+            shared: rl.scope == RateLimitScope::Rule,
         }),
         conditions: rule
             .conditions

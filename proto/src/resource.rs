@@ -215,6 +215,18 @@ pub struct RateLimitSpec {
     pub requests: u32,
     /// Window, e.g. `1m`, `10s`.
     pub per: String,
+    /// `tool` (default): a budget per tool, resource or prompt the rule covers;
+    /// `rule`: one budget shared by every call the rule covers (a server-level limit).
+    #[serde(default)]
+    pub scope: RateLimitScope,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitScope {
+    #[default]
+    Tool,
+    Rule,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
+    /// Write audit lines (one JSON object per MCP request) to this file, appending,
+    /// instead of stdout.
+    #[arg(long, env = "TOOLMESH_AUDIT_FILE", value_name = "FILE")]
+    pub audit_file: Option<PathBuf>,
+
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. info or toolmesh_sidecar=debug.
     #[arg(
         long,

@@ -27,6 +27,8 @@ pub mod code {
     pub const UPSTREAM_UNAVAILABLE: i64 = -32085;
     pub const UPSTREAM_TIMEOUT: i64 = -32086;
     pub const NOT_READY: i64 = -32087;
+    pub const NOT_PERMITTED: i64 = -32088;
+    pub const RATE_LIMITED: i64 = -32089;
 }
 
 /// Which side of the proxy a failure belongs to.
@@ -69,6 +71,23 @@ pub enum ProxyError {
     UpstreamTimeout { server: String, timeout_ms: u64 },
     #[error("no configuration is loaded yet")]
     NotReady,
+    #[error("{kind} {name:?} is not permitted for {subject:?} on server {server:?}")]
+    NotPermitted {
+        kind: &'static str,
+        name: String,
+        subject: String,
+        server: String,
+    },
+    #[error(
+        "{kind} {name:?} is rate limited for {subject:?} by {rule}; retry in {retry_after_ms} ms"
+    )]
+    RateLimited {
+        kind: &'static str,
+        name: String,
+        subject: String,
+        rule: String,
+        retry_after_ms: u64,
+    },
 }
 
 impl ProxyError {
@@ -86,6 +105,9 @@ impl ProxyError {
             UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            // A JSON-RPC-level refusal, as a server refusing a call would answer.
+            NotPermitted { .. } => StatusCode::OK,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -103,6 +125,8 @@ impl ProxyError {
             UpstreamUnavailable { .. } => code::UPSTREAM_UNAVAILABLE,
             UpstreamTimeout { .. } => code::UPSTREAM_TIMEOUT,
             NotReady => code::NOT_READY,
+            NotPermitted { .. } => code::NOT_PERMITTED,
+            RateLimited { .. } => code::RATE_LIMITED,
         }
     }
 
@@ -125,6 +149,11 @@ impl ProxyError {
 
     /// The metrics `outcome` label of this answer.
     pub fn outcome(&self) -> &'static str {
+        match self {
+            ProxyError::NotPermitted { .. } => return "denied",
+            ProxyError::RateLimited { .. } => return "rate_limited",
+            _ => {}
+        }
         match self.side() {
             Side::Agent => "rejected",
             Side::Upstream => "upstream_error",
@@ -134,14 +163,15 @@ impl ProxyError {
 
     /// The wire answer: status, JSON-RPC error body with the request's id if known.
     pub fn into_response(self, id: Option<&RawValue>) -> http::Response<Body> {
+        let mut data =
+            serde_json::json!({"source": "toolmesh-sidecar", "retryable": self.retryable()});
+        if let ProxyError::RateLimited { retry_after_ms, .. } = &self {
+            data["retryAfterMs"] = (*retry_after_ms).into();
+        }
         let payload = serde_json::json!({
             "jsonrpc": "2.0",
             "id": id,
-            "error": {
-                "code": self.code(),
-                "message": self.to_string(),
-                "data": {"source": "toolmesh-sidecar", "retryable": self.retryable()},
-            },
+            "error": {"code": self.code(), "message": self.to_string(), "data": data},
         });
         let bytes = Bytes::from(payload.to_string());
         let mut resp = http::Response::new(body::full(bytes));
@@ -156,6 +186,11 @@ impl ProxyError {
         }
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ProxyError::RateLimited { retry_after_ms, .. } = &self {
+            // Whole seconds, rounded up: never invite a retry that will fail again.
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

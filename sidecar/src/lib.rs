@@ -11,12 +11,16 @@
 //! [`run`] wires them together; `main.rs` only parses flags and sets up logging.
 
 pub mod admin;
+pub mod audit;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod filter;
 pub mod listener;
 pub mod mcp;
+pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod snapshot;
 pub mod standalone;
 pub mod telemetry;
@@ -46,6 +50,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mcp_addr = mcp_listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
 
+    let (audit, audit_writer) = audit::Audit::start(config.audit_file.as_deref())?;
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = Arc::new(proxy::Proxy {
         active: active.clone(),
@@ -57,6 +62,8 @@ pub async fn run(config: Config) -> Result<(), String> {
             .collect(),
         max_body_bytes: config.max_body_bytes,
         loopback_host_only: config.listen.ip().is_loopback(),
+        audit,
+        identity: config.identity.as_str().into(),
     });
     let admin = Arc::new(admin::Admin {
         active: active.clone(),
@@ -102,6 +109,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = mcp_task.await;
+    // Every request has finished or been cut off: write out the audit trail.
+    audit_writer.finish().await;
     tracing::info!("stopped");
     Ok(())
 }

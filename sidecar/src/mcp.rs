@@ -52,6 +52,34 @@ pub enum Kind {
     Response,
 }
 
+/// What a gated call acts on, as policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Tool,
+    Resource,
+    Prompt,
+}
+
+/// The tool, resource or prompt a gated request acts on: the name the upstream will
+/// execute, read from the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub kind: TargetKind,
+    pub name: Cow<'a, str>,
+}
+
+/// Methods policy gates (default deny); every other method is protocol plumbing.
+pub fn is_gated(method: &str) -> bool {
+    matches!(
+        method,
+        "tools/call"
+            | "resources/read"
+            | "resources/subscribe"
+            | "prompts/get"
+            | "completion/complete"
+    )
+}
+
 /// One JSON-RPC message as far as the sidecar reads it.
 #[derive(Debug)]
 pub struct Message<'a> {
@@ -63,6 +91,11 @@ pub struct Message<'a> {
     pub target: Option<Cow<'a, str>>,
     /// The `_meta` protocol version, if the message carries one.
     pub meta_version: Option<Cow<'a, str>>,
+    /// For gated methods: what the call acts on (`None` if the body does not say,
+    /// which policy treats as a denial).
+    pub subject: Option<Subject<'a>>,
+    /// `params.arguments`, unparsed (for argument conditions and audit).
+    pub arguments: Option<&'a RawValue>,
 }
 
 /// A POST body: one message, or a batch (2025-03-26 only).
@@ -119,6 +152,21 @@ struct RawParams<'a> {
     task_id: Option<&'a RawValue>,
     #[serde(borrow, default, rename = "_meta")]
     meta: Option<RawMeta<'a>>,
+    #[serde(borrow, default)]
+    arguments: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "ref")]
+    reference: Option<RawRef<'a>>,
+}
+
+/// `completion/complete`'s `params.ref`: a prompt or a resource (template).
+#[derive(Deserialize)]
+struct RawRef<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    uri: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -167,9 +215,9 @@ pub fn parse(body: &[u8]) -> Result<Envelope<'_>, Rejection> {
     }
 }
 
-fn message(text: &str) -> Result<Message<'_>, Rejection> {
+fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
     // Distinguish "not JSON" from "JSON but not a message object".
-    let raw: RawMessage<'_> = serde_json::from_str(text).map_err(|e| {
+    let raw: RawMessage<'a> = serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
             Rejection::Invalid(format!("not a JSON-RPC message object: {e}"))
         } else {
@@ -204,15 +252,45 @@ fn message(text: &str) -> Result<Message<'_>, Rejection> {
     }
     let mut target = None;
     let mut meta_version = None;
+    let mut subject = None;
+    let mut arguments = None;
     if let Some(params) = raw.params {
         if !params.get().starts_with('{') {
             return Err(Rejection::Invalid(
                 "\"params\" must be an object".to_owned(),
             ));
         }
-        let params: RawParams<'_> = serde_json::from_str(params.get())
+        let params: RawParams<'a> = serde_json::from_str(params.get())
             .map_err(|e| Rejection::Invalid(format!("\"params\" must be an object: {e}")))?;
         meta_version = params.meta.and_then(|m| m.protocol_version);
+        arguments = params.arguments;
+        let string =
+            |v: Option<&'a RawValue>, field: &str| -> Result<Option<Cow<'a, str>>, Rejection> {
+                v.map(|v| {
+                    json_str(v).ok_or_else(|| {
+                        Rejection::Invalid(format!("\"params.{field}\" must be a string"))
+                    })
+                })
+                .transpose()
+            };
+        let found = match raw.method.as_deref() {
+            Some("tools/call") => string(params.name, "name")?.map(|n| (TargetKind::Tool, n)),
+            Some("prompts/get") => string(params.name, "name")?.map(|n| (TargetKind::Prompt, n)),
+            Some("resources/read" | "resources/subscribe") => {
+                string(params.uri, "uri")?.map(|n| (TargetKind::Resource, n))
+            }
+            Some("completion/complete") => match &params.reference {
+                Some(r) if r.kind.as_deref() == Some("ref/prompt") => {
+                    string(r.name, "ref.name")?.map(|n| (TargetKind::Prompt, n))
+                }
+                Some(r) if r.kind.as_deref() == Some("ref/resource") => {
+                    string(r.uri, "ref.uri")?.map(|n| (TargetKind::Resource, n))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        subject = found.map(|(kind, name)| Subject { kind, name });
         if let Some(field) = raw.method.as_deref().and_then(target_field) {
             let value = match field {
                 "name" => params.name,
@@ -233,6 +311,8 @@ fn message(text: &str) -> Result<Message<'_>, Rejection> {
         method: raw.method,
         target,
         meta_version,
+        subject,
+        arguments,
     })
 }
 

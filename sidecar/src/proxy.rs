@@ -27,9 +27,14 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use metrics::SharedString;
 
+use serde_json::value::RawValue;
+
+use crate::audit::{Audit, Record};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
-use crate::mcp::{self, Envelope, Rejection};
+use crate::filter::{self, ListKind};
+use crate::mcp::{self, Envelope, Rejection, TargetKind};
+use crate::policy::Decision;
 use crate::snapshot::{Active, Route, Runtime};
 use crate::telemetry;
 use crate::upstream::{self, Upstream};
@@ -45,12 +50,60 @@ pub struct Proxy {
     /// Loopback listener: the `Host` must name loopback too (DNS-rebinding protection
     /// for requests that carry no `Origin`, such as a browser's same-origin GET).
     pub loopback_host_only: bool,
+    pub audit: Audit,
+    /// This sidecar's identity (`--identity`), the subject of every decision.
+    pub identity: Arc<str>,
 }
 
-/// What a request is labelled with in metrics, filled in as it becomes known.
-struct Labels {
+/// What is known about a request, filled in as the path learns it; it labels the
+/// metrics and becomes the audit line.
+struct Ctx {
     server: SharedString,
     method: &'static str,
+    /// The JSON-RPC method as sent (bounded), for the audit line.
+    rpc_method: Option<String>,
+    kind: Option<&'static str>,
+    name: Option<String>,
+    decision: &'static str,
+    rule: Option<Arc<str>>,
+    request_id: Option<Box<RawValue>>,
+    session: Option<String>,
+    arguments: Option<Box<RawValue>>,
+    list: Option<ListKind>,
+}
+
+impl Ctx {
+    fn new(req: &Request<Incoming>) -> Ctx {
+        Ctx {
+            server: telemetry::UNKNOWN_SERVER,
+            method: match *req.method() {
+                Method::GET => "(get)",
+                Method::DELETE => "(delete)",
+                _ => "other",
+            },
+            rpc_method: None,
+            kind: None,
+            name: None,
+            decision: "rejected",
+            rule: None,
+            request_id: None,
+            session: req
+                .headers()
+                .get(mcp::HEADER_SESSION)
+                .and_then(|v| v.to_str().ok())
+                .map(truncate),
+            arguments: None,
+            list: None,
+        }
+    }
+}
+
+fn kind_name(kind: TargetKind) -> &'static str {
+    match kind {
+        TargetKind::Tool => "tool",
+        TargetKind::Resource => "resource",
+        TargetKind::Prompt => "prompt",
+    }
 }
 
 impl Proxy {
@@ -60,89 +113,114 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
-        let mut labels = Labels {
-            server: telemetry::UNKNOWN_SERVER,
-            method: match *req.method() {
-                Method::GET => "(get)",
-                Method::DELETE => "(delete)",
-                _ => "other",
-            },
-        };
-        let response = match self.route_and_forward(req, &mut labels).await {
-            Ok(resp) => resp,
-            Err((error, id)) => {
-                let outcome = error.outcome();
-                tracing::debug!(server = %labels.server, error = %error, "request refused");
-                let resp = error.into_response(id.as_deref());
-                telemetry::request(&labels.server, labels.method, outcome, started.elapsed());
-                return Ok(resp);
+        let mut ctx = Ctx::new(&req);
+        let (response, error_code, outcome) = match self.route_and_forward(req, &mut ctx).await {
+            Ok(resp) => {
+                let outcome = match resp.status().as_u16() {
+                    100..=399 => "ok",
+                    400..=499 => "client_error",
+                    _ => "upstream_error",
+                };
+                (resp, None, outcome)
+            }
+            Err(error) => {
+                tracing::debug!(server = %ctx.server, error = %error, "request refused");
+                let (code, outcome) = (error.code(), error.outcome());
+                (
+                    error.into_response(ctx.request_id.as_deref()),
+                    Some(code),
+                    outcome,
+                )
             }
         };
-        let outcome = match response.status().as_u16() {
-            100..=399 => "ok",
-            400..=499 => "client_error",
-            _ => "upstream_error",
-        };
-        telemetry::request(&labels.server, labels.method, outcome, started.elapsed());
+        let elapsed = started.elapsed();
+        telemetry::request(&ctx.server, ctx.method, outcome, elapsed);
+        let server = ctx.server.to_string();
+        self.audit.record(&Record {
+            time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            subject: &self.identity,
+            server: &server,
+            method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
+            kind: ctx.kind,
+            name: ctx.name.as_deref(),
+            decision: ctx.decision,
+            rule: ctx.rule.as_deref(),
+            status: response.status().as_u16(),
+            error_code,
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            request_id: ctx.request_id.as_deref(),
+            session: ctx.session.as_deref(),
+            arguments: ctx.arguments.as_deref(),
+        });
         Ok(response)
     }
 
     async fn route_and_forward(
         &self,
         req: Request<Incoming>,
-        labels: &mut Labels,
-    ) -> Result<Response<Body>, (ProxyError, Option<Box<serde_json::value::RawValue>>)> {
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, ProxyError> {
         if let Some(origin) = req.headers().get(header::ORIGIN)
             && !self.origin_allowed(origin)
         {
             let shown = String::from_utf8_lossy(origin.as_bytes()).into_owned();
-            return Err((ProxyError::OriginForbidden(shown), None));
+            return Err(ProxyError::OriginForbidden(shown));
         }
         if self.loopback_host_only
             && let Some(host) = request_host(&req)
             && !is_loopback_authority(host)
         {
-            return Err((ProxyError::HostForbidden(truncate(host)), None));
+            return Err(ProxyError::HostForbidden(truncate(host)));
         }
-        let server = server_name(req.uri().path()).map_err(|e| (e, None))?;
-        let runtime = self.active.current().ok_or((ProxyError::NotReady, None))?;
-        let route = lookup(&runtime, server).map_err(|e| (e, None))?;
-        labels.server = route.label.clone();
+        let server = server_name(req.uri().path())?;
+        let runtime = self.active.current().ok_or(ProxyError::NotReady)?;
+        let route = lookup(&runtime, server)?;
+        ctx.server = route.label.clone();
 
         let method = req.method().clone();
         let (parts, incoming) = req.into_parts();
-        let mut id = None;
         let body = match method {
             Method::POST => {
-                let body = self
-                    .read_body(&parts.headers, incoming)
-                    .await
-                    .map_err(|e| (e, None))?;
-                let envelope = mcp::parse(&body).map_err(|r| (rejection(r), None))?;
-                id = envelope.id().map(|id| id.to_owned());
-                labels.method = match &envelope {
-                    Envelope::Single(m) => m
-                        .method
-                        .as_deref()
-                        .map_or("(response)", telemetry::method_label),
-                    Envelope::Batch(_) => "(batch)",
-                };
-                mcp::check_headers(&parts.headers, &envelope)
-                    .map_err(|r| (rejection(r), id.clone()))?;
+                let body = self.read_body(&parts.headers, incoming).await?;
+                let envelope = mcp::parse(&body).map_err(rejection)?;
+                ctx.request_id = envelope.id().map(|id| id.to_owned());
+                match &envelope {
+                    Envelope::Single(m) => {
+                        ctx.method = m
+                            .method
+                            .as_deref()
+                            .map_or("(response)", telemetry::method_label);
+                        ctx.rpc_method = m.method.as_deref().map(truncate);
+                        ctx.list = m.method.as_deref().and_then(ListKind::of);
+                    }
+                    Envelope::Batch(_) => ctx.method = "(batch)",
+                }
+                mcp::check_headers(&parts.headers, &envelope).map_err(rejection)?;
+                ctx.decision = "plumbing";
+                match &envelope {
+                    Envelope::Single(m) => authorize(&route, &self.identity, m, ctx)?,
+                    Envelope::Batch(messages) => {
+                        for m in messages {
+                            authorize(&route, &self.identity, m, ctx)?;
+                        }
+                    }
+                }
                 body
             }
-            Method::GET | Method::DELETE => Bytes::new(),
-            other => return Err((ProxyError::MethodNotAllowed(other.to_string()), None)),
+            Method::GET | Method::DELETE => {
+                ctx.decision = "plumbing";
+                Bytes::new()
+            }
+            other => return Err(ProxyError::MethodNotAllowed(other.to_string())),
         };
 
         let mut headers = parts.headers;
-        let endpoint = pick_endpoint(&route, &mut headers).map_err(|e| (e, id.clone()))?;
+        let endpoint = pick_endpoint(&route, &mut headers)?;
         let uri = route.endpoints[endpoint].uri.clone();
         let upstream_resp = self
             .upstream
             .send(&route, uri, method, headers, body)
-            .await
-            .map_err(|e| (e, id))?;
+            .await?;
 
         let (mut parts, incoming) = upstream_resp.into_parts();
         upstream::clean_response_headers(&mut parts.headers);
@@ -150,7 +228,12 @@ impl Proxy {
             tag_session(&mut parts.headers, endpoint);
         }
         let done = telemetry::stream_started(&route.label);
-        Ok(Response::from_parts(parts, body::relay(incoming, done)))
+        let relayed = body::relay(incoming, done);
+        let body = match ctx.list.filter(|l| route.policy.filters(l.kind)) {
+            None => relayed,
+            Some(list) => filter_list(&mut parts, relayed, &route, list).await?,
+        };
+        Ok(Response::from_parts(parts, body))
     }
 
     async fn read_body(
@@ -250,6 +333,99 @@ fn truncate(text: &str) -> String {
     match text.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),
+    }
+}
+
+/// Decide one message against the route's policy, recording what was decided.
+fn authorize(
+    route: &Route,
+    subject: &str,
+    m: &mcp::Message<'_>,
+    ctx: &mut Ctx,
+) -> Result<(), ProxyError> {
+    let Some(method) = m.method.as_deref().filter(|m| mcp::is_gated(m)) else {
+        return Ok(());
+    };
+    let label = telemetry::method_label(method);
+    let Some(target) = &m.subject else {
+        // A gated call that names nothing: nothing can allow it.
+        telemetry::decision(&route.label, label, "denied");
+        ctx.decision = "denied";
+        return Err(ProxyError::NotPermitted {
+            kind: "call",
+            name: format!("{method} without a target"),
+            subject: subject.to_owned(),
+            server: route.name.clone(),
+        });
+    };
+    let kind = kind_name(target.kind);
+    ctx.kind = Some(kind);
+    ctx.name = Some(truncate(&target.name));
+    match route.policy.decide(target.kind, &target.name, m.arguments) {
+        Decision::Deny(rule) => {
+            telemetry::decision(&route.label, label, "denied");
+            ctx.decision = "denied";
+            ctx.rule = rule.map(|r| r.id.clone());
+            Err(ProxyError::NotPermitted {
+                kind,
+                name: truncate(&target.name),
+                subject: subject.to_owned(),
+                server: route.name.clone(),
+            })
+        }
+        Decision::Allow(rule) => {
+            ctx.rule = Some(rule.id.clone());
+            if rule.audit_arguments {
+                ctx.arguments = m.arguments.map(|a| a.to_owned());
+            }
+            if let Some(limiter) = &rule.limiter
+                && let Err(wait) = limiter.acquire(&target.name)
+            {
+                telemetry::decision(&route.label, label, "rate_limited");
+                telemetry::rate_limited(&route.label, SharedString::from(rule.id.clone()));
+                ctx.decision = "rate_limited";
+                return Err(ProxyError::RateLimited {
+                    kind,
+                    name: truncate(&target.name),
+                    subject: subject.to_owned(),
+                    rule: rule.id.to_string(),
+                    retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+                });
+            }
+            telemetry::decision(&route.label, label, "allowed");
+            ctx.decision = "allowed";
+            Ok(())
+        }
+    }
+}
+
+/// Filter a list response (JSON or SSE) down to what the policy lets the agent see.
+async fn filter_list(
+    parts: &mut http::response::Parts,
+    body: Body,
+    route: &Arc<Route>,
+    list: ListKind,
+) -> Result<Body, ProxyError> {
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type.starts_with("text/event-stream") {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Ok(filter::sse(body, route.clone(), list))
+    } else if content_type.starts_with("application/json") {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let filtered =
+            filter::json(body, route, list)
+                .await
+                .map_err(|e| ProxyError::UpstreamUnavailable {
+                    server: route.name.clone(),
+                    reason: e.to_string(),
+                })?;
+        Ok(body::full(filtered))
+    } else {
+        Ok(body)
     }
 }
 

@@ -23,6 +23,8 @@ use metrics::SharedString;
 use toolmesh_proto::render::redacted;
 use toolmesh_proto::v1alpha1 as pb;
 
+use crate::policy::{LimiterSource, ServerPolicy};
+use crate::ratelimit::Limiter;
 use crate::telemetry;
 
 /// One upstream endpoint, parsed and checked once.
@@ -69,6 +71,8 @@ pub struct Route {
     pub credential: Option<Credential>,
     /// How long the upstream has to start answering (response head).
     pub timeout: Duration,
+    /// This identity's rules for the server.
+    pub policy: ServerPolicy,
     /// Round-robin cursor for requests that carry no session.
     next: AtomicUsize,
 }
@@ -93,16 +97,33 @@ pub struct Runtime {
     known: String,
     /// The redacted snapshot as JSON, served by the admin `/config` endpoint.
     config_json: Bytes,
+    /// Rate limiters by rule fingerprint, handed to the next snapshot's unchanged rules.
+    limiters: HashMap<Vec<u8>, Arc<Limiter>>,
+}
+
+impl LimiterSource for Option<&Runtime> {
+    fn limiter(&self, fingerprint: &[u8]) -> Option<Arc<Limiter>> {
+        self.and_then(|r| r.limiters.get(fingerprint).cloned())
+    }
 }
 
 impl Runtime {
     /// Compile a snapshot. Fails, naming the server and field, if anything in it could
     /// not be used; the caller keeps serving the previous runtime then.
-    pub fn compile(snapshot: &pb::Snapshot) -> Result<Self, String> {
+    ///
+    /// `previous` is the runtime being replaced: rate limiters of unchanged rules are
+    /// taken over from it. Servers this identity has no allow rule for are not routed.
+    pub fn compile(snapshot: &pb::Snapshot, previous: Option<&Runtime>) -> Result<Self, String> {
         let mut routes = HashMap::with_capacity(snapshot.servers.len());
+        let mut limiters = Vec::new();
         for server in &snapshot.servers {
-            let route =
-                compile_server(server).map_err(|e| format!("server {}: {e}", server.name))?;
+            let policy =
+                ServerPolicy::compile(&server.name, &snapshot.policies, &previous, &mut limiters);
+            if !policy.usable() {
+                continue;
+            }
+            let route = compile_server(server, policy)
+                .map_err(|e| format!("server {}: {e}", server.name))?;
             if routes
                 .insert(server.name.clone(), Arc::new(route))
                 .is_some()
@@ -125,6 +146,7 @@ impl Runtime {
             routes,
             known,
             config_json: Bytes::from(config_json),
+            limiters: limiters.into_iter().collect(),
         })
     }
 
@@ -141,7 +163,7 @@ impl Runtime {
     }
 }
 
-fn compile_server(server: &pb::Server) -> Result<Route, String> {
+fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, String> {
     if server.endpoints.is_empty() {
         return Err("no endpoints".to_owned());
     }
@@ -171,6 +193,7 @@ fn compile_server(server: &pb::Server) -> Result<Route, String> {
         endpoints,
         credential,
         timeout: Duration::from_millis(server.timeout_ms),
+        policy,
         next: AtomicUsize::new(0),
     })
 }
@@ -201,7 +224,7 @@ impl Active {
         {
             return Ok(false);
         }
-        let runtime = Runtime::compile(snapshot)?;
+        let runtime = Runtime::compile(snapshot, current.as_deref())?;
         let previous = current.as_ref().map(|r| r.version.clone());
         telemetry::config_applied(previous.as_deref(), &runtime.version);
         self.slot.store(Some(Arc::new(runtime)));
@@ -227,13 +250,20 @@ mod tests {
                 }),
                 timeout_ms: 1000,
             }],
-            policies: vec![],
+            policies: vec![pb::Policy {
+                name: "p".into(),
+                rules: vec![pb::Rule {
+                    server: "demo".into(),
+                    tools: vec!["*".into()],
+                    ..Default::default()
+                }],
+            }],
         }
     }
 
     #[test]
     fn compiles_routes_and_redacts_config() {
-        let rt = Runtime::compile(&snapshot("http://127.0.0.1:9/mcp")).expect("compiles");
+        let rt = Runtime::compile(&snapshot("http://127.0.0.1:9/mcp"), None).expect("compiles");
         let route = rt.route("demo").expect("route");
         assert_eq!(route.endpoints[0].uri.to_string(), "http://127.0.0.1:9/mcp");
         assert!(
@@ -251,11 +281,20 @@ mod tests {
 
     #[test]
     fn rejects_unusable_endpoint() {
-        let err = Runtime::compile(&snapshot("ftp://example.com/")).expect_err("bad scheme");
+        let err = Runtime::compile(&snapshot("ftp://example.com/"), None).expect_err("bad scheme");
         assert!(
             err.contains("server demo") && err.contains("scheme"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn servers_without_an_allow_rule_are_not_routed() {
+        let mut snap = snapshot("http://127.0.0.1:9/mcp");
+        snap.policies[0].rules[0].action = pb::Action::Deny as i32;
+        let rt = Runtime::compile(&snap, None).expect("compiles");
+        assert!(rt.route("demo").is_none());
+        assert_eq!(rt.known_servers(), "(none)");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub const ACTIVE_STREAMS: &str = "toolmesh_active_streams";
 pub const CONFIG_INFO: &str = "toolmesh_config_info";
 pub const CONFIG_LOAD_FAILURES: &str = "toolmesh_config_load_failures_total";
 pub const CONFIG_LAST_LOAD: &str = "toolmesh_config_last_load_timestamp_seconds";
+pub const POLICY_DECISIONS: &str = "toolmesh_policy_decisions_total";
+pub const RATE_LIMITED: &str = "toolmesh_rate_limited_total";
+pub const AUDIT_DROPPED: &str = "toolmesh_audit_dropped_total";
 
 /// MCP methods that get their own label value; anything else is `other`.
 pub const METHODS: &[&str] = &[
@@ -101,7 +104,34 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         metrics::Unit::Seconds,
         "Unix time the active configuration was swapped in"
     );
+    describe_counter!(
+        POLICY_DECISIONS,
+        "Decisions on gated calls (tools/call, resources/read, resources/subscribe, prompts/get, completion/complete) by server, method and outcome (allowed, denied, rate_limited)"
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Calls refused because their rule's token bucket was empty, by server and rule"
+    );
+    describe_counter!(
+        AUDIT_DROPPED,
+        "Audit lines dropped because the writer fell too far behind"
+    );
     Ok(handle)
+}
+
+/// Record a policy decision on a gated call.
+pub fn decision(server: &SharedString, method: &'static str, outcome: &'static str) {
+    counter!(POLICY_DECISIONS, "server" => server.clone(), "method" => method, "outcome" => outcome)
+        .increment(1);
+}
+
+/// A call refused by `rule`'s rate limit (`rule` is a shared rule id).
+pub fn rate_limited(server: &SharedString, rule: SharedString) {
+    counter!(RATE_LIMITED, "server" => server.clone(), "rule" => rule).increment(1);
+}
+
+pub fn audit_dropped() {
+    counter!(AUDIT_DROPPED).increment(1);
 }
 
 /// Record that `version` replaced `previous`.

@@ -204,9 +204,16 @@ mod tests {
                 }),
                 timeout_ms: 1000,
             }],
-            policies: vec![],
+            policies: vec![pb::Policy {
+                name: "p".into(),
+                rules: vec![pb::Rule {
+                    server: "s".into(),
+                    tools: vec!["*".into()],
+                    ..Default::default()
+                }],
+            }],
         };
-        Runtime::compile(&snapshot)
+        Runtime::compile(&snapshot, None)
             .expect("compiles")
             .route("s")
             .expect("route")

@@ -1,0 +1,286 @@
+//! Authorization: the snapshot's rules compiled, per server, into what a decision
+//! needs, and the decision itself.
+//!
+//! The snapshot holds only the policies whose subjects match this sidecar's identity
+//! (rendering filtered them), so compiling ignores subjects. Per server, rules are split
+//! into deny and allow lists, each pattern pre-classified (any, exact, prefix, suffix,
+//! general glob) so a decision is a few comparisons per rule with no allocation.
+//!
+//! Semantics (README "Policy"):
+//! - `tools/call`, `resources/read`, `resources/subscribe`, `prompts/get` and
+//!   `completion/complete` are gated: allowed only if an allow rule covers the name and
+//!   no deny rule does (deny beats allow; default deny). A rule's argument conditions
+//!   must all hold for the rule to apply.
+//! - Everything else is protocol plumbing, allowed when the identity may use the server
+//!   at all, i.e. has at least one allow rule for it. A server with none is not routed.
+//! - Lists show an item if some allow rule covers its name and no deny rule without
+//!   conditions does (whether a conditional rule applies depends on a call's arguments).
+//!
+//! This module decides; it does not answer requests, count metrics or write audit lines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+use toolmesh_proto::glob;
+use toolmesh_proto::v1alpha1 as pb;
+
+use crate::mcp::TargetKind;
+use crate::ratelimit::Limiter;
+
+/// A compiled name pattern.
+#[derive(Debug, Clone)]
+enum Pattern {
+    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+    Glob(Box<str>),
+}
+
+impl Pattern {
+    fn new(text: &str) -> Pattern {
+        if text == "*" {
+            return Pattern::Any;
+        }
+        if glob::is_literal(text) {
+            return Pattern::Exact(text.into());
+        }
+        let inner = |s: &str| glob::is_literal(s).then(|| s.into());
+        if let Some(p) = text.strip_suffix('*').and_then(inner) {
+            return Pattern::Prefix(p);
+        }
+        if let Some(s) = text.strip_prefix('*').and_then(inner) {
+            return Pattern::Suffix(s);
+        }
+        Pattern::Glob(text.into())
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(e) => **e == *name,
+            Pattern::Prefix(p) => name.starts_with(&**p),
+            Pattern::Suffix(s) => name.ends_with(&**s),
+            Pattern::Glob(g) => glob::matches(g, name),
+        }
+    }
+}
+
+/// `arguments.<path>` must be a string (or number or boolean) matching a glob.
+#[derive(Debug)]
+struct Condition {
+    path: Vec<Box<str>>,
+    pattern: Pattern,
+}
+
+impl Condition {
+    fn holds(&self, arguments: Option<&Value>) -> bool {
+        let mut v = match arguments {
+            Some(v) => v,
+            None => return false,
+        };
+        for key in &self.path {
+            match v.get(&**key) {
+                Some(next) => v = next,
+                None => return false,
+            }
+        }
+        match v {
+            Value::String(s) => self.pattern.matches(s),
+            Value::Number(n) => self.pattern.matches(&n.to_string()),
+            Value::Bool(b) => self.pattern.matches(if *b { "true" } else { "false" }),
+            _ => false,
+        }
+    }
+}
+
+/// One rule, compiled.
+#[derive(Debug)]
+pub struct Rule {
+    /// `<policy>/rules[<index>]`, as named in errors, audit lines and metrics.
+    pub id: Arc<str>,
+    deny: bool,
+    tools: Vec<Pattern>,
+    resources: Vec<Pattern>,
+    prompts: Vec<Pattern>,
+    conditions: Vec<Condition>,
+    /// The rule's rate limit, carried across snapshot swaps while the rule is unchanged.
+    pub limiter: Option<Arc<Limiter>>,
+    pub audit_arguments: bool,
+}
+
+impl Rule {
+    fn patterns(&self, kind: TargetKind) -> &[Pattern] {
+        match kind {
+            TargetKind::Tool => &self.tools,
+            TargetKind::Resource => &self.resources,
+            TargetKind::Prompt => &self.prompts,
+        }
+    }
+
+    fn covers(&self, kind: TargetKind, name: &str) -> bool {
+        self.patterns(kind).iter().any(|p| p.matches(name))
+    }
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, Copy)]
+pub enum Decision<'p> {
+    /// Allowed by this rule (whose rate limit, if any, applies).
+    Allow(&'p Rule),
+    /// Denied by this rule, or by default (`None`).
+    Deny(Option<&'p Rule>),
+}
+
+/// Every rule that names one server, compiled.
+#[derive(Debug, Default)]
+pub struct ServerPolicy {
+    deny: Vec<Rule>,
+    allow: Vec<Rule>,
+    /// Per kind: an allow rule with `*`, no conditions, no limit, and no deny rule for
+    /// the kind: lists need no filtering and calls no matching.
+    open: [bool; 3],
+    /// Do any rules have conditions (then a decision parses the arguments)?
+    conditional: bool,
+}
+
+fn kind_index(kind: TargetKind) -> usize {
+    match kind {
+        TargetKind::Tool => 0,
+        TargetKind::Resource => 1,
+        TargetKind::Prompt => 2,
+    }
+}
+
+const KINDS: [TargetKind; 3] = [TargetKind::Tool, TargetKind::Resource, TargetKind::Prompt];
+
+/// Where a previous snapshot's limiter can be found, so an unchanged rule keeps its
+/// buckets.
+pub trait LimiterSource {
+    fn limiter(&self, fingerprint: &[u8]) -> Option<Arc<Limiter>>;
+}
+
+impl ServerPolicy {
+    /// Compile the rules naming `server` from every policy of a snapshot.
+    /// `limiters` receives `(fingerprint, limiter)` for every limited rule.
+    pub fn compile(
+        server: &str,
+        policies: &[pb::Policy],
+        previous: &dyn LimiterSource,
+        limiters: &mut Vec<(Vec<u8>, Arc<Limiter>)>,
+    ) -> ServerPolicy {
+        let mut out = ServerPolicy::default();
+        for policy in policies {
+            for (index, rule) in policy.rules.iter().enumerate() {
+                if rule.server != server {
+                    continue;
+                }
+                let limiter = rule.rate_limit.as_ref().and_then(|rl| {
+                    let fingerprint = fingerprint(&policy.name, index, rule);
+                    let limiter = previous.limiter(&fingerprint).or_else(|| {
+                        Limiter::new(rl.requests, Duration::from_millis(rl.per_ms), rl.shared)
+                            .map(Arc::new)
+                    })?;
+                    limiters.push((fingerprint, limiter.clone()));
+                    Some(limiter)
+                });
+                let compiled = Rule {
+                    id: format!("{}/rules[{index}]", policy.name).into(),
+                    deny: rule.action == pb::Action::Deny as i32,
+                    tools: rule.tools.iter().map(|p| Pattern::new(p)).collect(),
+                    resources: rule.resources.iter().map(|p| Pattern::new(p)).collect(),
+                    prompts: rule.prompts.iter().map(|p| Pattern::new(p)).collect(),
+                    conditions: rule
+                        .conditions
+                        .iter()
+                        .map(|c| Condition {
+                            path: c.path.split('.').map(Into::into).collect(),
+                            pattern: Pattern::new(&c.matches),
+                        })
+                        .collect(),
+                    limiter,
+                    audit_arguments: rule.audit_arguments,
+                };
+                out.conditional |= !compiled.conditions.is_empty();
+                if compiled.deny {
+                    out.deny.push(compiled);
+                } else {
+                    out.allow.push(compiled);
+                }
+            }
+        }
+        for kind in KINDS {
+            let no_deny = !out.deny.iter().any(|r| !r.patterns(kind).is_empty());
+            let open_allow = out.allow.iter().any(|r| {
+                r.conditions.is_empty()
+                    && r.limiter.is_none()
+                    && r.patterns(kind).iter().any(|p| matches!(p, Pattern::Any))
+            });
+            out.open[kind_index(kind)] = no_deny && open_allow;
+        }
+        out
+    }
+
+    /// May this identity use the server at all (plumbing, lists)?
+    pub fn usable(&self) -> bool {
+        !self.allow.is_empty()
+    }
+
+    /// Decide a gated call on `name` of `kind`, with the call's raw arguments.
+    pub fn decide(
+        &self,
+        kind: TargetKind,
+        name: &str,
+        arguments: Option<&RawValue>,
+    ) -> Decision<'_> {
+        // Arguments are parsed only when some rule looks at them.
+        let parsed: Option<Value> = if self.conditional {
+            arguments.and_then(|a| serde_json::from_str(a.get()).ok())
+        } else {
+            None
+        };
+        let applies = |r: &Rule| {
+            r.covers(kind, name) && r.conditions.iter().all(|c| c.holds(parsed.as_ref()))
+        };
+        if let Some(rule) = self.deny.iter().find(|r| applies(r)) {
+            return Decision::Deny(Some(rule));
+        }
+        match self.allow.iter().find(|r| applies(r)) {
+            Some(rule) => Decision::Allow(rule),
+            None => Decision::Deny(None),
+        }
+    }
+
+    /// Should a list show the item `name` of `kind`?
+    pub fn visible(&self, kind: TargetKind, name: &str) -> bool {
+        if self.open[kind_index(kind)] {
+            return true;
+        }
+        self.allow.iter().any(|r| r.covers(kind, name))
+            && !self
+                .deny
+                .iter()
+                .any(|r| r.conditions.is_empty() && r.covers(kind, name))
+    }
+
+    /// Does a list of `kind` need filtering at all?
+    pub fn filters(&self, kind: TargetKind) -> bool {
+        !self.open[kind_index(kind)]
+    }
+}
+
+/// Identifies a rule across snapshots: same policy, position and content.
+fn fingerprint(policy: &str, index: usize, rule: &pb::Rule) -> Vec<u8> {
+    use prost::Message;
+    let mut out = Vec::with_capacity(policy.len() + 16 + rule.encoded_len());
+    out.extend_from_slice(policy.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&index.to_le_bytes());
+    rule.encode(&mut out).ok();
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+use std::collections::HashMap;
+
+use super::*;
+
+struct NoPrevious;
+impl LimiterSource for NoPrevious {
+    fn limiter(&self, _: &[u8]) -> Option<Arc<Limiter>> {
+        None
+    }
+}
+
+struct Previous(HashMap<Vec<u8>, Arc<Limiter>>);
+impl LimiterSource for Previous {
+    fn limiter(&self, f: &[u8]) -> Option<Arc<Limiter>> {
+        self.0.get(f).cloned()
+    }
+}
+
+fn rule(server: &str, tools: &[&str], deny: bool) -> pb::Rule {
+    pb::Rule {
+        server: server.into(),
+        tools: tools.iter().map(|t| (*t).into()).collect(),
+        action: if deny {
+            pb::Action::Deny
+        } else {
+            pb::Action::Allow
+        } as i32,
+        ..Default::default()
+    }
+}
+
+fn policy(rules: Vec<pb::Rule>) -> Vec<pb::Policy> {
+    vec![pb::Policy {
+        name: "triage".into(),
+        rules,
+    }]
+}
+
+fn compile(policies: &[pb::Policy]) -> ServerPolicy {
+    ServerPolicy::compile("github", policies, &NoPrevious, &mut Vec::new())
+}
+
+fn allowed(p: &ServerPolicy, name: &str, args: Option<&str>) -> bool {
+    let raw = args.map(|a| RawValue::from_string(a.to_owned()).expect("json"));
+    matches!(
+        p.decide(TargetKind::Tool, name, raw.as_deref()),
+        Decision::Allow(_)
+    )
+}
+
+#[test]
+fn default_deny_globs_and_deny_beats_allow() {
+    let p = compile(&policy(vec![
+        rule("github", &["get_*", "list_*", "search_code"], false),
+        rule("github", &["get_secret*"], true),
+        rule("other", &["*"], false),
+    ]));
+    assert!(p.usable());
+    assert!(allowed(&p, "get_issue", None));
+    assert!(allowed(&p, "search_code", None));
+    assert!(!allowed(&p, "search_codes", None));
+    assert!(!allowed(&p, "delete_repo", None), "default deny");
+    assert!(!allowed(&p, "get_secrets", None), "deny beats allow");
+    match p.decide(TargetKind::Tool, "get_secret", None) {
+        Decision::Deny(Some(r)) => assert_eq!(&*r.id, "triage/rules[1]"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        p.decide(TargetKind::Tool, "nope", None),
+        Decision::Deny(None)
+    ));
+    // Tools rules say nothing about prompts or resources.
+    assert!(matches!(
+        p.decide(TargetKind::Prompt, "get_issue", None),
+        Decision::Deny(None)
+    ));
+}
+
+#[test]
+fn a_server_with_only_deny_rules_is_not_usable() {
+    assert!(!compile(&policy(vec![rule("github", &["*"], true)])).usable());
+    assert!(!compile(&policy(vec![rule("other", &["*"], false)])).usable());
+}
+
+#[test]
+fn argument_conditions() {
+    let mut r = rule("github", &["create_issue"], false);
+    r.conditions = vec![pb::ArgumentCondition {
+        path: "repo.name".into(),
+        matches: "acme/*".into(),
+    }];
+    let p = compile(&policy(vec![r]));
+    assert!(allowed(
+        &p,
+        "create_issue",
+        Some(r#"{"repo":{"name":"acme/web"}}"#)
+    ));
+    assert!(!allowed(
+        &p,
+        "create_issue",
+        Some(r#"{"repo":{"name":"evil/web"}}"#)
+    ));
+    assert!(!allowed(&p, "create_issue", Some(r#"{"repo":"acme/web"}"#)));
+    assert!(!allowed(&p, "create_issue", None));
+    // The tool still shows in lists: some arguments may be allowed.
+    assert!(p.visible(TargetKind::Tool, "create_issue"));
+}
+
+#[test]
+fn list_visibility_and_open_kinds() {
+    let p = compile(&policy(vec![rule("github", &["*"], false)]));
+    assert!(!p.filters(TargetKind::Tool));
+    assert!(
+        p.filters(TargetKind::Prompt),
+        "no prompt rule: prompts are filtered (all hidden)"
+    );
+    assert!(!p.visible(TargetKind::Prompt, "x"));
+
+    let p = compile(&policy(vec![
+        rule("github", &["*"], false),
+        rule("github", &["delete_*"], true),
+    ]));
+    assert!(p.filters(TargetKind::Tool));
+    assert!(p.visible(TargetKind::Tool, "get_issue"));
+    assert!(!p.visible(TargetKind::Tool, "delete_repo"));
+}
+
+#[test]
+fn limiters_survive_when_the_rule_is_unchanged() {
+    let mut limited = rule("github", &["get_*"], false);
+    limited.rate_limit = Some(pb::RateLimit {
+        requests: 1,
+        per_ms: 60_000,
+        shared: false,
+    });
+    let policies = policy(vec![limited.clone()]);
+    let mut first = Vec::new();
+    let p1 = ServerPolicy::compile("github", &policies, &NoPrevious, &mut first);
+    let Decision::Allow(r) = p1.decide(TargetKind::Tool, "get_issue", None) else {
+        panic!("allowed")
+    };
+    assert!(
+        r.limiter
+            .as_ref()
+            .expect("limited")
+            .acquire("get_issue")
+            .is_ok()
+    );
+
+    let previous = Previous(first.into_iter().collect());
+    let p2 = ServerPolicy::compile("github", &policies, &previous, &mut Vec::new());
+    let Decision::Allow(r) = p2.decide(TargetKind::Tool, "get_issue", None) else {
+        panic!("allowed")
+    };
+    assert!(
+        r.limiter
+            .as_ref()
+            .expect("limited")
+            .acquire("get_issue")
+            .is_err(),
+        "budget kept"
+    );
+
+    let mut changed = limited;
+    changed.rate_limit = Some(pb::RateLimit {
+        requests: 5,
+        per_ms: 60_000,
+        shared: false,
+    });
+    let p3 = ServerPolicy::compile("github", &policy(vec![changed]), &previous, &mut Vec::new());
+    let Decision::Allow(r) = p3.decide(TargetKind::Tool, "get_issue", None) else {
+        panic!("allowed")
+    };
+    assert!(
+        r.limiter
+            .as_ref()
+            .expect("limited")
+            .acquire("get_issue")
+            .is_ok(),
+        "a changed rule starts fresh"
+    );
+}
