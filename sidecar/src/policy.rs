@@ -3,8 +3,9 @@
 //!
 //! The snapshot holds only the policies whose subjects match this sidecar's identity
 //! (rendering filtered them), so compiling ignores subjects. Per server, rules are split
-//! into deny and allow lists, each pattern pre-classified (any, exact, prefix, suffix,
-//! general glob) so a decision is a few comparisons per rule with no allocation.
+//! into deny and allow sides, each indexed per kind: exact names and literal prefixes
+//! by hash, `*` always, other globs by scan. A decision is a few hash lookups, with no
+//! allocation and no walk over every rule.
 //!
 //! Semantics (README "Policy"):
 //! - `tools/call`, `resources/read`, `resources/subscribe`, `prompts/get` and
@@ -18,6 +19,7 @@
 //!
 //! This module decides; it does not answer requests, count metrics or write audit lines.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,9 +121,91 @@ impl Rule {
             TargetKind::Prompt => &self.prompts,
         }
     }
+}
 
-    fn covers(&self, kind: TargetKind, name: &str) -> bool {
-        self.patterns(kind).iter().any(|p| p.matches(name))
+/// Where the rules covering a name are found without scanning every rule: exact
+/// names and literal prefixes (`get_*`) by hash lookup, `*` rules always, and the rare
+/// suffix and general globs by scan.
+#[derive(Debug, Default)]
+struct Index {
+    exact: HashMap<Box<str>, Vec<u32>>,
+    prefix: HashMap<Box<str>, Vec<u32>>,
+    /// The distinct lengths of the prefixes, so a name is looked up once per length.
+    prefix_lens: Vec<usize>,
+    any: Vec<u32>,
+    other: Vec<(u32, Pattern)>,
+}
+
+impl Index {
+    fn add(&mut self, rule: u32, pattern: &Pattern) {
+        match pattern {
+            Pattern::Any => self.any.push(rule),
+            Pattern::Exact(e) => self.exact.entry(e.clone()).or_default().push(rule),
+            Pattern::Prefix(p) => {
+                if !self.prefix_lens.contains(&p.len()) {
+                    self.prefix_lens.push(p.len());
+                }
+                self.prefix.entry(p.clone()).or_default().push(rule);
+            }
+            Pattern::Suffix(_) | Pattern::Glob(_) => self.other.push((rule, pattern.clone())),
+        }
+    }
+
+    /// The lowest-numbered rule covering `name` for which `applies` holds.
+    fn first(&self, name: &str, applies: impl Fn(u32) -> bool) -> Option<u32> {
+        let mut best: Option<u32> = None;
+        let mut consider = |i: u32| {
+            if best.is_none_or(|b| i < b) && applies(i) {
+                best = Some(i);
+            }
+        };
+        if let Some(rules) = self.exact.get(name) {
+            rules.iter().for_each(|&i| consider(i));
+        }
+        for &len in &self.prefix_lens {
+            if let Some(head) = name.get(..len)
+                && let Some(rules) = self.prefix.get(head)
+            {
+                rules.iter().for_each(|&i| consider(i));
+            }
+        }
+        self.any.iter().for_each(|&i| consider(i));
+        for (i, pattern) in &self.other {
+            if pattern.matches(name) {
+                consider(*i);
+            }
+        }
+        best
+    }
+}
+
+/// Rules of one action (deny or allow) and their per-kind indexes.
+#[derive(Debug, Default)]
+struct Side {
+    rules: Vec<Rule>,
+    index: [Index; 3],
+}
+
+impl Side {
+    fn push(&mut self, rule: Rule) {
+        let n = u32::try_from(self.rules.len()).unwrap_or(u32::MAX);
+        for kind in KINDS {
+            for pattern in rule.patterns(kind) {
+                self.index[kind_index(kind)].add(n, pattern);
+            }
+        }
+        self.rules.push(rule);
+    }
+
+    fn first(
+        &self,
+        kind: TargetKind,
+        name: &str,
+        applies: impl Fn(&Rule) -> bool,
+    ) -> Option<&Rule> {
+        self.index[kind_index(kind)]
+            .first(name, |i| self.rules.get(i as usize).is_some_and(&applies))
+            .and_then(|i| self.rules.get(i as usize))
     }
 }
 
@@ -137,8 +221,8 @@ pub enum Decision<'p> {
 /// Every rule that names one server, compiled.
 #[derive(Debug, Default)]
 pub struct ServerPolicy {
-    deny: Vec<Rule>,
-    allow: Vec<Rule>,
+    deny: Side,
+    allow: Side,
     /// Per kind: an allow rule with `*`, no conditions, no limit, and no deny rule for
     /// the kind: lists need no filtering and calls no matching.
     open: [bool; 3],
@@ -212,8 +296,8 @@ impl ServerPolicy {
             }
         }
         for kind in KINDS {
-            let no_deny = !out.deny.iter().any(|r| !r.patterns(kind).is_empty());
-            let open_allow = out.allow.iter().any(|r| {
+            let no_deny = !out.deny.rules.iter().any(|r| !r.patterns(kind).is_empty());
+            let open_allow = out.allow.rules.iter().any(|r| {
                 r.conditions.is_empty()
                     && r.limiter.is_none()
                     && r.patterns(kind).iter().any(|p| matches!(p, Pattern::Any))
@@ -225,7 +309,7 @@ impl ServerPolicy {
 
     /// May this identity use the server at all (plumbing, lists)?
     pub fn usable(&self) -> bool {
-        !self.allow.is_empty()
+        !self.allow.rules.is_empty()
     }
 
     /// Decide a gated call on `name` of `kind`, with the call's raw arguments.
@@ -241,13 +325,11 @@ impl ServerPolicy {
         } else {
             None
         };
-        let applies = |r: &Rule| {
-            r.covers(kind, name) && r.conditions.iter().all(|c| c.holds(parsed.as_ref()))
-        };
-        if let Some(rule) = self.deny.iter().find(|r| applies(r)) {
+        let applies = |r: &Rule| r.conditions.iter().all(|c| c.holds(parsed.as_ref()));
+        if let Some(rule) = self.deny.first(kind, name, applies) {
             return Decision::Deny(Some(rule));
         }
-        match self.allow.iter().find(|r| applies(r)) {
+        match self.allow.first(kind, name, applies) {
             Some(rule) => Decision::Allow(rule),
             None => Decision::Deny(None),
         }
@@ -258,11 +340,11 @@ impl ServerPolicy {
         if self.open[kind_index(kind)] {
             return true;
         }
-        self.allow.iter().any(|r| r.covers(kind, name))
-            && !self
+        self.allow.first(kind, name, |_| true).is_some()
+            && self
                 .deny
-                .iter()
-                .any(|r| r.conditions.is_empty() && r.covers(kind, name))
+                .first(kind, name, |r| r.conditions.is_empty())
+                .is_none()
     }
 
     /// Does a list of `kind` need filtering at all?

@@ -16,5 +16,6 @@ mod conformance;
 mod generations;
 mod operations;
 mod peers;
+mod policy;
 mod support;
 mod wire;

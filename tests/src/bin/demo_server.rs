@@ -50,10 +50,15 @@ struct Args {
     /// Answer simple requests with application/json instead of an SSE stream.
     #[arg(long)]
     json_response: bool,
+    /// Return tools/list in pages of this many tools (with nextCursor); 0 = one page.
+    #[arg(long, default_value_t = 0)]
+    page_size: usize,
 }
 
 #[derive(Debug, Clone, Default)]
-struct Demo;
+struct Demo {
+    page_size: usize,
+}
 
 fn from_json<T: DeserializeOwned>(value: Value) -> Result<T, ErrorData> {
     serde_json::from_value(value).map_err(|e| ErrorData::internal_error(e.to_string(), None))
@@ -226,10 +231,23 @@ impl ServerHandler for Demo {
 
     async fn list_tools(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         _ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        from_json(tools())
+        let mut all = tools();
+        if self.page_size > 0 {
+            let start: usize = request
+                .and_then(|r| r.cursor)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let list = all["tools"].as_array().cloned().unwrap_or_default();
+            let end = (start + self.page_size).min(list.len());
+            all = json!({"tools": list.get(start..end).unwrap_or_default()});
+            if end < list.len() {
+                all["nextCursor"] = json!(end.to_string());
+            }
+        }
+        from_json(all)
     }
 
     async fn call_tool(
@@ -237,6 +255,8 @@ impl ServerHandler for Demo {
         request: CallToolRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        // Tests read this to prove a refused call never reached the server.
+        eprintln!("call {}", request.name);
         match request.name.as_ref() {
             "echo" => text_result(str_arg(&request, "text")?),
             "add" => {
@@ -513,8 +533,11 @@ async fn main() -> anyhow::Result<()> {
     let config = StreamableHttpServerConfig::default()
         .with_json_response(args.json_response)
         .with_allowed_origins(["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"]);
+    let demo = Demo {
+        page_size: args.page_size,
+    };
     let service = StreamableHttpService::new(
-        || Ok(Demo),
+        move || Ok(demo.clone()),
         Arc::new(LocalSessionManager::default()),
         config,
     );
