@@ -8,9 +8,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.type_attribute(".", "#[derive(serde::Serialize)]");
     config.type_attribute(".", "#[serde(rename_all = \"camelCase\")]");
     tonic_prost_build::configure()
-        .build_client(false)
-        .build_server(false)
-        .compile_with_config(config, &["toolmesh/v1alpha1/snapshot.proto"], &["."])?;
-    println!("cargo:rerun-if-changed=toolmesh/v1alpha1/snapshot.proto");
+        .build_client(true)
+        .build_server(true)
+        .compile_with_config(
+            config,
+            &[
+                "toolmesh/v1alpha1/snapshot.proto",
+                "toolmesh/v1alpha1/control.proto",
+            ],
+            &["."],
+        )?;
+    println!("cargo:rerun-if-changed=toolmesh/v1alpha1");
     Ok(())
 }

@@ -1,9 +1,17 @@
-//! toolmesh-control-plane: holds the resources and renders each identity's snapshot.
+//! toolmesh-control-plane: holds the resources and streams each identity its snapshot.
 //!
-//! Today it offers the offline half of that job: [`check`] validates a set of resource
-//! files with exactly the validation and rendering the sidecar uses, and shows the
-//! snapshot an identity would receive (credentials redacted). The store, the gRPC
-//! snapshot stream and the admin API arrive with the control-plane issue.
+//! - [`store`]: the [`store::Store`] trait and the embedded file-backed store.
+//! - [`service`]: the gRPC snapshot stream (sidecars) and admin API (toolmeshctl).
+//! - [`auth`]: bootstrap tokens per identity, the admin token.
+//! - [`fleet`]: which sidecar runs which version, who refused what.
+//! - [`serve`]: wiring it together, plus the admin HTTP port.
+//! - [`check`]: offline validation of resource files, with the sidecar's own code.
+
+pub mod auth;
+pub mod fleet;
+pub mod serve;
+pub mod service;
+pub mod store;
 
 use std::path::Path;
 

@@ -4,17 +4,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 /// toolmesh-control-plane: resources in, per-identity snapshots out.
 #[derive(Debug, Parser)]
 #[command(name = "toolmesh-control-plane", version, about)]
 struct Cli {
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, global = true, env = "TOOLMESH_LOG", default_value = "info")]
+    log: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the snapshot stream and the admin API from the embedded store.
+    Serve(toolmesh_control_plane::serve::ServeArgs),
     /// Validate resource files (multi-document YAML) as one set, exactly as the sidecar
     /// would; with --identity, print the snapshot that identity would receive, with
     /// credentials redacted. Exits 1 and names the bad field on invalid input.
@@ -29,18 +35,33 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let result = match cli.command {
         Command::Check { files, identity } => {
-            match toolmesh_control_plane::check(&files, identity.as_deref()) {
-                Ok(out) => {
-                    println!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("toolmesh-control-plane: {e}");
-                    ExitCode::FAILURE
-                }
+            toolmesh_control_plane::check(&files, identity.as_deref()).map(|out| println!("{out}"))
+        }
+        Command::Serve(args) => {
+            let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .json()
+                .flatten_event(true)
+                .with_writer(std::io::stderr)
+                .init();
+            match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(toolmesh_control_plane::serve::run(args)),
+                Err(e) => Err(e.to_string()),
             }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("toolmesh-control-plane: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,199 @@
+//! `toolmesh-control-plane serve`: the store, the gRPC services and the admin port.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use toolmesh_proto::v1alpha1::admin_service_server::AdminServiceServer;
+use toolmesh_proto::v1alpha1::snapshot_service_server::SnapshotServiceServer;
+
+use crate::auth::Tokens;
+use crate::service::{Admin, ControlPlane, Snapshots};
+use crate::store::{FileStore, Store};
+
+/// Flags of `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// gRPC address (snapshot stream and admin API).
+    #[arg(
+        long,
+        env = "TOOLMESH_CP_LISTEN",
+        default_value = "0.0.0.0:15010",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+    /// Admin HTTP address: /live, /ready, /metrics.
+    #[arg(
+        long,
+        env = "TOOLMESH_CP_ADMIN_LISTEN",
+        default_value = "0.0.0.0:15014",
+        value_name = "ADDR"
+    )]
+    pub admin_listen: SocketAddr,
+    /// Directory of the embedded store (created if missing; survives restarts).
+    #[arg(
+        long,
+        env = "TOOLMESH_CP_DATA_DIR",
+        default_value = "/var/lib/toolmesh",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// Tokens file: the admin token and one bootstrap token per sidecar identity.
+    #[arg(long, env = "TOOLMESH_CP_TOKENS", value_name = "FILE")]
+    pub tokens: PathBuf,
+    /// Resource files (or directories of *.yaml) applied at startup, like
+    /// `toolmeshctl apply`; unchanged resources stay unchanged.
+    #[arg(long, env = "TOOLMESH_CP_SEED", value_name = "PATH")]
+    pub seed: Vec<PathBuf>,
+    /// Serve gRPC in plaintext (local development only). Without it, --tls-cert and
+    /// --tls-key are required.
+    #[arg(long, env = "TOOLMESH_CP_DEV")]
+    pub dev: bool,
+    /// PEM certificate chain for gRPC TLS.
+    #[arg(long, env = "TOOLMESH_CP_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for gRPC TLS.
+    #[arg(long, env = "TOOLMESH_CP_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Read resource files and directories (*.yaml, *.yml, sorted) into one YAML text.
+pub fn read_paths(paths: &[PathBuf]) -> Result<String, String> {
+    let mut text = String::new();
+    for path in paths {
+        let mut files = Vec::new();
+        if path.is_dir() {
+            let entries =
+                std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for entry in entries.flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                    files.push(p);
+                }
+            }
+            files.sort();
+        } else {
+            files.push(path.clone());
+        }
+        for file in files {
+            let part =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            text.push_str("\n---\n");
+            text.push_str(&part);
+        }
+    }
+    Ok(text)
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let tls = match (&args.tls_cert, &args.tls_key, args.dev) {
+        (Some(cert), Some(key), _) => {
+            let cert =
+                std::fs::read(cert).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+            let key =
+                std::fs::read(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+            Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        }
+        (None, None, true) => None,
+        _ => return Err(
+            "TLS is required: pass --tls-cert and --tls-key (or --dev for plaintext on a laptop)"
+                .into(),
+        ),
+    };
+    let tokens = Tokens::load(&args.tokens)?;
+    let store: Arc<dyn Store> = Arc::new(FileStore::open(&args.data_dir)?);
+    if !args.seed.is_empty() {
+        let text = read_paths(&args.seed)?;
+        let resources =
+            toolmesh_proto::parse_resources(&text).map_err(|e| format!("--seed: {e}"))?;
+        for line in store.apply(resources).map_err(|e| format!("--seed: {e}"))? {
+            tracing::info!(result = %line, "seeded");
+        }
+    }
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("metrics: {e}"))?;
+    let cp = ControlPlane::new(store, tokens);
+
+    let grpc = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|e| format!("--admin-listen {}: {e}", args.admin_listen))?;
+    let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+
+    tokio::spawn(serve_admin(admin, metrics));
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+    }
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = !args.dev, "listening");
+    server
+        .add_service(SnapshotServiceServer::new(Snapshots(cp.clone())))
+        .add_service(AdminServiceServer::new(Admin(cp)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            shutdown(),
+        )
+        .await
+        .map_err(|e| format!("gRPC server: {e}"))
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/live" => (StatusCode::OK, "live\n".to_owned()),
+                        "/ready" => (StatusCode::OK, "ready\n".to_owned()),
+                        "/metrics" => (StatusCode::OK, metrics.render()),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "try /live, /ready, /metrics\n".to_owned(),
+                        ),
+                    };
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

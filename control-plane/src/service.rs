@@ -1,0 +1,287 @@
+//! The gRPC services: the snapshot stream (sidecars) and the admin API (platform team).
+//!
+//! Snapshot stream: after authenticating the token and checking the Hello, the control
+//! plane renders the identity's snapshot with the shared `render()` and pushes it when
+//! its content version differs from what the sidecar has. It then waits for either a
+//! store change (debounced, re-rendered, pushed only if this identity's version moved)
+//! or a message from the sidecar: an ACK or NACK counts only if it carries the nonce of
+//! the latest push, so a late answer to an older push is not mistaken for the newest.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use toolmesh_proto::resource::{Kind, Resource};
+use toolmesh_proto::v1alpha1 as pb;
+use toolmesh_proto::v1alpha1::admin_service_server::AdminService;
+use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
+use toolmesh_proto::v1alpha1::snapshot_service_server::SnapshotService;
+
+use crate::auth::Tokens;
+use crate::fleet::Fleet;
+use crate::store::Store;
+
+/// How long a burst of store changes is allowed to settle before snapshots are rendered.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// State shared by both services.
+pub struct ControlPlane {
+    pub store: Arc<dyn Store>,
+    pub tokens: Tokens,
+    pub fleet: Fleet,
+    next_conn: AtomicU64,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+impl ControlPlane {
+    pub fn new(store: Arc<dyn Store>, tokens: Tokens) -> Arc<ControlPlane> {
+        Arc::new(ControlPlane {
+            store,
+            tokens,
+            fleet: Fleet::default(),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    fn render(&self, identity: &str) -> Result<pb::Snapshot, Status> {
+        toolmesh_proto::render(&self.store.resources(), identity)
+            .map_err(|e| Status::internal(format!("rendering {identity}: {e}")))
+    }
+}
+
+/// The service types tonic serves; both wrap the same shared state.
+#[derive(Debug, Clone)]
+pub struct Snapshots(pub Arc<ControlPlane>);
+#[derive(Debug, Clone)]
+pub struct Admin(pub Arc<ControlPlane>);
+
+type PushStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotPush, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SnapshotService for Snapshots {
+    type StreamStream = PushStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::SidecarMessage>>,
+    ) -> Result<Response<PushStream>, Status> {
+        let identity = self.0.tokens.sidecar(request.metadata())?;
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::SidecarMessage {
+                kind: Some(Msg::Hello(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        if hello.identity != identity {
+            return Err(Status::permission_denied(format!(
+                "this token is for identity {identity:?}, not {:?}",
+                hello.identity
+            )));
+        }
+        let node = if hello.node.is_empty() {
+            "(unnamed)".to_owned()
+        } else {
+            hello.node.clone()
+        };
+        let conn = self.0.next_conn.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%identity, %node, version = %hello.version, "sidecar connected");
+        self.0.fleet.update(&identity, &node, |s| {
+            s.connected = true;
+            s.acked_version = hello.version.clone();
+        });
+        let (tx, rx) = mpsc::channel(4);
+        let cp = self.0.clone();
+        tokio::spawn(async move {
+            let reason =
+                serve_stream(&cp, &identity, &node, conn, hello.version, &mut inbound, tx).await;
+            tracing::info!(%identity, %node, %reason, "sidecar disconnected");
+            cp.fleet.update(&identity, &node, |s| s.connected = false);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Push snapshots and read answers until either side goes away; returns why it ended.
+async fn serve_stream(
+    cp: &ControlPlane,
+    identity: &str,
+    node: &str,
+    conn: u64,
+    mut has: String,
+    inbound: &mut Streaming<pb::SidecarMessage>,
+    tx: mpsc::Sender<Result<pb::SnapshotPush, Status>>,
+) -> String {
+    let mut changes = cp.store.changes();
+    let mut pushes = 0u64;
+    let mut nonce = String::new();
+    loop {
+        match cp.render(identity) {
+            Ok(snapshot) if snapshot.version != has => {
+                pushes += 1;
+                nonce = format!("{conn}-{pushes}");
+                let version = snapshot.version.clone();
+                metrics::counter!("toolmesh_cp_snapshots_pushed_total").increment(1);
+                if tx
+                    .send(Ok(pb::SnapshotPush {
+                        snapshot: Some(snapshot),
+                        nonce: nonce.clone(),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return "stream closed".to_owned();
+                }
+                cp.fleet
+                    .update(identity, node, |s| s.sent_version = version.clone());
+                has = version;
+            }
+            Ok(_) => {}
+            Err(status) => {
+                tracing::error!(%identity, error = %status.message(), "cannot render snapshot")
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return "control plane stopping".to_owned();
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                changes.borrow_and_update();
+            }
+            message = inbound.message() => match message {
+                Ok(Some(pb::SidecarMessage { kind: Some(Msg::Ack(ack)) })) if ack.nonce == nonce => {
+                    cp.fleet.update(identity, node, |s| s.acked_version = ack.version);
+                }
+                Ok(Some(pb::SidecarMessage { kind: Some(Msg::Nack(nack)) })) if nack.nonce == nonce => {
+                    tracing::warn!(%identity, %node, version = %nack.version, reason = %nack.reason, "sidecar refused a snapshot");
+                    metrics::counter!("toolmesh_cp_nacks_total").increment(1);
+                    cp.fleet.update(identity, node, |s| {
+                        s.nacked_version = nack.version;
+                        s.nack_reason = nack.reason;
+                    });
+                }
+                Ok(Some(_)) => {
+                    // A stale ACK/NACK (older nonce) or a repeated Hello: nothing to do.
+                }
+                Ok(None) => return "sidecar closed the stream".to_owned(),
+                Err(e) => return format!("stream error: {}", e.message()),
+            },
+        }
+    }
+}
+
+fn kind_of(text: &str) -> Result<Kind, Status> {
+    let lower = text.to_ascii_lowercase();
+    let singular = lower.strip_suffix('s').unwrap_or(&lower);
+    Kind::ALL
+        .into_iter()
+        .find(|k| {
+            k.as_str().to_ascii_lowercase() == singular || k.as_str().to_ascii_lowercase() == lower
+        })
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown kind {text:?}: McpServer, AccessPolicy or Secret"
+            ))
+        })
+}
+
+/// A resource as the admin API shows it: Secret values redacted.
+fn shown(resource: &Resource) -> String {
+    let mut v = serde_json::to_value(resource).unwrap_or_default();
+    if let Some(data) = v.get_mut("data").and_then(|d| d.as_object_mut()) {
+        for value in data.values_mut() {
+            *value = toolmesh_proto::render::REDACTED.into();
+        }
+    }
+    v.to_string()
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        self.0.tokens.admin(request.metadata())?;
+        let resources = toolmesh_proto::parse_resources(&request.get_ref().yaml)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let results = self
+            .0
+            .store
+            .apply(resources)
+            .map_err(Status::invalid_argument)?;
+        for line in &results {
+            tracing::info!(result = %line, "applied");
+        }
+        Ok(Response::new(pb::ApplyResponse { results }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        self.0.tokens.admin(request.metadata())?;
+        let req = request.get_ref();
+        let kind = kind_of(&req.kind)?;
+        let set = self.0.store.resources();
+        let all: Vec<Resource> = match kind {
+            Kind::McpServer => set.servers.into_values().map(Resource::McpServer).collect(),
+            Kind::AccessPolicy => set
+                .policies
+                .into_values()
+                .map(Resource::AccessPolicy)
+                .collect(),
+            Kind::Secret => set.secrets.into_values().map(Resource::Secret).collect(),
+        };
+        let picked: Vec<String> = all
+            .iter()
+            .filter(|r| req.name.is_empty() || r.name() == req.name)
+            .map(shown)
+            .collect();
+        if !req.name.is_empty() && picked.is_empty() {
+            return Err(Status::not_found(format!("{kind}/{} not found", req.name)));
+        }
+        Ok(Response::new(pb::GetResponse { resources: picked }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.0.tokens.admin(request.metadata())?;
+        let req = request.get_ref();
+        let kind = kind_of(&req.kind)?;
+        self.0.store.delete(kind, &req.name).map_err(|e| {
+            if e.ends_with("not found") {
+                Status::not_found(e)
+            } else {
+                Status::failed_precondition(e)
+            }
+        })?;
+        tracing::info!(resource = %format!("{kind}/{}", req.name), "deleted");
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.0.tokens.admin(request.metadata())?;
+        Ok(Response::new(pb::StatusResponse {
+            sidecars: self.0.fleet.list(),
+        }))
+    }
+}

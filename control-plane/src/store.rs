@@ -1,0 +1,196 @@
+//! Where resources live: the [`Store`] trait, and the embedded file-backed store.
+//!
+//! Every write is validated as a whole set (each resource, then cross-references) with
+//! the validation the sidecar uses; a write that would leave an invalid set changes
+//! nothing. Readers get a consistent [`ResourceSet`] and a generation counter that
+//! moves on every change, to know when to re-render snapshots.
+//!
+//! [`FileStore`] keeps the set in memory and in `<data-dir>/resources.json`, written to a
+//! temporary file, synced and renamed over the old one, so a crash never leaves half a
+//! file. A Kubernetes CRD store implements the same trait (its own issue).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+use toolmesh_proto::resource::{Kind, Resource, ResourceSet, parse_document, validate_set};
+
+/// What the rest of the control plane needs from a store.
+pub trait Store: Send + Sync + 'static {
+    /// The current resources.
+    fn resources(&self) -> ResourceSet;
+    /// Create or update resources, all or nothing; one result line per resource.
+    fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, String>;
+    /// Delete one resource; refused if the remaining set would be invalid.
+    fn delete(&self, kind: Kind, name: &str) -> Result<(), String>;
+    /// A counter that changes whenever the resources do.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+type Key = (Kind, String);
+
+/// The embedded default: memory plus one JSON file.
+#[derive(Debug)]
+pub struct FileStore {
+    path: PathBuf,
+    resources: Mutex<BTreeMap<Key, Resource>>,
+    generation: watch::Sender<u64>,
+}
+
+fn set_of(map: &BTreeMap<Key, Resource>) -> Result<ResourceSet, String> {
+    ResourceSet::new(map.values().cloned()).map_err(|e| e.to_string())
+}
+
+impl FileStore {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<FileStore, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--data-dir {}: {e}", dir.display()))?;
+        let path = dir.join("resources.json");
+        let mut resources = BTreeMap::new();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let docs: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                for (i, doc) in docs.into_iter().enumerate() {
+                    let r =
+                        parse_document(i, doc).map_err(|e| format!("{}: {e}", path.display()))?;
+                    resources.insert((r.kind(), r.name().to_owned()), r);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+        Ok(FileStore {
+            path,
+            resources: Mutex::new(resources),
+            generation: watch::channel(0).0,
+        })
+    }
+
+    fn persist(&self, map: &BTreeMap<Key, Resource>) -> Result<(), String> {
+        let docs: Vec<&Resource> = map.values().collect();
+        let bytes = serde_json::to_vec_pretty(&docs).map_err(|e| e.to_string())?;
+        let tmp = self.path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Resource>> {
+        self.resources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commit `next` if it is a valid set: persist, swap, signal.
+    fn commit(
+        &self,
+        current: &mut BTreeMap<Key, Resource>,
+        next: BTreeMap<Key, Resource>,
+    ) -> Result<(), String> {
+        validate_set(&set_of(&next)?).map_err(|e| e.to_string())?;
+        self.persist(&next)?;
+        *current = next;
+        self.generation.send_modify(|g| *g += 1);
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    fn resources(&self) -> ResourceSet {
+        set_of(&self.lock()).unwrap_or_default()
+    }
+
+    fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, String> {
+        let mut current = self.lock();
+        let mut next = current.clone();
+        let mut results = Vec::with_capacity(resources.len());
+        for r in resources {
+            let key = (r.kind(), r.name().to_owned());
+            let verb = match next.get(&key) {
+                None => "created",
+                Some(old) if *old == r => "unchanged",
+                Some(_) => "configured",
+            };
+            results.push(format!("{}/{} {verb}", key.0, key.1));
+            next.insert(key, r);
+        }
+        if next != *current {
+            self.commit(&mut current, next)?;
+        }
+        Ok(results)
+    }
+
+    fn delete(&self, kind: Kind, name: &str) -> Result<(), String> {
+        let mut current = self.lock();
+        let mut next = current.clone();
+        if next.remove(&(kind, name.to_owned())).is_none() {
+            return Err(format!("{kind}/{name} not found"));
+        }
+        self.commit(&mut current, next)
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVER: &str = "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: s}\nspec:\n  endpoints: [{url: \"http://127.0.0.1:1/mcp\"}]\n  credential: {header: X-Key, secretRef: {name: k, key: v}}\n";
+    const SECRET: &str =
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {name: k}\ndata: {v: \"x\"}\n";
+
+    fn parse(text: &str) -> Vec<Resource> {
+        toolmesh_proto::parse_resources(text).expect("valid yaml")
+    }
+
+    #[test]
+    fn writes_are_validated_persisted_and_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("toolmesh-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = FileStore::open(&dir).expect("open");
+        let changes = store.changes();
+
+        // A server whose secret does not exist: refused, nothing stored.
+        let err = store.apply(parse(SERVER)).expect_err("dangling secret");
+        assert!(
+            err.contains("McpServer/s") && err.contains("secretRef"),
+            "{err}"
+        );
+        assert!(store.resources().servers.is_empty());
+
+        let both = format!("{SERVER}---\n{SECRET}");
+        assert_eq!(
+            store.apply(parse(&both)).expect("valid"),
+            ["McpServer/s created", "Secret/k created"]
+        );
+        assert_eq!(
+            store.apply(parse(&both)).expect("again"),
+            ["McpServer/s unchanged", "Secret/k unchanged"]
+        );
+        assert!(changes.has_changed().expect("open channel"));
+
+        // Deleting the secret a server uses would break the set.
+        assert!(store.delete(Kind::Secret, "k").is_err());
+        assert!(store.delete(Kind::McpServer, "nope").is_err());
+
+        let reopened = FileStore::open(&dir).expect("reopen");
+        assert_eq!(reopened.resources().servers.len(), 1);
+        reopened.delete(Kind::McpServer, "s").expect("delete");
+        assert!(
+            FileStore::open(&dir)
+                .expect("reopen")
+                .resources()
+                .servers
+                .is_empty()
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
