@@ -34,8 +34,40 @@ pub struct Config {
     /// Standalone mode: multi-document YAML file of McpServer, AccessPolicy and Secret
     /// resources. Watched; a valid change is swapped in, an invalid one is logged and
     /// ignored.
-    #[arg(long, env = "TOOLMESH_CONFIG", value_name = "FILE")]
-    pub config: PathBuf,
+    #[arg(
+        long,
+        env = "TOOLMESH_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "control_plane"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Control-plane mode: gRPC URL of toolmesh-control-plane (https:// for TLS, http://
+    /// for a --dev control plane). Snapshots are validated, swapped in, ACKed or NACKed.
+    #[arg(long, env = "TOOLMESH_CONTROL_PLANE", value_name = "URL")]
+    pub control_plane: Option<String>,
+
+    /// File holding this sidecar's bootstrap token for the control plane.
+    #[arg(long, env = "TOOLMESH_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM CA certificate that signs the control plane's TLS certificate (default: the
+    /// system roots).
+    #[arg(long, env = "TOOLMESH_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// This sidecar's name in `toolmeshctl status` (e.g. the pod name).
+    #[arg(long, env = "TOOLMESH_NODE", default_value = "", value_name = "NAME")]
+    pub node: String,
+
+    /// Directory where the last good snapshot is kept, so a restarted sidecar serves at
+    /// once even while the control plane is unreachable.
+    #[arg(long, env = "TOOLMESH_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Refuse (NACK) snapshots that route to plain-http upstreams.
+    #[arg(long, env = "TOOLMESH_REQUIRE_HTTPS_UPSTREAMS")]
+    pub require_https_upstreams: bool,
 
     /// The subject this pod is (matched against AccessPolicy subjects), e.g. agents/triage.
     #[arg(long, env = "TOOLMESH_IDENTITY", value_name = "NAME")]
@@ -108,6 +140,21 @@ impl Config {
     /// Checks clap cannot express. Returns every problem, not just the first.
     pub fn check(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
+        match (&self.config, &self.control_plane) {
+            (None, None) => problems
+                .push("one of --config (standalone) or --control-plane is required".to_owned()),
+            (_, Some(url)) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    problems.push(format!(
+                        "--control-plane: {url:?} must start with http:// or https://"
+                    ));
+                }
+                if self.token_file.is_none() {
+                    problems.push("--token-file: required with --control-plane".to_owned());
+                }
+            }
+            _ => {}
+        }
         if self.identity.trim().is_empty() {
             problems.push("--identity: must not be empty".to_owned());
         }

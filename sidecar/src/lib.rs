@@ -14,6 +14,7 @@ pub mod admin;
 pub mod audit;
 pub mod body;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod filter;
 pub mod listener;
@@ -37,13 +38,31 @@ use crate::config::Config;
 pub async fn run(config: Config) -> Result<(), String> {
     let metrics = telemetry::install().map_err(|e| format!("metrics: {e}"))?;
     let active = Arc::new(snapshot::Active::default());
-    let mut watcher = standalone::Watcher::new(
-        config.config.clone(),
-        config.identity.clone(),
-        active.clone(),
-    );
-    // A bad file at startup is logged; the sidecar serves (not ready) and keeps looking.
-    let _ = watcher.check();
+    // The configuration source: a file (standalone) or the control plane.
+    let source = match (&config.config, &config.control_plane) {
+        (Some(file), _) => {
+            let mut watcher =
+                standalone::Watcher::new(file.clone(), config.identity.clone(), active.clone());
+            // A bad file at startup is logged; the sidecar serves (not ready) and keeps looking.
+            let _ = watcher.check();
+            Source::File(watcher)
+        }
+        (None, Some(url)) => {
+            let discovery = discovery::Discovery {
+                url: url.clone(),
+                token_file: config.token_file.clone().unwrap_or_default(),
+                ca_file: config.ca_file.clone(),
+                identity: config.identity.clone(),
+                node: config.node.clone(),
+                state_dir: config.state_dir.clone(),
+                require_https: config.require_https_upstreams,
+                active: active.clone(),
+            };
+            discovery.load_persisted();
+            Source::ControlPlane(discovery)
+        }
+        (None, None) => return Err("one of --config or --control-plane is required".into()),
+    };
 
     let mcp_listener = listener::bind("--listen", config.listen).await?;
     let admin_listener = listener::bind("--admin-listen", config.admin_listen).await?;
@@ -88,7 +107,22 @@ pub async fn run(config: Config) -> Result<(), String> {
         admin_stop_rx,
         config.drain_timeout,
     ));
-    tokio::spawn(watcher.run(config.config_poll_interval));
+    let source_name = match &source {
+        Source::File(_) => config
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        Source::ControlPlane(d) => d.url.clone(),
+    };
+    match source {
+        Source::File(watcher) => {
+            tokio::spawn(watcher.run(config.config_poll_interval));
+        }
+        Source::ControlPlane(discovery) => {
+            tokio::spawn(discovery.run());
+        }
+    }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
@@ -100,7 +134,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         mcp = %mcp_addr,
         admin = %admin_addr,
         identity = %config.identity,
-        config = %config.config.display(),
+        config = %source_name,
         "listening"
     );
 
@@ -113,6 +147,11 @@ pub async fn run(config: Config) -> Result<(), String> {
     audit_writer.finish().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+enum Source {
+    File(standalone::Watcher),
+    ControlPlane(discovery::Discovery),
 }
 
 async fn shutdown_signal() {

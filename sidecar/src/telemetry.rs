@@ -24,6 +24,8 @@ pub const CONFIG_LAST_LOAD: &str = "toolmesh_config_last_load_timestamp_seconds"
 pub const POLICY_DECISIONS: &str = "toolmesh_policy_decisions_total";
 pub const RATE_LIMITED: &str = "toolmesh_rate_limited_total";
 pub const AUDIT_DROPPED: &str = "toolmesh_audit_dropped_total";
+pub const CONTROL_PLANE_CONNECTED: &str = "toolmesh_control_plane_connected";
+pub const SNAPSHOT_NACKS: &str = "toolmesh_snapshot_nacks_total";
 
 /// MCP methods that get their own label value; anything else is `other`.
 pub const METHODS: &[&str] = &[
@@ -112,6 +114,14 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         RATE_LIMITED,
         "Calls refused because their rule's token bucket was empty, by server and rule"
     );
+    describe_gauge!(
+        CONTROL_PLANE_CONNECTED,
+        "1 while the snapshot stream to the control plane is up (control-plane mode)"
+    );
+    describe_counter!(
+        SNAPSHOT_NACKS,
+        "Snapshots from the control plane refused (NACKed); the previous one kept serving"
+    );
     describe_counter!(
         AUDIT_DROPPED,
         "Audit lines dropped because the writer fell too far behind"
@@ -128,6 +138,14 @@ pub fn decision(server: &SharedString, method: &'static str, outcome: &'static s
 /// A call refused by `rule`'s rate limit (`rule` is a shared rule id).
 pub fn rate_limited(server: &SharedString, rule: SharedString) {
     counter!(RATE_LIMITED, "server" => server.clone(), "rule" => rule).increment(1);
+}
+
+pub fn control_plane_connected(up: bool) {
+    gauge!(CONTROL_PLANE_CONNECTED).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn snapshot_nacked() {
+    counter!(SNAPSHOT_NACKS).increment(1);
 }
 
 pub fn audit_dropped() {
