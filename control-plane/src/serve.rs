@@ -121,6 +121,13 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .install_recorder()
         .map_err(|e| format!("metrics: {e}"))?;
     let cp = ControlPlane::new(store, tokens);
+    tokio::spawn({
+        let cp = cp.clone();
+        async move {
+            shutdown().await;
+            cp.stop();
+        }
+    });
 
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -137,16 +144,29 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         server = server.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
     }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = !args.dev, "listening");
-    server
+    let serve = server
         .add_service(SnapshotServiceServer::new(Snapshots(cp.clone())))
-        .add_service(AdminServiceServer::new(Admin(cp)))
+        .add_service(AdminServiceServer::new(Admin(cp.clone())))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc),
-            shutdown(),
-        )
-        .await
-        .map_err(|e| format!("gRPC server: {e}"))
+            cp.stopped(),
+        );
+    // Streams are told to end on shutdown; a peer that does not go away gets DRAIN.
+    let deadline = async {
+        cp.stopped().await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::select! {
+        served = serve => served.map_err(|e| format!("gRPC server: {e}")),
+        () = deadline => {
+            tracing::warn!(after = ?DRAIN, "connections still open at the drain deadline; exiting");
+            Ok(())
+        }
+    }
 }
+
+/// How long shutdown waits for open connections before exiting anyway.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn shutdown() {
     let term = async {

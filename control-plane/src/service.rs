@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -35,6 +35,9 @@ pub struct ControlPlane {
     pub tokens: Tokens,
     pub fleet: Fleet,
     next_conn: AtomicU64,
+    /// Flipped once on shutdown: every open stream ends with UNAVAILABLE so that the
+    /// server's graceful shutdown is not held open by streams that never finish.
+    stopping: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -52,7 +55,20 @@ impl ControlPlane {
             tokens,
             fleet: Fleet::default(),
             next_conn: AtomicU64::new(1),
+            stopping: watch::channel(false).0,
         })
+    }
+
+    /// Ask every open snapshot stream to end; sidecars reconnect elsewhere or later.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`ControlPlane::stop`] has been called.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        // An error means the sender is gone, which only happens when `self` is.
+        let _ = rx.wait_for(|stop| *stop).await;
     }
 
     fn render(&self, identity: &str) -> Result<pb::Snapshot, Status> {
@@ -154,6 +170,11 @@ async fn serve_stream(
             }
         }
         tokio::select! {
+            () = cp.stopped() => {
+                // Best effort: the stream may already be gone.
+                let _ = tx.try_send(Err(Status::unavailable("control plane shutting down")));
+                return "control plane stopping".to_owned();
+            }
             changed = changes.changed() => {
                 if changed.is_err() {
                     return "control plane stopping".to_owned();

@@ -13,6 +13,7 @@
 //!   TypeScript SDK clients.
 
 mod conformance;
+mod control;
 mod generations;
 mod operations;
 mod peers;

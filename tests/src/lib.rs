@@ -48,6 +48,8 @@ pub fn binary(name: &str) -> PathBuf {
                 "-p",
                 "toolmesh-sidecar",
                 "-p",
+                "toolmesh-control-plane",
+                "-p",
                 "toolmesh-tests",
                 "--bins",
             ])
@@ -285,6 +287,151 @@ impl Sidecar {
 
     pub fn logs(&self) -> String {
         self.proc.output.text()
+    }
+}
+
+impl Sidecar {
+    /// Start in control-plane mode against `url` with `token`, as [`IDENTITY`].
+    pub async fn connect(url: &str, token: &str, extra: &[&str]) -> Result<Sidecar> {
+        let dir = TempDir::new("sidecar-cp")?;
+        Self::connect_in(dir, url, token, extra).await
+    }
+
+    /// Like [`Sidecar::connect`], with a state directory the caller keeps (to restart).
+    pub async fn connect_in(
+        dir: TempDir,
+        url: &str,
+        token: &str,
+        extra: &[&str],
+    ) -> Result<Sidecar> {
+        let token_file = dir.0.join("token");
+        std::fs::write(&token_file, token)?;
+        let mut cmd = Command::new(binary("toolmesh-sidecar"));
+        cmd.args([
+            "--control-plane",
+            url,
+            "--identity",
+            IDENTITY,
+            "--node",
+            "test-pod",
+        ])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--state-dir")
+        .arg(dir.0.join("state"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "--log",
+            "info,toolmesh_sidecar=debug",
+            "--log-format",
+            "json",
+        ])
+        .args(extra);
+        let mut proc = Proc::spawn("toolmesh-sidecar", cmd)?;
+        let (mcp, admin) = proc
+            .wait_for("its listening line", |line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                if v["message"] != "listening" {
+                    return None;
+                }
+                Some((
+                    v["mcp"].as_str()?.parse().ok()?,
+                    v["admin"].as_str()?.parse().ok()?,
+                ))
+            })
+            .await?;
+        Ok(Sidecar {
+            proc,
+            mcp,
+            admin,
+            config: token_file,
+            _dir: dir,
+        })
+    }
+
+    /// Stop the process and hand back its directory (state dir inside) for a restart.
+    pub async fn stop(mut self) -> Result<TempDir> {
+        self.proc.terminate().await?;
+        Ok(self._dir)
+    }
+}
+
+/// Tokens the tests' control planes accept.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const SIDECAR_TOKEN: &str = "test-sidecar-token-0123456789";
+pub const OTHER_TOKEN: &str = "test-other-token-0123456789";
+
+/// `toolmesh-control-plane serve --dev` with an embedded store in a temp dir.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// Start on `port` (0 for any) with `data_dir`, seeded with `seed` YAML.
+    pub async fn start(data_dir: &Path, port: u16, seed: &str) -> Result<ControlPlane> {
+        std::fs::create_dir_all(data_dir)?;
+        let tokens = data_dir.join("tokens.yaml");
+        std::fs::write(
+            &tokens,
+            format!(
+                "admin: \"{ADMIN_TOKEN}\"\nsidecars:\n  {IDENTITY}: \"{SIDECAR_TOKEN}\"\n  other/agent: \"{OTHER_TOKEN}\"\n"
+            ),
+        )?;
+        let seed_file = data_dir.join("seed.yaml");
+        std::fs::write(&seed_file, seed)?;
+        let mut cmd = Command::new(binary("toolmesh-control-plane"));
+        cmd.args(["serve", "--dev", "--admin-listen", "127.0.0.1:0"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data_dir.join("store"))
+            .arg("--tokens")
+            .arg(&tokens)
+            .arg("--seed")
+            .arg(&seed_file);
+        let mut proc = Proc::spawn("toolmesh-control-plane", cmd)?;
+        let grpc = proc
+            .wait_for("its listening line", |line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                (v["message"] == "listening").then(|| v["grpc"].as_str()?.parse().ok())?
+            })
+            .await?;
+        Ok(ControlPlane {
+            proc,
+            grpc,
+            dir: data_dir.to_path_buf(),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Run toolmeshctl against this control plane; returns (success, stdout, stderr).
+    pub async fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Result<(bool, String, String)> {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = Command::new(binary("toolmeshctl"));
+        cmd.args(args)
+            .env("TOOLMESH_CONTROL_PLANE", self.url())
+            .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        if let Some(mut input) = child.stdin.take() {
+            input
+                .write_all(stdin.unwrap_or_default().as_bytes())
+                .await?;
+        }
+        let out = child.wait_with_output().await?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 }
 

@@ -1,0 +1,337 @@
+//! The control plane and sidecars in control-plane mode: live policy changes, what a
+//! sidecar is sent, refusals, and fail-static behaviour when the control plane is away.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use toolmesh_proto::v1alpha1 as pb;
+use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
+use toolmesh_proto::v1alpha1::snapshot_service_client::SnapshotServiceClient;
+use toolmesh_tests::{
+    ControlPlane, DemoServer, IDENTITY, OTHER_TOKEN, SIDECAR_TOKEN, Sidecar, TempDir,
+};
+
+use crate::support::{admin, borrow, eventually, modern_call, modern_headers, post};
+
+/// The demo server, a secret for it, and a policy allowing `tools` to the test identity.
+fn resources(url: &str, tools: &str) -> String {
+    format!(
+        r#"apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {{name: demo}}
+spec:
+  endpoints: [{{url: "{url}"}}]
+  credential: {{header: X-Api-Key, secretRef: {{name: demo-key, key: key}}}}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: Secret
+metadata: {{name: demo-key}}
+data: {{key: "demo-secret-value-1"}}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: agents}}
+spec:
+  subjects: [{{identity: "{IDENTITY}"}}]
+  rules: [{{server: demo, tools: {tools}}}]
+"#
+    )
+}
+
+/// A second server only `other/agent` may use, with its own secret.
+const OTHER: &str = r#"apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {name: private}
+spec:
+  endpoints: [{url: "https://private.example.com/mcp"}]
+  credential: {header: Authorization, secretRef: {name: private-key, key: key}, prefix: "Bearer "}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: Secret
+metadata: {name: private-key}
+data: {key: "other-identity-secret-value"}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: other}
+spec:
+  subjects: [{identity: "other/*"}]
+  rules: [{server: private, tools: ["*"]}]
+"#;
+
+async fn call(sidecar: &Sidecar, tool: &str) -> Result<(u16, Option<i64>)> {
+    let r = post(
+        &sidecar.url("demo"),
+        &borrow(&modern_headers(tool)),
+        modern_call(1, tool, json!({"text": "x", "a": 1, "b": 2})),
+    )
+    .await?;
+    Ok((r.status, r.error_code()))
+}
+
+#[tokio::test]
+async fn a_policy_applied_with_toolmeshctl_is_enforced_within_a_second() -> Result<()> {
+    let server = DemoServer::start(&[]).await?;
+    let dir = TempDir::new("cp")?;
+    let cp = ControlPlane::start(&dir.0, 0, &resources(&server.url(), r#"["echo"]"#)).await?;
+    let sidecar = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
+    assert!(
+        eventually(10, || async {
+            admin(&sidecar, "/ready").await.map(|r| r.0).ok() == Some(200)
+        })
+        .await
+    );
+    assert_eq!(call(&sidecar, "echo").await?, (200, None));
+    assert_eq!(call(&sidecar, "add").await?, (200, Some(-32088)));
+
+    let (ok, out, err) = cp
+        .ctl(
+            &["apply", "-f", "-"],
+            Some(&resources(&server.url(), r#"["echo", "add"]"#)),
+        )
+        .await?;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("AccessPolicy/agents configured") && out.contains("McpServer/demo unchanged"),
+        "{out}"
+    );
+    let applied = Instant::now();
+    let live = eventually(5, || async {
+        call(&sidecar, "add").await.ok() == Some((200, None))
+    })
+    .await;
+    let took = applied.elapsed();
+    assert!(live, "{}", sidecar.logs());
+    assert!(took < Duration::from_secs(1), "enforced after {took:?}");
+    println!("policy change enforced {took:?} after toolmeshctl apply returned");
+
+    // The fleet view: who runs what.
+    let (ok, status, _) = cp.ctl(&["status"], None).await?;
+    assert!(
+        ok && status.contains(IDENTITY) && status.contains("test-pod") && status.contains("yes"),
+        "{status}"
+    );
+    let (_, ready) = admin(&sidecar, "/ready").await?;
+    let version = ready
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains(IDENTITY) && l.matches(&version).count() == 2),
+        "sent and acked {version}:\n{status}"
+    );
+
+    // kubectl habits: get, delete (refused while referenced), errors name the field.
+    let (ok, yaml, _) = cp.ctl(&["get", "secret", "demo-key"], None).await?;
+    assert!(
+        ok && yaml.contains("<redacted>") && !yaml.contains("demo-secret-value-1"),
+        "{yaml}"
+    );
+    let (ok, _, err) = cp.ctl(&["delete", "secret", "demo-key"], None).await?;
+    assert!(!ok && err.contains("demo-key"), "{err}");
+    let bad = resources(&server.url(), r#"["echo"]"#).replace("endpoints", "endpoint");
+    let (ok, _, err) = cp.ctl(&["apply", "-f", "-"], Some(&bad)).await?;
+    assert!(
+        !ok && err.contains("McpServer/demo") && err.contains("endpoint"),
+        "{err}"
+    );
+    assert_eq!(
+        call(&sidecar, "add").await?,
+        (200, None),
+        "a refused apply changes nothing"
+    );
+    Ok(())
+}
+
+/// Open a raw snapshot stream as a sidecar would; return the first push or the error.
+async fn first_push(
+    cp: &ControlPlane,
+    token: &str,
+    identity: &str,
+) -> Result<Result<pb::Snapshot, tonic::Status>> {
+    let channel = tonic::transport::Channel::from_shared(cp.url())?
+        .connect()
+        .await?;
+    let mut client = SnapshotServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(2);
+    tx.send(pb::SidecarMessage {
+        kind: Some(Msg::Hello(pb::Hello {
+            identity: identity.into(),
+            node: "probe".into(),
+            version: String::new(),
+        })),
+    })
+    .await?;
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let mut stream = match client.stream(req).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    match stream.message().await {
+        Ok(Some(push)) => Ok(Ok(push.snapshot.context("push without snapshot")?)),
+        Ok(None) => anyhow::bail!("stream ended"),
+        Err(status) => Ok(Err(status)),
+    }
+}
+
+#[tokio::test]
+async fn a_sidecar_is_sent_only_its_own_servers_and_credentials() -> Result<()> {
+    let dir = TempDir::new("cp")?;
+    let seed = format!(
+        "{}---\n{OTHER}",
+        resources("http://127.0.0.1:9/mcp", r#"["*"]"#)
+    );
+    let cp = ControlPlane::start(&dir.0, 0, &seed).await?;
+
+    let mine = first_push(&cp, SIDECAR_TOKEN, IDENTITY).await??;
+    let sent = format!("{mine:?}");
+    assert_eq!(mine.identity, IDENTITY);
+    assert_eq!(
+        mine.servers
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["demo"]
+    );
+    assert!(
+        sent.contains("demo-secret-value-1"),
+        "its own credential is sent"
+    );
+    assert!(
+        !sent.contains("other-identity-secret-value") && !sent.contains("private"),
+        "{sent}"
+    );
+
+    let theirs = first_push(&cp, OTHER_TOKEN, "other/agent").await??;
+    assert_eq!(
+        theirs
+            .servers
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["private"]
+    );
+    assert!(!format!("{theirs:?}").contains("demo-secret-value-1"));
+
+    // A token cannot ask for another identity's snapshot, and a wrong token gets nothing.
+    let stolen = first_push(&cp, SIDECAR_TOKEN, "other/agent")
+        .await?
+        .expect_err("refused");
+    assert_eq!(stolen.code(), tonic::Code::PermissionDenied, "{stolen:?}");
+    let wrong = first_push(&cp, "not-a-valid-token-at-all", IDENTITY)
+        .await?
+        .expect_err("refused");
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+    let sidecar = Sidecar::connect(&cp.url(), "not-a-valid-token-at-all", &[]).await?;
+    assert!(
+        eventually(10, || async { sidecar.logs().contains("Unauthenticated") }).await,
+        "{}",
+        sidecar.logs()
+    );
+    assert_eq!(admin(&sidecar, "/ready").await?.0, 503);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_snapshot_is_nacked_and_the_old_one_keeps_serving() -> Result<()> {
+    let dir = TempDir::new("cp")?;
+    let https = resources("https://demo.example.com/mcp", r#"["*"]"#);
+    let cp = ControlPlane::start(&dir.0, 0, &https).await?;
+    let sidecar =
+        Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &["--require-https-upstreams"]).await?;
+    assert!(
+        eventually(10, || async {
+            admin(&sidecar, "/ready").await.map(|r| r.0).ok() == Some(200)
+        })
+        .await
+    );
+    let (_, before) = admin(&sidecar, "/ready").await?;
+
+    let plain = resources("http://demo.example.com/mcp", r#"["*"]"#);
+    let (ok, _, err) = cp.ctl(&["apply", "-f", "-"], Some(&plain)).await?;
+    assert!(ok, "{err}");
+    let shown = eventually(5, || async {
+        cp.ctl(&["status"], None)
+            .await
+            .map(|(_, s, _)| s.contains("not https"))
+            .unwrap_or(false)
+    })
+    .await;
+    let (_, status, _) = cp.ctl(&["status"], None).await?;
+    assert!(shown, "toolmeshctl status shows the NACK reason:\n{status}");
+    assert_eq!(
+        admin(&sidecar, "/ready").await?.1,
+        before,
+        "still serving the previous snapshot"
+    );
+    let (_, metrics) = admin(&sidecar, "/metrics").await?;
+    assert!(
+        metrics.contains("toolmesh_snapshot_nacks_total 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
+    let server = DemoServer::start(&[]).await?;
+    let dir = TempDir::new("cp")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cp =
+        ControlPlane::start(&dir.0, port, &resources(&server.url(), r#"["echo"]"#)).await?;
+    let url = cp.url();
+    let sidecar = Sidecar::connect(&url, SIDECAR_TOKEN, &[]).await?;
+    assert!(
+        eventually(10, || async {
+            call(&sidecar, "echo").await.ok() == Some((200, None))
+        })
+        .await
+    );
+
+    // Control plane gone: calls keep working.
+    cp.proc.terminate().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(call(&sidecar, "echo").await?, (200, None));
+    assert_eq!(admin(&sidecar, "/ready").await?.0, 200);
+
+    // Restart the sidecar while the control plane is still down: it serves at once from
+    // the snapshot it persisted.
+    let state = sidecar.stop().await?;
+    let sidecar = Sidecar::connect_in(state, &url, SIDECAR_TOKEN, &[]).await?;
+    assert_eq!(
+        admin(&sidecar, "/ready").await?.0,
+        200,
+        "{}",
+        sidecar.logs()
+    );
+    assert_eq!(call(&sidecar, "echo").await?, (200, None));
+    assert!(sidecar.logs().contains("serving the persisted snapshot"));
+
+    // The control plane comes back (same store, one more tool allowed meanwhile): the
+    // sidecar reconnects and catches up.
+    let cp = ControlPlane::start(
+        &dir.0,
+        port,
+        &resources(&server.url(), r#"["echo", "add"]"#),
+    )
+    .await?;
+    let caught_up = eventually(40, || async {
+        call(&sidecar, "add").await.ok() == Some((200, None))
+    })
+    .await;
+    assert!(caught_up, "{}", sidecar.logs());
+    let (_, status, _) = cp.ctl(&["status"], None).await?;
+    assert!(status.contains("yes"), "{status}");
+    Ok(())
+}
