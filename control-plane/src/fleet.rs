@@ -1,5 +1,8 @@
 //! The sidecars the control plane knows: who is connected, what was sent, what was
 //! acknowledged or refused. Feeds `toolmeshctl status` and the metrics.
+//!
+//! Entries are kept after a sidecar disconnects (its last known state is useful when
+//! asking "who NACKed"); they are not persisted across control-plane restarts.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -10,7 +13,14 @@ use toolmesh_proto::v1alpha1::SidecarStatus;
 /// One entry per (identity, node); a reconnecting sidecar takes its entry over.
 #[derive(Debug, Default)]
 pub struct Fleet {
-    sidecars: Mutex<BTreeMap<(String, String), SidecarStatus>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The status and the connection that owns the entry.
+    sidecars: BTreeMap<(String, String), (u64, SidecarStatus)>,
+    connected: usize,
 }
 
 fn now() -> u64 {
@@ -21,23 +31,96 @@ fn now() -> u64 {
 }
 
 impl Fleet {
-    pub fn update(&self, identity: &str, node: &str, f: impl FnOnce(&mut SidecarStatus)) {
-        let mut map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connection `conn` of (identity, node) is up and has `version`.
+    pub fn connect(&self, identity: &str, node: &str, conn: u64, version: &str) {
+        let mut inner = self.lock();
+        let (owner, status) = inner
+            .sidecars
             .entry((identity.to_owned(), node.to_owned()))
-            .or_insert_with(|| SidecarStatus {
-                identity: identity.to_owned(),
-                node: node.to_owned(),
-                ..Default::default()
+            .or_insert_with(|| {
+                let status = SidecarStatus {
+                    identity: identity.to_owned(),
+                    node: node.to_owned(),
+                    ..Default::default()
+                };
+                (conn, status)
             });
-        f(entry);
-        entry.last_seen = now();
-        let connected = map.values().filter(|s| s.connected).count();
-        metrics::gauge!("toolmesh_cp_connected_sidecars").set(connected as f64);
+        *owner = conn;
+        let was = std::mem::replace(&mut status.connected, true);
+        version.clone_into(&mut status.acked_version);
+        status.last_seen = now();
+        if !was {
+            inner.connected += 1;
+        }
+        gauge(inner.connected);
+    }
+
+    /// Connection `conn` ended; ignored if a newer connection took the entry over.
+    pub fn disconnect(&self, identity: &str, node: &str, conn: u64) {
+        let mut inner = self.lock();
+        let key = (identity.to_owned(), node.to_owned());
+        if let Some((owner, status)) = inner.sidecars.get_mut(&key)
+            && *owner == conn
+            && std::mem::replace(&mut status.connected, false)
+        {
+            inner.connected -= 1;
+            gauge(inner.connected);
+        }
+    }
+
+    /// Change the entry of (identity, node) if connection `conn` still owns it.
+    pub fn update(
+        &self,
+        identity: &str,
+        node: &str,
+        conn: u64,
+        f: impl FnOnce(&mut SidecarStatus),
+    ) {
+        let mut inner = self.lock();
+        let key = (identity.to_owned(), node.to_owned());
+        if let Some((owner, status)) = inner.sidecars.get_mut(&key)
+            && *owner == conn
+        {
+            f(status);
+            status.last_seen = now();
+        }
     }
 
     pub fn list(&self) -> Vec<SidecarStatus> {
-        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
-        map.values().cloned().collect()
+        self.lock()
+            .sidecars
+            .values()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+}
+
+fn gauge(connected: usize) {
+    metrics::gauge!("toolmesh_cp_connected_sidecars").set(connected as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_disconnect_does_not_hide_the_reconnected_sidecar() {
+        let fleet = Fleet::default();
+        fleet.connect("ns/a", "pod", 1, "v1");
+        fleet.connect("ns/a", "pod", 2, "v1");
+        fleet.disconnect("ns/a", "pod", 1);
+        fleet.update("ns/a", "pod", 1, |s| s.acked_version = "stale".into());
+        let list = fleet.list();
+        assert_eq!(list.len(), 1);
+        assert!(list[0].connected);
+        assert_eq!(list[0].acked_version, "v1");
+        assert_eq!(fleet.lock().connected, 1);
+        fleet.disconnect("ns/a", "pod", 2);
+        assert!(!fleet.list()[0].connected);
+        assert_eq!(fleet.lock().connected, 0);
     }
 }

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use toolmesh_proto::resource::{Kind, Resource};
 use toolmesh_proto::v1alpha1 as pb;
@@ -114,93 +113,146 @@ impl SnapshotService for Snapshots {
         };
         let conn = self.0.next_conn.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%identity, %node, version = %hello.version, "sidecar connected");
-        self.0.fleet.update(&identity, &node, |s| {
-            s.connected = true;
-            s.acked_version = hello.version.clone();
+        self.0.fleet.connect(&identity, &node, conn, &hello.version);
+        let session = Session {
+            changes: self.0.store.changes(),
+            cp: self.0.clone(),
+            identity,
+            node,
+            conn,
+            has: hello.version,
+            pushes: 0,
+            nonce: String::new(),
+            render: true,
+            ended: None,
+            inbound,
+        };
+        // The session is the response body's state: no task or channel per sidecar, and
+        // when the sidecar goes away hyper drops the body and with it the session.
+        let pushes = futures_util::stream::unfold(session, |mut session| async move {
+            let push = session.next().await?;
+            Some((push, session))
         });
-        let (tx, rx) = mpsc::channel(4);
-        let cp = self.0.clone();
-        tokio::spawn(async move {
-            let reason =
-                serve_stream(&cp, &identity, &node, conn, hello.version, &mut inbound, tx).await;
-            tracing::info!(%identity, %node, %reason, "sidecar disconnected");
-            cp.fleet.update(&identity, &node, |s| s.connected = false);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(pushes)))
     }
 }
 
-/// Push snapshots and read answers until either side goes away; returns why it ended.
-async fn serve_stream(
-    cp: &ControlPlane,
-    identity: &str,
-    node: &str,
+/// One sidecar's stream: what it has, the latest push's nonce, and its inbound half.
+struct Session {
+    cp: Arc<ControlPlane>,
+    identity: String,
+    node: String,
     conn: u64,
-    mut has: String,
-    inbound: &mut Streaming<pb::SidecarMessage>,
-    tx: mpsc::Sender<Result<pb::SnapshotPush, Status>>,
-) -> String {
-    let mut changes = cp.store.changes();
-    let mut pushes = 0u64;
-    let mut nonce = String::new();
-    loop {
-        match cp.render(identity) {
-            Ok(snapshot) if snapshot.version != has => {
-                pushes += 1;
-                nonce = format!("{conn}-{pushes}");
-                let version = snapshot.version.clone();
-                metrics::counter!("toolmesh_cp_snapshots_pushed_total").increment(1);
-                if tx
-                    .send(Ok(pb::SnapshotPush {
-                        snapshot: Some(snapshot),
-                        nonce: nonce.clone(),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return "stream closed".to_owned();
-                }
-                cp.fleet
-                    .update(identity, node, |s| s.sent_version = version.clone());
-                has = version;
+    /// The version the sidecar has (or was last sent).
+    has: String,
+    pushes: u64,
+    /// Nonce of the latest push: only an answer carrying it counts.
+    nonce: String,
+    /// Whether to render before waiting again (at start and after a store change).
+    render: bool,
+    /// Why the stream ended, once it has; logged when the session is dropped.
+    ended: Option<String>,
+    changes: watch::Receiver<u64>,
+    inbound: Streaming<pb::SidecarMessage>,
+}
+
+impl Session {
+    /// The next message for the sidecar; `None` ends the stream.
+    async fn next(&mut self) -> Option<Result<pb::SnapshotPush, Status>> {
+        loop {
+            if self.ended.is_some() {
+                return None;
             }
-            Ok(_) => {}
+            if std::mem::take(&mut self.render) {
+                if let Some(push) = self.render() {
+                    return Some(Ok(push));
+                }
+            }
+            tokio::select! {
+                () = self.cp.stopped() => {
+                    self.ended = Some("control plane stopping".to_owned());
+                    return Some(Err(Status::unavailable("control plane shutting down")));
+                }
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        self.ended = Some("store closed".to_owned());
+                        continue;
+                    }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    self.changes.borrow_and_update();
+                    self.render = true;
+                }
+                message = self.inbound.message() => self.answer(message),
+            }
+        }
+    }
+
+    /// Render this identity's snapshot; a push if its version moved.
+    fn render(&mut self) -> Option<pb::SnapshotPush> {
+        let snapshot = match self.cp.render(&self.identity) {
+            Ok(snapshot) => snapshot,
             Err(status) => {
-                tracing::error!(%identity, error = %status.message(), "cannot render snapshot")
+                tracing::error!(identity = %self.identity, error = %status.message(), "cannot render snapshot");
+                return None;
             }
+        };
+        if snapshot.version == self.has {
+            return None;
         }
-        tokio::select! {
-            () = cp.stopped() => {
-                // Best effort: the stream may already be gone.
-                let _ = tx.try_send(Err(Status::unavailable("control plane shutting down")));
-                return "control plane stopping".to_owned();
+        self.pushes += 1;
+        self.nonce = format!("{}-{}", self.conn, self.pushes);
+        self.has.clone_from(&snapshot.version);
+        metrics::counter!("toolmesh_cp_snapshots_pushed_total").increment(1);
+        let version = &self.has;
+        self.cp
+            .fleet
+            .update(&self.identity, &self.node, self.conn, |s| {
+                s.sent_version.clone_from(version)
+            });
+        Some(pb::SnapshotPush {
+            snapshot: Some(snapshot),
+            nonce: self.nonce.clone(),
+        })
+    }
+
+    /// Take in an ACK or NACK (ignoring stale ones), or note why the stream ended.
+    fn answer(&mut self, message: Result<Option<pb::SidecarMessage>, Status>) {
+        let (identity, node) = (&self.identity, &self.node);
+        match message {
+            Ok(Some(pb::SidecarMessage {
+                kind: Some(Msg::Ack(ack)),
+            })) if ack.nonce == self.nonce => {
+                self.cp
+                    .fleet
+                    .update(identity, node, self.conn, |s| s.acked_version = ack.version);
             }
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return "control plane stopping".to_owned();
-                }
-                tokio::time::sleep(DEBOUNCE).await;
-                changes.borrow_and_update();
+            Ok(Some(pb::SidecarMessage {
+                kind: Some(Msg::Nack(nack)),
+            })) if nack.nonce == self.nonce => {
+                tracing::warn!(%identity, %node, version = %nack.version, reason = %nack.reason, "sidecar refused a snapshot");
+                metrics::counter!("toolmesh_cp_nacks_total").increment(1);
+                self.cp.fleet.update(identity, node, self.conn, |s| {
+                    s.nacked_version = nack.version;
+                    s.nack_reason = nack.reason;
+                });
             }
-            message = inbound.message() => match message {
-                Ok(Some(pb::SidecarMessage { kind: Some(Msg::Ack(ack)) })) if ack.nonce == nonce => {
-                    cp.fleet.update(identity, node, |s| s.acked_version = ack.version);
-                }
-                Ok(Some(pb::SidecarMessage { kind: Some(Msg::Nack(nack)) })) if nack.nonce == nonce => {
-                    tracing::warn!(%identity, %node, version = %nack.version, reason = %nack.reason, "sidecar refused a snapshot");
-                    metrics::counter!("toolmesh_cp_nacks_total").increment(1);
-                    cp.fleet.update(identity, node, |s| {
-                        s.nacked_version = nack.version;
-                        s.nack_reason = nack.reason;
-                    });
-                }
-                Ok(Some(_)) => {
-                    // A stale ACK/NACK (older nonce) or a repeated Hello: nothing to do.
-                }
-                Ok(None) => return "sidecar closed the stream".to_owned(),
-                Err(e) => return format!("stream error: {}", e.message()),
-            },
+            // A stale ACK/NACK (older nonce) or a repeated Hello: nothing to do.
+            Ok(Some(_)) => {}
+            Ok(None) => self.ended = Some("sidecar closed the stream".to_owned()),
+            Err(e) => self.ended = Some(format!("stream error: {}", e.message())),
         }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let reason = self.ended.as_deref().unwrap_or("response stream dropped");
+        tracing::info!(identity = %self.identity, node = %self.node, %reason, "sidecar disconnected");
+        self.cp
+            .fleet
+            .update(&self.identity, &self.node, self.conn, |s| {
+                s.connected = false
+            });
     }
 }
 
@@ -259,13 +311,24 @@ impl AdminService for Admin {
         let kind = kind_of(&req.kind)?;
         let set = self.0.store.resources();
         let all: Vec<Resource> = match kind {
-            Kind::McpServer => set.servers.into_values().map(Resource::McpServer).collect(),
+            Kind::McpServer => set
+                .servers
+                .values()
+                .cloned()
+                .map(Resource::McpServer)
+                .collect(),
             Kind::AccessPolicy => set
                 .policies
-                .into_values()
+                .values()
+                .cloned()
                 .map(Resource::AccessPolicy)
                 .collect(),
-            Kind::Secret => set.secrets.into_values().map(Resource::Secret).collect(),
+            Kind::Secret => set
+                .secrets
+                .values()
+                .cloned()
+                .map(Resource::Secret)
+                .collect(),
         };
         let picked: Vec<String> = all
             .iter()

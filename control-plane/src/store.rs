@@ -12,15 +12,15 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use toolmesh_proto::resource::{Kind, Resource, ResourceSet, parse_document, validate_set};
 
 /// What the rest of the control plane needs from a store.
 pub trait Store: Send + Sync + 'static {
-    /// The current resources.
-    fn resources(&self) -> ResourceSet;
+    /// The current resources: a shared, immutable set (cheap to take per render).
+    fn resources(&self) -> Arc<ResourceSet>;
     /// Create or update resources, all or nothing; one result line per resource.
     fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, String>;
     /// Delete one resource; refused if the remaining set would be invalid.
@@ -36,6 +36,8 @@ type Key = (Kind, String);
 pub struct FileStore {
     path: PathBuf,
     resources: Mutex<BTreeMap<Key, Resource>>,
+    /// The same resources as a validated set, rebuilt once per write for readers.
+    set: Mutex<Arc<ResourceSet>>,
     generation: watch::Sender<u64>,
 }
 
@@ -62,8 +64,10 @@ impl FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {e}", path.display())),
         }
+        let set = Arc::new(set_of(&resources).map_err(|e| format!("{}: {e}", path.display()))?);
         Ok(FileStore {
             path,
+            set: Mutex::new(set),
             resources: Mutex::new(resources),
             generation: watch::channel(0).0,
         })
@@ -92,17 +96,19 @@ impl FileStore {
         current: &mut BTreeMap<Key, Resource>,
         next: BTreeMap<Key, Resource>,
     ) -> Result<(), String> {
-        validate_set(&set_of(&next)?).map_err(|e| e.to_string())?;
+        let set = set_of(&next)?;
+        validate_set(&set).map_err(|e| e.to_string())?;
         self.persist(&next)?;
         *current = next;
+        *self.set.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
         self.generation.send_modify(|g| *g += 1);
         Ok(())
     }
 }
 
 impl Store for FileStore {
-    fn resources(&self) -> ResourceSet {
-        set_of(&self.lock()).unwrap_or_default()
+    fn resources(&self) -> Arc<ResourceSet> {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, String> {

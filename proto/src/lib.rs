@@ -10,6 +10,7 @@
 //! This crate does no I/O and holds no runtime state: it parses, validates and renders.
 //! Compiling a snapshot into lookup tables for the request path is the sidecar's job.
 
+pub mod codec;
 pub mod glob;
 pub mod render;
 pub mod resource;
