@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .cache/venv
 JS := tests/js
 
-.PHONY: help deps quickstart test lint ci clean-deps
+.PHONY: help deps quickstart test lint ci clean-deps bench-propagation
 
 help:
 	@echo "make quickstart  run the sidecar in front of the demo MCP server (Ctrl-C stops both)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test        run every test (installs the peers first)"
 	@echo "make lint        cargo fmt --check and clippy with warnings as errors"
 	@echo "make ci          what CI runs: lint, then test"
+	@echo "make bench-propagation  time a policy change reaching 1,000 and 5,000 sidecars (release build)"
 
 deps: $(JS)/node_modules/.installed $(VENV)/.installed
 
@@ -39,6 +40,12 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ci: lint test
+
+# Release build of the control plane and the benchmark, then N simulated sidecars.
+SIDECARS ?= 1000 5000
+bench-propagation:
+	$(CARGO) build --release -p toolmesh-control-plane -p toolmesh-tests --bin toolmesh-control-plane --bin toolmesh-propagation
+	target/release/toolmesh-propagation $(foreach n,$(SIDECARS),--sidecars $(n))
 
 clean-deps:
 	rm -rf $(JS)/node_modules $(VENV)
