@@ -80,6 +80,16 @@ impl Tokens {
                 ));
             }
         }
+        // One token, one holder: a shared token would make the identity ambiguous.
+        let mut holders: BTreeMap<&str, &str> = BTreeMap::new();
+        holders.insert(&file.admin, "admin");
+        for (identity, token) in &file.sidecars {
+            if let Some(other) = holders.insert(token, identity) {
+                problems.push(format!(
+                    "sidecars.{identity}: the same token as {other}; every holder needs its own"
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(format!(
                 "--tokens {}: {}",
@@ -112,5 +122,102 @@ impl Tokens {
         } else {
             Err(Status::unauthenticated("invalid admin token"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Tokens, String> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("toolmesh-tokens-{}-{n}.yaml", std::process::id()));
+        std::fs::write(&path, text).expect("write");
+        let tokens = Tokens::load(&path);
+        std::fs::remove_file(&path).ok();
+        tokens
+    }
+
+    fn bearing(token: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        m
+    }
+
+    #[test]
+    fn the_quickstart_tokens_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/tokens.yaml");
+        let tokens = Tokens::load(&path).expect("example tokens");
+        assert_eq!(
+            tokens
+                .sidecar(&bearing("quickstart-sidecar-token-change-me"))
+                .expect("known"),
+            "agents/demo"
+        );
+        assert!(format!("{tokens:?}").contains("agents/demo"));
+        assert!(
+            !format!("{tokens:?}").contains("change-me"),
+            "tokens are never printed"
+        );
+    }
+
+    #[test]
+    fn a_token_stands_for_one_identity_and_the_admin_token_only_for_admin() {
+        let tokens = load(
+            "admin: admin-token-0123456789\nsidecars:\n  a/one: token-one-0123456789\n  b/two: token-two-0123456789\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            tokens
+                .sidecar(&bearing("token-one-0123456789"))
+                .expect("one"),
+            "a/one"
+        );
+        assert_eq!(
+            tokens
+                .sidecar(&bearing("token-two-0123456789"))
+                .expect("two"),
+            "b/two"
+        );
+        for wrong in ["token-one-012345678", "admin-token-0123456789", ""] {
+            let err = tokens.sidecar(&bearing(wrong)).expect_err(wrong);
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        }
+        assert!(tokens.sidecar(&MetadataMap::new()).is_err());
+        assert!(tokens.admin(&bearing("admin-token-0123456789")).is_ok());
+        assert!(tokens.admin(&bearing("token-one-0123456789")).is_err());
+    }
+
+    #[test]
+    fn short_or_shared_tokens_are_refused_with_the_entry_named() {
+        let err = load("admin: short\nsidecars:\n  a/one: also-short\n")
+            .err()
+            .expect("short");
+        assert!(
+            err.contains("admin:") && err.contains("sidecars.a/one"),
+            "{err}"
+        );
+        let err = load(
+            "admin: admin-token-0123456789\nsidecars:\n  a/one: shared-token-0123456789\n  b/two: shared-token-0123456789\n",
+        )
+        .err()
+        .expect("shared");
+        assert!(
+            err.contains("sidecars.b/two") && err.contains("a/one"),
+            "{err}"
+        );
+        assert!(
+            load("admin: admin-token-0123456789\nsidecars:\n  a/one: admin-token-0123456789\n")
+                .is_err()
+        );
+        assert!(
+            load("admin: admin-token-0123456789\nextra: 1\n").is_err(),
+            "unknown fields are refused"
+        );
     }
 }

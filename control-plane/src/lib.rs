@@ -53,7 +53,7 @@ mod tests {
     use super::*;
 
     fn example() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/standalone.yaml")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/resources/demo.yaml")
     }
 
     #[test]

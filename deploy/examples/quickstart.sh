@@ -1,44 +1,93 @@
 #!/usr/bin/env bash
-# Quickstart: the demo MCP server on 127.0.0.1:3001 and toolmesh-sidecar in front of it
-# (standalone mode, deploy/examples/standalone.yaml, identity agents/demo).
-# Point any MCP client at http://127.0.0.1:15001/mcp/demo. Ctrl-C stops both.
+# Quickstart: the whole local shape of toolmesh on one machine.
 #
-# Environment: CONFIG (default deploy/examples/standalone.yaml), IDENTITY (agents/demo).
+#   demo MCP server        127.0.0.1:3001   (toolmesh-demo-server, ships with the repo)
+#   control plane          127.0.0.1:15010  gRPC (plaintext: --dev), admin 127.0.0.1:15014
+#                          embedded store in .cache/quickstart/store, seeded from
+#                          deploy/examples/resources/, tokens from deploy/examples/tokens.yaml
+#   sidecar (agents/demo)  127.0.0.1:15001  MCP for the agent, admin 127.0.0.1:15020
+#                          connected to the control plane, state in .cache/quickstart/sidecar
+#
+# Point any MCP client at http://127.0.0.1:15001/mcp/demo; change what it may call with
+# toolmeshctl (printed below). Ctrl-C stops everything.
+#
+# MODE=standalone runs the sidecar from deploy/examples/resources/demo.yaml instead,
+# without a control plane (edit the file while it runs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-CONFIG=${CONFIG:-deploy/examples/standalone.yaml}
-IDENTITY=${IDENTITY:-agents/demo}
+MODE=${MODE:-control-plane}
+IDENTITY=agents/demo
+STATE=.cache/quickstart
+TOKENS=deploy/examples/tokens.yaml
 
-cargo build --quiet -p toolmesh-sidecar -p toolmesh-tests --bins
+cargo build --quiet -p toolmesh-sidecar -p toolmesh-control-plane -p toolmesh-tests --bins
 bin=target/debug
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
+wait_ready() { # url what
+  for _ in $(seq 100); do
+    curl -fsS "$1" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "quickstart: $2 did not become ready ($1)" >&2
+  exit 1
+}
+
 "$bin/toolmesh-demo-server" --listen 127.0.0.1:3001 &
 pids+=($!)
-"$bin/toolmesh-sidecar" --config "$CONFIG" --identity "$IDENTITY" --log-format text &
-pids+=($!)
 
-for _ in $(seq 50); do
-  curl -fsS http://127.0.0.1:15020/ready >/dev/null 2>&1 && break
-  sleep 0.2
-done
+if [ "$MODE" = standalone ]; then
+  "$bin/toolmesh-sidecar" --config deploy/examples/resources/demo.yaml --identity "$IDENTITY" \
+    --log-format text &
+  pids+=($!)
+else
+  mkdir -p "$STATE/sidecar"
+  # The sidecar's bootstrap token: its line in the tokens file.
+  sed -n "s|^  $IDENTITY: \"\(.*\)\"|\1|p" "$TOKENS" >"$STATE/sidecar/token"
+  chmod 600 "$STATE/sidecar/token"
+  "$bin/toolmesh-control-plane" --log warn,toolmesh_control_plane=info serve --dev \
+    --listen 127.0.0.1:15010 --admin-listen 127.0.0.1:15014 \
+    --data-dir "$STATE/store" --tokens "$TOKENS" --seed deploy/examples/resources &
+  pids+=($!)
+  wait_ready http://127.0.0.1:15014/ready "the control plane"
+  "$bin/toolmesh-sidecar" --control-plane http://127.0.0.1:15010 --identity "$IDENTITY" \
+    --node quickstart --token-file "$STATE/sidecar/token" --state-dir "$STATE/sidecar" \
+    --log-format text &
+  pids+=($!)
+fi
+wait_ready http://127.0.0.1:15020/ready "the sidecar"
+
+call='curl -s http://127.0.0.1:15001/mcp/demo -H "content-type: application/json" -H "accept: application/json, text/event-stream" -H "mcp-protocol-version: 2026-07-28" -H "mcp-method: tools/call" -H "mcp-name: add" -d '"'"'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":2,"b":3},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}'"'"
 cat <<MSG
 
-toolmesh is up.
+toolmesh is up ($MODE mode).
   MCP endpoint for your agent:  http://127.0.0.1:15001/mcp/demo
-  admin:                        http://127.0.0.1:15020/ready  /metrics  /config
-  config (edit it live):        $CONFIG
+  sidecar admin:                http://127.0.0.1:15020/ready  /metrics  /config
 
-Try it with the official MCP Python SDK, or with curl:
-  curl -s http://127.0.0.1:15001/mcp/demo -H 'content-type: application/json' \\
-    -H 'accept: application/json, text/event-stream' \\
-    -H 'mcp-protocol-version: 2026-07-28' -H 'mcp-method: tools/call' -H 'mcp-name: echo' \\
-    -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}'
-
-Ctrl-C stops both.
+Call a tool through the sidecar (the demo server's "add"):
+  $call
 MSG
+if [ "$MODE" = standalone ]; then
+  cat <<MSG
+Edit deploy/examples/resources/demo.yaml while it runs: a valid change is live within
+a second, an invalid one is logged and ignored.
+MSG
+else
+  admin_token=$(sed -n 's|^admin: "\(.*\)"|\1|p' "$TOKENS")
+  cat <<MSG
+Change what the agent may call, live, in another shell:
+  export TOOLMESH_CONTROL_PLANE=http://127.0.0.1:15010 TOOLMESH_ADMIN_TOKEN=$admin_token
+  $bin/toolmeshctl status                       # the fleet: this sidecar and its version
+  $bin/toolmeshctl get accesspolicy demo-agents
+  $bin/toolmeshctl apply -f deploy/examples/changes/echo-only.yaml
+  # the same call now answers -32088 "not permitted"; put it back with
+  $bin/toolmeshctl apply -f deploy/examples/resources/
+MSG
+fi
+echo
+echo "Ctrl-C stops everything."
 wait

@@ -335,3 +335,41 @@ async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
     assert!(status.contains("yes"), "{status}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_quickstart_examples_change_what_the_agent_may_call() -> Result<()> {
+    let server = DemoServer::start(&[]).await?;
+    let examples = toolmesh_tests::workspace_root().join("deploy/examples");
+    let demo = std::fs::read_to_string(examples.join("resources/demo.yaml"))?;
+    // The example names the quickstart's fixed port; the test's server has its own.
+    let seed = demo.replace("http://127.0.0.1:3001/mcp", &server.url());
+    assert_ne!(seed, demo, "the example's endpoint moved: update this test");
+    let dir = TempDir::new("cp")?;
+    let cp = ControlPlane::start(&dir.0, 0, &seed).await?; // agents/* covers IDENTITY
+    let sidecar = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
+    assert!(
+        eventually(10, || async {
+            call(&sidecar, "add").await.ok() == Some((200, None))
+        })
+        .await,
+        "{}",
+        sidecar.logs()
+    );
+
+    let change = examples.join("changes/echo-only.yaml");
+    let (ok, out, err) = cp
+        .ctl(&["apply", "-f", &change.to_string_lossy()], None)
+        .await?;
+    assert!(
+        ok && out.contains("AccessPolicy/demo-agents configured"),
+        "{out}{err}"
+    );
+    assert!(
+        eventually(5, || async {
+            call(&sidecar, "add").await.ok() == Some((200, Some(-32088)))
+        })
+        .await
+    );
+    assert_eq!(call(&sidecar, "echo").await?, (200, None));
+    Ok(())
+}

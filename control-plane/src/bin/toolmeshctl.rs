@@ -15,7 +15,11 @@ use toolmesh_proto::v1alpha1::admin_service_client::AdminServiceClient;
 
 /// toolmeshctl: manage toolmesh resources and watch the sidecar fleet.
 #[derive(Debug, Parser)]
-#[command(name = "toolmeshctl", version, about)]
+#[command(
+    name = "toolmeshctl",
+    version,
+    about = "Manage toolmesh resources and watch the sidecar fleet"
+)]
 struct Cli {
     /// Control plane gRPC URL (https:// for TLS).
     #[arg(
