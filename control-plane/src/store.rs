@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -78,7 +79,13 @@ impl FileStore {
         let bytes = serde_json::to_vec_pretty(&docs).map_err(|e| e.to_string())?;
         let tmp = self.path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
+            // Secrets live in this file: owner-only.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)
@@ -182,6 +189,14 @@ mod tests {
             ["McpServer/s unchanged", "Secret/k unchanged"]
         );
         assert!(changes.has_changed().expect("open channel"));
+        let mode = std::fs::metadata(dir.join("resources.json"))
+            .expect("stored")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "secrets inside"
+        );
 
         // Deleting the secret a server uses would break the set.
         assert!(store.delete(Kind::Secret, "k").is_err());

@@ -13,6 +13,8 @@
 //! This module does not serve traffic; it only feeds [`Active`].
 
 use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,7 +114,16 @@ impl Discovery {
                 std::fs::create_dir_all(dir)?;
             }
             let tmp = path.with_extension("pb.tmp");
-            std::fs::write(&tmp, snapshot.encode_to_vec())?;
+            // The snapshot holds this identity's credentials: owner-only, and synced
+            // before the rename so a crash leaves the old file or the new one, whole.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&snapshot.encode_to_vec())?;
+            file.sync_all()?;
             std::fs::rename(&tmp, path)
         };
         if let Err(e) = write(&path) {

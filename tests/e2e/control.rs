@@ -308,6 +308,12 @@ async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
     // Restart the sidecar while the control plane is still down: it serves at once from
     // the snapshot it persisted.
     let state = sidecar.stop().await?;
+    let persisted = std::fs::metadata(state.0.join("state/snapshot.pb"))?.permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&persisted) & 0o777,
+        0o600,
+        "it holds credentials"
+    );
     let sidecar = Sidecar::connect_in(state, &url, SIDECAR_TOKEN, &[]).await?;
     assert_eq!(
         admin(&sidecar, "/ready").await?.0,
