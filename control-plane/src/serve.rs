@@ -138,7 +138,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
-    tokio::spawn(serve_admin(admin, metrics));
+    tokio::spawn(serve_admin(admin, metrics, cp.clone()));
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
@@ -187,18 +187,31 @@ async fn shutdown() {
 async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    cp: Arc<ControlPlane>,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
+        let cp = cp.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
+                let stopping = cp.is_stopping();
                 async move {
                     let (status, body) = match req.uri().path() {
                         "/live" => (StatusCode::OK, "live\n".to_owned()),
+                        "/ready" if stopping => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "shutting down\n".to_owned(),
+                        ),
                         "/ready" => (StatusCode::OK, "ready\n".to_owned()),
                         "/metrics" => (StatusCode::OK, metrics.render()),
                         _ => (

@@ -63,6 +63,10 @@ impl ControlPlane {
         self.stopping.send_replace(true);
     }
 
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     /// Resolves once [`ControlPlane::stop`] has been called.
     pub async fn stopped(&self) {
         let mut rx = self.stopping.subscribe();
