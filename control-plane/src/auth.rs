@@ -195,18 +195,14 @@ mod tests {
 
     #[test]
     fn short_or_shared_tokens_are_refused_with_the_entry_named() {
-        let err = load("admin: short\nsidecars:\n  a/one: also-short\n")
-            .err()
-            .expect("short");
+        let err = load("admin: short\nsidecars:\n  a/one: also-short\n").expect_err("short");
         assert!(
             err.contains("admin:") && err.contains("sidecars.a/one"),
             "{err}"
         );
         let err = load(
             "admin: admin-token-0123456789\nsidecars:\n  a/one: shared-token-0123456789\n  b/two: shared-token-0123456789\n",
-        )
-        .err()
-        .expect("shared");
+        ).expect_err("shared");
         assert!(
             err.contains("sidecars.b/two") && err.contains("a/one"),
             "{err}"

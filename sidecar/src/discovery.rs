@@ -48,6 +48,32 @@ pub struct Discovery {
     pub active: Arc<Active>,
 }
 
+/// An error and its sources, `outer: inner: root` (tonic's own text stops at the
+/// outermost, e.g. "transport error", which hides a TLS or DNS cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let next = inner.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = inner.source();
+    }
+    text
+}
+
+/// A gRPC status as the code, the message and any transport cause.
+fn status(s: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", s.code(), s.message());
+    if let Some(cause) = std::error::Error::source(s) {
+        text.push_str(": ");
+        text.push_str(&chain(cause));
+    }
+    text
+}
+
 /// Checks a snapshot must pass before it is compiled.
 pub fn vet(snapshot: &pb::Snapshot, identity: &str, require_https: bool) -> Result<(), String> {
     if snapshot.identity != identity {
@@ -142,8 +168,11 @@ impl Discovery {
                     tracing::warn!(url = %self.url, "control plane closed the stream; reconnecting");
                     backoff = BACKOFF_START;
                 }
-                Err(e) => {
+                Err(e) if self.active.is_loaded() => {
                     tracing::warn!(url = %self.url, error = %e, retry_in = ?backoff, "control plane unreachable; serving the last good snapshot")
+                }
+                Err(e) => {
+                    tracing::warn!(url = %self.url, error = %e, retry_in = ?backoff, "control plane unreachable and no snapshot yet; not ready")
                 }
             }
             tokio::time::sleep(jitter(backoff)).await;
@@ -169,7 +198,7 @@ impl Discovery {
         endpoint
             .connect()
             .await
-            .map_err(|e| format!("connect: {e}"))
+            .map_err(|e| format!("connect: {}", chain(&e)))
     }
 
     async fn session(&self) -> Result<(), String> {
@@ -196,15 +225,11 @@ impl Discovery {
         let mut pushes = client
             .stream(request)
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .map_err(|s| status(&s))?
             .into_inner();
         telemetry::control_plane_connected(true);
         tracing::info!(url = %self.url, "connected to the control plane");
-        while let Some(push) = pushes
-            .message()
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        {
+        while let Some(push) = pushes.message().await.map_err(|s| status(&s))? {
             let Some(snapshot) = push.snapshot else {
                 continue;
             };

@@ -379,3 +379,64 @@ async fn the_quickstart_examples_change_what_the_agent_may_call() -> Result<()> 
     assert_eq!(call(&sidecar, "echo").await?, (200, None));
     Ok(())
 }
+
+#[tokio::test]
+async fn without_dev_the_control_plane_speaks_tls_and_sidecars_verify_it() -> Result<()> {
+    let server = DemoServer::start(&[]).await?;
+    let dir = TempDir::new("cp-tls")?;
+    let seed = resources(&server.url(), r#"["echo"]"#);
+
+    // Neither --dev nor a certificate: refused before anything listens.
+    let mut bare = ControlPlane::command(&dir.0, 0, &seed)?;
+    bare.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let out = bare.output().await?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS is required"),
+        "{out:?}"
+    );
+
+    let pki = toolmesh_tests::TestPki::new(&dir.0)?;
+    let cp = ControlPlane::start_tls(&dir.0, &seed, &pki).await?;
+    assert!(cp.url().starts_with("https://127.0.0.1:"));
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let sidecar = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &["--ca-file", &ca]).await?;
+    assert!(
+        eventually(10, || async {
+            call(&sidecar, "echo").await.ok() == Some((200, None))
+        })
+        .await,
+        "{}",
+        sidecar.logs()
+    );
+    let (ok, status, err) = cp.ctl(&["status"], None).await?;
+    assert!(ok && status.contains(IDENTITY), "{status}{err}");
+
+    // A sidecar that does not trust the test CA (system roots) refuses the control plane;
+    // plaintext to the TLS port gets nowhere either.
+    let untrusting = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
+    let plaintext =
+        Sidecar::connect(&cp.url().replace("https://", "http://"), SIDECAR_TOKEN, &[]).await?;
+    assert!(
+        eventually(10, || async {
+            untrusting.logs().contains("UnknownIssuer")
+                && plaintext.logs().contains("no snapshot yet")
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        admin(&untrusting, "/ready").await?.0,
+        503,
+        "{}",
+        untrusting.logs()
+    );
+    assert_eq!(
+        admin(&plaintext, "/ready").await?.0,
+        503,
+        "{}",
+        plaintext.logs()
+    );
+    Ok(())
+}

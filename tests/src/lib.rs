@@ -367,11 +367,61 @@ pub struct ControlPlane {
     pub proc: Proc,
     pub grpc: SocketAddr,
     pub dir: PathBuf,
+    /// With TLS: the CA that signed the control plane's certificate.
+    pub ca: Option<PathBuf>,
+}
+
+/// A test CA and a certificate it signed for 127.0.0.1 and localhost (PEM files).
+#[derive(Debug)]
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    /// Make the CA and the server certificate in `dir`.
+    pub fn new(dir: &Path) -> Result<TestPki> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "toolmesh test CA");
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        let cert = params.signed_by(&key, &issuer)?;
+        let pki = TestPki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&pki.ca, ca_cert.pem())?;
+        std::fs::write(&pki.cert, cert.pem())?;
+        std::fs::write(&pki.key, key.serialize_pem())?;
+        Ok(pki)
+    }
 }
 
 impl ControlPlane {
-    /// Start on `port` (0 for any) with `data_dir`, seeded with `seed` YAML.
+    /// Start on `port` (0 for any) with `data_dir`, seeded with `seed` YAML, plaintext (`--dev`).
     pub async fn start(data_dir: &Path, port: u16, seed: &str) -> Result<ControlPlane> {
+        Self::launch(data_dir, port, seed, None).await
+    }
+
+    /// Like [`ControlPlane::start`], serving TLS with `pki`'s certificate.
+    pub async fn start_tls(data_dir: &Path, seed: &str, pki: &TestPki) -> Result<ControlPlane> {
+        Self::launch(data_dir, 0, seed, Some(pki)).await
+    }
+
+    /// The command line of `serve` with everything but the TLS choice.
+    pub fn command(data_dir: &Path, port: u16, seed: &str) -> Result<Command> {
         std::fs::create_dir_all(data_dir)?;
         let tokens = data_dir.join("tokens.yaml");
         std::fs::write(
@@ -383,7 +433,7 @@ impl ControlPlane {
         let seed_file = data_dir.join("seed.yaml");
         std::fs::write(&seed_file, seed)?;
         let mut cmd = Command::new(binary("toolmesh-control-plane"));
-        cmd.args(["serve", "--dev", "--admin-listen", "127.0.0.1:0"])
+        cmd.args(["serve", "--admin-listen", "127.0.0.1:0"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(data_dir.join("store"))
@@ -391,6 +441,24 @@ impl ControlPlane {
             .arg(&tokens)
             .arg("--seed")
             .arg(&seed_file);
+        Ok(cmd)
+    }
+
+    async fn launch(
+        data_dir: &Path,
+        port: u16,
+        seed: &str,
+        tls: Option<&TestPki>,
+    ) -> Result<ControlPlane> {
+        let mut cmd = Self::command(data_dir, port, seed)?;
+        match tls {
+            Some(pki) => cmd
+                .arg("--tls-cert")
+                .arg(&pki.cert)
+                .arg("--tls-key")
+                .arg(&pki.key),
+            None => cmd.arg("--dev"),
+        };
         let mut proc = Proc::spawn("toolmesh-control-plane", cmd)?;
         let grpc = proc
             .wait_for("its listening line", |line| {
@@ -402,11 +470,13 @@ impl ControlPlane {
             proc,
             grpc,
             dir: data_dir.to_path_buf(),
+            ca: tls.map(|pki| pki.ca.clone()),
         })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
     /// Run toolmeshctl against this control plane; returns (success, stdout, stderr).
@@ -416,6 +486,7 @@ impl ControlPlane {
         cmd.args(args)
             .env("TOOLMESH_CONTROL_PLANE", self.url())
             .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
+            .envs(self.ca.as_ref().map(|ca| ("TOOLMESH_CA_FILE", ca)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
