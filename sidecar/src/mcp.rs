@@ -191,8 +191,47 @@ fn name_required(method: &str) -> bool {
     matches!(method, "tools/call" | "resources/read" | "prompts/get")
 }
 
+/// Deepest nesting of arrays and objects accepted in a body. serde_json (and so rmcp)
+/// refuses deeper input; other upstreams may overflow their stack on it.
+pub const MAX_DEPTH: usize = 128;
+
+/// Whether `body` nests arrays/objects deeper than [`MAX_DEPTH`]. One pass over the
+/// bytes, outside strings; the envelope parse below skips over values without
+/// counting depth, so without this an agent could hand any depth to the upstream.
+fn too_deep(body: &[u8]) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Parse a POST body into its envelope.
 pub fn parse(body: &[u8]) -> Result<Envelope<'_>, Rejection> {
+    if too_deep(body) {
+        return Err(Rejection::Parse(format!(
+            "JSON nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     match first {
         None => Err(Rejection::Parse("empty body".to_owned())),

@@ -450,6 +450,12 @@ fn rejection(r: Rejection) -> ProxyError {
 /// The endpoint for this request; with several endpoints, strips the affinity prefix
 /// from the agent's session id so the upstream sees its own id.
 fn pick_endpoint(route: &Route, headers: &mut http::HeaderMap) -> Result<usize, ProxyError> {
+    // Two session ids: the upstream might take one and the affinity the other.
+    if headers.get_all(mcp::HEADER_SESSION).iter().nth(1).is_some() {
+        return Err(ProxyError::InvalidRequest(
+            "more than one Mcp-Session-Id header".to_owned(),
+        ));
+    }
     if route.endpoints.len() <= 1 {
         return Ok(0);
     }

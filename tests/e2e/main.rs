@@ -1,5 +1,6 @@
-//! End-to-end tests: the real `toolmesh-sidecar` binary between real MCP clients and
-//! real MCP servers, each a separate process on an ephemeral loopback port.
+//! End-to-end tests: the real `toolmesh-sidecar` and `toolmesh-control-plane` binaries
+//! between real MCP clients and real MCP servers, each a separate process on an
+//! ephemeral loopback port.
 //!
 //! - `generations`: an rmcp client through the sidecar to the rmcp demo server, in
 //!   both protocol generations (sessions, SSE, progress, sampling, elicitation,
@@ -7,6 +8,11 @@
 //!   `input_required` rounds).
 //! - `wire`: raw HTTP for what SDK clients never send: header/body mismatches, bad
 //!   input, resumption with `Last-Event-ID`, credential hygiene.
+//! - `hostile`: the bad-input corpus, 71 malformed or hostile requests, each with its
+//!   documented answer, and proof the upstream only ran what policy allows.
+//! - `policy`: default deny, list filtering, rate limits, audit lines.
+//! - `control`: the control plane, `toolmeshctl` and sidecars in control-plane mode:
+//!   live policy changes, per-identity snapshots, NACKs, fail static, TLS.
 //! - `operations`: hot reload, admin endpoints, graceful shutdown.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `peers`: the reference server (`server-everything`) and the Python and
@@ -15,6 +21,7 @@
 mod conformance;
 mod control;
 mod generations;
+mod hostile;
 mod operations;
 mod peers;
 mod policy;

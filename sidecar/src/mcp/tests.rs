@@ -224,3 +224,25 @@ fn modern_notifications_and_discover() {
         Err(Rejection::Header(_))
     ));
 }
+
+#[test]
+fn nesting_is_limited_outside_strings_only() {
+    let nest = |n: usize| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"x":{}{}}}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        )
+    };
+    // params and the object around it are two levels.
+    assert!(parse(nest(MAX_DEPTH - 2).as_bytes()).is_ok());
+    assert!(
+        matches!(parse(nest(MAX_DEPTH - 1).as_bytes()), Err(Rejection::Parse(m)) if m.contains("deeper"))
+    );
+    // Brackets inside strings, escaped quotes included, do not count.
+    let stringy = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"x":"\"{}"}}}}"#,
+        "[".repeat(1000)
+    );
+    assert!(parse(stringy.as_bytes()).is_ok());
+}
