@@ -14,25 +14,11 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use toolmesh_tests::{DemoServer, Sidecar};
 
-use crate::support::admin;
+use crate::support::{admin, demo_config};
 
 /// Only `echo` is allowed; everything else is denied by default.
 fn config(url: &str) -> String {
-    format!(
-        r#"apiVersion: toolmesh.dev/v1alpha1
-kind: McpServer
-metadata: {{name: demo}}
-spec:
-  endpoints: [{{url: "{url}"}}]
----
-apiVersion: toolmesh.dev/v1alpha1
-kind: AccessPolicy
-metadata: {{name: echo-only}}
-spec:
-  subjects: [{{identity: "agents/*"}}]
-  rules: [{{server: demo, tools: ["echo"]}}]
-"#
-    )
+    demo_config(url, r#" [{server: demo, tools: ["echo"]}]"#)
 }
 
 /// What a case expects: HTTP status and the sidecar's JSON-RPC code, if it answers.

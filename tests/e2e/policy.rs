@@ -11,23 +11,13 @@ use rmcp::transport::StreamableHttpClientTransport;
 use serde_json::{Value, json};
 use toolmesh_tests::{DemoServer, IDENTITY, Sidecar};
 
-use crate::support::{Reply, admin, borrow, modern_call, modern_headers, post};
+use crate::support::{Reply, admin, borrow, demo_config, modern_call, modern_headers, post};
 
 /// The policy under test, for the demo server at `url`.
 fn config(url: &str) -> String {
-    format!(
-        r#"apiVersion: toolmesh.dev/v1alpha1
-kind: McpServer
-metadata: {{name: demo}}
-spec:
-  endpoints: [{{url: "{url}"}}]
----
-apiVersion: toolmesh.dev/v1alpha1
-kind: AccessPolicy
-metadata: {{name: triage}}
-spec:
-  subjects: [{{identity: "agents/*"}}]
-  rules:
+    demo_config(
+        url,
+        r#"
     - server: demo
       tools: ["echo", "sleep", "test_*"]
       resources: ["test://static-*"]
@@ -37,19 +27,19 @@ spec:
       action: deny
     - server: demo
       tools: ["request_headers"]
-      conditions: [{{argument: "mode", matches: "safe-*"}}]
-      audit: {{arguments: true}}
+      conditions: [{argument: "mode", matches: "safe-*"}]
+      audit: {arguments: true}
     - server: demo
       tools: ["add"]
-      rateLimit: {{requests: 2, per: 1s}}
+      rateLimit: {requests: 2, per: 1s}
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: AccessPolicy
-metadata: {{name: someone-else}}
+metadata: {name: someone-else}
 spec:
-  subjects: [{{identity: "other/*"}}]
-  rules: [{{server: demo, tools: ["*"]}}]
-"#
+  subjects: [{identity: "other/*"}]
+  rules: [{server: demo, tools: ["*"]}]
+"#,
     )
 }
 

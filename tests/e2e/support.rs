@@ -28,6 +28,26 @@ impl Stack {
     }
 }
 
+/// The McpServer `demo` at `url` and one AccessPolicy for `agents/*` whose `rules:`
+/// value is `rules` (YAML, flow or block style).
+pub fn demo_config(url: &str, rules: &str) -> String {
+    format!(
+        r#"apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {{name: demo}}
+spec:
+  endpoints: [{{url: "{url}"}}]
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: triage}}
+spec:
+  subjects: [{{identity: "agents/*"}}]
+  rules:{rules}
+"#
+    )
+}
+
 /// A response as the tests look at it.
 #[derive(Debug)]
 pub struct Reply {
