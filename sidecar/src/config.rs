@@ -20,6 +20,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_CONFIG_POLL: &str = "1s";
 /// How long in-flight requests and streams get to finish after SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "15s";
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 /// Time allowed to open a TCP (and TLS) connection to an upstream.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 
@@ -108,6 +109,10 @@ pub struct Config {
     /// After SIGTERM: how long in-flight requests and open streams get to finish.
     #[arg(long, env = "TOOLMESH_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
+
+    /// Time a client gets to send a request's headers once it starts a request (HTTP/1.1); a client slower than that is disconnected (slow-loris protection).
+    #[arg(long, env = "TOOLMESH_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
 
     /// Time allowed to connect to an upstream (TCP and TLS).
     #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = duration, value_name = "DURATION")]

@@ -97,6 +97,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         move |req| proxy.clone().handle(req),
         stop_rx,
         config.drain_timeout,
+        config.header_read_timeout,
     ));
     // The admin port keeps answering (503 on /ready) until the process exits.
     let (_admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -106,6 +107,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         move |req| admin.clone().handle(req),
         admin_stop_rx,
         config.drain_timeout,
+        config.header_read_timeout,
     ));
     let source_name = match &source {
         Source::File(_) => config

@@ -1,8 +1,9 @@
 //! Accepting connections and draining them on shutdown.
 //!
 //! One accept loop per port, HTTP/1.1 and HTTP/2 (prior knowledge) on the same socket
-//! via hyper-util's auto builder. Request headers must arrive within
-//! [`HEADER_READ_TIMEOUT`] (slow-loris protection). When shutdown is signalled the
+//! via hyper-util's auto builder. A new connection must show its protocol, and an
+//! HTTP/1.1 request its headers, within `--header-read-timeout` (slow-loris and
+//! idle-connection protection). When shutdown is signalled the
 //! loop stops accepting, asks every connection to finish gracefully (in-flight
 //! requests and open streams complete, idle keep-alive connections close) and waits
 //! up to the drain deadline; whatever is still open then is dropped.
@@ -20,22 +21,21 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::body::Body;
 
-/// Time a client gets to send a request's headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serve `handler` on `listener` until `shutdown` turns true, then drain for at most
-/// `drain`.
+/// `drain`. A connection's first bytes, and the headers of each HTTP/1.1 request, must
+/// arrive within `header_read`.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    header_read: Duration,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
@@ -44,7 +44,8 @@ pub async fn serve<H, F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read);
+    let builder = std::sync::Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -54,12 +55,19 @@ pub async fn serve<H, F>(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service_fn(handler.clone()))
-                    .into_owned();
-                let conn = graceful.watch(conn);
+                let (builder, handler) = (builder.clone(), handler.clone());
+                // Watched from accept on, so a drain also waits for (and closes)
+                // connections still showing their protocol.
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if !protocol_shown(&stream, header_read).await {
+                        tracing::debug!(listener = name, %peer, "closed: no request started in time");
+                        return;
+                    }
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service_fn(handler))
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -81,14 +89,48 @@ pub async fn serve<H, F>(
     }
 }
 
+/// Wait, at most `limit`, until the client has sent enough to tell HTTP/1.1 from the
+/// HTTP/2 preface; false if it closed or stalled. hyper-util's protocol detection has
+/// no timer and hyper's header timer starts after it, so without this a client that
+/// connects and sends nothing (or half a preface) would hold a descriptor forever.
+async fn protocol_shown(stream: &TcpStream, limit: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let shown = async {
+        let mut buf = [0u8; PREFACE.len()];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n == PREFACE.len() || buf[..n] != PREFACE[..n] => return true,
+                // Part of the preface: peek returns at once while those bytes wait
+                // unread, so poll for the rest.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, shown).await.unwrap_or(false)
+}
+
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // A dropped sender also means stop.
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Pending connections the kernel queues before `accept` (std's default is 128, which
+/// an agent opening a few hundred connections at once overflows into retransmits).
+const BACKLOG: u32 = 1024;
+
 /// Bind `addr`, naming the flag in the error.
 pub async fn bind(flag: &str, addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(BACKLOG)
+        })
         .map_err(|e| format!("{flag} {addr}: cannot bind: {e}"))
 }

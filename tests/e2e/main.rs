@@ -13,6 +13,8 @@
 //! - `policy`: default deny, list filtering, rate limits, audit lines.
 //! - `control`: the control plane, `toolmeshctl` and sidecars in control-plane mode:
 //!   live policy changes, per-identity snapshots, NACKs, fail static, TLS.
+//! - `faults`: faults under load (config swaps, control plane restarts, SIGTERM,
+//!   failing upstreams, dropped connections, slow-loris), each bounded to seconds.
 //! - `operations`: hot reload, admin endpoints, graceful shutdown.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `peers`: the reference server (`server-everything`) and the Python and
@@ -20,6 +22,7 @@
 
 mod conformance;
 mod control;
+mod faults;
 mod generations;
 mod hostile;
 mod operations;

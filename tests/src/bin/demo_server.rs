@@ -98,6 +98,8 @@ fn tools() -> Value {
             "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}},
         {"name": "sleep", "description": "Waits ms milliseconds, then answers", "inputSchema": {"type": "object",
             "properties": {"ms": {"type": "integer", "minimum": 0}}, "required": ["ms"]}},
+        {"name": "stream", "description": "Sends count progress notifications interval_ms apart (when the call has a progress token), then answers", "inputSchema": {"type": "object",
+            "properties": {"count": {"type": "integer", "minimum": 0}, "interval_ms": {"type": "integer", "minimum": 0}}, "required": ["count"]}},
         {"name": "request_headers", "description": "Returns the HTTP headers this request arrived with (a test aid: it shows what a proxy forwarded)", "inputSchema": none},
         {"name": "test_simple_text", "description": "Returns simple text", "inputSchema": none},
         {"name": "test_image_content", "description": "Returns an image", "inputSchema": none},
@@ -270,6 +272,23 @@ impl ServerHandler for Demo {
                 let ms = arg(&request, "ms").and_then(Value::as_u64).unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
                 text_result(format!("slept {ms} ms"))
+            }
+            "stream" => {
+                let count = arg(&request, "count").and_then(Value::as_u64).unwrap_or(0).min(10_000);
+                let interval = arg(&request, "interval_ms").and_then(Value::as_u64).unwrap_or(0).min(10_000);
+                let token = ctx.meta.get_progress_token();
+                for i in 0..count {
+                    if i > 0 && interval > 0 {
+                        tokio::time::sleep(Duration::from_millis(interval)).await;
+                    }
+                    if let Some(token) = &token {
+                        let _ = ctx
+                            .peer
+                            .notify_progress(ProgressNotificationParam::new(token.clone(), (i + 1) as f64).with_total(count as f64))
+                            .await;
+                    }
+                }
+                text_result(format!("sent {count} progress notifications"))
             }
             "request_headers" => {
                 let headers: serde_json::Map<String, Value> = ctx
