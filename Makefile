@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .cache/venv
 JS := tests/js
 
-.PHONY: help deps quickstart test lint ci clean-deps bench-propagation
+.PHONY: help deps quickstart test lint ci clean-deps bench bench-propagation
 
 help:
 	@echo "make quickstart  run the sidecar in front of the demo MCP server (Ctrl-C stops both)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test        run every test (installs the peers first)"
 	@echo "make lint        cargo fmt --check and clippy with warnings as errors"
 	@echo "make ci          what CI runs: lint, then test"
+	@echo "make bench       the sidecar against the direct path and nginx, in one run (release build; installs nginx if missing)"
 	@echo "make bench-propagation  time a policy change reaching 1,000 and 5,000 sidecars (release build)"
 
 deps: $(JS)/node_modules/.installed $(VENV)/.installed
@@ -43,6 +44,12 @@ ci: lint test
 
 # Release build of the control plane and the benchmark, then N simulated sidecars.
 SIDECARS ?= 1000 5000
+# BENCH_ARGS: e.g. --duration 10 --workload call-paced (see toolmesh-bench --help).
+bench:
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light)
+	$(CARGO) build --release -p toolmesh-sidecar -p toolmesh-control-plane -p toolmesh-tests --bin toolmesh-sidecar --bin toolmesh-control-plane --bin toolmesh-bench --bin toolmesh-bench-upstream
+	target/release/toolmesh-bench --out target/bench-report.md $(BENCH_ARGS)
+
 bench-propagation:
 	$(CARGO) build --release -p toolmesh-control-plane -p toolmesh-tests --bin toolmesh-control-plane --bin toolmesh-propagation
 	target/release/toolmesh-propagation $(foreach n,$(SIDECARS),--sidecars $(n))

@@ -98,6 +98,11 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<String>,
 
+    /// Threads serving requests; 0 means one per CPU the process may use (its cgroup
+    /// limit included). A sidecar usually gets 1 or 2.
+    #[arg(long, env = "TOOLMESH_WORKERS", default_value_t = 0, value_name = "N")]
+    pub workers: usize,
+
     /// Largest accepted request body in bytes; larger requests get 413.
     #[arg(long, env = "TOOLMESH_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES, value_name = "BYTES")]
     pub max_body_bytes: usize,

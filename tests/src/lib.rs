@@ -533,20 +533,21 @@ pub struct DemoServer {
     pub addr: SocketAddr,
 }
 
+/// The address in a `listening on http://ADDR/...` line (the test servers print one).
+pub fn listening_on(line: &str) -> Option<SocketAddr> {
+    line.strip_prefix("listening on http://")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
 impl DemoServer {
     pub async fn start(extra: &[&str]) -> Result<DemoServer> {
         let mut cmd = Command::new(binary("toolmesh-demo-server"));
         cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
         let mut proc = Proc::spawn("toolmesh-demo-server", cmd)?;
-        let addr = proc
-            .wait_for("its listening line", |l| {
-                l.strip_prefix("listening on http://")?
-                    .split('/')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .await?;
+        let addr = proc.wait_for("its listening line", listening_on).await?;
         Ok(DemoServer { proc, addr })
     }
 
@@ -608,5 +609,55 @@ impl Everything {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+}
+
+/// Helpers the benchmark binaries share: process usage from `/proc`, percentiles,
+/// sibling binaries.
+pub mod measure {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use anyhow::{Context, Result};
+
+    /// Peak and current RSS (KiB) and CPU seconds (user + system) of a process, from
+    /// `/proc`.
+    pub fn usage(pid: u32) -> Result<(u64, u64, f64)> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = |key: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_default()
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces) start at index 2.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok((kib("VmHWM:"), kib("VmRSS:"), ticks as f64 / 100.0))
+    }
+
+    /// The `p` quantile (0..=1) of an ascending, non-empty slice.
+    pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+        sorted[i]
+    }
+
+    /// A binary built next to the running one (benchmarks run release builds that
+    /// `make` put side by side in `target/release`).
+    pub fn sibling(name: &str) -> Result<PathBuf> {
+        let exe = std::env::current_exe()?;
+        let path = exe.parent().context("the binary's directory")?.join(name);
+        anyhow::ensure!(
+            path.exists(),
+            "{} is missing: build it with the same profile",
+            path.display()
+        );
+        Ok(path)
     }
 }

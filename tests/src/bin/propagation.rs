@@ -12,7 +12,6 @@
 //! It does not simulate what a real sidecar does with a snapshot (compiling it takes
 //! microseconds and happens in parallel across pods); it measures the control plane.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use toolmesh_proto::v1alpha1 as pb;
 use toolmesh_proto::v1alpha1::admin_service_client::AdminServiceClient;
 use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
 use toolmesh_proto::v1alpha1::snapshot_service_client::SnapshotServiceClient;
+use toolmesh_tests::measure::{percentile, sibling, usage};
 use toolmesh_tests::{Proc, TempDir};
 
 #[derive(Debug, Parser)]
@@ -119,32 +119,6 @@ async fn sidecar(
     Ok(())
 }
 
-/// Peak and current RSS (KiB) and CPU seconds of a process, from /proc.
-fn usage(pid: u32) -> Result<(u64, u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_default()
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at index 2.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok((kib("VmHWM:"), kib("VmRSS:"), ticks as f64 / 100.0))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
@@ -203,11 +177,7 @@ async fn measure(args: &Args, n: usize) -> Result<()> {
     let seed = dir.0.join("seed.yaml");
     std::fs::write(&seed, resources(args.servers, 0))?;
 
-    let exe = std::env::current_exe()?;
-    let binary: PathBuf = exe
-        .parent()
-        .context("exe dir")?
-        .join("toolmesh-control-plane");
+    let binary = sibling("toolmesh-control-plane")?;
     let mut cmd = tokio::process::Command::new(&binary);
     cmd.args([
         "serve",

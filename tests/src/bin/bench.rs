@@ -1,0 +1,897 @@
+//! The data-plane benchmark: the same MCP load, in one run on one machine, against
+//!
+//! - **direct**: `toolmesh-bench-upstream` itself;
+//! - **sidecar**: `toolmesh-sidecar` in front of it with a realistic policy (50 rules,
+//!   list filtering, rate limits that never trigger, credential injection, audit to a
+//!   file);
+//! - **nginx**: a plain reverse proxy that does not parse MCP (Debian's nginx, same
+//!   worker count as the sidecar), the floor for "any proxy at all".
+//!
+//! Workloads: a small `tools/call` paced at `--rate` per second (the latency target)
+//! and unpaced (throughput); a 1 MiB result; an SSE response of 100 progress events;
+//! `tools/list` of 500 tools (filtered by the sidecar); `--clients` concurrent
+//! 2025-11-25 sessions and as many stateless 2026-07-28 clients. The load generator is
+//! this process: one HTTP/1.1 connection per client, closed loop (each client sends
+//! its next request when the last answer has fully arrived) except the paced run.
+//! Every answer is checked (status 200, a JSON-RPC result); failures are counted.
+//!
+//! Reported per workload and target: throughput, latency percentiles, the proxy's CPU
+//! time per 1,000 requests and its peak RSS; then the sidecar's ratios against direct
+//! and against nginx. Also: the sidecar's idle RSS and its start-to-ready time from a
+//! persisted snapshot (control plane down) and from a config file.
+//!
+//! Build and run with `make bench` (release binaries; installs nginx if missing).
+//! It measures; it asserts nothing but that answers are correct.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::process::Command;
+use tokio::sync::{Barrier, watch};
+use toolmesh_tests::measure::{percentile, sibling, usage};
+use toolmesh_tests::{Proc, TempDir};
+
+#[derive(Debug, Parser)]
+#[command(about = "The sidecar against the direct path and nginx, in one run")]
+struct Args {
+    /// Seconds each closed-loop workload runs against each target.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of the paced latency run.
+    #[arg(long, default_value_t = 10.0)]
+    paced_duration: f64,
+    /// Requests per second of the paced run.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Concurrent clients of the sessions and stateless workloads.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Worker threads of the sidecar and worker processes of nginx (the same CPU
+    /// budget for both proxies).
+    #[arg(long, default_value_t = 1)]
+    proxy_workers: usize,
+    /// Run only these workloads (repeat the flag): call-paced, call, big, sse, list,
+    /// sessions, stateless.
+    #[arg(long = "workload")]
+    workloads: Vec<String>,
+    /// Leave nginx out (when it is not installed).
+    #[arg(long)]
+    no_nginx: bool,
+    /// Also write the Markdown report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+const IDENTITY: &str = "agents/bench";
+const SIDECAR_TOKEN: &str = "bench-sidecar-token-0123456789abcdef";
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+
+/// What a workload asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Call {
+    Small,
+    Big,
+    Progress,
+    List,
+}
+
+#[derive(Debug, Clone)]
+struct Workload {
+    name: &'static str,
+    what: String,
+    call: Call,
+    clients: usize,
+    /// Total requests per second across clients; `None` is closed loop.
+    rate: Option<u32>,
+    /// 2025-11-25 sessions (initialize first) instead of stateless 2026-07-28 requests.
+    sessions: bool,
+    secs: f64,
+}
+
+/// Where a workload is sent.
+#[derive(Debug)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    path: &'static str,
+    /// The proxy process (none for direct).
+    pid: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    ok: u64,
+    failed: u64,
+    secs: f64,
+    latencies: Vec<Duration>,
+    cpu_ms_per_1k: Option<f64>,
+    peak_rss_kib: Option<u64>,
+    error: Option<String>,
+}
+
+impl Outcome {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+
+    fn p(&self, q: f64) -> Duration {
+        if self.latencies.is_empty() {
+            Duration::ZERO
+        } else {
+            percentile(&self.latencies, q)
+        }
+    }
+}
+
+fn body(call: Call, id: u64, sessions: bool) -> Bytes {
+    let (method, params) = match call {
+        Call::List => ("tools/list", serde_json::json!({})),
+        Call::Small => (
+            "tools/call",
+            serde_json::json!({"name": "small", "arguments": {"text": "hello"}}),
+        ),
+        Call::Big => (
+            "tools/call",
+            serde_json::json!({"name": "big", "arguments": {}}),
+        ),
+        Call::Progress => (
+            "tools/call",
+            serde_json::json!({"name": "progress", "arguments": {}, "_meta": {"progressToken": "p"}}),
+        ),
+    };
+    let mut params = params;
+    if !sessions {
+        let meta = &mut params["_meta"];
+        meta["io.modelcontextprotocol/protocolVersion"] = "2026-07-28".into();
+        meta["io.modelcontextprotocol/clientCapabilities"] = serde_json::json!({});
+        meta["io.modelcontextprotocol/clientInfo"] =
+            serde_json::json!({"name": "toolmesh-bench", "version": "0"});
+    }
+    Bytes::from(
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+            .to_string(),
+    )
+}
+
+fn request(
+    target: &Target,
+    call: Call,
+    id: u64,
+    session: Option<&str>,
+) -> Result<Request<Full<Bytes>>> {
+    let mut req = Request::post(target.path)
+        .header(header::HOST, target.addr.to_string())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json, text/event-stream");
+    req = match session {
+        Some(session) => req
+            .header("mcp-protocol-version", "2025-11-25")
+            .header("mcp-session-id", session),
+        None => {
+            let req = req.header("mcp-protocol-version", "2026-07-28").header(
+                "mcp-method",
+                if call == Call::List {
+                    "tools/list"
+                } else {
+                    "tools/call"
+                },
+            );
+            match call {
+                Call::List => req,
+                Call::Small => req.header("mcp-name", "small"),
+                Call::Big => req.header("mcp-name", "big"),
+                Call::Progress => req.header("mcp-name", "progress"),
+            }
+        }
+    };
+    Ok(req.body(Full::new(body(call, id, session.is_some())))?)
+}
+
+async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// Send one request and read the whole answer; an error unless it is a 200 carrying
+/// a JSON-RPC result. Returns the response's `Mcp-Session-Id`, if any.
+async fn exchange(
+    send: &mut SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Option<String>> {
+    send.ready().await?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status();
+    let session = resp
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut body = resp.into_body();
+    let (mut head, mut tail) = (Vec::new(), Bytes::new());
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if head.len() < 128 {
+                head.extend_from_slice(&data[..data.len().min(128)]);
+            }
+            tail = data;
+        }
+    }
+    let found = |b: &[u8]| b.windows(8).any(|w| w == b"\"result\"");
+    let tail = &tail[tail.len().saturating_sub(512)..];
+    if status != 200 || !(found(&head) || found(tail)) {
+        bail!(
+            "{status}: {}",
+            String::from_utf8_lossy(&head[..head.len().min(200)])
+        );
+    }
+    Ok(session)
+}
+
+/// One client: connect (and open a session), wait for the others, then send until
+/// the deadline. Returns latencies and failures.
+async fn client(
+    target: Arc<Target>,
+    w: Arc<Workload>,
+    index: usize,
+    ready: Arc<Barrier>,
+    mut go: watch::Receiver<Option<Instant>>,
+) -> Result<(Vec<Duration>, u64, Option<String>)> {
+    let mut send = connect(target.addr).await?;
+    let session = if w.sessions {
+        let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "toolmesh-bench", "version": "0"}}});
+        let req = Request::post(target.path)
+            .header(header::HOST, target.addr.to_string())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .body(Full::new(Bytes::from(init.to_string())))?;
+        let session = exchange(&mut send, req)
+            .await?
+            .context("initialize answered without a session id")?;
+        let note = Request::post(target.path)
+            .header(header::HOST, target.addr.to_string())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-11-25")
+            .header("mcp-session-id", &session)
+            .body(Full::new(Bytes::from_static(
+                br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            )))?;
+        send.ready().await?;
+        let resp = send.send_request(note).await?;
+        let _ = resp.into_body().collect().await?;
+        Some(session)
+    } else {
+        None
+    };
+    ready.wait().await;
+    let start = loop {
+        if let Some(at) = *go.borrow_and_update() {
+            break at;
+        }
+        go.changed().await?;
+    };
+    let deadline = start + Duration::from_secs_f64(w.secs);
+    let mut latencies = Vec::with_capacity(4096);
+    let (mut failed, mut error) = (0u64, None);
+    let mut pace = w.rate.map(|rate| {
+        let every = Duration::from_secs_f64(w.clients as f64 / rate as f64);
+        // Spread the clients over the period so the load is even.
+        let offset = every.mul_f64(index as f64 / w.clients as f64);
+        let mut interval = tokio::time::interval_at((start + offset).into(), every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        interval
+    });
+    let mut id = 1u64;
+    loop {
+        if let Some(pace) = &mut pace {
+            pace.tick().await;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        id += 1;
+        let req = request(&target, w.call, id, session.as_deref())?;
+        let sent = Instant::now();
+        match exchange(&mut send, req).await {
+            Ok(_) => latencies.push(sent.elapsed()),
+            Err(e) => {
+                failed += 1;
+                error.get_or_insert_with(|| e.to_string());
+                // A failed exchange may have broken the connection: open another.
+                send = connect(target.addr).await?;
+            }
+        }
+    }
+    Ok((latencies, failed, error))
+}
+
+/// Sample a process's RSS every 10 ms until `stop`; the peak in KiB.
+fn sample_rss(pid: u32, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut peak = 0;
+        loop {
+            if let Ok((_, rss, _)) = usage(pid) {
+                peak = peak.max(rss);
+            }
+            tokio::select! {
+                _ = stop.changed() => return peak,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    })
+}
+
+async fn run(target: Arc<Target>, w: &Workload) -> Result<Outcome> {
+    let w = Arc::new(w.clone());
+    let ready = Arc::new(Barrier::new(w.clients + 1));
+    let (go_tx, go) = watch::channel(None);
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..w.clients {
+        clients.spawn(client(
+            target.clone(),
+            w.clone(),
+            i,
+            ready.clone(),
+            go.clone(),
+        ));
+    }
+    // Every client connected (and initialized) before the clock starts.
+    tokio::select! {
+        _ = ready.wait() => {}
+        Some(done) = clients.join_next() => {
+            done??;
+            bail!("a client ended before the start");
+        }
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    let sampler = target.pid.map(|pid| sample_rss(pid, stop));
+    let cpu_before = match target.pid {
+        Some(pid) => Some(usage(pid)?.2),
+        None => None,
+    };
+    let started = Instant::now();
+    go_tx.send_replace(Some(started));
+    let mut out = Outcome::default();
+    while let Some(done) = clients.join_next().await {
+        let (latencies, failed, error) = done??;
+        out.ok += latencies.len() as u64;
+        out.latencies.extend(latencies);
+        out.failed += failed;
+        if out.error.is_none() {
+            out.error = error;
+        }
+    }
+    out.secs = started.elapsed().as_secs_f64();
+    if let (Some(pid), Some(before)) = (target.pid, cpu_before) {
+        let cpu = usage(pid)?.2 - before;
+        out.cpu_ms_per_1k = Some(cpu * 1000.0 / (out.ok.max(1) as f64 / 1000.0));
+    }
+    stop_tx.send_replace(true);
+    if let Some(sampler) = sampler {
+        out.peak_rss_kib = Some(sampler.await?);
+    }
+    out.latencies.sort_unstable();
+    Ok(out)
+}
+
+/// The sidecar's resources: the bench server (with a credential) among ten others,
+/// and one policy of 50 rules for this identity.
+fn resources(upstream: &str) -> String {
+    let mut yaml = format!(
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: bench}}\nspec:\n  endpoints: [{{url: \"{upstream}\"}}]\n  credential: {{header: Authorization, secretRef: {{name: bench-token, key: token}}, prefix: \"Bearer \"}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {{name: bench-token}}\ndata: {{token: \"bench-upstream-credential\"}}\n"
+    );
+    for i in 0..10 {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: other-{i}}}\nspec:\n  endpoints: [{{url: \"http://127.0.0.1:9/mcp\"}}]\n"
+        );
+    }
+    yaml.push_str("---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: bench-agents}\nspec:\n  subjects: [{identity: \"agents/*\"}]\n  rules:\n");
+    for i in 0..45 {
+        let _ = writeln!(
+            yaml,
+            "    - {{server: other-{}, tools: [\"tool{i}_*\", \"x{i}\"]{}}}",
+            i % 10,
+            match i % 3 {
+                0 => ", conditions: [{argument: \"mode\", matches: \"safe-*\"}]".to_owned(),
+                1 => ", rateLimit: {requests: 100, per: 1s}".to_owned(),
+                _ => String::new(),
+            }
+        );
+    }
+    yaml.push_str(
+        "    - {server: bench, tools: [\"t4*\"], action: deny}\n\
+         \x20   - {server: bench, tools: [\"t0*\", \"t1*\", \"t2*\", \"t3*\", \"t4*\"]}\n\
+         \x20   - {server: bench, tools: [\"small\"], rateLimit: {requests: 100000000, per: 1s}}\n\
+         \x20   - {server: bench, tools: [\"big\", \"progress\"], rateLimit: {requests: 100000000, per: 1s, scope: rule}}\n\
+         \x20   - {server: bench, tools: [\"echo*\"], audit: {arguments: true}}\n",
+    );
+    yaml
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn start_upstream() -> Result<(Proc, SocketAddr)> {
+    let mut cmd = Command::new(sibling("toolmesh-bench-upstream")?);
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "1"]);
+    let mut proc = Proc::spawn("toolmesh-bench-upstream", cmd)?;
+    let addr = proc
+        .wait_for("its listening line", toolmesh_tests::listening_on)
+        .await?;
+    Ok((proc, addr))
+}
+
+fn sidecar_command(args: &Args, mcp: u16, admin: u16) -> Result<Command> {
+    let mut cmd = Command::new(sibling("toolmesh-sidecar")?);
+    cmd.args(["--identity", IDENTITY, "--log", "warn"])
+        .args(["--listen", &format!("127.0.0.1:{mcp}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--workers", &args.proxy_workers.to_string()]);
+    Ok(cmd)
+}
+
+/// Start `cmd` and time it until `GET /ready` on `admin` answers 200.
+async fn time_to_ready(cmd: Command, admin: u16) -> Result<(Proc, Duration)> {
+    let started = Instant::now();
+    let proc = Proc::spawn("toolmesh-sidecar", cmd)?;
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{admin}/ready");
+    loop {
+        if let Ok(r) = client.get(&url).send().await
+            && r.status() == 200
+        {
+            return Ok((proc, started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("not ready after 10 s:\n{}", proc.output.text());
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// Start-to-ready, median and max of `rounds`: from a persisted snapshot with the
+/// control plane down, and from a config file.
+async fn startup(args: &Args, dir: &Path, upstream: &str) -> Result<String> {
+    let seed = dir.join("seed.yaml");
+    std::fs::write(&seed, resources(upstream))?;
+    let tokens = dir.join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        format!("admin: \"{ADMIN_TOKEN}\"\nsidecars:\n  {IDENTITY}: \"{SIDECAR_TOKEN}\"\n"),
+    )?;
+    let token_file = dir.join("sidecar.token");
+    std::fs::write(&token_file, SIDECAR_TOKEN)?;
+    let state = dir.join("state");
+    let mut cmd = Command::new(sibling("toolmesh-control-plane")?);
+    cmd.args([
+        "serve",
+        "--dev",
+        "--log",
+        "warn,toolmesh_control_plane::serve=info",
+    ])
+    .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+    .arg("--data-dir")
+    .arg(dir.join("store"))
+    .arg("--tokens")
+    .arg(&tokens)
+    .arg("--seed")
+    .arg(&seed)
+    .stdin(Stdio::null());
+    let mut cp = Proc::spawn("toolmesh-control-plane", cmd)?;
+    let grpc: SocketAddr = cp
+        .wait_for("its listening line", |line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["message"] == "listening").then(|| v["grpc"].as_str()?.parse().ok())?
+        })
+        .await?;
+    let url = format!("http://{grpc}");
+    let connected = || -> Result<(Command, u16)> {
+        let (mcp, admin) = (free_port()?, free_port()?);
+        let mut cmd = sidecar_command(args, mcp, admin)?;
+        cmd.args(["--control-plane", &url])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--state-dir")
+            .arg(&state);
+        Ok((cmd, admin))
+    };
+    // Once with the control plane up, to persist a snapshot.
+    let (first, admin) = connected()?;
+    let (mut sidecar, online) = time_to_ready(first, admin).await?;
+    sidecar.terminate().await?;
+    cp.terminate().await?;
+    let rounds = 10;
+    let mut persisted = Vec::new();
+    for _ in 0..rounds {
+        // The control plane is gone: its address refuses connections.
+        let (cmd, admin) = connected()?;
+        let (mut sidecar, took) = time_to_ready(cmd, admin).await?;
+        persisted.push(took);
+        sidecar.terminate().await?;
+    }
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, resources(upstream))?;
+    let mut from_file = Vec::new();
+    for _ in 0..rounds {
+        let (mcp, admin) = (free_port()?, free_port()?);
+        let mut cmd = sidecar_command(args, mcp, admin)?;
+        cmd.arg("--config").arg(&config);
+        let (mut sidecar, took) = time_to_ready(cmd, admin).await?;
+        from_file.push(took);
+        sidecar.terminate().await?;
+    }
+    persisted.sort_unstable();
+    from_file.sort_unstable();
+    Ok(format!(
+        "| start to ready | median | max |\n|---|---:|---:|\n\
+         | from a persisted snapshot, control plane down ({rounds} starts) | {} | {} |\n\
+         | from a config file ({rounds} starts) | {} | {} |\n\
+         | first start, snapshot from the control plane | {} | |\n",
+        ms(percentile(&persisted, 0.5)),
+        ms(persisted[rounds - 1]),
+        ms(percentile(&from_file, 0.5)),
+        ms(from_file[rounds - 1]),
+        ms(online),
+    ))
+}
+
+fn nginx_conf(dir: &Path, listen: u16, upstream: SocketAddr, workers: usize) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes {workers};\n\
+         daemon off;\n\
+         master_process on;\n\
+         pid {d}/nginx.pid;\n\
+         error_log stderr warn;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n\
+         \x20 access_log off;\n\
+         \x20 client_body_temp_path {d}/body;\n\
+         \x20 proxy_temp_path {d}/proxy;\n\
+         \x20 fastcgi_temp_path {d}/fastcgi;\n\
+         \x20 uwsgi_temp_path {d}/uwsgi;\n\
+         \x20 scgi_temp_path {d}/scgi;\n\
+         \x20 keepalive_requests 100000000;\n\
+         \x20 keepalive_timeout 300s;\n\
+         \x20 upstream bench {{ server {upstream}; keepalive 1024; keepalive_requests 100000000; }}\n\
+         \x20 server {{\n\
+         \x20   listen 127.0.0.1:{listen} backlog=1024;\n\
+         \x20   location /mcp/bench {{\n\
+         \x20     proxy_pass http://bench/mcp;\n\
+         \x20     proxy_http_version 1.1;\n\
+         \x20     proxy_set_header Connection \"\";\n\
+         \x20     proxy_buffering off;\n\
+         \x20     proxy_request_buffering off;\n\
+         \x20   }}\n\
+         \x20 }}\n\
+         }}\n"
+    )
+}
+
+async fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(dir, port, upstream, workers))?;
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("nginx is not installed (apt-get install nginx-light, or pass --no-nginx)")?;
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg("stderr");
+    let proc = Proc::spawn("nginx", cmd)?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok((proc, port));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("nginx did not listen:\n{}", proc.output.text())
+}
+
+/// nginx's worker: the process that does the proxying (the master only supervises).
+fn nginx_worker(master: u32) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn workloads(args: &Args) -> Vec<Workload> {
+    let w = |name, what: String, call, clients, rate, sessions, secs| Workload {
+        name,
+        what,
+        call,
+        clients,
+        rate,
+        sessions,
+        secs,
+    };
+    let all = vec![
+        w(
+            "call-paced",
+            format!(
+                "small `tools/call`, {} requests/s over 10 connections",
+                args.rate
+            ),
+            Call::Small,
+            10,
+            Some(args.rate),
+            false,
+            args.paced_duration,
+        ),
+        w(
+            "call",
+            "small `tools/call`, 16 connections, closed loop".into(),
+            Call::Small,
+            16,
+            None,
+            false,
+            args.duration,
+        ),
+        w(
+            "big",
+            "`tools/call` with a 1 MiB result, 4 connections".into(),
+            Call::Big,
+            4,
+            None,
+            false,
+            args.duration,
+        ),
+        w(
+            "sse",
+            "SSE response of 100 progress events + result, 8 connections".into(),
+            Call::Progress,
+            8,
+            None,
+            false,
+            args.duration,
+        ),
+        w(
+            "list",
+            "`tools/list` of 500 tools (the sidecar filters to 400), 8 connections".into(),
+            Call::List,
+            8,
+            None,
+            false,
+            args.duration,
+        ),
+        w(
+            "sessions",
+            format!(
+                "{} concurrent 2025-11-25 sessions, small `tools/call`",
+                args.clients
+            ),
+            Call::Small,
+            args.clients,
+            None,
+            true,
+            args.duration,
+        ),
+        w(
+            "stateless",
+            format!(
+                "{} concurrent stateless 2026-07-28 clients, small `tools/call`",
+                args.clients
+            ),
+            Call::Small,
+            args.clients,
+            None,
+            false,
+            args.duration,
+        ),
+    ];
+    all.into_iter()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
+        .collect()
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 {
+        "–".into()
+    } else {
+        format!("{:.2}×", a / b)
+    }
+}
+
+fn table(w: &Workload, results: &[(&Target, Outcome)]) -> String {
+    let mut t = format!(
+        "### {} — {}\n\n| path | req/s | p50 | p90 | p99 | p99.9 | proxy CPU ms / 1k req | proxy peak RSS | failed |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        w.name, w.what
+    );
+    for (target, o) in results {
+        let _ = writeln!(
+            t,
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            target.name,
+            o.rps(),
+            us(o.p(0.5)),
+            us(o.p(0.9)),
+            us(o.p(0.99)),
+            us(o.p(0.999)),
+            o.cpu_ms_per_1k.map_or("–".into(), |c| format!("{c:.1}")),
+            o.peak_rss_kib
+                .map_or("–".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            o.failed,
+        );
+    }
+    let find = |name| results.iter().find(|(t, _)| t.name == name).map(|(_, o)| o);
+    if let Some(side) = find("sidecar") {
+        for base in ["direct", "nginx"] {
+            let Some(b) = find(base) else { continue };
+            let lat = |q| {
+                let (s, d) = (side.p(q), b.p(q));
+                format!(
+                    "{} ({:+.0} µs)",
+                    ratio(s.as_secs_f64(), d.as_secs_f64()),
+                    (s.as_secs_f64() - d.as_secs_f64()) * 1e6
+                )
+            };
+            let _ = writeln!(
+                t,
+                "| sidecar ÷ {base} | {} | {} | {} | {} | {} | {} | {} | |",
+                ratio(side.rps(), b.rps()),
+                lat(0.5),
+                lat(0.9),
+                lat(0.99),
+                lat(0.999),
+                match (side.cpu_ms_per_1k, b.cpu_ms_per_1k) {
+                    (Some(s), Some(n)) => ratio(s, n),
+                    _ => "–".into(),
+                },
+                match (side.peak_rss_kib, b.peak_rss_kib) {
+                    (Some(s), Some(n)) => ratio(s as f64, n as f64),
+                    _ => "–".into(),
+                },
+            );
+        }
+    }
+    for (target, o) in results {
+        if let Some(e) = &o.error {
+            let _ = writeln!(t, "\n{}: {} failed; first: `{e}`", target.name, o.failed);
+        }
+    }
+    t
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} × {cpu}, Linux {}", kernel.trim())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // The load generator gets its own threads; the proxies are separate processes.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let dir = TempDir::new("bench")?;
+    let (_upstream, up) = start_upstream().await?;
+    let upstream_url = format!("http://{up}/mcp");
+
+    let config = dir.0.join("sidecar.yaml");
+    std::fs::write(&config, resources(&upstream_url))?;
+    let (mcp, admin) = (free_port()?, free_port()?);
+    let mut cmd = sidecar_command(&args, mcp, admin)?;
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--audit-file")
+        .arg(dir.0.join("audit.jsonl"));
+    let (sidecar, _) = time_to_ready(cmd, admin).await?;
+    let sidecar_pid = sidecar.pid().context("sidecar pid")?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_rss = usage(sidecar_pid)?.1;
+
+    let mut targets = vec![
+        Arc::new(Target {
+            name: "direct",
+            addr: up,
+            path: "/mcp",
+            pid: None,
+        }),
+        Arc::new(Target {
+            name: "sidecar",
+            addr: ([127, 0, 0, 1], mcp).into(),
+            path: "/mcp/bench",
+            pid: Some(sidecar_pid),
+        }),
+    ];
+    let nginx_dir = TempDir::new("bench-nginx")?;
+    let _nginx = if args.no_nginx {
+        None
+    } else {
+        let (proc, port) = start_nginx(&nginx_dir.0, up, args.proxy_workers).await?;
+        let master = proc.pid().context("nginx pid")?;
+        targets.push(Arc::new(Target {
+            name: "nginx",
+            addr: ([127, 0, 0, 1], port).into(),
+            path: "/mcp/bench",
+            pid: nginx_worker(master).or(Some(master)),
+        }));
+        Some(proc)
+    };
+
+    let mut report = format!(
+        "Machine: {}. Proxies: {} worker thread(s)/process(es) each; upstream `toolmesh-bench-upstream` (1 thread); load generator: `toolmesh-bench` (2 threads), all on this machine.\n\nSidecar idle RSS: {:.1} MiB.\n\n",
+        machine(),
+        args.proxy_workers,
+        idle_rss as f64 / 1024.0
+    );
+    println!("{report}");
+    for w in workloads(&args) {
+        let mut results = Vec::new();
+        for target in &targets {
+            let outcome = run(target.clone(), &w)
+                .await
+                .with_context(|| format!("{} via {}", w.name, target.name))?;
+            results.push((target.as_ref(), outcome));
+        }
+        let t = table(&w, &results);
+        println!("{t}");
+        report.push_str(&t);
+        report.push('\n');
+    }
+    let audit = std::fs::read_to_string(dir.0.join("audit.jsonl"))
+        .map(|a| a.lines().count())
+        .unwrap_or(0);
+    let line = format!("Audit lines the sidecar wrote: {audit}.\n\n");
+    println!("{line}");
+    report.push_str(&line);
+    drop(sidecar);
+
+    let start = startup(&args, &TempDir::new("bench-startup")?.0, &upstream_url).await?;
+    println!("{start}");
+    report.push_str(&start);
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report)?;
+    }
+    Ok(())
+}
