@@ -1,26 +1,35 @@
 //! The audit stream: one JSON line per MCP request, written off the request path.
 //!
-//! The request path formats its line and hands it to a bounded channel with `try_send`:
-//! it never waits for the disk. A writer task batches lines into a buffered writer
-//! (stdout by default, or `--audit-file`) and flushes whenever the channel runs dry. On
-//! graceful shutdown the writer drains every queued line and flushes before the process
-//! exits. If the writer falls [`QUEUE`] lines behind, further lines are dropped and
-//! counted in `toolmesh_audit_dropped_total` rather than stalling agents.
+//! The request path formats its line (into a per-thread scratch buffer) and appends it
+//! to a shared batch under a short lock: it never waits for the disk. A writer thread
+//! takes the whole batch at once and writes it (stdout by default, or `--audit-file`):
+//! it sleeps until a line arrives, then lets lines gather for up to [`FLUSH_EVERY`]
+//! (or until [`FLUSH_BYTES`] are waiting), so under load the request path wakes it a
+//! few times a second rather than once per request. On graceful shutdown the writer
+//! writes every line recorded and flushes before the process exits. If more than
+//! [`MAX_PENDING`] bytes wait (the sink is stuck), further lines are dropped and
+//! counted in `toolmesh_audit_dropped_total` rather than stalling agents or memory.
 //!
 //! Lines never contain secrets: credential values are not part of any field, and call
 //! arguments appear only when the deciding rule sets `audit: {arguments: true}`.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use std::sync::mpsc;
 
 use crate::telemetry;
 
-/// Lines that may wait for the writer.
-pub const QUEUE: usize = 65_536;
+/// Longest a line waits before the writer takes it.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Bytes waiting that wake the writer before [`FLUSH_EVERY`].
+pub const FLUSH_BYTES: usize = 64 * 1024;
+/// Bytes that may wait for the writer; lines beyond are dropped and counted.
+pub const MAX_PENDING: usize = 16 * 1024 * 1024;
 
 /// One audit line.
 #[derive(Debug, Serialize)]
@@ -49,24 +58,39 @@ pub struct Record<'a> {
     pub arguments: Option<&'a RawValue>,
 }
 
-/// The sending side, shared by the request path.
+/// The request path's handle: cheap to clone, never blocks on I/O.
 #[derive(Debug, Clone)]
 pub struct Audit {
-    tx: mpsc::SyncSender<Message>,
+    shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
-enum Message {
-    Line(String),
-    /// Everything sent before this is written; flush and stop.
-    Finish,
+#[derive(Debug, Default)]
+struct Shared {
+    batch: Mutex<Batch>,
+    wake: Condvar,
 }
 
-/// The writer thread's handle: [`Writer::finish`] drains and flushes.
+#[derive(Debug, Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    finish: bool,
+}
+
+/// The writer thread's handle: [`Writer::finish`] writes everything and stops it.
 #[derive(Debug)]
 pub struct Writer {
-    tx: mpsc::SyncSender<Message>,
+    shared: Arc<Shared>,
     thread: std::thread::JoinHandle<()>,
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Batch> {
+    // A panic while holding the lock leaves whole lines only (appends are single
+    // `extend_from_slice` calls), so a poisoned batch is still good.
+    shared.batch.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Audit {
@@ -82,65 +106,183 @@ impl Audit {
             ),
             None => Box::new(std::io::stdout()),
         };
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let thread = std::thread::Builder::new()
-            .name("audit".into())
-            .spawn(move || write_loop(&rx, sink))
-            .map_err(|e| format!("audit writer: {e}"))?;
-        Ok((Audit { tx: tx.clone() }, Writer { tx, thread }))
+        let shared = Arc::new(Shared::default());
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("audit".into())
+                .spawn(move || write_loop(&shared, sink))
+                .map_err(|e| format!("audit writer: {e}"))?
+        };
+        Ok((
+            Audit {
+                shared: shared.clone(),
+            },
+            Writer { shared, thread },
+        ))
     }
 
-    /// Queue one line; never blocks.
+    /// Append one line to the batch; never blocks on I/O.
     pub fn record(&self, record: &Record<'_>) {
-        let Ok(mut line) = serde_json::to_string(record) else {
-            return;
-        };
-        line.push('\n');
-        if self.tx.try_send(Message::Line(line)).is_err() {
-            telemetry::audit_dropped();
-        }
+        SCRATCH.with_borrow_mut(|line| {
+            line.clear();
+            if serde_json::to_writer(&mut *line, record).is_err() {
+                return;
+            }
+            line.push(b'\n');
+            let mut batch = lock(&self.shared);
+            let before = batch.bytes.len();
+            if before + line.len() > MAX_PENDING {
+                drop(batch);
+                telemetry::audit_dropped();
+                return;
+            }
+            batch.bytes.extend_from_slice(line);
+            let after = batch.bytes.len();
+            drop(batch);
+            // Wake the writer only on the transitions it waits for: the first line of
+            // a batch, and a batch growing past FLUSH_BYTES.
+            if before == 0 || (before < FLUSH_BYTES && after >= FLUSH_BYTES) {
+                self.shared.wake.notify_one();
+            }
+        });
     }
 }
 
 impl Writer {
-    /// Write every line queued so far, flush, and stop.
+    /// Write every line recorded so far, flush, and stop.
     pub async fn finish(self) {
-        let Writer { tx, thread } = self;
-        let _ = tokio::task::spawn_blocking(move || {
-            // Blocking here is fine: shutdown waits for the audit trail on purpose.
-            let _ = tx.send(Message::Finish);
-            let _ = thread.join();
-        })
-        .await;
+        let Writer { shared, thread } = self;
+        lock(&shared).finish = true;
+        shared.wake.notify_one();
+        // Blocking here is fine: shutdown waits for the audit trail on purpose.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 }
 
-fn write_loop(rx: &mpsc::Receiver<Message>, sink: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, sink);
+fn write_loop(shared: &Shared, mut sink: Box<dyn Write + Send>) {
+    let mut taken = Vec::new();
     let mut failed = false;
     loop {
-        // Block for the next line; then take whatever else is queued before flushing.
-        let mut next = rx.recv();
-        loop {
-            match next {
-                Ok(Message::Line(line)) => {
-                    if let Err(e) = out.write_all(line.as_bytes())
-                        && !failed
-                    {
-                        failed = true;
-                        tracing::error!(error = %e, "audit stream write failed");
-                    }
-                }
-                Ok(Message::Finish) | Err(_) => {
-                    let _ = out.flush();
-                    return;
-                }
-            }
-            match rx.try_recv() {
-                Ok(m) => next = Ok(m),
-                Err(_) => break,
-            }
+        let mut batch = lock(shared);
+        // Sleep until there is a line (or the end).
+        while batch.bytes.is_empty() && !batch.finish {
+            batch = shared.wake.wait(batch).unwrap_or_else(|e| e.into_inner());
         }
-        let _ = out.flush();
+        if batch.bytes.is_empty() && batch.finish {
+            let _ = sink.flush();
+            return;
+        }
+        // Let a batch gather, unless it is big already or the process is stopping.
+        let deadline = Instant::now() + FLUSH_EVERY;
+        while batch.bytes.len() < FLUSH_BYTES && !batch.finish {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            batch = shared
+                .wake
+                .wait_timeout(batch, deadline - now)
+                .map(|(b, _)| b)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        // Swap buffers so the request path keeps appending while this one is written.
+        std::mem::swap(&mut batch.bytes, &mut taken);
+        drop(batch);
+        if let Err(e) = sink.write_all(&taken).and_then(|()| sink.flush())
+            && !failed
+        {
+            failed = true;
+            tracing::error!(error = %e, "audit stream write failed");
+        }
+        taken.clear();
+        // Do not keep a huge buffer from a burst.
+        if taken.capacity() > 4 * FLUSH_BYTES {
+            taken = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(server: &str) -> Record<'_> {
+        Record {
+            time: "2026-11-25T00:00:00Z".into(),
+            subject: "agents/test",
+            server,
+            method: "tools/call",
+            kind: Some("tool"),
+            name: Some("echo"),
+            decision: "allowed",
+            rule: None,
+            status: 200,
+            error_code: None,
+            latency_ms: 0.1,
+            request_id: None,
+            session: None,
+            arguments: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_line_from_every_thread_is_written_whole_before_finish_returns() {
+        let dir = std::env::temp_dir().join(format!("toolmesh-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let (audit, writer) = Audit::start(Some(&path)).expect("start");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let audit = audit.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5_000 {
+                        let server = format!("s{t}-{i}");
+                        audit.record(&record(&server));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        writer.finish().await;
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("whole JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 20_000);
+        // Each thread's lines keep their order.
+        for t in 0..4 {
+            let mine: Vec<&str> = lines
+                .iter()
+                .filter_map(|l| l["server"].as_str())
+                .filter(|s| s.starts_with(&format!("s{t}-")))
+                .collect();
+            let expected: Vec<String> = (0..5_000).map(|i| format!("s{t}-{i}")).collect();
+            assert_eq!(mine, expected);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_line_reaches_the_file_within_the_flush_interval() {
+        let dir = std::env::temp_dir().join(format!("toolmesh-audit-t-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        let (audit, writer) = Audit::start(Some(&path)).expect("start");
+        audit.record(&record("one"));
+        let started = Instant::now();
+        while std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .is_empty()
+        {
+            assert!(started.elapsed() < FLUSH_EVERY * 10, "not written");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writer.finish().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

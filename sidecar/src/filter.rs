@@ -3,10 +3,11 @@
 //! Applies to the responses of `tools/list`, `prompts/list`, `resources/list` and
 //! `resources/templates/list`, whether the upstream answers with JSON or with an SSE
 //! stream, page by page (`nextCursor` passes through). JSON bodies are read whole
-//! (bounded by [`MAX_FILTERED_BODY`]), filtered and re-encoded. SSE streams are
+//! (bounded by [`MAX_FILTERED_BODY`]) and rewritten with only the visible items: the
+//! items themselves, and every other member, are copied as raw text. SSE streams are
 //! filtered event by event as they arrive: an event carrying the list result is
 //! rewritten, every other event (progress, logging, server requests) is relayed as is.
-//! Only these responses are ever re-encoded; everything else is relayed untouched.
+//! Only these responses are ever rewritten; everything else is relayed untouched.
 //!
 //! This module does not decide what is visible (see [`crate::policy`]).
 
@@ -17,7 +18,10 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
-use serde_json::Value;
+use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 use crate::body::{Body, BodyError};
 use crate::mcp::TargetKind;
@@ -48,22 +52,128 @@ impl ListKind {
         Some(ListKind { kind, field, key })
     }
 
-    /// Remove invisible items from a JSON-RPC message; returns whether it had a list.
-    fn filter(&self, route: &Route, message: &mut Value) -> bool {
-        let Some(items) = message
-            .get_mut("result")
-            .and_then(|r| r.get_mut(self.field))
-            .and_then(Value::as_array_mut)
-        else {
-            return false;
-        };
-        items.retain(|item| {
-            item.get(self.key)
-                .and_then(Value::as_str)
-                .is_some_and(|name| route.policy.visible(self.kind, name))
-        });
-        true
+    /// The JSON-RPC message `text` with invisible items removed from its list; `None`
+    /// when it carries no list (relay it unchanged).
+    ///
+    /// Only the structure is parsed: members and items stay raw text and are copied
+    /// through, each item is read just far enough to find its name. Every `result`
+    /// member and every list member in it is filtered, so duplicate keys cannot carry
+    /// an unfiltered copy past the sidecar.
+    fn filter(&self, route: &Route, text: &str) -> Option<String> {
+        let mut found = false;
+        let out = rewrite_members(text, |key, value, out| {
+            if key != "result" {
+                return false;
+            }
+            match self.filter_result(route, value) {
+                Some(result) => {
+                    out.push_str(&result);
+                    found = true;
+                    true
+                }
+                None => false,
+            }
+        })?;
+        found.then_some(out)
     }
+
+    fn filter_result(&self, route: &Route, text: &str) -> Option<String> {
+        let mut found = false;
+        let out = rewrite_members(text, |key, value, out| {
+            if key != self.field {
+                return false;
+            }
+            let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(value) else {
+                return false;
+            };
+            out.push('[');
+            let mut first = true;
+            for item in items {
+                if self.visible(route, item) {
+                    if !first {
+                        out.push(',');
+                    }
+                    out.push_str(item.get());
+                    first = false;
+                }
+            }
+            out.push(']');
+            found = true;
+            true
+        })?;
+        found.then_some(out)
+    }
+
+    /// An item is visible when its name is a string the policy shows (anything else,
+    /// a missing or repeated name included, is hidden).
+    fn visible(&self, route: &Route, item: &RawValue) -> bool {
+        serde_json::from_str::<Named<'_>>(item.get())
+            .ok()
+            .and_then(|n| match self.key {
+                "name" => n.name,
+                "uri" => n.uri,
+                _ => n.uri_template,
+            })
+            .is_some_and(|name| route.policy.visible(self.kind, &name))
+    }
+}
+
+/// The name fields of a list item; everything else in it is skipped unparsed.
+#[derive(Deserialize)]
+struct Named<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    uri: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "uriTemplate")]
+    uri_template: Option<Cow<'a, str>>,
+}
+
+/// A JSON object's members in order, values left as raw text.
+struct RawObject<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for RawObject<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = RawObject<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push(member);
+                }
+                Ok(RawObject(members))
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
+/// Re-write the JSON object `text` member by member: `replace(key, raw value, out)`
+/// either writes a new value into `out` and returns true, or returns false to keep
+/// the raw one. `None` when `text` is not an object.
+fn rewrite_members(
+    text: &str,
+    mut replace: impl FnMut(&str, &str, &mut String) -> bool,
+) -> Option<String> {
+    let object: RawObject<'_> = serde_json::from_str(text).ok()?;
+    let mut out = String::with_capacity(text.len());
+    out.push('{');
+    for (i, (key, value)) in object.0.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key).ok()?);
+        out.push(':');
+        if !replace(key, value.get(), &mut out) {
+            out.push_str(value.get());
+        }
+    }
+    out.push('}');
+    Some(out)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,14 +200,10 @@ pub async fn json(body: Body, route: &Route, list: ListKind) -> Result<Bytes, Bo
         }
     }
     let bytes = buf.freeze();
-    let Ok(mut message) = serde_json::from_slice::<Value>(&bytes) else {
-        return Ok(bytes);
-    };
-    if list.filter(route, &mut message) {
-        Ok(Bytes::from(message.to_string()))
-    } else {
-        Ok(bytes)
-    }
+    let filtered = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| list.filter(route, text));
+    Ok(filtered.map_or(bytes, Bytes::from))
 }
 
 /// Filter an SSE response body event by event.
@@ -107,6 +213,7 @@ pub fn sse(body: Body, route: Arc<Route>, list: ListKind) -> Body {
         route,
         list,
         buf: BytesMut::new(),
+        scanned: 0,
         finished: false,
     }
     .boxed()
@@ -117,6 +224,9 @@ struct SseFilter {
     route: Arc<Route>,
     list: ListKind,
     buf: BytesMut,
+    /// How much of `buf` is known to hold no event end (so a long event arriving in
+    /// many frames is scanned once, not once per frame).
+    scanned: usize,
     finished: bool,
 }
 
@@ -156,19 +266,16 @@ impl SseFilter {
         if data_lines == 0 {
             return raw;
         }
-        let Ok(mut message) = serde_json::from_str::<Value>(&data) else {
+        let Some(message) = self.list.filter(&self.route, &data) else {
             return raw;
         };
-        if !self.list.filter(&self.route, &mut message) {
-            return raw;
-        }
         let mut out = String::with_capacity(raw.len());
         let mut wrote_data = false;
         for line in text.lines() {
             if line.starts_with("data:") {
                 if !wrote_data {
                     out.push_str("data: ");
-                    out.push_str(&message.to_string());
+                    out.push_str(&message);
                     out.push('\n');
                     wrote_data = true;
                 }
@@ -191,11 +298,15 @@ impl HttpBody for SseFilter {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         loop {
-            if let Some(end) = event_end(&self.buf) {
-                let raw = self.buf.split_to(end).freeze();
+            // An end ("\n\n" or "\n\r\n") may straddle the scanned part: back up 2.
+            let from = self.scanned.saturating_sub(2);
+            if let Some(end) = event_end(&self.buf[from..]) {
+                let raw = self.buf.split_to(from + end).freeze();
+                self.scanned = 0;
                 let out = self.event(raw);
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
+            self.scanned = self.buf.len();
             if self.finished {
                 if self.buf.is_empty() {
                     return Poll::Ready(None);
@@ -223,10 +334,106 @@ impl HttpBody for SseFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use toolmesh_proto::v1alpha1 as pb;
+
+    /// A route whose policy shows tools `a*` and resources `file:///ok/*`.
+    fn route() -> Arc<Route> {
+        crate::snapshot::test_route(
+            None,
+            pb::Rule {
+                tools: vec!["a*".into()],
+                resources: vec!["file:///ok/*".into()],
+                ..Default::default()
+            },
+        )
+    }
+
+    fn filtered(method: &str, text: &str) -> Option<serde_json::Value> {
+        let list = ListKind::of(method).expect("a list method");
+        let out = list.filter(&route(), text)?;
+        Some(serde_json::from_str(&out).expect("valid JSON out"))
+    }
+
+    #[test]
+    fn keeps_visible_items_and_every_other_member_as_sent() {
+        let out = filtered(
+            "tools/list",
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"alpha","inputSchema":{"type":"object"}},{"name":"beta"},{"name":"a\u0062c"}],"nextCursor":"c2","_meta":{"k":[1,2]}}}"#,
+        )
+        .expect("a list");
+        assert_eq!(
+            out,
+            serde_json::json!({"jsonrpc":"2.0","id":7,"result":{
+                "tools":[{"name":"alpha","inputSchema":{"type":"object"}},{"name":"abc"}],
+                "nextCursor":"c2","_meta":{"k":[1,2]}}})
+        );
+    }
+
+    #[test]
+    fn hides_items_without_a_string_name_and_filters_duplicate_members() {
+        let out = filtered(
+            "tools/list",
+            r#"{"id":1,"result":{"tools":[{"name":5},{"title":"x"},{"name":"a","name":"zzz"}],"tools":[{"name":"b"}]},"result":{"tools":[{"name":"c"}]}}"#,
+        );
+        // Re-parsed, the last duplicate wins; every copy was filtered, so nothing shows.
+        assert_eq!(out, Some(serde_json::json!({"id":1,"result":{"tools":[]}})));
+    }
+
+    #[test]
+    fn resources_are_matched_on_their_uri() {
+        let out = filtered(
+            "resources/list",
+            r#"{"id":1,"result":{"resources":[{"uri":"file:///ok/1","name":"one"},{"uri":"file:///no/2","name":"a-two"}]}}"#,
+        )
+        .expect("a list");
+        assert_eq!(out["result"]["resources"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn messages_without_a_list_are_left_alone() {
+        for text in [
+            r#"{"id":1,"error":{"code":-1,"message":"x"}}"#,
+            r#"{"id":1,"result":{"tools":"not an array"}}"#,
+            r#"{"id":1,"result":[]}"#,
+            r#"[1,2]"#,
+            r#"{"id":1,"result":{"tools":[1,2"#,
+        ] {
+            assert_eq!(filtered("tools/list", text), None, "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_sse_list_split_into_one_byte_frames_is_filtered_and_other_events_kept() {
+        let stream = "event: message\r\ndata: {\"method\":\"notifications/progress\"}\r\n\r\n\
+                      data: {\"id\":2,\"result\":{\"tools\":[{\"name\":\"a1\"},{\"name\":\"b1\"}]}}\n\n";
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> = stream
+            .bytes()
+            .map(|b| Ok(Frame::data(Bytes::copy_from_slice(&[b]))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let list = ListKind::of("tools/list").expect("list");
+        let out = sse(body, route(), list)
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let out = String::from_utf8(out.to_vec()).expect("utf-8");
+        assert!(
+            out.starts_with(
+                "event: message\r\ndata: {\"method\":\"notifications/progress\"}\r\n\r\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("data: {\"id\":2,\"result\":{\"tools\":[{\"name\":\"a1\"}]}}\n\n"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn finds_event_ends() {
         assert_eq!(event_end(b"data: x\n\nrest"), Some(9));
+        assert_eq!(event_end(b"\n\n"), Some(2));
         assert_eq!(event_end(b"data: x\r\n\r\n"), Some(11));
         assert_eq!(event_end(b"data: x\n"), None);
     }

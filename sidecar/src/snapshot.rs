@@ -232,6 +232,39 @@ impl Active {
     }
 }
 
+/// A route named `s` (one endpoint that refuses connections) compiled from `credential`
+/// and `rule`: for unit tests of the modules that work on routes.
+#[cfg(test)]
+pub(crate) fn test_route(
+    credential: Option<pb::Credential>,
+    rule: pb::Rule,
+) -> std::sync::Arc<Route> {
+    let snapshot = pb::Snapshot {
+        version: "v".into(),
+        identity: "agents/a".into(),
+        servers: vec![pb::Server {
+            name: "s".into(),
+            endpoints: vec![pb::Endpoint {
+                url: "http://127.0.0.1:1/mcp".into(),
+            }],
+            credential,
+            timeout_ms: 1000,
+        }],
+        policies: vec![pb::Policy {
+            name: "p".into(),
+            rules: vec![pb::Rule {
+                server: "s".into(),
+                ..rule
+            }],
+        }],
+    };
+    Runtime::compile(&snapshot, None)
+        .expect("compiles")
+        .route("s")
+        .expect("route")
+        .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

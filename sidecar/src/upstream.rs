@@ -184,40 +184,21 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::Runtime;
     use http::HeaderValue;
     use toolmesh_proto::v1alpha1 as pb;
 
     fn route(credential: Option<(&str, &str)>) -> std::sync::Arc<Route> {
-        let snapshot = pb::Snapshot {
-            version: "v".into(),
-            identity: "i".into(),
-            servers: vec![pb::Server {
-                name: "s".into(),
-                endpoints: vec![pb::Endpoint {
-                    url: "http://127.0.0.1:1/mcp".into(),
-                }],
-                credential: credential.map(|(h, v)| pb::Credential {
-                    header: h.into(),
-                    value: v.into(),
-                    source: "x/y".into(),
-                }),
-                timeout_ms: 1000,
-            }],
-            policies: vec![pb::Policy {
-                name: "p".into(),
-                rules: vec![pb::Rule {
-                    server: "s".into(),
-                    tools: vec!["*".into()],
-                    ..Default::default()
-                }],
-            }],
-        };
-        Runtime::compile(&snapshot, None)
-            .expect("compiles")
-            .route("s")
-            .expect("route")
-            .clone()
+        crate::snapshot::test_route(
+            credential.map(|(h, v)| pb::Credential {
+                header: h.into(),
+                value: v.into(),
+                source: "x/y".into(),
+            }),
+            pb::Rule {
+                tools: vec!["*".into()],
+                ..Default::default()
+            },
+        )
     }
 
     #[test]
