@@ -34,8 +34,14 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.workers > 0 {
+    // One worker: tokio's current-thread scheduler serves everything on the main
+    // thread (no work-stealing bookkeeping, no cross-thread wakeups).
+    let mut runtime = if config.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.workers > 1 {
         runtime.worker_threads(config.workers);
     }
     let runtime = match runtime.enable_all().build() {

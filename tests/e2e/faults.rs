@@ -270,7 +270,15 @@ async fn sigterm_under_load_finishes_in_flight_calls_and_loses_no_audit_line() -
     let audit_arg = audit.to_string_lossy().into_owned();
     let mut sidecar = Sidecar::start(
         &config,
-        &["--audit-file", &audit_arg, "--drain-timeout", "10s"],
+        // One worker: the current-thread runtime drains and writes the audit too.
+        &[
+            "--audit-file",
+            &audit_arg,
+            "--drain-timeout",
+            "10s",
+            "--workers",
+            "1",
+        ],
     )
     .await?;
     let (stop_tx, stop) = watch::channel(false);
