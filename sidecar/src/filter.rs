@@ -299,7 +299,7 @@ impl HttpBody for SseFilter {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         loop {
             // An end ("\n\n" or "\n\r\n") may straddle the scanned part: back up 2.
-            let from = self.scanned.saturating_sub(2);
+            let from = self.scanned.min(self.buf.len()).saturating_sub(2);
             if let Some(end) = event_end(&self.buf[from..]) {
                 let raw = self.buf.split_to(from + end).freeze();
                 self.scanned = 0;
@@ -313,6 +313,7 @@ impl HttpBody for SseFilter {
                 }
                 // An unterminated last event: relay what there is.
                 let rest = self.buf.split().freeze();
+                self.scanned = 0;
                 return Poll::Ready(Some(Ok(Frame::data(rest))));
             }
             if self.buf.len() > MAX_FILTERED_BODY {
@@ -428,6 +429,25 @@ mod tests {
             out.ends_with("data: {\"id\":2,\"result\":{\"tools\":[{\"name\":\"a1\"}]}}\n\n"),
             "{out}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_unterminated_last_event_is_relayed_and_the_stream_ends() {
+        // Found by the `sse` fuzz target: the scan position outlived the buffer.
+        let stream = "data: {\"id\":1,\"result\":{\"prompts\":[{\"name\":\"p\"}]}}";
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> = stream
+            .as_bytes()
+            .chunks(7)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let list = ListKind::of("prompts/list").expect("list");
+        let out = sse(body, route(), list)
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(out, Bytes::from_static(stream.as_bytes()));
     }
 
     #[test]
