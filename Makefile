@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .cache/venv
 JS := tests/js
 
-.PHONY: help deps quickstart test lint ci clean-deps bench bench-propagation
+.PHONY: help deps quickstart test lint ci clean-deps bench bench-propagation fuzz
 
 help:
 	@echo "make quickstart  run the sidecar in front of the demo MCP server (Ctrl-C stops both)"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint        cargo fmt --check and clippy with warnings as errors"
 	@echo "make ci          what CI runs: lint, then test"
 	@echo "make bench       the sidecar against the direct path and nginx, in one run (release build; installs nginx if missing)"
+	@echo "make fuzz        run every fuzz target for FUZZ_SECONDS (60) each; needs nightly (not run in CI)"
 	@echo "make bench-propagation  time a policy change reaching 1,000 and 5,000 sidecars (release build)"
 
 deps: $(JS)/node_modules/.installed $(VENV)/.installed
@@ -49,6 +50,9 @@ bench:
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light)
 	$(CARGO) build --release -p toolmesh-sidecar -p toolmesh-control-plane -p toolmesh-tests --bin toolmesh-sidecar --bin toolmesh-control-plane --bin toolmesh-bench --bin toolmesh-bench-upstream
 	target/release/toolmesh-bench --out target/bench-report.md $(BENCH_ARGS)
+
+fuzz:
+	bash fuzz/run.sh
 
 bench-propagation:
 	$(CARGO) build --release -p toolmesh-control-plane -p toolmesh-tests --bin toolmesh-control-plane --bin toolmesh-propagation
