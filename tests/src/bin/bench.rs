@@ -10,9 +10,10 @@
 //! Workloads: a small `tools/call` paced at `--rate` per second (the latency target)
 //! and unpaced (throughput); a 1 MiB result; an SSE response of 100 progress events;
 //! `tools/list` of 500 tools (filtered by the sidecar); `--clients` concurrent
-//! 2025-11-25 sessions and as many stateless 2026-07-28 clients. The load generator is
-//! this process: one HTTP/1.1 connection per client, closed loop (each client sends
-//! its next request when the last answer has fully arrived) except the paced run.
+//! 2025-11-25 sessions (each on its own connection, and sharing 64 connections as an
+//! agent's connection pool would) and as many stateless 2026-07-28 clients. The load
+//! generator is this process: HTTP/1.1, closed loop (each client sends its next
+//! request when the last answer has fully arrived) except the paced run.
 //! Every answer is checked (status 200, a JSON-RPC result); failures are counted.
 //!
 //! Reported per workload and target: throughput, latency percentiles, the proxy's CPU
@@ -62,7 +63,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     proxy_workers: usize,
     /// Run only these workloads (repeat the flag): call-paced, call, big, sse, list,
-    /// sessions, stateless.
+    /// sessions, sessions-pooled, stateless.
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// Leave nginx out (when it is not installed).
@@ -96,6 +97,8 @@ struct Workload {
     rate: Option<u32>,
     /// 2025-11-25 sessions (initialize first) instead of stateless 2026-07-28 requests.
     sessions: bool,
+    /// Clients share this many connections (default: one each).
+    connections: Option<usize>,
     secs: f64,
 }
 
@@ -215,6 +218,11 @@ async fn exchange(
     send.ready().await?;
     let resp = send.send_request(req).await?;
     let status = resp.status();
+    if status == 202 {
+        // A notification's answer: no body to check.
+        let _ = resp.into_body().collect().await?;
+        return Ok(None);
+    }
     let session = resp
         .headers()
         .get("mcp-session-id")
@@ -241,16 +249,47 @@ async fn exchange(
     Ok(session)
 }
 
+type Shared = Arc<tokio::sync::Mutex<SendRequest<Full<Bytes>>>>;
+
+/// A client's connection: its own, or one of a pool it shares with other sessions (as
+/// an agent process with many sessions and a connection pool would).
+enum Conn {
+    Own(SendRequest<Full<Bytes>>),
+    Shared(Shared),
+}
+
+impl Conn {
+    async fn exchange(&mut self, req: Request<Full<Bytes>>) -> Result<Option<String>> {
+        match self {
+            Conn::Own(send) => exchange(send, req).await,
+            Conn::Shared(shared) => exchange(&mut *shared.lock().await, req).await,
+        }
+    }
+
+    /// After a failure the connection may be broken: replace it.
+    async fn reconnect(&mut self, addr: SocketAddr) -> Result<()> {
+        match self {
+            Conn::Own(send) => *send = connect(addr).await?,
+            Conn::Shared(shared) => *shared.lock().await = connect(addr).await?,
+        }
+        Ok(())
+    }
+}
+
 /// One client: connect (and open a session), wait for the others, then send until
 /// the deadline. Returns latencies and failures.
 async fn client(
     target: Arc<Target>,
     w: Arc<Workload>,
     index: usize,
+    pool: Option<Arc<Vec<Shared>>>,
     ready: Arc<Barrier>,
     mut go: watch::Receiver<Option<Instant>>,
 ) -> Result<(Vec<Duration>, u64, Option<String>)> {
-    let mut send = connect(target.addr).await?;
+    let mut send = match &pool {
+        Some(pool) => Conn::Shared(pool[index % pool.len()].clone()),
+        None => Conn::Own(connect(target.addr).await?),
+    };
     let session = if w.sessions {
         let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {},
@@ -260,7 +299,8 @@ async fn client(
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json, text/event-stream")
             .body(Full::new(Bytes::from(init.to_string())))?;
-        let session = exchange(&mut send, req)
+        let session = send
+            .exchange(req)
             .await?
             .context("initialize answered without a session id")?;
         let note = Request::post(target.path)
@@ -272,9 +312,7 @@ async fn client(
             .body(Full::new(Bytes::from_static(
                 br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
             )))?;
-        send.ready().await?;
-        let resp = send.send_request(note).await?;
-        let _ = resp.into_body().collect().await?;
+        send.exchange(note).await?;
         Some(session)
     } else {
         None
@@ -308,13 +346,12 @@ async fn client(
         id += 1;
         let req = request(&target, w.call, id, session.as_deref())?;
         let sent = Instant::now();
-        match exchange(&mut send, req).await {
+        match send.exchange(req).await {
             Ok(_) => latencies.push(sent.elapsed()),
             Err(e) => {
                 failed += 1;
                 error.get_or_insert_with(|| e.to_string());
-                // A failed exchange may have broken the connection: open another.
-                send = connect(target.addr).await?;
+                send.reconnect(target.addr).await?;
             }
         }
     }
@@ -341,12 +378,25 @@ async fn run(target: Arc<Target>, w: &Workload) -> Result<Outcome> {
     let w = Arc::new(w.clone());
     let ready = Arc::new(Barrier::new(w.clients + 1));
     let (go_tx, go) = watch::channel(None);
+    let pool = match w.connections {
+        Some(n) => {
+            let mut pool = Vec::with_capacity(n);
+            for _ in 0..n {
+                pool.push(Arc::new(tokio::sync::Mutex::new(
+                    connect(target.addr).await?,
+                )));
+            }
+            Some(Arc::new(pool))
+        }
+        None => None,
+    };
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..w.clients {
         clients.spawn(client(
             target.clone(),
             w.clone(),
             i,
+            pool.clone(),
             ready.clone(),
             go.clone(),
         ));
@@ -639,7 +689,21 @@ fn workloads(args: &Args) -> Vec<Workload> {
         clients,
         rate,
         sessions,
+        connections: None,
         secs,
+    };
+    // `--clients` clients making small calls.
+    let crowd = |name, what: &str, sessions, connections| Workload {
+        connections,
+        ..w(
+            name,
+            format!("{} {what}, small `tools/call`", args.clients),
+            Call::Small,
+            args.clients,
+            None,
+            sessions,
+            args.duration,
+        )
     };
     let all = vec![
         w(
@@ -690,29 +754,18 @@ fn workloads(args: &Args) -> Vec<Workload> {
             false,
             args.duration,
         ),
-        w(
-            "sessions",
-            format!(
-                "{} concurrent 2025-11-25 sessions, small `tools/call`",
-                args.clients
-            ),
-            Call::Small,
-            args.clients,
-            None,
+        crowd("sessions", "concurrent 2025-11-25 sessions", true, None),
+        crowd(
+            "sessions-pooled",
+            "concurrent 2025-11-25 sessions sharing 64 connections",
             true,
-            args.duration,
+            Some(64),
         ),
-        w(
+        crowd(
             "stateless",
-            format!(
-                "{} concurrent stateless 2026-07-28 clients, small `tools/call`",
-                args.clients
-            ),
-            Call::Small,
-            args.clients,
-            None,
+            "concurrent stateless 2026-07-28 clients",
             false,
-            args.duration,
+            None,
         ),
     ];
     all.into_iter()
@@ -812,61 +865,71 @@ fn main() -> Result<()> {
     runtime.block_on(bench(args))
 }
 
+/// A fresh sidecar with the benchmark's resources and audit to `audit`.
+async fn start_sidecar(args: &Args, config: &Path, audit: &Path) -> Result<(Proc, SocketAddr)> {
+    let (mcp, admin) = (free_port()?, free_port()?);
+    let mut cmd = sidecar_command(args, mcp, admin)?;
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--audit-file")
+        .arg(audit);
+    let (sidecar, _) = time_to_ready(cmd, admin).await?;
+    Ok((sidecar, ([127, 0, 0, 1], mcp).into()))
+}
+
 async fn bench(args: Args) -> Result<()> {
     let dir = TempDir::new("bench")?;
     let (_upstream, up) = start_upstream().await?;
     let upstream_url = format!("http://{up}/mcp");
-
     let config = dir.0.join("sidecar.yaml");
     std::fs::write(&config, resources(&upstream_url))?;
-    let (mcp, admin) = (free_port()?, free_port()?);
-    let mut cmd = sidecar_command(&args, mcp, admin)?;
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--audit-file")
-        .arg(dir.0.join("audit.jsonl"));
-    let (sidecar, _) = time_to_ready(cmd, admin).await?;
-    let sidecar_pid = sidecar.pid().context("sidecar pid")?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let idle_rss = usage(sidecar_pid)?.1;
+    let audit = dir.0.join("audit.jsonl");
 
-    let mut targets = vec![
-        Arc::new(Target {
-            name: "direct",
-            addr: up,
-            path: "/mcp",
-            pid: None,
-        }),
-        Arc::new(Target {
-            name: "sidecar",
-            addr: ([127, 0, 0, 1], mcp).into(),
-            path: "/mcp/bench",
-            pid: Some(sidecar_pid),
-        }),
-    ];
+    let direct = Arc::new(Target {
+        name: "direct",
+        addr: up,
+        path: "/mcp",
+        pid: None,
+    });
     let nginx_dir = TempDir::new("bench-nginx")?;
-    let _nginx = if args.no_nginx {
-        None
+    let (_nginx, nginx) = if args.no_nginx {
+        (None, None)
     } else {
         let (proc, port) = start_nginx(&nginx_dir.0, up, args.proxy_workers).await?;
         let master = proc.pid().context("nginx pid")?;
-        targets.push(Arc::new(Target {
+        let target = Arc::new(Target {
             name: "nginx",
             addr: ([127, 0, 0, 1], port).into(),
             path: "/mcp/bench",
             pid: nginx_worker(master).or(Some(master)),
-        }));
-        Some(proc)
+        });
+        (Some(proc), Some(target))
     };
 
+    let (sidecar, _) = start_sidecar(&args, &config, &audit).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_rss = usage(sidecar.pid().context("sidecar pid")?)?.1;
+    drop(sidecar);
+
     let mut report = format!(
-        "Machine: {}. Proxies: {} worker thread(s)/process(es) each; upstream `toolmesh-bench-upstream` (1 thread); load generator: `toolmesh-bench` (2 threads), all on this machine.\n\nSidecar idle RSS: {:.1} MiB.\n\n",
+        "Machine: {}. Proxies: {} worker thread(s)/process(es) each; upstream `toolmesh-bench-upstream` (1 thread); load generator: `toolmesh-bench` (2 threads), all on this machine. Each workload gets a fresh sidecar, so its peak RSS is its own.\n\nSidecar idle RSS: {:.1} MiB.\n\n",
         machine(),
         args.proxy_workers,
         idle_rss as f64 / 1024.0
     );
     println!("{report}");
     for w in workloads(&args) {
+        let (mut sidecar, addr) = start_sidecar(&args, &config, &audit).await?;
+        let mut targets = vec![
+            direct.clone(),
+            Arc::new(Target {
+                name: "sidecar",
+                addr,
+                path: "/mcp/bench",
+                pid: Some(sidecar.pid().context("sidecar pid")?),
+            }),
+        ];
+        targets.extend(nginx.clone());
         let mut results = Vec::new();
         for target in &targets {
             let outcome = run(target.clone(), &w)
@@ -874,18 +937,19 @@ async fn bench(args: Args) -> Result<()> {
                 .with_context(|| format!("{} via {}", w.name, target.name))?;
             results.push((target.as_ref(), outcome));
         }
+        // SIGTERM drains and flushes the audit trail before the next workload.
+        sidecar.terminate().await?;
         let t = table(&w, &results);
         println!("{t}");
         report.push_str(&t);
         report.push('\n');
     }
-    let audit = std::fs::read_to_string(dir.0.join("audit.jsonl"))
+    let lines = std::fs::read_to_string(&audit)
         .map(|a| a.lines().count())
         .unwrap_or(0);
-    let line = format!("Audit lines the sidecar wrote: {audit}.\n\n");
+    let line = format!("Audit lines the sidecars wrote: {lines}.\n\n");
     println!("{line}");
     report.push_str(&line);
-    drop(sidecar);
 
     let start = startup(&args, &TempDir::new("bench-startup")?.0, &upstream_url).await?;
     println!("{start}");
