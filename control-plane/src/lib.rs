@@ -4,14 +4,18 @@
 //! - [`service`]: the gRPC snapshot stream (sidecars) and admin API (toolmeshctl).
 //! - [`auth`]: bootstrap tokens per identity, the admin token.
 //! - [`fleet`]: which sidecar runs which version, who refused what.
+//! - [`inject`]: sidecar injection (the mutating admission webhook's logic).
+//! - [`webhook`]: the webhook's HTTPS listener (`POST /inject`).
 //! - [`serve`]: wiring it together, plus the admin HTTP port.
 //! - [`check`]: offline validation of resource files, with the sidecar's own code.
 
 pub mod auth;
 pub mod fleet;
+pub mod inject;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod webhook;
 
 use std::path::Path;
 

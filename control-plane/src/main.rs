@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the snapshot stream and the admin API from the embedded store.
-    Serve(toolmesh_control_plane::serve::ServeArgs),
+    Serve(Box<toolmesh_control_plane::serve::ServeArgs>),
     /// Validate resource files (multi-document YAML) as one set, exactly as the sidecar
     /// would; with --identity, print the snapshot that identity would receive, with
     /// credentials redacted. Exits 1 and names the bad field on invalid input.
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(toolmesh_control_plane::serve::run(args)),
+                Ok(rt) => rt.block_on(toolmesh_control_plane::serve::run(*args)),
                 Err(e) => Err(e.to_string()),
             }
         }

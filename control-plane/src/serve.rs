@@ -62,6 +62,8 @@ pub struct ServeArgs {
     /// PEM private key for gRPC TLS.
     #[arg(long, env = "TOOLMESH_CP_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookArgs,
 }
 
 /// Read resource files and directories (*.yaml, *.yml, sorted) into one YAML text.
@@ -107,6 +109,23 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 .into(),
         ),
     };
+    let webhook = match (
+        args.webhook.webhook_listen,
+        &args.webhook.webhook_cert,
+        &args.webhook.webhook_key,
+    ) {
+        (None, _, _) => None,
+        (Some(addr), Some(cert), Some(key)) => {
+            let tls = crate::webhook::tls(cert, key)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--webhook-listen {addr}: {e}"))?;
+            Some((listener, tls))
+        }
+        (Some(_), _, _) => {
+            return Err("--webhook-listen needs --webhook-cert and --webhook-key".into());
+        }
+    };
     let tokens = Tokens::load(&args.tokens)?;
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&args.data_dir)?);
     if !args.seed.is_empty() {
@@ -139,11 +158,26 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
     tokio::spawn(serve_admin(admin, metrics, cp.clone()));
+    let webhook_addr = match webhook {
+        Some((listener, tls)) => {
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let settings = Arc::new(args.webhook.inject.clone());
+            tokio::spawn(crate::webhook::serve(listener, tls, settings));
+            Some(addr.to_string())
+        }
+        None => None,
+    };
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
     }
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = !args.dev, "listening");
+    tracing::info!(
+        grpc = %grpc_addr,
+        admin = %admin_addr,
+        webhook = webhook_addr.as_deref().unwrap_or("off"),
+        tls = !args.dev,
+        "listening"
+    );
     let serve = server
         .add_service(SnapshotServiceServer::new(Snapshots(cp.clone())))
         .add_service(AdminServiceServer::new(Admin(cp.clone())))

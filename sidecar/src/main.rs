@@ -1,7 +1,14 @@
 //! The `toolmesh-sidecar` binary: flags, logging, runtime; everything else is in the
 //! library ([`toolmesh_sidecar::run`]).
+//!
+//! `toolmesh-sidecar wait-ready ADDR SECONDS` is a second, tiny mode: it polls
+//! `http://ADDR/ready` until it answers 200 (exit 0) or SECONDS pass (exit 1). The
+//! injected sidecar's `postStart` hook runs it on clusters without native sidecars, so
+//! the agent containers start only once their tools are reachable.
 
+use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use toolmesh_sidecar::config::Config;
@@ -11,6 +18,10 @@ use tracing_subscriber::EnvFilter;
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("wait-ready") {
+        return wait_ready(&args[2..]);
+    }
     let config = Config::parse();
     if let Err(problems) = config.check() {
         for p in problems {
@@ -58,4 +69,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `wait-ready ADDR SECONDS`: poll `/ready` on ADDR until 200 or the deadline.
+fn wait_ready(args: &[String]) -> ExitCode {
+    let (Some(addr), Some(Ok(seconds))) = (args.first(), args.get(1).map(|s| s.parse::<u64>()))
+    else {
+        eprintln!("usage: toolmesh-sidecar wait-ready ADDR SECONDS");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if ready(addr) {
+            return ExitCode::SUCCESS;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("toolmesh-sidecar: http://{addr}/ready did not answer 200 within {seconds}s");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One `GET /ready`: true on a 200.
+fn ready(addr: &str) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let request = format!("GET /ready HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }

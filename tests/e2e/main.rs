@@ -17,6 +17,7 @@
 //!   failing upstreams, dropped connections, slow-loris), each bounded to seconds.
 //! - `operations`: hot reload, admin endpoints, graceful shutdown.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
+//! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `peers`: the reference server (`server-everything`) and the Python and
 //!   TypeScript SDK clients.
 
@@ -29,4 +30,5 @@ mod operations;
 mod peers;
 mod policy;
 mod support;
+mod webhook;
 mod wire;

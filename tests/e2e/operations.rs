@@ -200,3 +200,25 @@ async fn sigterm_drains_in_flight_calls_then_exits() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn wait_ready_returns_once_the_sidecar_is_ready_and_fails_after_its_deadline() -> Result<()> {
+    // What the injected postStart hook runs on clusters without native sidecars.
+    let stack = Stack::start().await?;
+    let binary = toolmesh_tests::binary("toolmesh-sidecar");
+    let ok = tokio::process::Command::new(&binary)
+        .args(["wait-ready", &stack.sidecar.admin.to_string(), "5"])
+        .status()
+        .await?;
+    assert!(ok.success(), "{ok}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let started = Instant::now();
+    let failed = tokio::process::Command::new(&binary)
+        .args(["wait-ready", &closed.to_string(), "1"])
+        .output()
+        .await?;
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("did not answer 200"));
+    Ok(())
+}

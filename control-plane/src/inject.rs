@@ -1,0 +1,350 @@
+//! Sidecar injection: what the mutating admission webhook does to a pod.
+//!
+//! [`review`] takes an `AdmissionReview` (v1) body and answers with another: allowed
+//! always (a webhook that cannot inject must not block pod creation; see the README),
+//! with a JSON Patch when the pod gets a sidecar. [`mutate`] is the decision and the
+//! change on the pod as JSON; the patch is the difference, so every field the webhook
+//! does not touch (including ones newer than our Kubernetes types) is left alone.
+//!
+//! A pod gets a sidecar unless it opted out (`toolmesh.dev/inject: "false"` label),
+//! uses the host network, is one of the control plane's own pods, or already has one
+//! (the `toolmesh.dev/injected` annotation or a container named `toolmesh-sidecar`):
+//! running the webhook on its own output changes nothing. Which pods are sent to the
+//! webhook at all (namespace label `toolmesh.dev/inject=enabled` or pod label) is the
+//! `MutatingWebhookConfiguration`'s selectors' job, in `deploy/`.
+//!
+//! The sidecar is a native sidecar (an init container with `restartPolicy: Always`,
+//! first, with a startup probe on `/ready`, so the agent starts once its tools are
+//! reachable), or on clusters without native sidecars (`--inject-legacy-sidecars`, or
+//! the pod annotation `toolmesh.dev/native-sidecar: "false"`) the first regular
+//! container with a `postStart` hook that waits for `/ready`.
+//!
+//! Not here: serving HTTPS (see `serve`), certificates, and which identity a token
+//! proves (the control plane checks the projected token, not this pod spec).
+
+use base64::Engine as _;
+use kube_core::DynamicObject;
+use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use serde_json::{Value, json};
+
+/// Name of the injected container.
+pub const CONTAINER: &str = "toolmesh-sidecar";
+/// Annotation recording what was injected (its presence means "already injected").
+pub const INJECTED: &str = "toolmesh.dev/injected";
+/// Pod label: `"false"` opts a pod out (`"enabled"` opts it in, via the selectors).
+pub const INJECT_LABEL: &str = "toolmesh.dev/inject";
+/// Pod annotation: `"false"` asks for a regular container instead of a native sidecar.
+pub const NATIVE_ANNOTATION: &str = "toolmesh.dev/native-sidecar";
+/// Pod annotation prefix for per-pod resources: `toolmesh.dev/sidecar-cpu-request`,
+/// `-cpu-limit`, `-memory-request`, `-memory-limit`.
+pub const RESOURCE_ANNOTATION: &str = "toolmesh.dev/sidecar-";
+/// Pod annotation: the sidecar's log filter (`--log`).
+pub const LOG_ANNOTATION: &str = "toolmesh.dev/log-level";
+/// Label the control plane's own pods carry; they are never injected.
+pub const OWN_LABEL: (&str, &str) = ("app.kubernetes.io/name", "toolmesh-control-plane");
+
+/// Where the injected sidecar serves agents, and its admin port (probes, metrics).
+pub const MCP_PORT: u16 = 15001;
+pub const ADMIN_PORT: u16 = 15020;
+const TOKEN_DIR: &str = "/var/run/secrets/toolmesh";
+const STATE_DIR: &str = "/var/lib/toolmesh";
+
+/// How sidecars are injected: the control plane's `--inject-*` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Image of the injected sidecar.
+    #[arg(
+        long = "inject-image",
+        env = "TOOLMESH_INJECT_IMAGE",
+        default_value = "ghcr.io/toolmesh/toolmesh-sidecar:0.1.0"
+    )]
+    pub image: String,
+    /// Control plane URL the injected sidecars connect to.
+    #[arg(
+        long = "inject-control-plane",
+        env = "TOOLMESH_INJECT_CONTROL_PLANE",
+        default_value = "https://toolmesh-control-plane.toolmesh-system.svc:15010"
+    )]
+    pub control_plane: String,
+    /// Audience of the projected service-account token the sidecar presents.
+    #[arg(
+        long = "inject-token-audience",
+        env = "TOOLMESH_INJECT_TOKEN_AUDIENCE",
+        default_value = "toolmesh"
+    )]
+    pub audience: String,
+    /// Sidecar CPU request (pod annotation `toolmesh.dev/sidecar-cpu-request` overrides).
+    #[arg(
+        long = "inject-cpu-request",
+        env = "TOOLMESH_INJECT_CPU_REQUEST",
+        default_value = "50m"
+    )]
+    pub cpu_request: String,
+    /// Sidecar CPU limit (`toolmesh.dev/sidecar-cpu-limit`).
+    #[arg(
+        long = "inject-cpu-limit",
+        env = "TOOLMESH_INJECT_CPU_LIMIT",
+        default_value = "1"
+    )]
+    pub cpu_limit: String,
+    /// Sidecar memory request (`toolmesh.dev/sidecar-memory-request`).
+    #[arg(
+        long = "inject-memory-request",
+        env = "TOOLMESH_INJECT_MEMORY_REQUEST",
+        default_value = "32Mi"
+    )]
+    pub memory_request: String,
+    /// Sidecar memory limit (`toolmesh.dev/sidecar-memory-limit`).
+    #[arg(
+        long = "inject-memory-limit",
+        env = "TOOLMESH_INJECT_MEMORY_LIMIT",
+        default_value = "128Mi"
+    )]
+    pub memory_limit: String,
+    /// Sidecar log filter (`toolmesh.dev/log-level`).
+    #[arg(
+        long = "inject-log",
+        env = "TOOLMESH_INJECT_LOG",
+        default_value = "info"
+    )]
+    pub log: String,
+    /// Inject a regular container with a wait hook instead of a native sidecar, for
+    /// clusters older than Kubernetes 1.29.
+    #[arg(
+        long = "inject-legacy-sidecars",
+        env = "TOOLMESH_INJECT_LEGACY_SIDECARS"
+    )]
+    pub legacy: bool,
+}
+
+impl Default for Settings {
+    /// What the flags give when none is passed (one list of defaults: clap's).
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        <Flags as clap::Parser>::parse_from(["toolmesh-control-plane"]).settings
+    }
+}
+
+/// Why a pod was left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    OptedOut,
+    HostNetwork,
+    ControlPlane,
+    AlreadyInjected,
+    /// No `spec` object, or container lists that are not lists.
+    NotAPod,
+}
+
+impl Skip {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Skip::OptedOut => "opted out (label toolmesh.dev/inject=false)",
+            Skip::HostNetwork => "uses the host network",
+            Skip::ControlPlane => "is a toolmesh control plane pod",
+            Skip::AlreadyInjected => "already has the sidecar",
+            Skip::NotAPod => "has no usable pod spec",
+        }
+    }
+}
+
+fn str_at<'a>(pod: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(pod, |v, k| v.get(k))?.as_str()
+}
+
+fn has_container(pod: &Value, list: &str) -> bool {
+    pod["spec"][list]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["name"] == CONTAINER))
+}
+
+/// Whether `pod` should be left alone, and why.
+pub fn skip(pod: &Value) -> Option<Skip> {
+    if str_at(pod, &["metadata", "labels", INJECT_LABEL]) == Some("false") {
+        return Some(Skip::OptedOut);
+    }
+    if pod["spec"]["hostNetwork"] == json!(true) {
+        return Some(Skip::HostNetwork);
+    }
+    if str_at(pod, &["metadata", "labels", OWN_LABEL.0]) == Some(OWN_LABEL.1) {
+        return Some(Skip::ControlPlane);
+    }
+    if pod["metadata"]["annotations"].get(INJECTED).is_some()
+        || has_container(pod, "containers")
+        || has_container(pod, "initContainers")
+    {
+        return Some(Skip::AlreadyInjected);
+    }
+    None
+}
+
+/// The pod with the sidecar injected, or why it was left alone.
+pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
+    if let Some(skip) = skip(pod) {
+        return Err(skip);
+    }
+    let annotation = |name: &str| str_at(pod, &["metadata", "annotations", name]);
+    let native = !settings.legacy && annotation(NATIVE_ANNOTATION) != Some("false");
+    let resource = |what: &str, default: &str| -> Value {
+        json!(annotation(&format!("{RESOURCE_ANNOTATION}{what}")).unwrap_or(default))
+    };
+    let log = annotation(LOG_ANNOTATION).unwrap_or(&settings.log);
+    let ready = json!({"httpGet": {"path": "/ready", "port": ADMIN_PORT}});
+
+    let mut sidecar = json!({
+        "name": CONTAINER,
+        "image": settings.image,
+        "args": [
+            "--control-plane", settings.control_plane,
+            "--token-file", format!("{TOKEN_DIR}/token"),
+            "--state-dir", STATE_DIR,
+            // Probes and metrics scrapes come from the node, not from loopback. The MCP
+            // port stays loopback-only: it serves this pod alone.
+            "--admin-listen", format!("0.0.0.0:{ADMIN_PORT}"),
+            "--workers", "1",
+        ],
+        "env": [
+            {"name": "TOOLMESH_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "TOOLMESH_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+            {"name": "TOOLMESH_IDENTITY", "value": "$(TOOLMESH_NAMESPACE)/$(TOOLMESH_SERVICE_ACCOUNT)"},
+            {"name": "TOOLMESH_NODE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "TOOLMESH_LOG", "value": log},
+        ],
+        "ports": [{"name": "toolmesh-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": resource("cpu-request", &settings.cpu_request), "memory": resource("memory-request", &settings.memory_request)},
+            "limits": {"cpu": resource("cpu-limit", &settings.cpu_limit), "memory": resource("memory-limit", &settings.memory_limit)},
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "toolmesh-state", "mountPath": STATE_DIR},
+            {"name": "toolmesh-token", "mountPath": TOKEN_DIR, "readOnly": true},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/live", "port": ADMIN_PORT}, "periodSeconds": 10},
+    });
+    if native {
+        sidecar["restartPolicy"] = json!("Always");
+        sidecar["startupProbe"] = json!({
+            "httpGet": ready["httpGet"], "periodSeconds": 1, "failureThreshold": 120,
+        });
+    } else {
+        // The kubelet starts the next container only when this hook returns.
+        sidecar["lifecycle"] = json!({"postStart": {"exec": {"command": [
+            "toolmesh-sidecar", "wait-ready", format!("127.0.0.1:{ADMIN_PORT}"), "120",
+        ]}}});
+    }
+
+    let mut out = pod.clone();
+    let Some(spec) = out["spec"].as_object_mut() else {
+        return Err(Skip::NotAPod);
+    };
+    // Agents learn where their tools are.
+    if let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) {
+        for c in containers.iter_mut() {
+            let env = c
+                .as_object_mut()
+                .map(|c| c.entry("env").or_insert_with(|| json!([])));
+            if let Some(env) = env.and_then(Value::as_array_mut)
+                && !env.iter().any(|e| e["name"] == "TOOLMESH_MCP_URL")
+            {
+                env.push(json!({"name": "TOOLMESH_MCP_URL", "value": format!("http://127.0.0.1:{MCP_PORT}/mcp")}));
+            }
+        }
+    }
+    let list = if native {
+        "initContainers"
+    } else {
+        "containers"
+    };
+    match spec.entry(list).or_insert_with(|| json!([])).as_array_mut() {
+        Some(list) => list.insert(0, sidecar),
+        None => return Err(Skip::NotAPod),
+    }
+    let volumes = spec.entry("volumes").or_insert_with(|| json!([]));
+    if let Some(volumes) = volumes.as_array_mut() {
+        volumes.push(json!({"name": "toolmesh-state", "emptyDir": {"sizeLimit": "16Mi"}}));
+        volumes.push(
+            json!({"name": "toolmesh-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": settings.audience, "expirationSeconds": 3600, "path": "token"}}]}}),
+        );
+    }
+    let record = json!({
+        "mode": if native { "native" } else { "legacy" },
+        "image": settings.image,
+        "controlPlane": settings.control_plane,
+    })
+    .to_string();
+    let metadata = out["metadata"].as_object_mut();
+    if let Some(metadata) = metadata {
+        let annotations = metadata.entry("annotations").or_insert_with(|| json!({}));
+        if let Some(annotations) = annotations.as_object_mut() {
+            annotations.insert(INJECTED.to_owned(), json!(record));
+        }
+    }
+    Ok(out)
+}
+
+/// Answer an `AdmissionReview` request body. Errors are for bodies that are not an
+/// `AdmissionReview` request at all (the caller answers 400).
+pub fn review(body: &[u8], settings: &Settings) -> Result<Vec<u8>, String> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let request: AdmissionRequest<DynamicObject> = review
+        .try_into()
+        .map_err(|e| format!("not an AdmissionReview request: {e}"))?;
+    let response = AdmissionResponse::from(&request);
+    let pod = request
+        .object
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let where_ = format!(
+        "{}/{}",
+        request.namespace.as_deref().unwrap_or("-"),
+        if request.name.is_empty() {
+            "(generated name)"
+        } else {
+            &request.name
+        }
+    );
+    let patch = match pod.as_ref().map(|pod| (pod, mutate(pod, settings))) {
+        Some((pod, Ok(injected))) => {
+            tracing::info!(pod = %where_, "sidecar injected");
+            Some(json_patch::diff(pod, &injected))
+        }
+        Some((_, Err(skip))) => {
+            tracing::debug!(pod = %where_, reason = skip.reason(), "not injected");
+            None
+        }
+        None => None,
+    };
+    let response = match patch {
+        Some(patch) => response.with_patch(patch).map_err(|e| e.to_string())?,
+        None => response,
+    };
+    let mut wire = serde_json::to_value(response.into_review()).map_err(|e| e.to_string())?;
+    // The API server wants `patch` as base64 (Go's []byte); kube-core serializes its
+    // bytes as an array of numbers, so it is re-encoded here.
+    if let Some(bytes) = wire["response"]["patch"].as_array() {
+        let bytes: Vec<u8> = bytes
+            .iter()
+            .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect();
+        wire["response"]["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    serde_json::to_vec(&wire).map_err(|e| e.to_string())
+}

@@ -1,0 +1,282 @@
+//! The injection webhook against golden AdmissionReview fixtures
+//! (`tests/fixtures/inject/`): what goes on the wire (base64 JSON Patch), the patched
+//! pod as Kubernetes would store it (applied with `json-patch`, read back as a
+//! `k8s_openapi` Pod, and validated strictly by `kubernetes-validate` against the
+//! Kubernetes 1.33 and 1.37 schemas), and idempotency (the webhook on its own output
+//! changes nothing).
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::{Value, json};
+use toolmesh_control_plane::inject::{self, Settings};
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/inject")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).expect("fixture");
+    serde_json::from_str(&text).expect("fixture JSON")
+}
+
+/// Send `review` through the webhook; the response, and the patched pod if patched.
+fn answer(review: &Value, settings: &Settings) -> (Value, Option<Value>) {
+    let body = serde_json::to_vec(review).expect("encode");
+    let wire = inject::review(&body, settings).expect("an answer");
+    let response: Value = serde_json::from_slice(&wire).expect("JSON answer");
+    assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(response["response"]["allowed"], true);
+    let Some(patch) = response["response"].get("patch") else {
+        assert!(response["response"].get("patchType").is_none());
+        return (response, None);
+    };
+    assert_eq!(response["response"]["patchType"], "JSONPatch");
+    // On the wire the patch is a base64 string, as the API server requires.
+    let encoded = patch.as_str().expect("patch is a base64 string");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("valid base64");
+    let patch: json_patch::Patch = serde_json::from_slice(&decoded).expect("a JSON Patch");
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).expect("the patch applies to the request object");
+    (response, Some(pod))
+}
+
+fn sidecar(pod: &Pod, native: bool) -> Container {
+    let spec = pod.spec.as_ref().expect("spec");
+    let list = if native {
+        spec.init_containers.as_ref()
+    } else {
+        Some(&spec.containers)
+    };
+    let first = list
+        .and_then(|l| l.first())
+        .expect("a first container")
+        .clone();
+    assert_eq!(first.name, inject::CONTAINER);
+    first
+}
+
+/// Strict schema validation with the `kubernetes-validate` that `make deps` installs.
+fn validate_strictly(name: &str, pod: &Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf();
+    let tool = root.join(".cache/venv/bin/kubernetes-validate");
+    assert!(
+        tool.exists(),
+        "{} is missing: run `make deps`",
+        tool.display()
+    );
+    let dir: PathBuf = root.join("target/inject-fixtures");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join(format!("{name}.json"));
+    // The API server fills in a generated name; the validator needs one.
+    let mut pod = pod.clone();
+    if pod["metadata"].get("name").is_none() {
+        let generated = format!(
+            "{}x7k2q",
+            pod["metadata"]["generateName"].as_str().unwrap_or("pod-")
+        );
+        pod["metadata"]["name"] = json!(generated);
+    }
+    std::fs::write(&file, serde_json::to_vec_pretty(&pod).expect("encode")).expect("write");
+    for version in ["1.33.0", "1.37.0"] {
+        let out = std::process::Command::new(&tool)
+            .args(["--strict", "-k", version])
+            .arg(&file)
+            .output()
+            .expect("run kubernetes-validate");
+        assert!(
+            out.status.success(),
+            "{name} is not a valid Pod for Kubernetes {version}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The webhook on its own output: no patch.
+fn assert_idempotent(review: &Value, patched: &Value, settings: &Settings) {
+    let mut again = review.clone();
+    again["request"]["object"] = patched.clone();
+    let (_, repatched) = answer(&again, settings);
+    assert_eq!(repatched, None, "a second pass changed the pod");
+}
+
+#[test]
+fn a_deployment_created_pod_gets_a_native_sidecar_and_its_agents_the_mcp_url() {
+    let settings = Settings::default();
+    let review = fixture("deployment-pod");
+    let (_, patched) = answer(&review, &settings);
+    let patched = patched.expect("injected");
+    validate_strictly("deployment-pod", &patched);
+    let pod: Pod = serde_json::from_value(patched.clone()).expect("a Pod");
+    // No name or namespace in the object: nothing in the patch depends on them.
+    assert_eq!(pod.metadata.name, None);
+    let c = sidecar(&pod, true);
+    assert_eq!(c.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(c.image.as_deref(), Some(settings.image.as_str()));
+    let probe = c.startup_probe.expect("startup probe");
+    assert_eq!(
+        probe.http_get.map(|h| h.path),
+        Some(Some("/ready".to_owned()))
+    );
+    let security = c.security_context.expect("security context");
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let capabilities = security.capabilities.expect("capabilities");
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(capabilities.add, None);
+    let args = c.args.expect("args");
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--control-plane", settings.control_plane.as_str()])
+    );
+    let spec = pod.spec.expect("spec");
+    let volumes = spec.volumes.expect("volumes");
+    let token = volumes
+        .iter()
+        .find(|v| v.name == "toolmesh-token")
+        .and_then(|v| v.projected.as_ref())
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s.first())
+        .and_then(|s| s.service_account_token.as_ref())
+        .expect("projected token");
+    assert_eq!(token.audience.as_deref(), Some("toolmesh"));
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.name == "toolmesh-state" && v.empty_dir.is_some())
+    );
+    let agent = &spec.containers[0];
+    assert_eq!(agent.name, "agent");
+    let env = agent.env.as_ref().expect("env");
+    assert!(env.iter().any(|e| e.name == "MODEL"), "existing env kept");
+    assert!(env.iter().any(|e| e.name == "TOOLMESH_MCP_URL"
+        && e.value.as_deref() == Some("http://127.0.0.1:15001/mcp")));
+    let record = pod
+        .metadata
+        .annotations
+        .and_then(|a| a.get(inject::INJECTED).cloned())
+        .expect("injected annotation");
+    assert_eq!(
+        serde_json::from_str::<Value>(&record).expect("JSON")["mode"],
+        "native"
+    );
+    assert_idempotent(&review, &patched, &settings);
+}
+
+#[test]
+fn existing_init_containers_run_after_the_sidecar_and_existing_env_is_not_duplicated() {
+    let settings = Settings::default();
+    let review = fixture("existing-init-containers");
+    let (_, patched) = answer(&review, &settings);
+    let patched = patched.expect("injected");
+    validate_strictly("existing-init-containers", &patched);
+    let pod: Pod = serde_json::from_value(patched.clone()).expect("a Pod");
+    let spec = pod.spec.as_ref().expect("spec");
+    let init: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(init, [inject::CONTAINER, "fetch-prompts"]);
+    let urls = spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter(|e| e.name == "TOOLMESH_MCP_URL")
+        .count();
+    assert_eq!(urls, 1);
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(volumes, ["prompts", "toolmesh-state", "toolmesh-token"]);
+    let annotations = pod.metadata.annotations.expect("annotations");
+    assert_eq!(annotations.get("team").map(String::as_str), Some("search"));
+    assert_idempotent(&review, &patched, &settings);
+}
+
+#[test]
+fn legacy_mode_uses_a_regular_container_with_a_wait_hook_and_honours_pod_overrides() {
+    let settings = Settings::default();
+    let review = fixture("legacy-mode");
+    let (_, patched) = answer(&review, &settings);
+    let patched = patched.expect("injected");
+    validate_strictly("legacy-mode", &patched);
+    let pod: Pod = serde_json::from_value(patched.clone()).expect("a Pod");
+    let c = sidecar(&pod, false);
+    assert_eq!(c.restart_policy, None);
+    let hook = c
+        .lifecycle
+        .and_then(|l| l.post_start)
+        .and_then(|p| p.exec)
+        .and_then(|e| e.command)
+        .expect("postStart exec");
+    assert_eq!(hook[..2], ["toolmesh-sidecar", "wait-ready"]);
+    let limits = c.resources.and_then(|r| r.limits).expect("limits");
+    assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("256Mi"));
+    let log = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "TOOLMESH_LOG")
+        .and_then(|e| e.value.clone());
+    assert_eq!(log.as_deref(), Some("debug"));
+    assert_eq!(pod.spec.expect("spec").containers[1].name, "agent");
+    assert_idempotent(&review, &patched, &settings);
+
+    // The same pod on a cluster configured for legacy sidecars, no annotation needed.
+    let mut plain = review.clone();
+    plain["request"]["object"]["metadata"]["annotations"] = json!({});
+    let legacy = Settings {
+        legacy: true,
+        ..Settings::default()
+    };
+    let (_, patched) = answer(&plain, &legacy);
+    let pod: Pod = serde_json::from_value(patched.expect("injected")).expect("a Pod");
+    sidecar(&pod, false);
+}
+
+#[test]
+fn opted_out_host_network_and_control_plane_pods_are_allowed_unchanged() {
+    let settings = Settings::default();
+    for name in ["opt-out", "host-network", "control-plane-pod"] {
+        let (response, patched) = answer(&fixture(name), &settings);
+        assert_eq!(patched, None, "{name} was patched: {response}");
+    }
+}
+
+#[test]
+fn bodies_that_are_not_admission_requests_are_errors_not_panics() {
+    let settings = Settings::default();
+    for body in [
+        &b""[..],
+        b"{}",
+        b"[]",
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#,
+    ] {
+        assert!(
+            inject::review(body, &settings).is_err(),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    // A request without an object (e.g. a DELETE) is allowed without a patch.
+    let mut review = fixture("opt-out");
+    review["request"]["object"] = Value::Null;
+    review["request"]["operation"] = json!("DELETE");
+    let (_, patched) = answer(&review, &settings);
+    assert_eq!(patched, None);
+}
