@@ -214,6 +214,8 @@ pub fn sse(body: Body, route: Arc<Route>, list: ListKind) -> Body {
         list,
         buf: BytesMut::new(),
         scanned: 0,
+        first: true,
+        lf_after_cr: None,
         finished: false,
     }
     .boxed()
@@ -227,56 +229,111 @@ struct SseFilter {
     /// How much of `buf` is known to hold no event end (so a long event arriving in
     /// many frames is scanned once, not once per frame).
     scanned: usize,
+    /// No event has been taken yet (a byte order mark may open the stream).
+    first: bool,
+    /// The last event taken ended with a CR whose LF, if any, comes next: that LF is
+    /// relayed (`Some(true)`, the event went as it came) or dropped (`Some(false)`, it
+    /// was rewritten with line ends of its own).
+    lf_after_cr: Option<bool>,
     finished: bool,
 }
+
+// Events are read with the rules of the agent's own SSE parser (WHATWG HTML, "Parsing
+// an event stream"): a line ends with CRLF, LF or a lone CR, and a blank line ends an
+// event. Reading them any other way would let an upstream frame a list the sidecar
+// does not see as one but the agent does.
+
+/// Length of the line ending at the start of `buf`, if one starts there. A CR last in
+/// `buf` counts alone: were an LF to follow, it would belong to it (see `lf_after_cr`).
+fn line_end(buf: &[u8]) -> Option<usize> {
+    match buf {
+        [b'\r', b'\n', ..] => Some(2),
+        [b'\r' | b'\n', ..] => Some(1),
+        _ => None,
+    }
+}
+
+/// The longest ending ("\r\n\r\n") `event_end` looks for, less one: how far a resumed
+/// scan backs up.
+const END_OVERLAP: usize = 3;
 
 /// End of the first complete event in `buf` (after its blank line), if any.
 fn event_end(buf: &[u8]) -> Option<usize> {
     let mut i = 0;
     while i < buf.len() {
-        if buf[i] == b'\n' {
-            match buf.get(i + 1) {
-                Some(b'\n') => return Some(i + 2),
-                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-                _ => {}
+        if let Some(first) = line_end(&buf[i..]) {
+            if let Some(second) = line_end(&buf[i + first..]) {
+                return Some(i + first + second);
             }
+            i += first;
+        } else {
+            i += 1;
         }
-        i += 1;
     }
     None
 }
 
+/// The lines of one event, as the agent's SSE parser splits them.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        let line = &rest[..end];
+        let ending = line_end(&rest.as_bytes()[end..]).unwrap_or(0);
+        rest = &rest[end + ending..];
+        Some(line)
+    })
+}
+
+/// The value of a `data` field line (`data` alone is one with an empty value).
+fn data_value(line: &str) -> Option<&str> {
+    let value = line.strip_prefix("data")?;
+    if value.is_empty() {
+        return Some(value);
+    }
+    let value = value.strip_prefix(':')?;
+    Some(value.strip_prefix(' ').unwrap_or(value))
+}
+
 impl SseFilter {
-    /// Rewrite one complete event if it carries the list result.
-    fn event(&self, raw: Bytes) -> Bytes {
-        let Ok(text) = std::str::from_utf8(&raw) else {
-            return raw;
+    /// One complete event rewritten, if it carries the list result. Its bytes are read
+    /// as the agent's parser reads them: UTF-8 with replacement, and without the byte
+    /// order mark that may open the stream.
+    fn event(&self, raw: &[u8], first: bool) -> Option<Bytes> {
+        let text = String::from_utf8_lossy(raw);
+        let text = if first {
+            text.strip_prefix('\u{feff}').unwrap_or(&text)
+        } else {
+            &text
         };
         let mut data = String::new();
         let mut data_lines = 0;
-        for line in text.lines() {
-            if let Some(d) = line.strip_prefix("data:") {
-                if data_lines > 0 {
-                    data.push('\n');
-                }
-                data.push_str(d.strip_prefix(' ').unwrap_or(d));
-                data_lines += 1;
+        for value in lines(text).filter_map(data_value) {
+            if data_lines > 0 {
+                data.push('\n');
             }
+            data.push_str(value);
+            data_lines += 1;
         }
         if data_lines == 0 {
-            return raw;
+            return None;
         }
-        let Some(message) = self.list.filter(&self.route, &data) else {
-            return raw;
-        };
+        let message = self.list.filter(&self.route, &data)?;
         let mut out = String::with_capacity(raw.len());
         let mut wrote_data = false;
-        for line in text.lines() {
-            if line.starts_with("data:") {
+        for line in lines(text) {
+            if data_value(line).is_some() {
                 if !wrote_data {
-                    out.push_str("data: ");
-                    out.push_str(&message);
-                    out.push('\n');
+                    // The data held line breaks (a message sent over several `data`
+                    // lines): one `data` line per line keeps them.
+                    for part in message.split('\n') {
+                        out.push_str("data: ");
+                        out.push_str(part);
+                        out.push('\n');
+                    }
                     wrote_data = true;
                 }
             } else if !line.is_empty() {
@@ -285,7 +342,7 @@ impl SseFilter {
             }
         }
         out.push('\n');
-        Bytes::from(out)
+        Some(Bytes::from(out))
     }
 }
 
@@ -298,12 +355,27 @@ impl HttpBody for SseFilter {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         loop {
-            // An end ("\n\n" or "\n\r\n") may straddle the scanned part: back up 2.
-            let from = self.scanned.min(self.buf.len()).saturating_sub(2);
+            // The event before ended with a CR that a frame boundary cut from its LF:
+            // the LF follows the event (relayed, the agent reads one CRLF) or goes with
+            // it (rewritten, its own line ends replaced the CRLF).
+            if let Some(relay) = self.lf_after_cr.filter(|_| !self.buf.is_empty()) {
+                self.lf_after_cr = None;
+                if self.buf[0] == b'\n' {
+                    let lf = self.buf.split_to(1).freeze();
+                    if relay {
+                        return Poll::Ready(Some(Ok(Frame::data(lf))));
+                    }
+                }
+            }
+            // An end may straddle the scanned part: back up.
+            let from = self.scanned.min(self.buf.len()).saturating_sub(END_OVERLAP);
             if let Some(end) = event_end(&self.buf[from..]) {
                 let raw = self.buf.split_to(from + end).freeze();
                 self.scanned = 0;
-                let out = self.event(raw);
+                let first = std::mem::take(&mut self.first);
+                let rewritten = self.event(&raw, first);
+                self.lf_after_cr = (raw.last() == Some(&b'\r')).then_some(rewritten.is_none());
+                let out = rewritten.unwrap_or(raw);
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
             self.scanned = self.buf.len();
@@ -456,5 +528,85 @@ mod tests {
         assert_eq!(event_end(b"\n\n"), Some(2));
         assert_eq!(event_end(b"data: x\r\n\r\n"), Some(11));
         assert_eq!(event_end(b"data: x\n"), None);
+        // A lone CR ends a line too (WHATWG), alone or mixed with the others.
+        assert_eq!(event_end(b"data: x\r\rrest"), Some(9));
+        assert_eq!(event_end(b"data: x\r\n\rrest"), Some(10));
+        assert_eq!(event_end(b"data: x\n\r\nrest"), Some(10));
+        assert_eq!(event_end(b"data: x\r\r\nrest"), Some(10));
+        assert_eq!(event_end(b"data: x\r\ndata: y\r"), None);
+        // A blank line ending in a CR last in the buffer ends the event there.
+        assert_eq!(event_end(b"data: x\r\n\r"), Some(10));
+    }
+
+    /// `stream` through the SSE filter for `method`, `chunk` bytes per frame.
+    async fn through_sse(method: &str, stream: &[u8], chunk: usize) -> Vec<u8> {
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> = stream
+            .chunks(chunk)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let list = ListKind::of(method).expect("list");
+        let out = sse(body, route(), list).collect().await.expect("body");
+        out.to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_lone_cr_ends_a_line_for_the_filter_as_for_the_agent() {
+        // Found by the `sse` fuzz target: the agent's parser ends a line at a lone CR,
+        // so this event's data is the whole list; the filter read the second line as
+        // running on to "x-junk" and relayed the event unfiltered.
+        let stream = b"data: {\"id\":1,\r\ndata: \"result\":{\"tools\":[{\"name\":\"a1\"},{\"name\":\"b1\"}]}}\rx-junk\r\n\r\n";
+        for chunk in [1, 7, stream.len()] {
+            let out = through_sse("tools/list", stream, chunk).await;
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                "data: {\"id\":1,\"result\":{\"tools\":[{\"name\":\"a1\"}]}}\nx-junk\n\n"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn events_ended_by_lone_crs_are_filtered_one_by_one() {
+        let stream = b"data: {\"method\":\"notifications/progress\"}\r\r\
+                       data: {\"id\":2,\"result\":{\"tools\":[{\"name\":\"b1\"}]}}\r\r";
+        let out = through_sse("tools/list", stream, 5).await;
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "data: {\"method\":\"notifications/progress\"}\r\r\
+             data: {\"id\":2,\"result\":{\"tools\":[]}}\n\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_over_several_data_lines_keeps_them_once_filtered() {
+        // Items are copied as sent, line breaks included; written back on one `data`
+        // line, the message ended at the first of them and the agent could not parse it.
+        let stream = "data: {\"id\":3,\"result\":{\"tools\":[{\"name\":\"a1\",\ndata: \"title\":\"A\"},{\"name\":\"b1\"}]}}\n\n";
+        let out = through_sse("tools/list", stream.as_bytes(), 3).await;
+        let out = String::from_utf8(out).expect("utf-8");
+        assert_eq!(
+            out,
+            "data: {\"id\":3,\"result\":{\"tools\":[{\"name\":\"a1\",\ndata: \"title\":\"A\"}]}}\n\n"
+        );
+        let data: Vec<&str> = out.lines().filter_map(data_value).collect();
+        let message: serde_json::Value =
+            serde_json::from_str(&data.join("\n")).expect("the agent reads JSON");
+        assert_eq!(
+            message["result"]["tools"],
+            serde_json::json!([{"name": "a1", "title": "A"}])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_byte_order_mark_or_a_bare_data_field_does_not_hide_the_list() {
+        // The agent's parser drops a BOM opening the stream and reads `data` without a
+        // colon as an empty data line.
+        let stream =
+            "\u{feff}data: {\"id\":1,\"result\":{\"tools\":[{\"name\":\"b1\"}]}}\ndata\n\n";
+        let out = through_sse("tools/list", stream.as_bytes(), 2).await;
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "data: {\"id\":1,\"result\":{\"tools\":[]}}\n\n"
+        );
     }
 }
