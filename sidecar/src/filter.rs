@@ -9,6 +9,11 @@
 //! rewritten, every other event (progress, logging, server requests) is relayed as is.
 //! Only these responses are ever rewritten; everything else is relayed untouched.
 //!
+//! What the filter cannot read does not pass: agents' JSON readers are more lenient
+//! than serde_json (a batch array, lone surrogates, `NaN`), so a list response that is
+//! not a JSON object the filter can parse is refused (JSON) or loses its data (an SSE
+//! event). Bytes are read as agents read them: UTF-8 with replacement, a BOM skipped.
+//!
 //! This module does not decide what is visible (see [`crate::policy`]).
 
 use std::pin::Pin;
@@ -52,38 +57,57 @@ impl ListKind {
         Some(ListKind { kind, field, key })
     }
 
-    /// The JSON-RPC message `text` with invisible items removed from its list; `None`
-    /// when it carries no list (relay it unchanged).
+    /// The JSON-RPC message `text` with invisible items removed from its list.
     ///
     /// Only the structure is parsed: members and items stay raw text and are copied
     /// through, each item is read just far enough to find its name. Every `result`
     /// member and every list member in it is filtered, so duplicate keys cannot carry
     /// an unfiltered copy past the sidecar.
-    fn filter(&self, route: &Route, text: &str) -> Option<String> {
+    fn filter(&self, route: &Route, text: &str) -> Filtered {
+        if text.trim_ascii().is_empty() {
+            return Filtered::Unchanged;
+        }
         let mut found = false;
-        let out = rewrite_members(text, |key, value, out| {
+        let mut unreadable = false;
+        let Some(out) = rewrite_members(text, |key, value, out| {
             if key != "result" {
                 return false;
             }
             match self.filter_result(route, value) {
-                Some(result) => {
+                Filtered::Rewritten(result) => {
                     out.push_str(&result);
                     found = true;
                     true
                 }
-                None => false,
+                Filtered::Unchanged => false,
+                Filtered::Unreadable => {
+                    unreadable = true;
+                    false
+                }
             }
-        })?;
-        found.then_some(out)
+        }) else {
+            return Filtered::Unreadable;
+        };
+        match (unreadable, found) {
+            (true, _) => Filtered::Unreadable,
+            (false, true) => Filtered::Rewritten(out),
+            (false, false) => Filtered::Unchanged,
+        }
     }
 
-    fn filter_result(&self, route: &Route, text: &str) -> Option<String> {
+    fn filter_result(&self, route: &Route, text: &str) -> Filtered {
+        // A result that is not an object holds no list an agent could take.
+        if !text.starts_with('{') {
+            return Filtered::Unchanged;
+        }
         let mut found = false;
-        let out = rewrite_members(text, |key, value, out| {
-            if key != self.field {
+        let mut unreadable = false;
+        let Some(out) = rewrite_members(text, |key, value, out| {
+            if key != self.field || !value.starts_with('[') {
                 return false;
             }
             let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(value) else {
+                unreadable = true;
                 return false;
             };
             out.push('[');
@@ -100,8 +124,14 @@ impl ListKind {
             out.push(']');
             found = true;
             true
-        })?;
-        found.then_some(out)
+        }) else {
+            return Filtered::Unreadable;
+        };
+        match (unreadable, found) {
+            (true, _) => Filtered::Unreadable,
+            (false, true) => Filtered::Rewritten(out),
+            (false, false) => Filtered::Unchanged,
+        }
     }
 
     /// An item is visible when its name is a string the policy shows (anything else,
@@ -116,6 +146,18 @@ impl ListKind {
             })
             .is_some_and(|name| route.policy.visible(self.kind, &name))
     }
+}
+
+/// What filtering one JSON-RPC message came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Filtered {
+    /// It carries no list (or is blank): relay it as it came.
+    Unchanged,
+    /// The message with the invisible items removed.
+    Rewritten(String),
+    /// Not a JSON object the sidecar can read. An agent's parser may read it all the
+    /// same (a batch array, a lone surrogate in a key, `NaN`), so it must not pass.
+    Unreadable,
 }
 
 /// The name fields of a list item; everything else in it is skipped unparsed.
@@ -180,8 +222,13 @@ fn rewrite_members(
 #[error("list response larger than {MAX_FILTERED_BODY} bytes cannot be filtered")]
 struct TooLarge;
 
+#[derive(Debug, thiserror::Error)]
+#[error("list response is not a JSON-RPC object the sidecar can read, so it cannot be filtered")]
+struct Unreadable;
+
 /// Filter a JSON response body. A body that is not a JSON-RPC list result is returned
-/// unchanged.
+/// unchanged; one the sidecar cannot read is an error. The body is read as the agent's
+/// client reads it: UTF-8 with replacement, a byte order mark skipped.
 pub async fn json(body: Body, route: &Route, list: ListKind) -> Result<Bytes, BodyError> {
     // Collected by hand: `Limited` would need the boxed error converted through a
     // bound that makes the request future lose `Send`.
@@ -200,10 +247,12 @@ pub async fn json(body: Body, route: &Route, list: ListKind) -> Result<Bytes, Bo
         }
     }
     let bytes = buf.freeze();
-    let filtered = std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(|text| list.filter(route, text));
-    Ok(filtered.map_or(bytes, Bytes::from))
+    let text = String::from_utf8_lossy(&bytes);
+    match list.filter(route, text.strip_prefix('\u{feff}').unwrap_or(&text)) {
+        Filtered::Unchanged => Ok(bytes),
+        Filtered::Rewritten(out) => Ok(Bytes::from(out)),
+        Filtered::Unreadable => Err(Box::new(Unreadable)),
+    }
 }
 
 /// Filter an SSE response body event by event.
@@ -299,9 +348,9 @@ fn data_value(line: &str) -> Option<&str> {
 }
 
 impl SseFilter {
-    /// One complete event rewritten, if it carries the list result. Its bytes are read
-    /// as the agent's parser reads them: UTF-8 with replacement, and without the byte
-    /// order mark that may open the stream.
+    /// One complete event rewritten, if it carries the list result or data the filter
+    /// cannot read (then dropped). Its bytes are read as the agent's parser reads them:
+    /// UTF-8 with replacement, and without the byte order mark that may open the stream.
     fn event(&self, raw: &[u8], first: bool) -> Option<Bytes> {
         let text = String::from_utf8_lossy(raw);
         let text = if first {
@@ -321,12 +370,20 @@ impl SseFilter {
         if data_lines == 0 {
             return None;
         }
-        let message = self.list.filter(&self.route, &data)?;
+        let message = match self.list.filter(&self.route, &data) {
+            Filtered::Unchanged => return None,
+            Filtered::Rewritten(message) => Some(message),
+            // Its data goes; the rest (an `id` the agent resumes from) still counts.
+            Filtered::Unreadable => {
+                tracing::warn!(server = %self.route.name, "dropped the data of an SSE event the list filter cannot read");
+                None
+            }
+        };
         let mut out = String::with_capacity(raw.len());
         let mut wrote_data = false;
         for line in lines(text) {
             if data_value(line).is_some() {
-                if !wrote_data {
+                if let Some(message) = message.as_deref().filter(|_| !wrote_data) {
                     // The data held line breaks (a message sent over several `data`
                     // lines): one `data` line per line keeps them.
                     for part in message.split('\n') {
@@ -423,8 +480,11 @@ mod tests {
 
     fn filtered(method: &str, text: &str) -> Option<serde_json::Value> {
         let list = ListKind::of(method).expect("a list method");
-        let out = list.filter(&route(), text)?;
-        Some(serde_json::from_str(&out).expect("valid JSON out"))
+        match list.filter(&route(), text) {
+            Filtered::Rewritten(out) => Some(serde_json::from_str(&out).expect("valid JSON out")),
+            Filtered::Unchanged => None,
+            Filtered::Unreadable => panic!("unreadable: {text}"),
+        }
     }
 
     #[test]
@@ -468,11 +528,78 @@ mod tests {
             r#"{"id":1,"error":{"code":-1,"message":"x"}}"#,
             r#"{"id":1,"result":{"tools":"not an array"}}"#,
             r#"{"id":1,"result":[]}"#,
-            r#"[1,2]"#,
-            r#"{"id":1,"result":{"tools":[1,2"#,
+            r#"{"id":1,"result":{"tools":{"name":"b1"}}}"#,
+            " \r\n",
         ] {
             assert_eq!(filtered("tools/list", text), None, "{text}");
         }
+    }
+
+    #[test]
+    fn messages_the_filter_cannot_read_do_not_pass() {
+        // Relayed as they came, each showed its list to an agent whose JSON reader is
+        // more lenient than serde_json: a batch answering a single request (the
+        // TypeScript SDK takes it), a lone surrogate in a key (JavaScript and Python
+        // read it), `NaN` (Python reads it).
+        let list = ListKind::of("tools/list").expect("list");
+        for text in [
+            r#"[1,2]"#,
+            r#"{"id":1,"result":{"tools":[1,2"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"b1"}]}}]"#,
+            r#"{"\ud800":0,"id":1,"result":{"tools":[{"name":"b1"}]}}"#,
+            r#"{"id":1,"result":{"\udead":0,"tools":[{"name":"b1"}]}}"#,
+            r#"{"id":1,"x":NaN,"result":{"tools":[{"name":"b1"}]}}"#,
+        ] {
+            assert_eq!(list.filter(&route(), text), Filtered::Unreadable, "{text}");
+        }
+    }
+
+    async fn through_json(method: &str, body: &[u8]) -> Result<Vec<u8>, String> {
+        let list = ListKind::of(method).expect("list");
+        json(crate::body::full(body.to_vec()), &route(), list)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_json_body_is_read_as_the_agent_reads_it() {
+        // Found by the `sse` fuzz target: a byte that is not UTF-8 made the filter
+        // relay the whole body, which the agent decodes with replacement and reads.
+        let mut body = br#"{"id":1,"result":{"tools":[{"name":"a1","title":"x"#.to_vec();
+        body.push(0xdc);
+        body.extend_from_slice(br#""},{"name":"b1"}]}}"#);
+        let out = through_json("tools/list", &body).await.expect("filtered");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "{\"id\":1,\"result\":{\"tools\":[{\"name\":\"a1\",\"title\":\"x\u{fffd}\"}]}}"
+        );
+        // A BOM (skipped by a browser's and by Python's JSON decoding) is skipped too.
+        let out = through_json(
+            "tools/list",
+            "\u{feff}{\"id\":1,\"result\":{\"tools\":[{\"name\":\"b1\"}]}}".as_bytes(),
+        )
+        .await
+        .expect("filtered");
+        assert_eq!(out, br#"{"id":1,"result":{"tools":[]}}"#);
+        // What it cannot read is refused, not relayed; a body without a list is relayed.
+        let batch = br#"[{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"b1"}]}}]"#;
+        let err = through_json("tools/list", batch)
+            .await
+            .expect_err("refused");
+        assert!(err.contains("cannot be filtered"), "{err}");
+        let mut error = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-1,"message":"x"#.to_vec();
+        error.push(0xff);
+        error.extend_from_slice(br#""}}"#);
+        assert_eq!(through_json("tools/list", &error).await, Ok(error));
+    }
+
+    #[tokio::test]
+    async fn an_sse_event_the_filter_cannot_read_loses_its_data_not_its_id() {
+        let stream = b"id: 7\ndata: [{\"id\":1,\"result\":{\"tools\":[{\"name\":\"b1\"}]}}]\n\n\
+                       id: 8\ndata:\n\n";
+        let out = through_sse("tools/list", stream, 4).await;
+        assert_eq!(String::from_utf8_lossy(&out), "id: 7\n\nid: 8\ndata:\n\n");
     }
 
     #[tokio::test]
