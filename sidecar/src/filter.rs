@@ -218,6 +218,33 @@ fn rewrite_members(
     Some(out)
 }
 
+/// How a list response is framed, told from its `Content-Type` the way agents' clients
+/// tell it: by prefix, ignoring case (the Python SDK's rule, which takes everything the
+/// TypeScript SDK takes). `None` is neither, which no client reads as a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Json,
+    Sse,
+}
+
+impl Framing {
+    pub fn of(content_type: &[u8]) -> Option<Framing> {
+        let value = content_type.trim_ascii_start();
+        let starts = |prefix: &[u8]| {
+            value
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        };
+        if starts(b"text/event-stream") {
+            Some(Framing::Sse)
+        } else if starts(b"application/json") {
+            Some(Framing::Json)
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("list response larger than {MAX_FILTERED_BODY} bytes cannot be filtered")]
 struct TooLarge;
@@ -647,6 +674,29 @@ mod tests {
             .expect("body")
             .to_bytes();
         assert_eq!(out, Bytes::from_static(stream.as_bytes()));
+    }
+
+    #[test]
+    fn framing_is_told_as_agents_tell_it() {
+        // Matched case-sensitively, `Application/JSON` went through unfiltered, and the
+        // Python SDK (which lowercases) read the list from it.
+        for (content_type, framing) in [
+            (&b"application/json"[..], Some(Framing::Json)),
+            (b"Application/JSON; charset=utf-8", Some(Framing::Json)),
+            (b"application/json-seq", Some(Framing::Json)),
+            (b"TEXT/Event-Stream", Some(Framing::Sse)),
+            (b" text/event-stream;x=1", Some(Framing::Sse)),
+            (b"text/event", None),
+            (b"text/plain", None),
+            (b"", None),
+        ] {
+            assert_eq!(
+                Framing::of(content_type),
+                framing,
+                "{}",
+                String::from_utf8_lossy(content_type)
+            );
+        }
     }
 
     #[test]

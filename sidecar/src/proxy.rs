@@ -32,7 +32,7 @@ use serde_json::value::RawValue;
 use crate::audit::{Audit, Record};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
-use crate::filter::{self, ListKind};
+use crate::filter::{self, Framing, ListKind};
 use crate::mcp::{self, Envelope, Rejection, TargetKind};
 use crate::policy::Decision;
 use crate::snapshot::{Active, Route, Runtime};
@@ -406,15 +406,14 @@ async fn filter_list(
     route: &Arc<Route>,
     list: ListKind,
 ) -> Result<Body, ProxyError> {
-    let content_type = parts
+    let framing = parts
         .headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if content_type.starts_with("text/event-stream") {
+        .and_then(|v| Framing::of(v.as_bytes()));
+    if framing == Some(Framing::Sse) {
         parts.headers.remove(header::CONTENT_LENGTH);
         Ok(filter::sse(body, route.clone(), list))
-    } else if content_type.starts_with("application/json") {
+    } else if framing == Some(Framing::Json) {
         parts.headers.remove(header::CONTENT_LENGTH);
         let filtered =
             filter::json(body, route, list)
