@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use toolmesh_proto::glob;
@@ -313,6 +314,10 @@ impl ServerPolicy {
     }
 
     /// Decide a gated call on `name` of `kind`, with the call's raw arguments.
+    ///
+    /// Arguments the sidecar cannot read unambiguously (see [`read_arguments`]) may
+    /// still be read by the upstream, in a way no condition here can be checked
+    /// against: the conditions of a deny rule then hold, those of an allow rule fail.
     pub fn decide(
         &self,
         kind: TargetKind,
@@ -320,16 +325,18 @@ impl ServerPolicy {
         arguments: Option<&RawValue>,
     ) -> Decision<'_> {
         // Arguments are parsed only when some rule looks at them.
-        let parsed: Option<Value> = if self.conditional {
-            arguments.and_then(|a| serde_json::from_str(a.get()).ok())
-        } else {
-            None
+        let parsed: Result<Option<Value>, ()> = match arguments {
+            Some(a) if self.conditional => read_arguments(a.get()).map(Some).map_err(|_| ()),
+            _ => Ok(None),
         };
-        let applies = |r: &Rule| r.conditions.iter().all(|c| c.holds(parsed.as_ref()));
-        if let Some(rule) = self.deny.first(kind, name, applies) {
+        let holds = |r: &Rule, unreadable: bool| match &parsed {
+            Ok(args) => r.conditions.iter().all(|c| c.holds(args.as_ref())),
+            Err(()) => r.conditions.is_empty() || unreadable,
+        };
+        if let Some(rule) = self.deny.first(kind, name, |r| holds(r, true)) {
             return Decision::Deny(Some(rule));
         }
-        match self.allow.first(kind, name, applies) {
+        match self.allow.first(kind, name, |r| holds(r, false)) {
             Some(rule) => Decision::Allow(rule),
             None => Decision::Deny(None),
         }
@@ -350,6 +357,71 @@ impl ServerPolicy {
     /// Does a list of `kind` need filtering at all?
     pub fn filters(&self, kind: TargetKind) -> bool {
         !self.open[kind_index(kind)]
+    }
+}
+
+/// A call's arguments as conditions see them, refusing what servers read differently:
+/// text serde_json cannot read (lone surrogates, numbers beyond `f64`: JavaScript and
+/// Python read both) and duplicate keys (first or last wins, depending on the server).
+pub fn read_arguments(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str::<Unambiguous>(text).map(|u| u.0)
+}
+
+/// A JSON value whose objects hold each key once.
+struct Unambiguous(Value);
+
+impl<'de> Deserialize<'de> for Unambiguous {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UnambiguousVisitor).map(Unambiguous)
+    }
+}
+
+struct UnambiguousVisitor;
+
+impl<'de> Visitor<'de> for UnambiguousVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unambiguous(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if members.contains_key(&key) {
+                return Err(A::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let Unambiguous(value) = map.next_value()?;
+            members.insert(key, value);
+        }
+        Ok(Value::Object(members))
     }
 }
 

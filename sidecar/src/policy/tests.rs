@@ -107,6 +107,43 @@ fn argument_conditions() {
 }
 
 #[test]
+fn arguments_servers_read_differently_fail_every_condition_that_could_allow() {
+    // Found by the `envelope` fuzz target: with a lone surrogate in `repo`, serde_json
+    // could not read the arguments, the deny rule's condition counted as false and the
+    // call was allowed; JavaScript and Python servers read `secret/...` and ran it.
+    let mut deny = rule("github", &["deploy"], true);
+    deny.conditions = vec![pb::ArgumentCondition {
+        path: "repo".into(),
+        matches: "secret/*".into(),
+    }];
+    let mut allow_acme = rule("github", &["tag"], false);
+    allow_acme.conditions = vec![pb::ArgumentCondition {
+        path: "repo".into(),
+        matches: "acme/*".into(),
+    }];
+    let p = compile(&policy(vec![
+        rule("github", &["deploy"], false),
+        deny,
+        allow_acme,
+    ]));
+    assert!(allowed(&p, "deploy", Some(r#"{"repo":"acme/web"}"#)));
+    assert!(!allowed(&p, "deploy", Some(r#"{"repo":"secret/db"}"#)));
+    for ambiguous in [
+        r#"{"repo":"secret/db\ud800"}"#,
+        r#"{"repo":"secret/db","n":1e400}"#,
+        r#"{"repo":"secret/db","repo":"acme/web"}"#,
+        r#"{"repo":"acme/web","x":{"k":1,"k":2}}"#,
+    ] {
+        assert!(!allowed(&p, "deploy", Some(ambiguous)), "{ambiguous}");
+        // And an allow rule's condition does not hold on them either.
+        let acme = ambiguous.replace("secret/db", "acme/x");
+        assert!(!allowed(&p, "tag", Some(&acme)), "{acme}");
+    }
+    // Without arguments nothing is ambiguous: the deny rule's condition fails.
+    assert!(allowed(&p, "deploy", None));
+}
+
+#[test]
 fn list_visibility_and_open_kinds() {
     let p = compile(&policy(vec![rule("github", &["*"], false)]));
     assert!(!p.filters(TargetKind::Tool));
