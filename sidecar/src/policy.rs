@@ -256,44 +256,55 @@ impl ServerPolicy {
         previous: &dyn LimiterSource,
         limiters: &mut Vec<(Vec<u8>, Arc<Limiter>)>,
     ) -> ServerPolicy {
+        let rules = policies.iter().flat_map(|policy| {
+            let named = policy.rules.iter().enumerate();
+            named
+                .filter(move |(_, rule)| rule.server == server)
+                .map(|(index, rule)| (policy.name.as_str(), index, rule))
+        });
+        ServerPolicy::compile_rules(rules, previous, limiters)
+    }
+
+    /// Compile one server's rules, in snapshot order, each with the name of its policy
+    /// and its index there.
+    pub fn compile_rules<'a>(
+        rules: impl IntoIterator<Item = (&'a str, usize, &'a pb::Rule)>,
+        previous: &dyn LimiterSource,
+        limiters: &mut Vec<(Vec<u8>, Arc<Limiter>)>,
+    ) -> ServerPolicy {
         let mut out = ServerPolicy::default();
-        for policy in policies {
-            for (index, rule) in policy.rules.iter().enumerate() {
-                if rule.server != server {
-                    continue;
-                }
-                let limiter = rule.rate_limit.as_ref().and_then(|rl| {
-                    let fingerprint = fingerprint(&policy.name, index, rule);
-                    let limiter = previous.limiter(&fingerprint).or_else(|| {
-                        Limiter::new(rl.requests, Duration::from_millis(rl.per_ms), rl.shared)
-                            .map(Arc::new)
-                    })?;
-                    limiters.push((fingerprint, limiter.clone()));
-                    Some(limiter)
-                });
-                let compiled = Rule {
-                    id: format!("{}/rules[{index}]", policy.name).into(),
-                    deny: rule.action == pb::Action::Deny as i32,
-                    tools: rule.tools.iter().map(|p| Pattern::new(p)).collect(),
-                    resources: rule.resources.iter().map(|p| Pattern::new(p)).collect(),
-                    prompts: rule.prompts.iter().map(|p| Pattern::new(p)).collect(),
-                    conditions: rule
-                        .conditions
-                        .iter()
-                        .map(|c| Condition {
-                            path: c.path.split('.').map(Into::into).collect(),
-                            pattern: Pattern::new(&c.matches),
-                        })
-                        .collect(),
-                    limiter,
-                    audit_arguments: rule.audit_arguments,
-                };
-                out.conditional |= !compiled.conditions.is_empty();
-                if compiled.deny {
-                    out.deny.push(compiled);
-                } else {
-                    out.allow.push(compiled);
-                }
+        for (policy, index, rule) in rules {
+            let limiter = rule.rate_limit.as_ref().and_then(|rl| {
+                let fingerprint = fingerprint(policy, index, rule);
+                let limiter = previous.limiter(&fingerprint).or_else(|| {
+                    Limiter::new(rl.requests, Duration::from_millis(rl.per_ms), rl.shared)
+                        .map(Arc::new)
+                })?;
+                limiters.push((fingerprint, limiter.clone()));
+                Some(limiter)
+            });
+            let compiled = Rule {
+                id: format!("{policy}/rules[{index}]").into(),
+                deny: rule.action == pb::Action::Deny as i32,
+                tools: rule.tools.iter().map(|p| Pattern::new(p)).collect(),
+                resources: rule.resources.iter().map(|p| Pattern::new(p)).collect(),
+                prompts: rule.prompts.iter().map(|p| Pattern::new(p)).collect(),
+                conditions: rule
+                    .conditions
+                    .iter()
+                    .map(|c| Condition {
+                        path: c.path.split('.').map(Into::into).collect(),
+                        pattern: Pattern::new(&c.matches),
+                    })
+                    .collect(),
+                limiter,
+                audit_arguments: rule.audit_arguments,
+            };
+            out.conditional |= !compiled.conditions.is_empty();
+            if compiled.deny {
+                out.deny.push(compiled);
+            } else {
+                out.allow.push(compiled);
             }
         }
         for kind in KINDS {
