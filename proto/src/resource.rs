@@ -269,13 +269,29 @@ pub enum ResourceError {
     },
 }
 
+/// Events YAML anchors may record, and aliases replay, in one text. Anchors spare
+/// repetition in a written file (`tools: &all ["*"]`, then `resources: *all`), but
+/// nested anchors record every event once per enclosing anchor, and nested aliases
+/// multiply: at serde-saphyr's defaults (a million each) 500 bytes of aliases took a
+/// tenth of a second to refuse, and 50 KB of anchors a third. At this bound either
+/// costs less than parsing 64 KiB of plain YAML; written files stay far below it.
+pub const MAX_ANCHOR_EVENTS: usize = 10_000;
+
 /// Parse a multi-document YAML text into validated resources.
 ///
 /// Empty documents are skipped. The first bad document stops the parse: a config
 /// is taken whole or not at all.
 pub fn parse_resources(text: &str) -> Result<Vec<Resource>, ResourceError> {
-    let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| ResourceError::Yaml {
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_recorded_anchor_events: MAX_ANCHOR_EVENTS,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: MAX_ANCHOR_EVENTS,
+        },
+    };
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|e| ResourceError::Yaml {
             index: 0,
             message: e.to_string(),
         })?;

@@ -137,6 +137,48 @@ fn malformed_yaml_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn alias_bombs_are_refused_and_anchors_still_work() {
+    // Found by timing the `resources_yaml` fuzz target: nested aliases ("billion
+    // laughs") made 500 bytes cost a tenth of a second before they were refused, and
+    // nested anchors (each records all it holds) 50 KB a third of a second.
+    let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..9 {
+        let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+        bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    let first = |n: usize| bomb.lines().take(n).collect::<Vec<_>>().join("\n");
+    // 13,000 replayed events (a0 to a3) are refused, and so is the whole bomb...
+    let too_much = |e: &str| e.contains("alias replay limit") || e.contains("budget breached");
+    for text in [first(4), bomb.clone()] {
+        let err = parse_resources(&text).expect_err("refused").to_string();
+        assert!(too_much(&err), "{err}");
+    }
+    // 60 anchors around 200 values record 12,000 events: refused too...
+    let opens: String = (0..60).map(|i| format!("&n{i} [")).collect();
+    let nested = format!("k: {opens}{}{}", vec!["x"; 200].join(","), "]".repeat(60));
+    let err = parse_resources(&nested).expect_err("refused").to_string();
+    assert!(too_much(&err), "{err}");
+    // ...1,300 pass (and the document is then judged on its own).
+    let err = parse_resources(&first(3))
+        .expect_err("not a resource")
+        .to_string();
+    assert!(err.contains("apiVersion"), "{err}");
+    let policy = r#"
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: p}
+spec:
+  subjects: [{identity: "agents/*"}]
+  rules: [{server: s, tools: &all ["*"], resources: *all, prompts: *all}]
+"#;
+    let parsed = parse_resources(policy).expect("anchors work");
+    let Resource::AccessPolicy(p) = &parsed[0] else {
+        panic!("{parsed:?}")
+    };
+    assert_eq!(p.spec.rules[0].prompts, ["*"]);
+}
+
+#[test]
 fn duplicate_names_are_refused() {
     let twice = format!(
         "{GOOD}\n---\n{}",
