@@ -1,0 +1,12 @@
+
+56145a723a47b779agents/demoR
+a
+https://a.example.com/mcp
+http://127.0.0.1:9/mcp
+	x-api-keyvs/k Ð"K
+p
+ax*2è
+ay(
+az:
+a.bsafe-*@
+a	file:///*"*
