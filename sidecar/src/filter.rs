@@ -67,32 +67,7 @@ impl ListKind {
         if text.trim_ascii().is_empty() {
             return Filtered::Unchanged;
         }
-        let mut found = false;
-        let mut unreadable = false;
-        let Some(out) = rewrite_members(text, |key, value, out| {
-            if key != "result" {
-                return false;
-            }
-            match self.filter_result(route, value) {
-                Filtered::Rewritten(result) => {
-                    out.push_str(&result);
-                    found = true;
-                    true
-                }
-                Filtered::Unchanged => false,
-                Filtered::Unreadable => {
-                    unreadable = true;
-                    false
-                }
-            }
-        }) else {
-            return Filtered::Unreadable;
-        };
-        match (unreadable, found) {
-            (true, _) => Filtered::Unreadable,
-            (false, true) => Filtered::Rewritten(out),
-            (false, false) => Filtered::Unchanged,
-        }
+        rewrite_each(text, "result", |result| self.filter_result(route, result))
     }
 
     fn filter_result(&self, route: &Route, text: &str) -> Filtered {
@@ -100,38 +75,27 @@ impl ListKind {
         if !text.starts_with('{') {
             return Filtered::Unchanged;
         }
-        let mut found = false;
-        let mut unreadable = false;
-        let Some(out) = rewrite_members(text, |key, value, out| {
-            if key != self.field || !value.starts_with('[') {
-                return false;
-            }
-            let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(value) else {
-                unreadable = true;
-                return false;
-            };
-            out.push('[');
-            let mut first = true;
-            for item in items {
-                if self.visible(route, item) {
-                    if !first {
-                        out.push(',');
-                    }
-                    out.push_str(item.get());
-                    first = false;
-                }
-            }
-            out.push(']');
-            found = true;
-            true
-        }) else {
+        rewrite_each(text, self.field, |items| self.filter_items(route, items))
+    }
+
+    /// The list array `text` with only the visible items.
+    fn filter_items(&self, route: &Route, text: &str) -> Filtered {
+        if !text.starts_with('[') {
+            return Filtered::Unchanged;
+        }
+        let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text) else {
             return Filtered::Unreadable;
         };
-        match (unreadable, found) {
-            (true, _) => Filtered::Unreadable,
-            (false, true) => Filtered::Rewritten(out),
-            (false, false) => Filtered::Unchanged,
+        let mut out = String::with_capacity(text.len());
+        out.push('[');
+        for item in items.into_iter().filter(|item| self.visible(route, item)) {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push_str(item.get());
         }
+        out.push(']');
+        Filtered::Rewritten(out)
     }
 
     /// An item is visible when its name is a string the policy shows (anything else,
@@ -191,6 +155,37 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
             }
         }
         d.deserialize_map(Members)
+    }
+}
+
+/// The JSON object `text` with every member named `key` replaced by what `inner`
+/// makes of its raw value. Unreadable when the object, or any such member, is;
+/// rewritten when any member was; otherwise unchanged.
+fn rewrite_each(text: &str, key: &str, mut inner: impl FnMut(&str) -> Filtered) -> Filtered {
+    let (mut found, mut unreadable) = (false, false);
+    let Some(out) = rewrite_members(text, |name, value, out| {
+        if name != key {
+            return false;
+        }
+        match inner(value) {
+            Filtered::Rewritten(new) => {
+                out.push_str(&new);
+                found = true;
+                true
+            }
+            Filtered::Unchanged => false,
+            Filtered::Unreadable => {
+                unreadable = true;
+                false
+            }
+        }
+    }) else {
+        return Filtered::Unreadable;
+    };
+    match (unreadable, found) {
+        (true, _) => Filtered::Unreadable,
+        (false, true) => Filtered::Rewritten(out),
+        (false, false) => Filtered::Unchanged,
     }
 }
 
