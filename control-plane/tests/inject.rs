@@ -5,6 +5,8 @@
 //! Kubernetes 1.33 and 1.37 schemas), and idempotency (the webhook on its own output
 //! changes nothing).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -62,17 +64,8 @@ fn sidecar(pod: &Pod, native: bool) -> Container {
 
 /// Strict schema validation with the `kubernetes-validate` that `make deps` installs.
 fn validate_strictly(name: &str, pod: &Value) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf();
-    let tool = root.join(".cache/venv/bin/kubernetes-validate");
-    assert!(
-        tool.exists(),
-        "{} is missing: run `make deps`",
-        tool.display()
-    );
-    let dir: PathBuf = root.join("target/inject-fixtures");
+    let tool = common::kubernetes_validate();
+    let dir: PathBuf = common::workspace_root().join("target/inject-fixtures");
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join(format!("{name}.json"));
     // The API server fills in a generated name; the validator needs one.

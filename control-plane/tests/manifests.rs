@@ -4,6 +4,8 @@
 //! schema there: they are allowed by exact apiVersion, so a typo in a core kind's
 //! apiVersion (which the validator only warns about) fails here.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 /// apiVersions with no schema in kubernetes-validate, and why they are here.
@@ -26,18 +28,12 @@ fn manifests(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn every_manifest_is_valid_for_kubernetes_1_33_and_1_37() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf();
-    let tool = root.join(".cache/venv/bin/kubernetes-validate");
-    assert!(
-        tool.exists(),
-        "{} is missing: run `make deps`",
-        tool.display()
-    );
+    let tool = common::kubernetes_validate();
     let mut files = Vec::new();
-    manifests(&root.join("deploy/kubernetes"), &mut files);
+    manifests(
+        &common::workspace_root().join("deploy/kubernetes"),
+        &mut files,
+    );
     files.sort();
     assert!(files.len() >= 10, "{files:?}");
     let mut validated = 0;

@@ -239,13 +239,20 @@ impl Sidecar {
                 "--config-poll-interval",
                 "100ms",
             ])
-            .args([
-                "--log",
-                "info,toolmesh_sidecar=debug",
-                "--log-format",
-                "json",
-            ])
             .args(extra);
+        Self::launch(cmd, config, dir).await
+    }
+
+    /// Spawn `cmd` (a sidecar command line without its log flags) and wait for its
+    /// listening line. `config` is the file the test may rewrite; `dir` lives as long
+    /// as the sidecar.
+    async fn launch(mut cmd: Command, config: PathBuf, dir: TempDir) -> Result<Sidecar> {
+        cmd.args([
+            "--log",
+            "info,toolmesh_sidecar=debug",
+            "--log-format",
+            "json",
+        ]);
         let mut proc = Proc::spawn("toolmesh-sidecar", cmd)?;
         let (mcp, admin) = proc
             .wait_for("its listening line", |line| {
@@ -320,33 +327,8 @@ impl Sidecar {
         .arg("--state-dir")
         .arg(dir.0.join("state"))
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args([
-            "--log",
-            "info,toolmesh_sidecar=debug",
-            "--log-format",
-            "json",
-        ])
         .args(extra);
-        let mut proc = Proc::spawn("toolmesh-sidecar", cmd)?;
-        let (mcp, admin) = proc
-            .wait_for("its listening line", |line| {
-                let v: serde_json::Value = serde_json::from_str(line).ok()?;
-                if v["message"] != "listening" {
-                    return None;
-                }
-                Some((
-                    v["mcp"].as_str()?.parse().ok()?,
-                    v["admin"].as_str()?.parse().ok()?,
-                ))
-            })
-            .await?;
-        Ok(Sidecar {
-            proc,
-            mcp,
-            admin,
-            config: token_file,
-            _dir: dir,
-        })
+        Self::launch(cmd, token_file, dir).await
     }
 
     /// Stop the process and hand back its directory (state dir inside) for a restart.
