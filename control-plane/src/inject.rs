@@ -23,8 +23,8 @@
 //! proves (the control plane checks the projected token, not this pod spec).
 
 use base64::Engine as _;
-use kube_core::DynamicObject;
-use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use serde_json::{Value, json};
 
 /// Name of the injected container.

@@ -4,6 +4,8 @@
 //! - [`service`]: the gRPC snapshot stream (sidecars) and admin API (toolmeshctl).
 //! - [`auth`]: bootstrap tokens per identity, the admin token.
 //! - [`fleet`]: which sidecar runs which version, who refused what.
+//! - [`kubernetes`]: the CRD store, TokenReview identity, the Lease, status writes and
+//!   the self-managed CA, for running inside a cluster.
 //! - [`inject`]: sidecar injection (the mutating admission webhook's logic).
 //! - [`webhook`]: the webhook's HTTPS listener (`POST /inject`).
 //! - [`serve`]: wiring it together, plus the admin HTTP port.
@@ -12,6 +14,7 @@
 pub mod auth;
 pub mod fleet;
 pub mod inject;
+pub mod kubernetes;
 pub mod serve;
 pub mod service;
 pub mod store;

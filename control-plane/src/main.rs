@@ -32,6 +32,10 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         identity: Option<String>,
     },
+    /// Print the CustomResourceDefinitions (McpServer, AccessPolicy) as YAML, generated
+    /// from the same types the control plane reads. `deploy/kubernetes/base/crds.yaml` is
+    /// this output.
+    Crds,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         Command::Check { files, identity } => {
             toolmesh_control_plane::check(&files, identity.as_deref()).map(|out| println!("{out}"))
         }
+        Command::Crds => toolmesh_proto::crd::definitions_yaml().map(|out| print!("{out}")),
         Command::Serve(args) => {
             let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
             tracing_subscriber::fmt()

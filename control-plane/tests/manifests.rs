@@ -69,3 +69,39 @@ fn every_manifest_is_valid_for_kubernetes_1_33_and_1_37() {
         "only {validated} resources validated:\n{files:?}"
     );
 }
+
+#[test]
+fn the_shipped_crds_are_what_the_types_generate() {
+    let path = common::workspace_root().join("deploy/kubernetes/base/crds.yaml");
+    let shipped = std::fs::read_to_string(&path).expect("crds.yaml");
+    let generated = toolmesh_proto::crd::definitions_yaml().expect("generate");
+    assert!(
+        shipped == generated,
+        "{} is stale: regenerate it with `toolmesh-control-plane crds > {}`",
+        path.display(),
+        path.display()
+    );
+    // Structural and served with a status subresource, as the control plane expects.
+    for crd in toolmesh_proto::crd::definitions() {
+        let version = &crd.spec.versions[0];
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .is_some_and(|s| s.status.is_some())
+        );
+        let schema = version
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema");
+        assert_eq!(schema.type_.as_deref(), Some("object"));
+        assert!(
+            schema
+                .properties
+                .as_ref()
+                .is_some_and(|p| p.contains_key("spec"))
+        );
+    }
+}

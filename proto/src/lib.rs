@@ -7,10 +7,15 @@
 //! - [`render`]: the one function that turns a set of resources plus an identity into
 //!   that identity's [`v1alpha1::Snapshot`].
 //!
+//! - [`crd`] (feature `kube`): `McpServer` and `AccessPolicy` as Kubernetes custom
+//!   resources, derived from the same spec types.
+//!
 //! This crate does no I/O and holds no runtime state: it parses, validates and renders.
 //! Compiling a snapshot into lookup tables for the request path is the sidecar's job.
 
 pub mod codec;
+#[cfg(feature = "kube")]
+pub mod crd;
 pub mod glob;
 pub mod render;
 pub mod resource;

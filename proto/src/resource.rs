@@ -97,10 +97,53 @@ pub struct McpServer {
     pub spec: McpServerSpec,
 }
 
+/// Where the server is and how the sidecar reaches it.
+// With the `kube` feature this also derives the custom resource `crd::McpServerObject`,
+// whose OpenAPI schema comes from this type.
+// Each printcolumn(...) repeats the same keys, which clippy takes for a mistake.
+#[allow(clippy::duplicated_attributes)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "toolmesh.dev",
+        version = "v1alpha1",
+        kind = "McpServer",
+        doc = "An upstream MCP server reachable over Streamable HTTP; agents reach it at /mcp/<name>.",
+        root = "McpServerObject",
+        crates(
+            kube_core = "::kube::core",
+            k8s_openapi = "::k8s_openapi",
+            schemars = "::schemars",
+            serde = "::serde",
+            serde_json = "::serde_json"
+        ),
+        namespaced,
+        status = "crate::crd::ResourceStatus",
+        shortname = "mcps",
+        category = "toolmesh",
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+        ),
+        printcolumn(
+            name = "Reason",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].reason"#
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct McpServerSpec {
     /// One or more Streamable HTTP endpoints of the same server.
+    #[cfg_attr(feature = "kube", schemars(length(min = 1)))]
     pub endpoints: Vec<EndpointSpec>,
     /// A header the sidecar adds to every upstream request, its value from a `Secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,27 +153,40 @@ pub struct McpServerSpec {
     pub timeout: Option<String>,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EndpointSpec {
+    /// `http://` or `https://` URL of the server's MCP endpoint.
+    #[cfg_attr(feature = "kube", schemars(regex(pattern = r"^https?://.+")))]
     pub url: String,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CredentialSpec {
     /// Header name, e.g. `Authorization` or `X-API-Key`.
     pub header: String,
+    /// The Secret (and key in it) holding the value.
     pub secret_ref: SecretRef,
     /// Text put before the secret's value, e.g. `"Bearer "`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prefix: String,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretRef {
+    /// The Secret's name (in a cluster: a Kubernetes Secret in the control plane's namespace).
+    #[cfg_attr(
+        feature = "kube",
+        schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))
+    )]
     pub name: String,
+    /// The key inside the Secret's data.
+    #[cfg_attr(feature = "kube", schemars(length(min = 1)))]
     pub key: String,
 }
 
@@ -165,42 +221,104 @@ pub struct AccessPolicy {
     pub spec: AccessPolicySpec,
 }
 
+/// Who the policy is about (subjects) and what they may or may not do (rules).
+// With the `kube` feature this also derives the custom resource
+// `crd::AccessPolicyObject`, whose OpenAPI schema comes from this type.
+// Each printcolumn(...) repeats the same keys, which clippy takes for a mistake.
+#[allow(clippy::duplicated_attributes)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "toolmesh.dev",
+        version = "v1alpha1",
+        kind = "AccessPolicy",
+        doc = "Who may use which servers, tools, resources and prompts. Default deny: what no rule allows is refused, and a deny rule wins.",
+        root = "AccessPolicyObject",
+        plural = "accesspolicies",
+        crates(
+            kube_core = "::kube::core",
+            k8s_openapi = "::k8s_openapi",
+            schemars = "::schemars",
+            serde = "::serde",
+            serde_json = "::serde_json"
+        ),
+        namespaced,
+        status = "crate::crd::ResourceStatus",
+        shortname = "mcpap",
+        category = "toolmesh",
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+        ),
+        printcolumn(
+            name = "Reason",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].reason"#
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AccessPolicySpec {
+    /// Who this policy is about; at least one.
+    #[cfg_attr(feature = "kube", schemars(length(min = 1)))]
     pub subjects: Vec<SubjectSpec>,
+    /// What they may (or may not) do; at least one rule.
+    #[cfg_attr(feature = "kube", schemars(length(min = 1)))]
     pub rules: Vec<RuleSpec>,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SubjectSpec {
     /// Identity glob, e.g. `agents/triage` or `agents/*`.
+    #[cfg_attr(feature = "kube", schemars(length(min = 1)))]
     pub identity: String,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleSpec {
     /// The `McpServer` this rule is about.
+    #[cfg_attr(
+        feature = "kube",
+        schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))
+    )]
     pub server: String,
+    /// Tool name globs (`*` any run of characters, `?` one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tools: Vec<String>,
+    /// Resource URI globs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<String>,
+    /// Prompt name globs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prompts: Vec<String>,
+    /// `allow` (default) or `deny`; deny beats allow. An allow rule listing no tools,
+    /// resources or prompts grants the server's plumbing (initialize, lists) only.
     #[serde(default)]
     pub action: ActionSpec,
+    /// A token-bucket limit on the calls this rule allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
     /// Conditions on `params.arguments`; all must hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<ConditionSpec>,
+    /// What audit lines record for calls this rule covers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditSpec>,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ActionSpec {
@@ -209,9 +327,12 @@ pub enum ActionSpec {
     Deny,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {
+    /// Calls allowed per window; at least 1.
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
     pub requests: u32,
     /// Window, e.g. `1m`, `10s`.
     pub per: String,
@@ -221,6 +342,7 @@ pub struct RateLimitSpec {
     pub scope: RateLimitScope,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitScope {
@@ -229,6 +351,7 @@ pub enum RateLimitScope {
     Rule,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConditionSpec {
@@ -238,9 +361,11 @@ pub struct ConditionSpec {
     pub matches: String,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuditSpec {
+    /// Log the call's arguments (off by default: they may hold personal data).
     #[serde(default)]
     pub arguments: bool,
 }
