@@ -9,7 +9,8 @@
 //!
 //! Tokens arrive as `authorization: Bearer <token>` gRPC metadata and are compared in
 //! constant time. A sidecar's identity comes from its token alone; what it claims in its
-//! Hello must match. The Kubernetes service-account path plugs in here later.
+//! Hello must match. In a cluster, sidecars present service-account tokens instead
+//! ([`crate::kubernetes::identity`]); the admin token still comes from here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -53,7 +54,8 @@ fn equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+/// The token of an `authorization: Bearer <token>` header.
+pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
     metadata
         .get("authorization")
         .and_then(|v| v.to_str().ok())

@@ -115,6 +115,18 @@ pub struct Settings {
         env = "TOOLMESH_INJECT_LEGACY_SIDECARS"
     )]
     pub legacy: bool,
+    /// PEM CA the injected sidecars trust for the control plane's TLS (set as their
+    /// `TOOLMESH_CA_PEM`), e.g. the cert-manager CA's `ca.crt`. With --tls-secret the
+    /// self-managed CA is used and this is not needed. Default: the system roots.
+    #[arg(
+        long = "inject-ca-file",
+        env = "TOOLMESH_INJECT_CA_FILE",
+        value_name = "FILE"
+    )]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The CA's PEM text: read from --inject-ca-file (or the self-managed CA) at start.
+    #[arg(skip)]
+    pub ca_pem: Option<String>,
 }
 
 impl Default for Settings {
@@ -235,6 +247,11 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
         "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/live", "port": ADMIN_PORT}, "periodSeconds": 10},
     });
+    if let Some(ca) = &settings.ca_pem
+        && let Some(env) = sidecar["env"].as_array_mut()
+    {
+        env.push(json!({"name": "TOOLMESH_CA_PEM", "value": ca}));
+    }
     if native {
         sidecar["restartPolicy"] = json!("Always");
         sidecar["startupProbe"] = json!({

@@ -15,6 +15,10 @@ use toolmesh_proto::v1alpha1::admin_service_server::AdminServiceServer;
 use toolmesh_proto::v1alpha1::snapshot_service_server::SnapshotServiceServer;
 
 use crate::auth::Tokens;
+use crate::kubernetes::identity::TokenReviewer;
+use crate::kubernetes::lease::Elector;
+use crate::kubernetes::store::KubeStore;
+use crate::kubernetes::{status, tls};
 use crate::service::{Admin, ControlPlane, Snapshots};
 use crate::store::{FileStore, Store};
 
@@ -45,7 +49,8 @@ pub struct ServeArgs {
         value_name = "DIR"
     )]
     pub data_dir: PathBuf,
-    /// Tokens file: the admin token and one bootstrap token per sidecar identity.
+    /// Tokens file: the admin token and one bootstrap token per sidecar identity (with
+    /// --sidecar-auth kubernetes, only the admin token is used).
     #[arg(long, env = "TOOLMESH_CP_TOKENS", value_name = "FILE")]
     pub tokens: PathBuf,
     /// Resource files (or directories of *.yaml) applied at startup, like
@@ -53,7 +58,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TOOLMESH_CP_SEED", value_name = "PATH")]
     pub seed: Vec<PathBuf>,
     /// Serve gRPC in plaintext (local development only). Without it, --tls-cert and
-    /// --tls-key are required.
+    /// --tls-key (or --tls-secret) are required.
     #[arg(long, env = "TOOLMESH_CP_DEV")]
     pub dev: bool,
     /// PEM certificate chain for gRPC TLS.
@@ -64,6 +69,8 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
+    #[command(flatten)]
+    pub kube: crate::kubernetes::KubeArgs,
 }
 
 /// Read resource files and directories (*.yaml, *.yml, sorted) into one YAML text.
@@ -94,40 +101,103 @@ pub fn read_paths(paths: &[PathBuf]) -> Result<String, String> {
     Ok(text)
 }
 
-pub async fn run(args: ServeArgs) -> Result<(), String> {
-    let tls = match (&args.tls_cert, &args.tls_key, args.dev) {
-        (Some(cert), Some(key), _) => {
-            let cert =
-                std::fs::read(cert).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
-            let key =
-                std::fs::read(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
-            Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+/// TLS for gRPC and the webhook: (gRPC cert, gRPC key, webhook cert, webhook key), PEM.
+struct Pems {
+    grpc: Option<(Vec<u8>, Vec<u8>)>,
+    webhook: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+fn read(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+}
+
+/// Where TLS comes from: the self-managed CA's Secret, or files.
+fn pems(args: &ServeArgs, managed: Option<&tls::Material>) -> Result<Pems, String> {
+    if let Some(m) = managed {
+        if args.tls_cert.is_some() || args.webhook.webhook_cert.is_some() || args.dev {
+            return Err("--tls-secret replaces --tls-cert/--tls-key, --webhook-cert/--webhook-key and --dev".into());
         }
+        let pair = (m.cert.clone().into_bytes(), m.key.clone().into_bytes());
+        return Ok(Pems {
+            grpc: Some(pair.clone()),
+            webhook: args.webhook.webhook_listen.map(|_| pair),
+        });
+    }
+    let grpc = match (&args.tls_cert, &args.tls_key, args.dev) {
+        (Some(cert), Some(key), _) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
         (None, None, true) => None,
-        _ => return Err(
-            "TLS is required: pass --tls-cert and --tls-key (or --dev for plaintext on a laptop)"
-                .into(),
-        ),
+        _ => {
+            return Err(
+                "TLS is required: pass --tls-cert and --tls-key (or --tls-secret in a cluster, or --dev for plaintext on a laptop)"
+                    .into(),
+            );
+        }
     };
-    let webhook = match (
-        args.webhook.webhook_listen,
-        &args.webhook.webhook_cert,
-        &args.webhook.webhook_key,
-    ) {
+    let w = &args.webhook;
+    let webhook = match (w.webhook_listen, &w.webhook_cert, &w.webhook_key) {
         (None, _, _) => None,
-        (Some(addr), Some(cert), Some(key)) => {
-            let tls = crate::webhook::tls(cert, key)?;
+        (Some(_), Some(cert), Some(key)) => {
+            Some((read("--webhook-cert", cert)?, read("--webhook-key", key)?))
+        }
+        (Some(_), _, _) => {
+            return Err(
+                "--webhook-listen needs --webhook-cert and --webhook-key (or --tls-secret)".into(),
+            );
+        }
+    };
+    Ok(Pems { grpc, webhook })
+}
+
+pub async fn run(mut args: ServeArgs) -> Result<(), String> {
+    let kube = args.kube.clone();
+    if kube.store == "kubernetes" && !args.seed.is_empty() {
+        return Err("--seed applies to the embedded store; with --store kubernetes, kubectl apply the resources".into());
+    }
+    if kube.tls_secret.is_some() && !kube.in_cluster() {
+        return Err("--tls-secret needs the Kubernetes API".into());
+    }
+    let cluster = if kube.in_cluster() {
+        Some(crate::kubernetes::connect(&kube).await?)
+    } else {
+        None
+    };
+    let managed = match (&cluster, &kube.tls_secret) {
+        (Some((client, namespace)), Some(name)) => {
+            let api = kube::Api::namespaced(client.clone(), namespace);
+            Some(tls::ensure(&api, name, &kube.tls_names).await?)
+        }
+        _ => None,
+    };
+    let pems = pems(&args, managed.as_ref())?;
+    args.webhook.inject.ca_pem = match (&managed, &args.webhook.inject.ca_file) {
+        (Some(m), _) => Some(m.ca.clone()),
+        (None, Some(file)) => Some(
+            String::from_utf8(read("--inject-ca-file", file)?)
+                .map_err(|_| "--inject-ca-file: not PEM text".to_owned())?,
+        ),
+        (None, None) => None,
+    };
+    let webhook = match (args.webhook.webhook_listen, &pems.webhook) {
+        (Some(addr), Some((cert, key))) => {
+            let tls = crate::webhook::tls_from_pem(cert, key)?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("--webhook-listen {addr}: {e}"))?;
             Some((listener, tls))
         }
-        (Some(_), _, _) => {
-            return Err("--webhook-listen needs --webhook-cert and --webhook-key".into());
-        }
+        _ => None,
     };
     let tokens = Tokens::load(&args.tokens)?;
-    let store: Arc<dyn Store> = Arc::new(FileStore::open(&args.data_dir)?);
+    let mut kube_store = None;
+    let store: Arc<dyn Store> = match &cluster {
+        Some((client, namespace)) if kube.store == "kubernetes" => {
+            tracing::info!(%namespace, "waiting for the first lists of McpServer, AccessPolicy and Secret objects");
+            let store = KubeStore::start(client.clone(), namespace).await?;
+            kube_store = Some(store.clone());
+            store
+        }
+        _ => Arc::new(FileStore::open(&args.data_dir)?),
+    };
     if !args.seed.is_empty() {
         let text = read_paths(&args.seed)?;
         let resources =
@@ -136,10 +206,18 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             tracing::info!(result = %line, "seeded");
         }
     }
+    let reviewer = match &cluster {
+        Some((client, _)) if kube.sidecar_auth == "kubernetes" => Some(TokenReviewer::new(
+            client.clone(),
+            args.webhook.inject.audience.clone(),
+            kube.token_cache_ttl,
+        )),
+        _ => None,
+    };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("metrics: {e}"))?;
-    let cp = ControlPlane::new(store, tokens);
+    let cp = ControlPlane::new(store, tokens, reviewer);
     tokio::spawn({
         let cp = cp.clone();
         async move {
@@ -147,6 +225,37 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             cp.stop();
         }
     });
+
+    // Once-only work, on the Lease holder.
+    let mut election = None;
+    if let Some((client, namespace)) = &cluster {
+        let (leading_tx, leading) = tokio::sync::watch::channel(false);
+        let elector = Elector::new(
+            kube::Api::namespaced(client.clone(), namespace),
+            kube.lease.clone(),
+            crate::kubernetes::holder(&kube),
+        );
+        election = Some(tokio::spawn({
+            let cp = cp.clone();
+            async move { elector.run(leading_tx, cp.stopped()).await }
+        }));
+        if let Some(store) = kube_store {
+            tokio::spawn(status::run(
+                client.clone(),
+                namespace.clone(),
+                store,
+                leading.clone(),
+            ));
+        }
+        if let Some(m) = &managed {
+            tokio::spawn(tls::keep_ca_bundle(
+                kube::Api::all(client.clone()),
+                kube.webhook_configuration.clone(),
+                m.ca.clone(),
+                leading,
+            ));
+        }
+    }
 
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -168,14 +277,18 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         None => None,
     };
     let mut server = Server::builder();
-    if let Some(tls) = tls {
+    let secure = pems.grpc.is_some();
+    if let Some((cert, key)) = pems.grpc {
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         server = server.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
     }
     tracing::info!(
         grpc = %grpc_addr,
         admin = %admin_addr,
         webhook = webhook_addr.as_deref().unwrap_or("off"),
-        tls = !args.dev,
+        tls = secure,
+        store = %kube.store,
+        sidecar_auth = %kube.sidecar_auth,
         "listening"
     );
     let serve = server
@@ -190,13 +303,18 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         cp.stopped().await;
         tokio::time::sleep(DRAIN).await;
     };
-    tokio::select! {
+    let result = tokio::select! {
         served = serve => served.map_err(|e| format!("gRPC server: {e}")),
         () = deadline => {
             tracing::warn!(after = ?DRAIN, "connections still open at the drain deadline; exiting");
             Ok(())
         }
+    };
+    // Hand the Lease over rather than make the next holder wait for it to lapse.
+    if let Some(election) = election {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), election).await;
     }
+    result
 }
 
 /// How long shutdown waits for open connections before exiting anyway.

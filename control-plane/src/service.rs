@@ -21,8 +21,9 @@ use toolmesh_proto::v1alpha1::admin_service_server::AdminService;
 use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
 use toolmesh_proto::v1alpha1::snapshot_service_server::SnapshotService;
 
-use crate::auth::Tokens;
+use crate::auth::{Tokens, bearer};
 use crate::fleet::Fleet;
+use crate::kubernetes::identity::TokenReviewer;
 use crate::store::Store;
 
 /// How long a burst of store changes is allowed to settle before snapshots are rendered.
@@ -32,6 +33,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     pub tokens: Tokens,
+    /// Set with `--sidecar-auth kubernetes`: sidecars present service-account tokens.
+    pub reviewer: Option<TokenReviewer>,
     pub fleet: Fleet,
     next_conn: AtomicU64,
     /// Flipped once on shutdown: every open stream ends with UNAVAILABLE so that the
@@ -48,10 +51,15 @@ impl std::fmt::Debug for ControlPlane {
 }
 
 impl ControlPlane {
-    pub fn new(store: Arc<dyn Store>, tokens: Tokens) -> Arc<ControlPlane> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        tokens: Tokens,
+        reviewer: Option<TokenReviewer>,
+    ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
             tokens,
+            reviewer,
             fleet: Fleet::default(),
             next_conn: AtomicU64::new(1),
             stopping: watch::channel(false).0,
@@ -96,7 +104,10 @@ impl SnapshotService for Snapshots {
         &self,
         request: Request<Streaming<pb::SidecarMessage>>,
     ) -> Result<Response<PushStream>, Status> {
-        let identity = self.0.tokens.sidecar(request.metadata())?;
+        let identity = match &self.0.reviewer {
+            Some(reviewer) => reviewer.identity(bearer(request.metadata())?).await?,
+            None => self.0.tokens.sidecar(request.metadata())?,
+        };
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::SidecarMessage {

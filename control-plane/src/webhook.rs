@@ -52,11 +52,18 @@ pub struct WebhookArgs {
 
 /// A rustls server configuration from PEM files.
 pub fn tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("--webhook-cert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("--webhook-key {}: {e}", key.display()))?;
+    let certs =
+        std::fs::read(cert).map_err(|e| format!("--webhook-cert {}: {e}", cert.display()))?;
+    let key = std::fs::read(key).map_err(|e| format!("--webhook-key {}: {e}", key.display()))?;
+    tls_from_pem(&certs, &key)
+}
+
+/// A rustls server configuration from a PEM certificate chain and key.
+pub fn tls_from_pem(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("webhook certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("webhook key: {e}"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -273,3 +273,32 @@ fn bodies_that_are_not_admission_requests_are_errors_not_panics() {
     let (_, patched) = answer(&review, &settings);
     assert_eq!(patched, None);
 }
+
+#[test]
+fn sidecars_are_told_which_ca_signs_the_control_plane_when_one_is_set() {
+    let review = fixture("deployment-pod");
+    let env_of = |settings: &Settings| {
+        let (_, patched) = answer(&review, settings);
+        let pod: Pod = serde_json::from_value(patched.expect("injected")).expect("a Pod");
+        sidecar(&pod, true).env.unwrap_or_default()
+    };
+    assert!(
+        env_of(&Settings::default())
+            .iter()
+            .all(|e| e.name != "TOOLMESH_CA_PEM"),
+        "no CA set: the system roots"
+    );
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let settings = Settings {
+        ca_pem: Some(ca.to_owned()),
+        ..Settings::default()
+    };
+    let env = env_of(&settings);
+    let set: Vec<_> = env.iter().filter(|e| e.name == "TOOLMESH_CA_PEM").collect();
+    assert_eq!(set.len(), 1);
+    assert_eq!(set[0].value.as_deref(), Some(ca));
+    let (_, patched) = answer(&review, &settings);
+    let patched = patched.expect("injected");
+    validate_strictly("deployment-pod-with-ca", &patched);
+    assert_idempotent(&review, &patched, &settings);
+}

@@ -57,6 +57,16 @@ pub struct Config {
     #[arg(long, env = "TOOLMESH_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
 
+    /// The same as --ca-file, as PEM text (what the injection webhook sets from the
+    /// control plane's own CA). Both may be given: either CA is trusted.
+    #[arg(
+        long,
+        env = "TOOLMESH_CA_PEM",
+        value_name = "PEM",
+        hide_env_values = true
+    )]
+    pub ca_pem: Option<String>,
+
     /// This sidecar's name in `toolmeshctl status` (e.g. the pod name).
     #[arg(long, env = "TOOLMESH_NODE", default_value = "", value_name = "NAME")]
     pub node: String,

@@ -41,6 +41,7 @@ pub struct Discovery {
     pub url: String,
     pub token_file: PathBuf,
     pub ca_file: Option<PathBuf>,
+    pub ca_pem: Option<String>,
     pub identity: String,
     pub node: String,
     pub state_dir: Option<PathBuf>,
@@ -191,6 +192,9 @@ impl Discovery {
             if let Some(ca) = &self.ca_file {
                 let pem =
                     std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some(pem) = &self.ca_pem {
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;

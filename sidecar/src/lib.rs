@@ -52,6 +52,7 @@ pub async fn run(config: Config) -> Result<(), String> {
                 url: url.clone(),
                 token_file: config.token_file.clone().unwrap_or_default(),
                 ca_file: config.ca_file.clone(),
+                ca_pem: config.ca_pem.clone(),
                 identity: config.identity.clone(),
                 node: config.node.clone(),
                 state_dir: config.state_dir.clone(),
