@@ -13,6 +13,7 @@ const THIRD_PARTY: &[&str] = &[
     "kustomize.config.k8s.io/v1beta1", // kustomization.yaml
     "cert-manager.io/v1",              // deploy/kubernetes/cert-manager
     "monitoring.coreos.com/v1",        // deploy/kubernetes/monitoring
+    "toolmesh.dev/v1alpha1",           // ours: checked against crds.yaml below
 ];
 
 fn manifests(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -63,9 +64,10 @@ fn every_manifest_is_valid_for_kubernetes_1_33_and_1_37() {
             }
         }
     }
-    // Namespace, ServiceAccount, PVC, Deployment, Service, webhook; the example's three.
+    // CRDs (2), Namespace, ServiceAccount, RBAC (6), Deployment, PDB, Service, webhook;
+    // the examples' Namespace, ServiceAccount, Deployment, Secret.
     assert!(
-        validated >= 2 * 9,
+        validated >= 2 * 18,
         "only {validated} resources validated:\n{files:?}"
     );
 }
@@ -103,5 +105,73 @@ fn the_shipped_crds_are_what_the_types_generate() {
                 .as_ref()
                 .is_some_and(|p| p.contains_key("spec"))
         );
+    }
+}
+
+/// Run `crd_schema.py` (the CRDs' openAPIV3Schema, checked with jsonschema) on `files`.
+fn check_against_crds(files: &[PathBuf]) -> (bool, String) {
+    let root = common::workspace_root();
+    let python = root.join(".cache/venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .arg(root.join("control-plane/tests/crd_schema.py"))
+        .arg(root.join("deploy/kubernetes/base/crds.yaml"))
+        .args(files)
+        .output()
+        .expect("run crd_schema.py");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn example_resources_pass_the_crd_schemas_and_the_control_planes_validation() {
+    let root = common::workspace_root();
+    let example = root.join("deploy/kubernetes/examples/resources.yaml");
+    let (ok, text) = check_against_crds(std::slice::from_ref(&example));
+    assert!(ok, "{text}");
+    assert!(text.contains("2 checked, 0 failed"), "{text}");
+
+    // The same objects pass the control plane's own validation (what `status` reports).
+    let yaml = std::fs::read_to_string(&example).expect("example");
+    let mut ours = String::new();
+    for doc in yaml.split("\n---\n") {
+        if doc.contains("apiVersion: toolmesh.dev/") {
+            ours.push_str("---\n");
+            // The embedded store's YAML has no namespaces.
+            ours.push_str(&doc.replace("  namespace: toolmesh-system\n", ""));
+            ours.push('\n');
+        }
+    }
+    ours.push_str("---\napiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {name: github-token}\ndata: {token: x}\n");
+    let parsed = toolmesh_proto::parse_resources(&ours).expect("valid resources");
+    let set = toolmesh_proto::resource::ResourceSet::new(parsed).expect("set");
+    toolmesh_proto::resource::validate_set(&set).expect("consistent");
+
+    // And the schema check can fail: what the API server would refuse, it refuses.
+    let bad = std::env::temp_dir().join(format!("toolmesh-bad-crs-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: a}\nspec: {endpoints: []}\n---\n\
+         apiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: b}\nspec:\n  subjects: [{identity: x}]\n  rules: [{server: Not_A_Name, action: maybe}]\n---\n\
+         apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: c}\nspec: {endpoints: [{url: ftp://x}], credential: {header: X}}\n",
+    )
+    .expect("write");
+    let (ok, text) = check_against_crds(std::slice::from_ref(&bad));
+    std::fs::remove_file(&bad).ok();
+    assert!(!ok, "{text}");
+    for expected in [
+        "McpServer/a: spec.endpoints",
+        "AccessPolicy/b: spec.rules.0.server",
+        "AccessPolicy/b: spec.rules.0.action",
+        "McpServer/c: spec.endpoints.0.url",
+        "McpServer/c: spec.credential: 'secretRef' is a required property",
+        "3 checked, 3 failed",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 }
