@@ -63,7 +63,8 @@ pub struct Config {
         long,
         env = "TOOLMESH_CA_PEM",
         value_name = "PEM",
-        hide_env_values = true
+        hide_env_values = true,
+        allow_hyphen_values = true
     )]
     pub ca_pem: Option<String>,
 

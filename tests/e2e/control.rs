@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use toolmesh_proto::v1alpha1 as pb;
@@ -14,7 +13,7 @@ use toolmesh_tests::{
     ControlPlane, DemoServer, IDENTITY, OTHER_TOKEN, SIDECAR_TOKEN, Sidecar, TempDir,
 };
 
-use crate::support::{admin, borrow, eventually, modern_call, modern_headers, post};
+use crate::support::{admin, call_demo, eventually};
 
 /// The demo server, a secret for it, and a policy allowing `tools` to the test identity.
 fn resources(url: &str, tools: &str) -> String {
@@ -62,16 +61,6 @@ spec:
   rules: [{server: private, tools: ["*"]}]
 "#;
 
-async fn call(sidecar: &Sidecar, tool: &str) -> Result<(u16, Option<i64>)> {
-    let r = post(
-        &sidecar.url("demo"),
-        &borrow(&modern_headers(tool)),
-        modern_call(1, tool, json!({"text": "x", "a": 1, "b": 2})),
-    )
-    .await?;
-    Ok((r.status, r.error_code()))
-}
-
 #[tokio::test]
 async fn a_policy_applied_with_toolmeshctl_is_enforced_within_a_second() -> Result<()> {
     let server = DemoServer::start(&[]).await?;
@@ -84,8 +73,8 @@ async fn a_policy_applied_with_toolmeshctl_is_enforced_within_a_second() -> Resu
         })
         .await
     );
-    assert_eq!(call(&sidecar, "echo").await?, (200, None));
-    assert_eq!(call(&sidecar, "add").await?, (200, Some(-32088)));
+    assert_eq!(call_demo(&sidecar, "echo").await?, (200, None));
+    assert_eq!(call_demo(&sidecar, "add").await?, (200, Some(-32088)));
 
     let (ok, out, err) = cp
         .ctl(
@@ -100,7 +89,7 @@ async fn a_policy_applied_with_toolmeshctl_is_enforced_within_a_second() -> Resu
     );
     let applied = Instant::now();
     let live = eventually(5, || async {
-        call(&sidecar, "add").await.ok() == Some((200, None))
+        call_demo(&sidecar, "add").await.ok() == Some((200, None))
     })
     .await;
     let took = applied.elapsed();
@@ -143,7 +132,7 @@ async fn a_policy_applied_with_toolmeshctl_is_enforced_within_a_second() -> Resu
         "{err}"
     );
     assert_eq!(
-        call(&sidecar, "add").await?,
+        call_demo(&sidecar, "add").await?,
         (200, None),
         "a refused apply changes nothing"
     );
@@ -294,7 +283,7 @@ async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
     let sidecar = Sidecar::connect(&url, SIDECAR_TOKEN, &[]).await?;
     assert!(
         eventually(10, || async {
-            call(&sidecar, "echo").await.ok() == Some((200, None))
+            call_demo(&sidecar, "echo").await.ok() == Some((200, None))
         })
         .await
     );
@@ -302,7 +291,7 @@ async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
     // Control plane gone: calls keep working.
     cp.proc.terminate().await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(call(&sidecar, "echo").await?, (200, None));
+    assert_eq!(call_demo(&sidecar, "echo").await?, (200, None));
     assert_eq!(admin(&sidecar, "/ready").await?.0, 200);
 
     // Restart the sidecar while the control plane is still down: it serves at once from
@@ -321,7 +310,7 @@ async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
         "{}",
         sidecar.logs()
     );
-    assert_eq!(call(&sidecar, "echo").await?, (200, None));
+    assert_eq!(call_demo(&sidecar, "echo").await?, (200, None));
     assert!(sidecar.logs().contains("serving the persisted snapshot"));
 
     // The control plane comes back (same store, one more tool allowed meanwhile): the
@@ -333,7 +322,7 @@ async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
     )
     .await?;
     let caught_up = eventually(40, || async {
-        call(&sidecar, "add").await.ok() == Some((200, None))
+        call_demo(&sidecar, "add").await.ok() == Some((200, None))
     })
     .await;
     assert!(caught_up, "{}", sidecar.logs());
@@ -355,7 +344,7 @@ async fn the_quickstart_examples_change_what_the_agent_may_call() -> Result<()> 
     let sidecar = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
     assert!(
         eventually(10, || async {
-            call(&sidecar, "add").await.ok() == Some((200, None))
+            call_demo(&sidecar, "add").await.ok() == Some((200, None))
         })
         .await,
         "{}",
@@ -372,11 +361,11 @@ async fn the_quickstart_examples_change_what_the_agent_may_call() -> Result<()> 
     );
     assert!(
         eventually(5, || async {
-            call(&sidecar, "add").await.ok() == Some((200, Some(-32088)))
+            call_demo(&sidecar, "add").await.ok() == Some((200, Some(-32088)))
         })
         .await
     );
-    assert_eq!(call(&sidecar, "echo").await?, (200, None));
+    assert_eq!(call_demo(&sidecar, "echo").await?, (200, None));
     Ok(())
 }
 
@@ -404,7 +393,7 @@ async fn without_dev_the_control_plane_speaks_tls_and_sidecars_verify_it() -> Re
     let sidecar = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &["--ca-file", &ca]).await?;
     assert!(
         eventually(10, || async {
-            call(&sidecar, "echo").await.ok() == Some((200, None))
+            call_demo(&sidecar, "echo").await.ok() == Some((200, None))
         })
         .await,
         "{}",

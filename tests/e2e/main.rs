@@ -18,6 +18,8 @@
 //! - `operations`: hot reload, admin endpoints, graceful shutdown.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
+//! - `kubernetes`: the control plane in cluster mode against a stand-in API server:
+//!   service-account identity, CRD watches, Lease, status, the self-managed CA.
 //! - `peers`: the reference server (`server-everything`) and the Python and
 //!   TypeScript SDK clients.
 
@@ -26,6 +28,7 @@ mod control;
 mod faults;
 mod generations;
 mod hostile;
+mod kubernetes;
 mod operations;
 mod peers;
 mod policy;

@@ -131,6 +131,18 @@ pub fn borrow<'a>(h: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str
 }
 
 /// Fetch an admin path.
+/// A 2026-07-28 `tools/call` of `tool` on the `demo` server through `sidecar`:
+/// (HTTP status, JSON-RPC error code if any).
+pub async fn call_demo(sidecar: &Sidecar, tool: &str) -> Result<(u16, Option<i64>)> {
+    let r = post(
+        &sidecar.url("demo"),
+        &borrow(&modern_headers(tool)),
+        modern_call(1, tool, serde_json::json!({"text": "x", "a": 1, "b": 2})),
+    )
+    .await?;
+    Ok((r.status, r.error_code()))
+}
+
 pub async fn admin(sidecar: &Sidecar, path: &str) -> Result<(u16, String)> {
     let resp = reqwest::get(sidecar.admin_url(path)).await?;
     Ok((resp.status().as_u16(), resp.text().await?))

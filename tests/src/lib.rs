@@ -8,9 +8,12 @@
 //! - [`DemoServer`] runs `toolmesh-demo-server` (rmcp, in this crate).
 //! - [`Everything`] runs `@modelcontextprotocol/server-everything` from `tests/js`.
 //! - [`node22`] and [`python`] locate the runtimes `make deps` installs.
+//! - [`kube_api`]: a stand-in Kubernetes API server for the control plane's cluster mode.
 //!
 //! Every child is killed when its handle drops; their output is kept for assertions
 //! and printed when a test fails.
+
+pub mod kube_api;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -311,6 +314,17 @@ impl Sidecar {
         token: &str,
         extra: &[&str],
     ) -> Result<Sidecar> {
+        Self::connect_as(dir, url, token, IDENTITY, extra).await
+    }
+
+    /// Like [`Sidecar::connect_in`], as `identity`.
+    pub async fn connect_as(
+        dir: TempDir,
+        url: &str,
+        token: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Result<Sidecar> {
         let token_file = dir.0.join("token");
         std::fs::write(&token_file, token)?;
         let mut cmd = Command::new(binary("toolmesh-sidecar"));
@@ -318,7 +332,7 @@ impl Sidecar {
             "--control-plane",
             url,
             "--identity",
-            IDENTITY,
+            identity,
             "--node",
             "test-pod",
         ])
