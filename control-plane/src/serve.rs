@@ -153,9 +153,6 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
     if kube.store == "kubernetes" && !args.seed.is_empty() {
         return Err("--seed applies to the embedded store; with --store kubernetes, kubectl apply the resources".into());
     }
-    if kube.tls_secret.is_some() && !kube.in_cluster() {
-        return Err("--tls-secret needs the Kubernetes API".into());
-    }
     let cluster = if kube.in_cluster() {
         Some(crate::kubernetes::connect(&kube).await?)
     } else {
@@ -179,7 +176,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
     };
     let webhook = match (args.webhook.webhook_listen, &pems.webhook) {
         (Some(addr), Some((cert, key))) => {
-            let tls = crate::webhook::tls_from_pem(cert, key)?;
+            let tls = crate::webhook::tls(cert, key)?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("--webhook-listen {addr}: {e}"))?;

@@ -13,7 +13,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -50,16 +50,8 @@ pub struct WebhookArgs {
     pub inject: Settings,
 }
 
-/// A rustls server configuration from PEM files.
-pub fn tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    let certs =
-        std::fs::read(cert).map_err(|e| format!("--webhook-cert {}: {e}", cert.display()))?;
-    let key = std::fs::read(key).map_err(|e| format!("--webhook-key {}: {e}", key.display()))?;
-    tls_from_pem(&certs, &key)
-}
-
 /// A rustls server configuration from a PEM certificate chain and key.
-pub fn tls_from_pem(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn tls(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
     let certs = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("webhook certificate: {e}"))?;

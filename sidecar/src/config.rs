@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use toolmesh_proto::resource::parse_duration;
 
 /// Where the agent's MCP traffic is served. Loopback: only the pod may call it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
@@ -119,19 +120,19 @@ pub struct Config {
     pub max_body_bytes: usize,
 
     /// How often the --config file is checked for changes.
-    #[arg(long, env = "TOOLMESH_CONFIG_POLL_INTERVAL", default_value = DEFAULT_CONFIG_POLL, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, env = "TOOLMESH_CONFIG_POLL_INTERVAL", default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration, value_name = "DURATION")]
     pub config_poll_interval: Duration,
 
     /// After SIGTERM: how long in-flight requests and open streams get to finish.
-    #[arg(long, env = "TOOLMESH_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, env = "TOOLMESH_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
 
     /// Time a client gets to send a request's headers once it starts a request (HTTP/1.1); a client slower than that is disconnected (slow-loris protection).
-    #[arg(long, env = "TOOLMESH_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, env = "TOOLMESH_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
     pub header_read_timeout: Duration,
 
     /// Time allowed to connect to an upstream (TCP and TLS).
-    #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
     /// Write audit lines (one JSON object per MCP request) to this file, appending,
@@ -151,10 +152,6 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "TOOLMESH_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
-}
-
-fn duration(text: &str) -> Result<Duration, String> {
-    toolmesh_proto::resource::parse_duration(text)
 }
 
 impl Config {

@@ -41,7 +41,7 @@ pub struct KubeArgs {
     #[arg(long, env = "TOOLMESH_CP_NAMESPACE", value_name = "NAME")]
     pub namespace: Option<String>,
     /// How long an accepted service-account token is trusted before it is reviewed again.
-    #[arg(long, env = "TOOLMESH_CP_TOKEN_CACHE_TTL", default_value = "60s", value_parser = duration, value_name = "DURATION")]
+    #[arg(long, env = "TOOLMESH_CP_TOKEN_CACHE_TTL", default_value = "60s", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
     pub token_cache_ttl: Duration,
     /// This replica's name in the Lease (default: the pod name, from the hostname).
     #[arg(long, env = "TOOLMESH_CP_POD_NAME", value_name = "NAME")]
@@ -86,10 +86,6 @@ impl KubeArgs {
     pub fn in_cluster(&self) -> bool {
         self.store == "kubernetes" || self.sidecar_auth == "kubernetes" || self.tls_secret.is_some()
     }
-}
-
-fn duration(text: &str) -> Result<Duration, String> {
-    toolmesh_proto::resource::parse_duration(text)
 }
 
 /// A client from the pod's service account (or a kubeconfig when run outside a cluster),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::object::HasStatus;
 use kube::runtime::reflector::{ObjectRef, Store as Cache};
 use serde_json::json;
 use tokio::sync::watch;
@@ -78,20 +79,6 @@ pub async fn sync(
     written
 }
 
-trait HasStatus {
-    fn status(&self) -> Option<&ResourceStatus>;
-}
-impl HasStatus for McpServerObject {
-    fn status(&self) -> Option<&ResourceStatus> {
-        self.status.as_ref()
-    }
-}
-impl HasStatus for AccessPolicyObject {
-    fn status(&self) -> Option<&ResourceStatus> {
-        self.status.as_ref()
-    }
-}
-
 async fn write<K>(
     client: &kube::Client,
     namespace: &str,
@@ -100,7 +87,7 @@ async fn write<K>(
 ) -> Result<bool, kube::Error>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + HasStatus
+        + HasStatus<Status = ResourceStatus>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned,

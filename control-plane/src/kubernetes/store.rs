@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store as Cache};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -62,9 +63,13 @@ pub fn build(
     last_good: &mut LastGood,
 ) -> (ResourceSet, Vec<Verdict>) {
     let mut verdicts = Vec::new();
-    let mut parsed = |kind: Kind, name: &str, generation, spec: serde_json::Value| {
+    let mut present = BTreeSet::new();
+    // The object read as a YAML resource would be: its verdict, and what to serve.
+    let mut parsed = |kind: Kind, meta: &ObjectMeta, spec: serde_json::Value| {
+        let name = meta.name.clone().unwrap_or_default();
+        present.insert((kind, name.clone()));
         let doc = json!({"apiVersion": API_VERSION, "kind": kind.as_str(), "metadata": {"name": name}, "spec": spec});
-        let key = (kind, name.to_owned());
+        let key = (kind, name.clone());
         let (resource, ready, reason, message) = match parse_document(0, doc) {
             Ok(r) => {
                 last_good.insert(key, r.clone());
@@ -82,8 +87,8 @@ pub fn build(
         };
         verdicts.push(Verdict {
             kind,
-            name: name.to_owned(),
-            generation,
+            name,
+            generation: meta.generation,
             ready,
             reason,
             message,
@@ -91,25 +96,16 @@ pub fn build(
         resource
     };
     let mut set = ResourceSet::default();
-    let mut present = BTreeSet::new();
     for s in servers {
-        let name = kube::ResourceExt::name_any(s.as_ref());
-        present.insert((Kind::McpServer, name.clone()));
         let spec = serde_json::to_value(&s.spec).unwrap_or_default();
-        if let Some(Resource::McpServer(r)) =
-            parsed(Kind::McpServer, &name, s.metadata.generation, spec)
-        {
-            set.servers.insert(name, r);
+        if let Some(Resource::McpServer(r)) = parsed(Kind::McpServer, &s.metadata, spec) {
+            set.servers.insert(r.metadata.name.clone(), r);
         }
     }
     for p in policies {
-        let name = kube::ResourceExt::name_any(p.as_ref());
-        present.insert((Kind::AccessPolicy, name.clone()));
         let spec = serde_json::to_value(&p.spec).unwrap_or_default();
-        if let Some(Resource::AccessPolicy(r)) =
-            parsed(Kind::AccessPolicy, &name, p.metadata.generation, spec)
-        {
-            set.policies.insert(name, r);
+        if let Some(Resource::AccessPolicy(r)) = parsed(Kind::AccessPolicy, &p.metadata, spec) {
+            set.policies.insert(r.metadata.name.clone(), r);
         }
     }
     // Objects gone from the cluster are gone for good.

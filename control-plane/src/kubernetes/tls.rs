@@ -44,31 +44,24 @@ impl std::fmt::Debug for Material {
     }
 }
 
-fn this_year() -> i32 {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    // 365.2425 days a year; off by a day at most around New Year, which the
-    // January-1st start below absorbs.
-    1970 + i32::try_from(secs / 31_556_952).unwrap_or(0)
-}
-
 /// A new CA and a serving certificate for `names`, signed by it.
 pub fn generate(names: &[String]) -> Result<Material, String> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, date_time_ymd,
+        KeyPair, KeyUsagePurpose,
     };
+    use time::{Duration, OffsetDateTime};
     let err = |e: rcgen::Error| format!("generating the CA: {e}");
-    let year = this_year();
+    // A day of slack for clocks behind ours.
+    let from = OffsetDateTime::now_utc() - Duration::days(1);
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.distinguished_name
         .push(DnType::CommonName, "toolmesh control plane CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.not_before = date_time_ymd(year - 1, 12, 31);
-    ca.not_after = date_time_ymd(year + 10, 1, 1);
+    ca.not_before = from;
+    ca.not_after = from + Duration::days(10 * 365);
     let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
     let issuer = Issuer::new(ca, ca_key);
 
@@ -82,8 +75,8 @@ pub fn generate(names: &[String]) -> Result<Material, String> {
     );
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.not_before = date_time_ymd(year - 1, 12, 31);
-    leaf.not_after = date_time_ymd(year + 5, 1, 1);
+    leaf.not_before = from;
+    leaf.not_after = from + Duration::days(5 * 365);
     let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
     Ok(Material {
         ca: ca_cert.pem(),
