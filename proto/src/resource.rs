@@ -182,7 +182,7 @@ pub struct SecretRef {
     /// The Secret's name (in a cluster: a Kubernetes Secret in the control plane's namespace).
     #[cfg_attr(
         feature = "kube",
-        schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))
+        schemars(regex(pattern = DNS_LABEL_PATTERN))
     )]
     pub name: String,
     /// The key inside the Secret's data.
@@ -291,7 +291,7 @@ pub struct RuleSpec {
     /// The `McpServer` this rule is about.
     #[cfg_attr(
         feature = "kube",
-        schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))
+        schemars(regex(pattern = DNS_LABEL_PATTERN))
     )]
     pub server: String,
     /// Tool name globs (`*` any run of characters, `?` one).
@@ -513,6 +513,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     Ok(d)
 }
+
+/// [`is_dns_label`] as a regular expression, for the CRD schemas.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 
 /// Names that may be used as `metadata.name` (and so in paths and tool prefixes).
 pub fn is_dns_label(name: &str) -> bool {
