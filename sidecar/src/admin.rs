@@ -3,8 +3,10 @@
 //! `/live` answers as long as the process serves HTTP. `/ready` is 200 once a
 //! configuration is loaded and until shutdown begins (then 503, so Kubernetes stops
 //! routing and the agent stops starting new calls). `/metrics` is the Prometheus text
-//! page. `/config` is the active snapshot with every credential value redacted; it is
-//! safe to expose pod-wide.
+//! page. `/config` is the active snapshot with every credential value redacted, and
+//! still only for loopback: it is answered to a loopback peer that addressed a
+//! loopback `Host` (so a web page that rebinds a DNS name to 127.0.0.1 cannot read
+//! it), even when the port listens pod-wide for Prometheus and the kubelet.
 //!
 //! This module serves no MCP traffic.
 
@@ -32,6 +34,7 @@ impl Admin {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        peer: std::net::SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
@@ -50,6 +53,10 @@ impl Admin {
                 );
                 resp
             }
+            "/config" if !loopback_only(&req, peer) => text(
+                StatusCode::FORBIDDEN,
+                "/config is served to loopback clients addressing a loopback host only\n",
+            ),
             "/config" => match self.active.current() {
                 Some(runtime) => {
                     let mut resp = Response::new(body::full(runtime.config_json()));
@@ -80,6 +87,20 @@ impl Admin {
             text(StatusCode::SERVICE_UNAVAILABLE, "no configuration loaded\n")
         }
     }
+}
+
+/// A loopback peer, and every `Host` (and HTTP/2 authority) a loopback name.
+fn loopback_only(req: &Request<Incoming>, peer: std::net::SocketAddr) -> bool {
+    let hosts = req.headers().get_all(header::HOST);
+    peer.ip().is_loopback()
+        && hosts.iter().count() <= 1
+        && hosts
+            .iter()
+            .all(|h| h.to_str().is_ok_and(crate::proxy::is_loopback_authority))
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| crate::proxy::is_loopback_authority(a.as_str()))
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {

@@ -31,6 +31,9 @@ pub const FLUSH_BYTES: usize = 64 * 1024;
 /// Bytes that may wait for the writer; lines beyond are dropped and counted.
 pub const MAX_PENDING: usize = 16 * 1024 * 1024;
 
+/// Scratch capacity a thread keeps between lines.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
 /// One audit line.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
@@ -144,6 +147,10 @@ impl Audit {
             // a batch, and a batch growing past FLUSH_BYTES.
             if before == 0 || (before < FLUSH_BYTES && after >= FLUSH_BYTES) {
                 self.shared.wake.notify_one();
+            }
+            // One long line must not keep a large buffer per thread for ever.
+            if line.capacity() > SCRATCH_KEEP {
+                *line = Vec::new();
             }
         });
     }

@@ -22,6 +22,8 @@ pub const DEFAULT_CONFIG_POLL: &str = "1s";
 /// How long in-flight requests and streams get to finish after SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "15s";
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+/// Time a request body gets to arrive once its headers have.
+pub const DEFAULT_BODY_READ_TIMEOUT: &str = "30s";
 /// Time allowed to open a TCP (and TLS) connection to an upstream.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 
@@ -131,6 +133,10 @@ pub struct Config {
     #[arg(long, env = "TOOLMESH_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
     pub header_read_timeout: Duration,
 
+    /// Time a client gets to send a request's whole body once its headers arrived; a slower one gets 408 (slow-body protection).
+    #[arg(long, env = "TOOLMESH_BODY_READ_TIMEOUT", default_value = DEFAULT_BODY_READ_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
+    pub body_read_timeout: Duration,
+
     /// Time allowed to connect to an upstream (TCP and TLS).
     #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
@@ -185,6 +191,12 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             problems.push("--max-body-bytes: must be at least 1024".to_owned());
+        }
+        if self.max_body_bytes as u64 > crate::proxy::DRAIN_LIMIT {
+            problems.push(format!(
+                "--max-body-bytes: must be at most {}",
+                crate::proxy::DRAIN_LIMIT
+            ));
         }
         for origin in &self.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))

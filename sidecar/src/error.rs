@@ -59,14 +59,20 @@ pub enum ProxyError {
     UnknownSession,
     #[error("request body exceeds the limit of {0} bytes")]
     BodyTooLarge(usize),
-    #[error("content-type must be application/json")]
-    UnsupportedMediaType,
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("method {0} is not allowed on an MCP endpoint (use POST, GET or DELETE)")]
     MethodNotAllowed(String),
     #[error("failed to read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u64),
+    /// Nothing reached the upstream (it could not be connected to): safe to retry.
     #[error("upstream {server:?} is unavailable: {reason}")]
     UpstreamUnavailable { server: String, reason: String },
+    /// The request was sent and then something failed: it may have run upstream.
+    #[error("upstream {server:?} failed after the request was sent: {reason}")]
+    UpstreamFailed { server: String, reason: String },
     #[error("upstream {server:?} did not answer within {timeout_ms} ms")]
     UpstreamTimeout { server: String, timeout_ms: u64 },
     #[error("no configuration is loaded yet")]
@@ -100,9 +106,10 @@ impl ProxyError {
             OriginForbidden(_) | HostForbidden(_) => StatusCode::FORBIDDEN,
             UnknownServer { .. } | UnknownPath(_) | UnknownSession => StatusCode::NOT_FOUND,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamUnavailable { .. } | UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             NotReady => StatusCode::SERVICE_UNAVAILABLE,
             // A JSON-RPC-level refusal, as a server refusing a call would answer.
@@ -115,14 +122,16 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             Parse(_) => code::PARSE_ERROR,
-            InvalidRequest(_) | BodyRead(_) | MethodNotAllowed(_) => code::INVALID_REQUEST,
+            InvalidRequest(_) | BodyRead(_) | BodyTimeout(_) | MethodNotAllowed(_) => {
+                code::INVALID_REQUEST
+            }
             HeaderMismatch(_) => code::HEADER_MISMATCH,
             OriginForbidden(_) | HostForbidden(_) => code::ORIGIN_FORBIDDEN,
             UnknownServer { .. } | UnknownPath(_) => code::UNKNOWN_SERVER,
             UnknownSession => code::UNKNOWN_SESSION,
             BodyTooLarge(_) => code::BODY_TOO_LARGE,
-            UnsupportedMediaType => code::UNSUPPORTED_MEDIA_TYPE,
-            UpstreamUnavailable { .. } => code::UPSTREAM_UNAVAILABLE,
+            UnsupportedMediaType(_) => code::UNSUPPORTED_MEDIA_TYPE,
+            UpstreamUnavailable { .. } | UpstreamFailed { .. } => code::UPSTREAM_UNAVAILABLE,
             UpstreamTimeout { .. } => code::UPSTREAM_TIMEOUT,
             NotReady => code::NOT_READY,
             NotPermitted { .. } => code::NOT_PERMITTED,
@@ -133,13 +142,17 @@ impl ProxyError {
     pub fn side(&self) -> Side {
         use ProxyError::*;
         match self {
-            UpstreamUnavailable { .. } | UpstreamTimeout { .. } => Side::Upstream,
+            UpstreamUnavailable { .. } | UpstreamFailed { .. } | UpstreamTimeout { .. } => {
+                Side::Upstream
+            }
             NotReady => Side::Sidecar,
             _ => Side::Agent,
         }
     }
 
-    /// Is it safe for the agent to send the same request again?
+    /// Is it safe for the agent to send the same request again? Only when nothing
+    /// reached the upstream: after the request was sent (a failure, a timeout waiting
+    /// for the answer) a `tools/call` may have run.
     pub fn retryable(&self) -> bool {
         matches!(
             self,

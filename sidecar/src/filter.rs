@@ -43,6 +43,72 @@ pub struct ListKind {
     key: &'static str,
 }
 
+/// Every kind of list, for streams whose events answer no request the sidecar saw.
+const ALL_LISTS: [ListKind; 4] = [
+    ListKind {
+        kind: TargetKind::Tool,
+        field: "tools",
+        key: "name",
+    },
+    ListKind {
+        kind: TargetKind::Prompt,
+        field: "prompts",
+        key: "name",
+    },
+    ListKind {
+        kind: TargetKind::Resource,
+        field: "resources",
+        key: "uri",
+    },
+    ListKind {
+        kind: TargetKind::Resource,
+        field: "resourceTemplates",
+        key: "uriTemplate",
+    },
+];
+
+/// What an SSE filter looks for in each event.
+#[derive(Debug, Clone, Copy)]
+pub enum Lists {
+    /// The answer to a list request of this kind (a POST's stream).
+    One(ListKind),
+    /// Any list result, whatever request it answers: on the GET stream, a resumed
+    /// stream replays answers to earlier POSTs (a `tools/list` among them) and an
+    /// upstream may send anything. Also refuses legacy `endpoint` events there.
+    Any,
+}
+
+impl Lists {
+    fn filter(&self, route: &Route, text: &str) -> Filtered {
+        match self {
+            Lists::One(list) => list.filter(route, text),
+            Lists::Any => {
+                if text.trim_ascii().is_empty() {
+                    return Filtered::Unchanged;
+                }
+                rewrite_each(text, "result", |result| {
+                    let mut current = Cow::Borrowed(result);
+                    let mut changed = false;
+                    for list in ALL_LISTS.iter().filter(|l| route.policy.filters(l.kind)) {
+                        match list.filter_result(route, &current) {
+                            Filtered::Unchanged => {}
+                            Filtered::Rewritten(out) => {
+                                current = Cow::Owned(out);
+                                changed = true;
+                            }
+                            Filtered::Unreadable => return Filtered::Unreadable,
+                        }
+                    }
+                    match current {
+                        Cow::Owned(out) if changed => Filtered::Rewritten(out),
+                        _ => Filtered::Unchanged,
+                    }
+                })
+            }
+        }
+    }
+}
+
 impl ListKind {
     pub fn of(method: &str) -> Option<ListKind> {
         let (kind, field, key) = match method {
@@ -278,11 +344,11 @@ pub async fn json(body: Body, route: &Route, list: ListKind) -> Result<Bytes, Bo
 }
 
 /// Filter an SSE response body event by event.
-pub fn sse(body: Body, route: Arc<Route>, list: ListKind) -> Body {
+pub fn sse(body: Body, route: Arc<Route>, lists: Lists) -> Body {
     SseFilter {
         inner: body,
         route,
-        list,
+        lists,
         buf: BytesMut::new(),
         scanned: 0,
         first: true,
@@ -295,7 +361,7 @@ pub fn sse(body: Body, route: Arc<Route>, list: ListKind) -> Body {
 struct SseFilter {
     inner: Body,
     route: Arc<Route>,
-    list: ListKind,
+    lists: Lists,
     buf: BytesMut,
     /// How much of `buf` is known to hold no event end (so a long event arriving in
     /// many frames is scanned once, not once per frame).
@@ -373,7 +439,8 @@ impl SseFilter {
     /// One complete event rewritten, if it carries the list result or data the filter
     /// cannot read (then dropped). Its bytes are read as the agent's parser reads them:
     /// UTF-8 with replacement, and without the byte order mark that may open the stream.
-    fn event(&self, raw: &[u8], first: bool) -> Option<Bytes> {
+    /// A legacy `endpoint` event on a stream filtered for any list is an error.
+    fn event(&self, raw: &[u8], first: bool) -> Result<Option<Bytes>, BodyError> {
         let text = String::from_utf8_lossy(raw);
         let text = if first {
             text.strip_prefix('\u{feff}').unwrap_or(&text)
@@ -389,11 +456,17 @@ impl SseFilter {
             data.push_str(value);
             data_lines += 1;
         }
-        if data_lines == 0 {
-            return None;
+        if matches!(self.lists, Lists::Any)
+            && lines(text).any(|l| event_type(l) == Some("endpoint"))
+        {
+            tracing::warn!(server = %self.route.name, "refused an upstream's legacy HTTP+SSE endpoint event");
+            return Err(Box::new(LegacyEndpoint));
         }
-        let message = match self.list.filter(&self.route, &data) {
-            Filtered::Unchanged => return None,
+        if data_lines == 0 {
+            return Ok(None);
+        }
+        let message = match self.lists.filter(&self.route, &data) {
+            Filtered::Unchanged => return Ok(None),
             Filtered::Rewritten(message) => Some(message),
             // Its data goes; the rest (an `id` the agent resumes from) still counts.
             Filtered::Unreadable => {
@@ -421,9 +494,22 @@ impl SseFilter {
             }
         }
         out.push('\n');
-        Some(Bytes::from(out))
+        Ok(Some(Bytes::from(out)))
     }
 }
+
+/// The value of an `event` field line.
+fn event_type(line: &str) -> Option<&str> {
+    let value = line.strip_prefix("event")?;
+    let value = value.strip_prefix(':')?;
+    Some(value.strip_prefix(' ').unwrap_or(value))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the upstream speaks the legacy HTTP+SSE transport (2024-11-05): its endpoint event would send the agent's requests around the sidecar, so the stream is refused"
+)]
+struct LegacyEndpoint;
 
 impl HttpBody for SseFilter {
     type Data = Bytes;
@@ -452,7 +538,14 @@ impl HttpBody for SseFilter {
                 let raw = self.buf.split_to(from + end).freeze();
                 self.scanned = 0;
                 let first = std::mem::take(&mut self.first);
-                let rewritten = self.event(&raw, first);
+                let rewritten = match self.event(&raw, first) {
+                    Ok(rewritten) => rewritten,
+                    Err(e) => {
+                        self.finished = true;
+                        self.buf.clear();
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                };
                 self.lf_after_cr = (raw.last() == Some(&b'\r')).then_some(rewritten.is_none());
                 let out = rewritten.unwrap_or(raw);
                 return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -634,7 +727,7 @@ mod tests {
             .collect();
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
         let list = ListKind::of("tools/list").expect("list");
-        let out = sse(body, route(), list)
+        let out = sse(body, route(), Lists::One(list))
             .collect()
             .await
             .expect("body")
@@ -663,7 +756,7 @@ mod tests {
             .collect();
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
         let list = ListKind::of("prompts/list").expect("list");
-        let out = sse(body, route(), list)
+        let out = sse(body, route(), Lists::One(list))
             .collect()
             .await
             .expect("body")
@@ -718,7 +811,10 @@ mod tests {
             .collect();
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
         let list = ListKind::of(method).expect("list");
-        let out = sse(body, route(), list).collect().await.expect("body");
+        let out = sse(body, route(), Lists::One(list))
+            .collect()
+            .await
+            .expect("body");
         out.to_bytes().to_vec()
     }
 

@@ -22,10 +22,12 @@ pub mod mcp;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
+pub mod session;
 pub mod snapshot;
 pub mod standalone;
 pub mod telemetry;
 pub mod upstream;
+pub mod uri;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,6 +86,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         loopback_host_only: config.listen.ip().is_loopback(),
         audit,
         identity: config.identity.as_str().into(),
+        sessions: session::Sealer::random()?,
+        body_read_timeout: config.body_read_timeout,
     });
     let admin = Arc::new(admin::Admin {
         active: active.clone(),
@@ -95,7 +99,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mcp_task = tokio::spawn(listener::serve(
         "mcp",
         mcp_listener,
-        move |req| proxy.clone().handle(req),
+        move |req, _peer| proxy.clone().handle(req),
         stop_rx,
         config.drain_timeout,
         config.header_read_timeout,
@@ -105,7 +109,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     tokio::spawn(listener::serve(
         "admin",
         admin_listener,
-        move |req| admin.clone().handle(req),
+        move |req, peer| admin.clone().handle(req, peer),
         admin_stop_rx,
         config.drain_timeout,
         config.header_read_timeout,

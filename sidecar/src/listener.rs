@@ -26,7 +26,8 @@ use tokio::sync::watch;
 
 use crate::body::Body;
 
-/// Serve `handler` on `listener` until `shutdown` turns true, then drain for at most
+/// Serve `handler` (given each request and its peer's address) on `listener` until
+/// `shutdown` turns true, then drain for at most
 /// `drain`. A connection's first bytes, and the headers of each HTTP/1.1 request, must
 /// arrive within `header_read`.
 pub async fn serve<H, F>(
@@ -37,7 +38,7 @@ pub async fn serve<H, F>(
     drain: Duration,
     header_read: Duration,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -64,8 +65,9 @@ pub async fn serve<H, F>(
                         tracing::debug!(listener = name, %peer, "closed: no request started in time");
                         return;
                     }
+                    let service = service_fn(move |req| handler(req, peer));
                     let conn = builder
-                        .serve_connection(TokioIo::new(stream), service_fn(handler))
+                        .serve_connection(TokioIo::new(stream), service)
                         .into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");

@@ -155,7 +155,7 @@ struct RawParams<'a> {
     #[serde(borrow, default)]
     arguments: Option<&'a RawValue>,
     #[serde(borrow, default, rename = "ref")]
-    reference: Option<RawRef<'a>>,
+    reference: Option<&'a RawValue>,
 }
 
 /// `completion/complete`'s `params.ref`: a prompt or a resource (template).
@@ -254,6 +254,83 @@ pub fn parse(body: &[u8]) -> Result<Envelope<'_>, Rejection> {
     }
 }
 
+/// The members of a message that decide what runs, as spelled in the protocol.
+const MESSAGE_KEYS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
+/// The members of `params` that policy reads, or that name what runs.
+const PARAMS_KEYS: &[&str] = &["name", "uri", "arguments", "_meta", "ref", "taskId"];
+/// The members of `completion/complete`'s `params.ref`.
+const REF_KEYS: &[&str] = &["type", "name", "uri"];
+
+/// Do two keys differ only by case, as servers that match keys case-insensitively
+/// fold them (Go's `encoding/json` and .NET fold `ſ` to `s` and the Kelvin sign to
+/// `k`)? Upper-casing then lower-casing each character folds those look-alikes too.
+pub fn keys_fold_equal(a: &str, b: &str) -> bool {
+    let fold = |s: &str| {
+        s.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect::<Vec<char>>()
+    };
+    // Cheap first: different ASCII lengths with ASCII text cannot fold together.
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    fold(a) == fold(b)
+}
+
+/// Refuse an object (`text`) with a key that is not one of `known` but folds to one:
+/// the sidecar reads the exact key, a case-insensitive server may read the other.
+fn check_keys(text: &str, known: &[&str], what: &str) -> Result<(), Rejection> {
+    struct Keys<'k>(&'k [&'k str]);
+    impl<'de> serde::de::Visitor<'de> for Keys<'_> {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if found.is_none()
+                    && !self.0.contains(&key.as_ref())
+                    && self.0.iter().any(|k| keys_fold_equal(&key, k))
+                {
+                    found = Some(key.into_owned());
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let clash = serde::Deserializer::deserialize_map(&mut de, Keys(known))
+        .ok()
+        .flatten();
+    match clash {
+        None => Ok(()),
+        Some(key) => {
+            let like = known
+                .iter()
+                .find(|k| keys_fold_equal(&key, k))
+                .copied()
+                .unwrap_or_default();
+            Err(Rejection::Invalid(format!(
+                "{what} key {:?} differs from {like:?} only by case or look-alike letters; servers may read either",
+                truncate_key(&key)
+            )))
+        }
+    }
+}
+
+fn truncate_key(key: &str) -> &str {
+    match key.char_indices().nth(64) {
+        Some((cut, _)) => &key[..cut],
+        None => key,
+    }
+}
+
 fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
     // Distinguish "not JSON" from "JSON but not a message object".
     let raw: RawMessage<'a> = serde_json::from_str(text).map_err(|e| {
@@ -263,6 +340,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
             Rejection::Parse(e.to_string())
         }
     })?;
+    check_keys(text, MESSAGE_KEYS, "message")?;
     if raw.jsonrpc.as_deref() != Some("2.0") {
         return Err(Rejection::Invalid("\"jsonrpc\" must be \"2.0\"".to_owned()));
     }
@@ -299,8 +377,17 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
                 "\"params\" must be an object".to_owned(),
             ));
         }
-        let params: RawParams<'a> = serde_json::from_str(params.get())
+        let params_text = params.get();
+        let params: RawParams<'a> = serde_json::from_str(params_text)
             .map_err(|e| Rejection::Invalid(format!("\"params\" must be an object: {e}")))?;
+        check_keys(params_text, PARAMS_KEYS, "params")?;
+        let reference = match params.reference {
+            Some(r) => {
+                check_keys(r.get(), REF_KEYS, "params.ref")?;
+                serde_json::from_str::<RawRef<'a>>(r.get()).ok()
+            }
+            None => None,
+        };
         meta_version = params.meta.and_then(|m| m.protocol_version);
         arguments = params.arguments;
         let string =
@@ -315,16 +402,18 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
         let found = match raw.method.as_deref() {
             Some("tools/call") => string(params.name, "name")?.map(|n| (TargetKind::Tool, n)),
             Some("prompts/get") => string(params.name, "name")?.map(|n| (TargetKind::Prompt, n)),
-            Some("resources/read" | "resources/subscribe") => {
-                string(params.uri, "uri")?.map(|n| (TargetKind::Resource, n))
-            }
-            Some("completion/complete") => match &params.reference {
+            Some("resources/read" | "resources/subscribe") => string(params.uri, "uri")?
+                .map(resource)
+                .transpose()?
+                .map(|n| (TargetKind::Resource, n)),
+            Some("completion/complete") => match &reference {
                 Some(r) if r.kind.as_deref() == Some("ref/prompt") => {
                     string(r.name, "ref.name")?.map(|n| (TargetKind::Prompt, n))
                 }
-                Some(r) if r.kind.as_deref() == Some("ref/resource") => {
-                    string(r.uri, "ref.uri")?.map(|n| (TargetKind::Resource, n))
-                }
+                Some(r) if r.kind.as_deref() == Some("ref/resource") => string(r.uri, "ref.uri")?
+                    .map(resource)
+                    .transpose()?
+                    .map(|n| (TargetKind::Resource, n)),
                 _ => None,
             },
             _ => None,
@@ -353,6 +442,16 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
         subject,
         arguments,
     })
+}
+
+/// A resource URI (or template) as policy judges it: what servers read it as, or
+/// refused when servers may read it in different ways (see [`crate::uri`]).
+fn resource(uri: Cow<'_, str>) -> Result<Cow<'_, str>, Rejection> {
+    match crate::uri::canonical(&uri) {
+        Ok(Cow::Borrowed(_)) => Ok(uri),
+        Ok(Cow::Owned(meaning)) => Ok(Cow::Owned(meaning)),
+        Err(e) => Err(Rejection::Invalid(e.to_string())),
+    }
 }
 
 /// A JSON string, borrowed unless it contains escapes.

@@ -71,32 +71,133 @@ impl Pattern {
     }
 }
 
-/// `arguments.<path>` must be a string (or number or boolean) matching a glob.
+/// `arguments.<path>` must match a glob. How each JSON value meets it (README,
+/// "Argument conditions"):
+/// - a string matches as written; a boolean as `true`/`false`;
+/// - a number by value: every spelling a JSON reader turns into the same number
+///   (`13`, `13.0`, `1.3e1`, `130e-1`) is written the one way [`number_text`] writes
+///   it, and a pattern that is a number is written that way too;
+/// - an array stands for each of its elements (a server may take one value or many):
+///   nested arrays and objects on the path are walked through element by element;
+/// - what no glob can judge: a missing member, `null`, an object, an empty array, an
+///   integer beyond 2^53 (JavaScript and Python read it differently), a key that
+///   differs from the path's only by case or look-alike letters (some servers match
+///   keys that way).
+///
+/// A deny rule's condition holds when any value matches or any cannot be judged; an
+/// allow rule's only when there are values and every one matches. So neither wrapping
+/// a value in an array nor leaving it out escapes a deny or widens an allow.
 #[derive(Debug)]
 struct Condition {
     path: Vec<Box<str>>,
     pattern: Pattern,
+    /// The pattern as a number, written as [`number_text`] writes numbers, when it is
+    /// one (numbers are matched against this).
+    number: Option<Pattern>,
+}
+
+/// What a condition's values came to.
+#[derive(Debug, Default, Clone, Copy)]
+struct Leaves {
+    matched: bool,
+    unmatched: bool,
+    unjudgeable: bool,
 }
 
 impl Condition {
-    fn holds(&self, arguments: Option<&Value>) -> bool {
-        let mut v = match arguments {
-            Some(v) => v,
-            None => return false,
-        };
-        for key in &self.path {
-            match v.get(&**key) {
-                Some(next) => v = next,
-                None => return false,
-            }
-        }
-        match v {
-            Value::String(s) => self.pattern.matches(s),
-            Value::Number(n) => self.pattern.matches(&n.to_string()),
-            Value::Bool(b) => self.pattern.matches(if *b { "true" } else { "false" }),
-            _ => false,
+    fn new(path: &str, matches: &str) -> Condition {
+        let number = matches
+            .parse::<serde_json::Number>()
+            .ok()
+            .and_then(|n| number_text(&n))
+            .map(|text| Pattern::new(&text));
+        Condition {
+            path: path.split('.').map(Into::into).collect(),
+            pattern: Pattern::new(matches),
+            number,
         }
     }
+
+    fn holds(&self, arguments: Option<&Value>, deny: bool) -> bool {
+        let mut leaves = Leaves::default();
+        match arguments {
+            Some(v) => self.walk(v, &self.path, &mut leaves),
+            None => leaves.unjudgeable = true,
+        }
+        if deny {
+            leaves.matched || leaves.unjudgeable
+        } else {
+            leaves.matched && !leaves.unmatched && !leaves.unjudgeable
+        }
+    }
+
+    fn walk(&self, value: &Value, path: &[Box<str>], leaves: &mut Leaves) {
+        if let Value::Array(items) = value {
+            if items.is_empty() {
+                leaves.unjudgeable = true;
+            }
+            items.iter().for_each(|item| self.walk(item, path, leaves));
+            return;
+        }
+        let Some((key, rest)) = path.split_first() else {
+            match self.leaf(value) {
+                Some(true) => leaves.matched = true,
+                Some(false) => leaves.unmatched = true,
+                None => leaves.unjudgeable = true,
+            }
+            return;
+        };
+        let Value::Object(members) = value else {
+            leaves.unjudgeable = true;
+            return;
+        };
+        if members
+            .keys()
+            .any(|k| **k != **key && crate::mcp::keys_fold_equal(k, key))
+        {
+            leaves.unjudgeable = true;
+        }
+        match members.get(&**key) {
+            Some(next) => self.walk(next, rest, leaves),
+            None => leaves.unjudgeable = true,
+        }
+    }
+
+    /// Whether one scalar matches; `None` when no glob can judge it.
+    fn leaf(&self, value: &Value) -> Option<bool> {
+        match value {
+            Value::String(s) => Some(self.pattern.matches(s)),
+            Value::Bool(b) => Some(self.pattern.matches(if *b { "true" } else { "false" })),
+            Value::Number(n) => {
+                let text = number_text(n)?;
+                Some(self.number.as_ref().unwrap_or(&self.pattern).matches(&text))
+            }
+            Value::Null | Value::Object(_) | Value::Array(_) => None,
+        }
+    }
+}
+
+/// Largest integer every JSON reader holds exactly (JavaScript's `Number.MAX_SAFE_INTEGER`).
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+/// A number written one way for every spelling of its value: an integer in
+/// JavaScript's safe range as an integer (`13`, `-0` as `0`), any other value as
+/// Rust's shortest text that reads back as the same `f64` (`0.5`, `0.1`). `None` for
+/// integers beyond the safe range: JavaScript rounds them, Python keeps them exact.
+pub fn number_text(n: &serde_json::Number) -> Option<String> {
+    let v = n.as_f64()?;
+    if !v.is_finite() {
+        return None;
+    }
+    if v.fract() == 0.0 {
+        if v.abs() > MAX_SAFE_INTEGER {
+            return None;
+        }
+        // In range, so the cast is exact.
+        #[allow(clippy::cast_possible_truncation)]
+        return Some((v as i64).to_string());
+    }
+    Some(v.to_string())
 }
 
 /// One rule, compiled.
@@ -273,9 +374,15 @@ impl ServerPolicy {
         limiters: &mut Vec<(Vec<u8>, Arc<Limiter>)>,
     ) -> ServerPolicy {
         let mut out = ServerPolicy::default();
+        // How often each (policy, rule) has been seen: identical rules get their own
+        // buckets, in order.
+        let mut seen: HashMap<Vec<u8>, u32> = HashMap::new();
         for (policy, index, rule) in rules {
             let limiter = rule.rate_limit.as_ref().and_then(|rl| {
-                let fingerprint = fingerprint(policy, index, rule);
+                let mut fingerprint = fingerprint(policy, rule);
+                let occurrence = seen.entry(fingerprint.clone()).or_default();
+                fingerprint.extend_from_slice(&occurrence.to_le_bytes());
+                *occurrence += 1;
                 let limiter = previous.limiter(&fingerprint).or_else(|| {
                     Limiter::new(rl.requests, Duration::from_millis(rl.per_ms), rl.shared)
                         .map(Arc::new)
@@ -292,10 +399,7 @@ impl ServerPolicy {
                 conditions: rule
                     .conditions
                     .iter()
-                    .map(|c| Condition {
-                        path: c.path.split('.').map(Into::into).collect(),
-                        pattern: Pattern::new(&c.matches),
-                    })
+                    .map(|c| Condition::new(&c.path, &c.matches))
                     .collect(),
                 limiter,
                 audit_arguments: rule.audit_arguments,
@@ -340,9 +444,9 @@ impl ServerPolicy {
             Some(a) if self.conditional => read_arguments(a.get()).map(Some).map_err(|_| ()),
             _ => Ok(None),
         };
-        let holds = |r: &Rule, unreadable: bool| match &parsed {
-            Ok(args) => r.conditions.iter().all(|c| c.holds(args.as_ref())),
-            Err(()) => r.conditions.is_empty() || unreadable,
+        let holds = |r: &Rule, deny: bool| match &parsed {
+            Ok(args) => r.conditions.iter().all(|c| c.holds(args.as_ref(), deny)),
+            Err(()) => r.conditions.is_empty() || deny,
         };
         if let Some(rule) = self.deny.first(kind, name, |r| holds(r, true)) {
             return Decision::Deny(Some(rule));
@@ -436,13 +540,14 @@ impl<'de> Visitor<'de> for UnambiguousVisitor {
     }
 }
 
-/// Identifies a rule across snapshots: same policy, position and content.
-fn fingerprint(policy: &str, index: usize, rule: &pb::Rule) -> Vec<u8> {
+/// Identifies a rule across snapshots: same policy and content, wherever it moved
+/// (rules inserted or removed around it keep its buckets; changing the rule itself,
+/// its limit included, starts afresh).
+fn fingerprint(policy: &str, rule: &pb::Rule) -> Vec<u8> {
     use prost::Message;
-    let mut out = Vec::with_capacity(policy.len() + 16 + rule.encoded_len());
+    let mut out = Vec::with_capacity(policy.len() + 8 + rule.encoded_len());
     out.extend_from_slice(policy.as_bytes());
     out.push(0);
-    out.extend_from_slice(&index.to_le_bytes());
     rule.encode(&mut out).ok();
     out
 }

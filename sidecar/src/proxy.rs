@@ -8,13 +8,24 @@
 //! error. The response body is relayed frame by frame; SSE events reach the agent as
 //! the upstream sends them.
 //!
-//! Session affinity: with one endpoint, session ids pass through untouched. With
-//! several, the sidecar prefixes the id the agent sees with the endpoint's index
-//! (`2.<upstream id>`) and routes on it, so affinity needs no table and survives a
-//! sidecar restart. Requests without a session are spread round-robin.
+//! Sessions: the agent never sees an upstream's session id, only the sidecar's sealed
+//! one ([`crate::session`]), bound to this identity and server and carrying the
+//! endpoint index for affinity. Requests without a session are spread round-robin.
 //!
-//! Not here: policy decisions, rate limits and audit (later modules hook in between
-//! the envelope and the upstream call).
+//! Batches (2025-03-26 only) may not carry gated calls or list requests: each of
+//! those is decided, rate limited, audited and filtered on its own, which a batch
+//! answer (one JSON array, or events in any order) would blur. Send them one by one.
+//!
+//! The GET stream (the standalone stream, or a POST's stream resumed with
+//! `Last-Event-ID`) is filtered for every kind of list, since its events may answer
+//! earlier list requests, and refuses the legacy `endpoint` event. An upstream's
+//! redirect is refused: the agent would follow it around the sidecar.
+//!
+//! Every request leaves one audit line, including a request the agent abandons
+//! before the answer's head (it may have run upstream): a guard writes it then.
+//!
+//! Not here: what a decision is ([`crate::policy`]), list rewriting
+//! ([`crate::filter`]), the audit stream itself ([`crate::audit`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,7 +34,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use metrics::SharedString;
 
@@ -32,9 +43,10 @@ use serde_json::value::RawValue;
 use crate::audit::{Audit, Record};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
-use crate::filter::{self, Framing, ListKind};
+use crate::filter::{self, Framing, ListKind, Lists};
 use crate::mcp::{self, Envelope, Rejection, TargetKind};
 use crate::policy::Decision;
+use crate::session::Sealer;
 use crate::snapshot::{Active, Route, Runtime};
 use crate::telemetry;
 use crate::upstream::{self, Upstream};
@@ -53,7 +65,19 @@ pub struct Proxy {
     pub audit: Audit,
     /// This sidecar's identity (`--identity`), the subject of every decision.
     pub identity: Arc<str>,
+    /// Seals the session ids agents see.
+    pub sessions: Sealer,
+    /// How long a request body may take to arrive once its head has.
+    pub body_read_timeout: std::time::Duration,
 }
+
+/// Request bodies over the limit are still read (and discarded) up to this many
+/// bytes, so the client, still uploading, gets to read its 413 instead of a reset.
+pub const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+/// Longest request id written to an audit line as sent; a longer one is cut.
+const MAX_AUDIT_ID: usize = 128;
+/// Largest `arguments` written to an audit line (with `audit: {arguments: true}`).
+const MAX_AUDIT_ARGUMENTS: usize = 16 * 1024;
 
 /// What is known about a request, filled in as the path learns it; it labels the
 /// metrics and becomes the audit line.
@@ -106,15 +130,92 @@ fn kind_name(kind: TargetKind) -> &'static str {
     }
 }
 
+/// A request's audit line and metrics, written exactly once: by [`Pending::finish`],
+/// or on drop when the agent went away before the answer's head.
+struct Pending<'p> {
+    proxy: &'p Proxy,
+    ctx: Ctx,
+    started: Instant,
+    finished: bool,
+}
+
+impl Pending<'_> {
+    fn finish(&mut self, status: u16, error_code: Option<i64>, outcome: &'static str) {
+        self.finished = true;
+        let elapsed = self.started.elapsed();
+        telemetry::request(&self.ctx.server, self.ctx.method, outcome, elapsed);
+        let ctx = &self.ctx;
+        let server = ctx.server.to_string();
+        let request_id = ctx.request_id.as_deref().map(|id| capped(id, MAX_AUDIT_ID));
+        let arguments = ctx
+            .arguments
+            .as_deref()
+            .map(|a| capped(a, MAX_AUDIT_ARGUMENTS));
+        self.proxy.audit.record(&Record {
+            time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            subject: &self.proxy.identity,
+            server: &server,
+            method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
+            kind: ctx.kind,
+            name: ctx.name.as_deref(),
+            decision: ctx.decision,
+            rule: ctx.rule.as_deref(),
+            status,
+            error_code,
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            request_id: request_id.as_deref(),
+            session: ctx.session.as_deref(),
+            arguments: arguments.as_deref(),
+        });
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // 499, as proxies log a client that closed before the answer.
+            self.finish(499, None, "abandoned");
+        }
+    }
+}
+
+/// `raw` as is when it is at most `max` bytes; otherwise a JSON string saying what it
+/// was (for an id: its first characters), so one request cannot make a huge line.
+fn capped(raw: &RawValue, max: usize) -> std::borrow::Cow<'_, RawValue> {
+    let text = raw.get();
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let shown = format!("{}… ({} bytes)", &text[..cut], text.len());
+    let value = serde_json::to_string(&shown)
+        .ok()
+        .and_then(|s| RawValue::from_string(s).ok());
+    match value {
+        Some(v) => std::borrow::Cow::Owned(v),
+        None => std::borrow::Cow::Borrowed(raw),
+    }
+}
+
 impl Proxy {
     /// The hyper service function.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let started = Instant::now();
-        let mut ctx = Ctx::new(&req);
-        let (response, error_code, outcome) = match self.route_and_forward(req, &mut ctx).await {
+        let mut pending = Pending {
+            proxy: &self,
+            ctx: Ctx::new(&req),
+            started: Instant::now(),
+            finished: false,
+        };
+        let (response, error_code, outcome) = match self
+            .route_and_forward(req, &mut pending.ctx)
+            .await
+        {
             Ok(resp) => {
                 let outcome = match resp.status().as_u16() {
                     100..=399 => "ok",
@@ -124,34 +225,16 @@ impl Proxy {
                 (resp, None, outcome)
             }
             Err(error) => {
-                tracing::debug!(server = %ctx.server, error = %error, "request refused");
+                tracing::debug!(server = %pending.ctx.server, error = %error, "request refused");
                 let (code, outcome) = (error.code(), error.outcome());
                 (
-                    error.into_response(ctx.request_id.as_deref()),
+                    error.into_response(pending.ctx.request_id.as_deref()),
                     Some(code),
                     outcome,
                 )
             }
         };
-        let elapsed = started.elapsed();
-        telemetry::request(&ctx.server, ctx.method, outcome, elapsed);
-        let server = ctx.server.to_string();
-        self.audit.record(&Record {
-            time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            subject: &self.identity,
-            server: &server,
-            method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
-            kind: ctx.kind,
-            name: ctx.name.as_deref(),
-            decision: ctx.decision,
-            rule: ctx.rule.as_deref(),
-            status: response.status().as_u16(),
-            error_code,
-            latency_ms: elapsed.as_secs_f64() * 1000.0,
-            request_id: ctx.request_id.as_deref(),
-            session: ctx.session.as_deref(),
-            arguments: ctx.arguments.as_deref(),
-        });
+        pending.finish(response.status().as_u16(), error_code, outcome);
         Ok(response)
     }
 
@@ -160,17 +243,18 @@ impl Proxy {
         req: Request<Incoming>,
         ctx: &mut Ctx,
     ) -> Result<Response<Body>, ProxyError> {
-        if let Some(origin) = req.headers().get(header::ORIGIN)
-            && !self.origin_allowed(origin)
+        // Every Origin, not only the first: a server may read another one.
+        if let Some(origin) = req
+            .headers()
+            .get_all(header::ORIGIN)
+            .iter()
+            .find(|o| !self.origin_allowed(o))
         {
-            let shown = String::from_utf8_lossy(origin.as_bytes()).into_owned();
-            return Err(ProxyError::OriginForbidden(shown));
+            let shown = String::from_utf8_lossy(origin.as_bytes());
+            return Err(ProxyError::OriginForbidden(truncate(&shown)));
         }
-        if self.loopback_host_only
-            && let Some(host) = request_host(&req)
-            && !is_loopback_authority(host)
-        {
-            return Err(ProxyError::HostForbidden(truncate(host)));
+        if self.loopback_host_only {
+            check_loopback_host(&req)?;
         }
         let server = server_name(req.uri().path())?;
         let runtime = self.active.current().ok_or(ProxyError::NotReady)?;
@@ -196,13 +280,15 @@ impl Proxy {
                     Envelope::Batch(_) => ctx.method = "(batch)",
                 }
                 mcp::check_headers(&parts.headers, &envelope).map_err(rejection)?;
-                ctx.decision = "plumbing";
                 match &envelope {
-                    Envelope::Single(m) => authorize(&route, &self.identity, m, ctx)?,
+                    Envelope::Single(m) => {
+                        ctx.decision = "plumbing";
+                        authorize(&route, &self.identity, m, ctx)?;
+                    }
+                    // Refused before anything is decided: no token is taken.
                     Envelope::Batch(messages) => {
-                        for m in messages {
-                            authorize(&route, &self.identity, m, ctx)?;
-                        }
+                        check_batch(messages)?;
+                        ctx.decision = "plumbing";
                     }
                 }
                 body
@@ -215,23 +301,35 @@ impl Proxy {
         };
 
         let mut headers = parts.headers;
-        let endpoint = pick_endpoint(&route, &mut headers)?;
+        let endpoint = self.open_session(&route, &mut headers)?;
         let uri = route.endpoints[endpoint].uri.clone();
+        let stream = method == Method::GET;
         let upstream_resp = self
             .upstream
             .send(&route, uri, method, headers, body)
             .await?;
+        if upstream_resp.status().is_redirection() {
+            return Err(ProxyError::UpstreamFailed {
+                server: route.name.clone(),
+                reason: format!(
+                    "it answered {} (a redirect), which would send the agent around the sidecar",
+                    upstream_resp.status()
+                ),
+            });
+        }
 
         let (mut parts, incoming) = upstream_resp.into_parts();
         upstream::clean_response_headers(&mut parts.headers);
-        if route.endpoints.len() > 1 {
-            tag_session(&mut parts.headers, endpoint);
-        }
+        self.seal_session(&route, endpoint, &mut parts.headers);
         let done = telemetry::stream_started(&route.label);
         let relayed = body::relay(incoming, done);
-        let body = match ctx.list.filter(|l| route.policy.filters(l.kind)) {
-            None => relayed,
-            Some(list) => filter_list(&mut parts, relayed, &route, list).await?,
+        let body = if stream {
+            filter_stream(&mut parts, relayed, &route)
+        } else {
+            match ctx.list.filter(|l| route.policy.filters(l.kind)) {
+                None => relayed,
+                Some(list) => filter_list(&mut parts, relayed, &route, list).await?,
+            }
         };
         Ok(Response::from_parts(parts, body))
     }
@@ -241,27 +339,112 @@ impl Proxy {
         headers: &http::HeaderMap,
         incoming: Incoming,
     ) -> Result<Bytes, ProxyError> {
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(ProxyError::UnsupportedMediaType);
-        }
+        check_content_type(headers)?;
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+        if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+            // Too much to read and discard: answer now (hyper closes the connection).
             return Err(ProxyError::BodyTooLarge(self.max_body_bytes));
         }
-        match Limited::new(incoming, self.max_body_bytes).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(ProxyError::BodyTooLarge(self.max_body_bytes))
+        let limit = self.max_body_bytes;
+        let read = async move {
+            let mut body = incoming;
+            let (mut first, mut rest): (Option<Bytes>, Option<bytes::BytesMut>) = (None, None);
+            let mut total: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| ProxyError::BodyRead(e.to_string()))?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                total += data.len() as u64;
+                if total > limit as u64 {
+                    // Over the limit: keep reading, keep nothing, up to the drain limit.
+                    first = None;
+                    rest = None;
+                    if total > DRAIN_LIMIT {
+                        break;
+                    }
+                    continue;
+                }
+                match (&mut first, &mut rest) {
+                    (None, None) => first = Some(data),
+                    (Some(head), None) => {
+                        let mut buf = bytes::BytesMut::with_capacity(head.len() + data.len());
+                        buf.extend_from_slice(head);
+                        buf.extend_from_slice(&data);
+                        first = None;
+                        rest = Some(buf);
+                    }
+                    (_, Some(buf)) => buf.extend_from_slice(&data),
+                }
             }
-            Err(e) => Err(ProxyError::BodyRead(e.to_string())),
+            if total > limit as u64 {
+                return Err(ProxyError::BodyTooLarge(limit));
+            }
+            Ok(match (first, rest) {
+                (_, Some(buf)) => buf.freeze(),
+                (Some(head), None) => head,
+                (None, None) => Bytes::new(),
+            })
+        };
+        match tokio::time::timeout(self.body_read_timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::BodyTimeout(
+                u64::try_from(self.body_read_timeout.as_millis()).unwrap_or(u64::MAX),
+            )),
+        }
+    }
+
+    /// The endpoint for this request. An agent's session id must be one this sidecar
+    /// sealed for this identity and server; the upstream gets its own id back.
+    fn open_session(
+        &self,
+        route: &Route,
+        headers: &mut http::HeaderMap,
+    ) -> Result<usize, ProxyError> {
+        let mut sessions = headers.get_all(mcp::HEADER_SESSION).iter();
+        let Some(agent) = sessions.next() else {
+            return Ok(route.pick());
+        };
+        // Two session ids: the upstream might take one and the check the other.
+        if sessions.next().is_some() {
+            return Err(ProxyError::InvalidRequest(
+                "more than one Mcp-Session-Id header".to_owned(),
+            ));
+        }
+        let (endpoint, upstream_id) = self
+            .sessions
+            .open(
+                &self.identity,
+                &route.name,
+                route.endpoints.len(),
+                agent.as_bytes(),
+            )
+            .ok_or(ProxyError::UnknownSession)?;
+        headers.insert(mcp::HEADER_SESSION, upstream_id);
+        Ok(endpoint)
+    }
+
+    /// Replace the upstream's session id in a response with the sealed one.
+    fn seal_session(&self, route: &Route, endpoint: usize, headers: &mut http::HeaderMap) {
+        let Some(upstream_id) = headers.get(mcp::HEADER_SESSION) else {
+            return;
+        };
+        match self.sessions.seal(
+            &self.identity,
+            &route.name,
+            endpoint,
+            upstream_id.as_bytes(),
+        ) {
+            Some(sealed) => {
+                headers.insert(mcp::HEADER_SESSION, sealed);
+            }
+            None => {
+                tracing::warn!(server = %route.name, "upstream session id too long to seal; dropped");
+                headers.remove(mcp::HEADER_SESSION);
+            }
         }
     }
 
@@ -279,13 +462,72 @@ impl Proxy {
     }
 }
 
-/// The authority the agent addressed: HTTP/2's `:authority`, else the `Host` header.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
+/// On a loopback listener, the authority the agent addressed (HTTP/2's `:authority`
+/// and every `Host` header) must name loopback too: DNS-rebinding protection for
+/// requests without an `Origin`. More than one `Host` is refused outright.
+fn check_loopback_host(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::HostForbidden(
+            "more than one Host header".to_owned(),
+        ));
+    }
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let host = first.map(|h| {
+        h.to_str()
+            .map_err(|_| ProxyError::HostForbidden("(not ASCII)".to_owned()))
+    });
+    for name in authority.into_iter().chain(host.transpose()?) {
+        if !is_loopback_authority(name) {
+            return Err(ProxyError::HostForbidden(truncate(name)));
+        }
+    }
+    Ok(())
+}
+
+/// The request body must be JSON in UTF-8, sent as is: a body the sidecar did not
+/// decode (`Content-Encoding`), or one in another charset, is not what it would judge.
+fn check_content_type(headers: &http::HeaderMap) -> Result<(), ProxyError> {
+    let media = |text: &str| ProxyError::UnsupportedMediaType(text.to_owned());
+    let mut types = headers.get_all(header::CONTENT_TYPE).iter();
+    let value = types
+        .next()
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| media("content-type must be application/json"))?;
+    if types.next().is_some() {
+        return Err(media("more than one Content-Type header"));
+    }
+    let mut params = value.split(';');
+    if !params
+        .next()
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+    {
+        return Err(media("content-type must be application/json"));
+    }
+    for param in params {
+        let Some((name, charset)) = param.split_once('=') else {
+            continue;
+        };
+        let charset = charset.trim().trim_matches('"');
+        if name.trim().eq_ignore_ascii_case("charset")
+            && !charset.eq_ignore_ascii_case("utf-8")
+            && !charset.eq_ignore_ascii_case("utf8")
+        {
+            return Err(media("the request body must be UTF-8 (charset=utf-8)"));
+        }
+    }
+    for encoding in headers.get_all(header::CONTENT_ENCODING) {
+        if !encoding
+            .to_str()
+            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
+        {
+            return Err(media(
+                "Content-Encoding is not accepted: send the request body uncompressed",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `http(s)://localhost|127.0.0.1|[::1][:port]`.
@@ -297,7 +539,7 @@ fn is_loopback_origin(origin: &str) -> bool {
 }
 
 /// `localhost|127.0.0.1|[::1][:port]`.
-fn is_loopback_authority(rest: &str) -> bool {
+pub fn is_loopback_authority(rest: &str) -> bool {
     let host = if let Some(v6) = rest.strip_prefix('[') {
         match v6.split_once(']') {
             Some((host, port)) if port.is_empty() || is_port(port) => return host == "::1",
@@ -399,6 +641,35 @@ fn authorize(
     }
 }
 
+/// Refuse a batch that holds a gated call or a list request (module docs: why).
+fn check_batch(messages: &[mcp::Message<'_>]) -> Result<(), ProxyError> {
+    let refused = messages
+        .iter()
+        .filter_map(|m| m.method.as_deref())
+        .find(|method| mcp::is_gated(method) || ListKind::of(method).is_some());
+    match refused {
+        None => Ok(()),
+        Some(method) => Err(ProxyError::InvalidRequest(format!(
+            "a JSON-RPC batch may not contain {}: send gated calls and list requests one by one",
+            truncate(method)
+        ))),
+    }
+}
+
+/// The GET stream, filtered for every kind of list (see the module docs).
+fn filter_stream(parts: &mut http::response::Parts, body: Body, route: &Arc<Route>) -> Body {
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| Framing::of(v.as_bytes()))
+        == Some(Framing::Sse);
+    if !sse {
+        return body;
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    filter::sse(body, route.clone(), Lists::Any)
+}
+
 /// Filter a list response (JSON or SSE) down to what the policy lets the agent see.
 async fn filter_list(
     parts: &mut http::response::Parts,
@@ -412,13 +683,13 @@ async fn filter_list(
         .and_then(|v| Framing::of(v.as_bytes()));
     if framing == Some(Framing::Sse) {
         parts.headers.remove(header::CONTENT_LENGTH);
-        Ok(filter::sse(body, route.clone(), list))
+        Ok(filter::sse(body, route.clone(), Lists::One(list)))
     } else if framing == Some(Framing::Json) {
         parts.headers.remove(header::CONTENT_LENGTH);
         let filtered =
             filter::json(body, route, list)
                 .await
-                .map_err(|e| ProxyError::UpstreamUnavailable {
+                .map_err(|e| ProxyError::UpstreamFailed {
                     server: route.name.clone(),
                     reason: e.to_string(),
                 })?;
@@ -443,50 +714,6 @@ fn rejection(r: Rejection) -> ProxyError {
         Rejection::Parse(m) => ProxyError::Parse(m),
         Rejection::Invalid(m) => ProxyError::InvalidRequest(m),
         Rejection::Header(m) => ProxyError::HeaderMismatch(m),
-    }
-}
-
-/// The endpoint for this request; with several endpoints, strips the affinity prefix
-/// from the agent's session id so the upstream sees its own id.
-fn pick_endpoint(route: &Route, headers: &mut http::HeaderMap) -> Result<usize, ProxyError> {
-    // Two session ids: the upstream might take one and the affinity the other.
-    if headers.get_all(mcp::HEADER_SESSION).iter().nth(1).is_some() {
-        return Err(ProxyError::InvalidRequest(
-            "more than one Mcp-Session-Id header".to_owned(),
-        ));
-    }
-    if route.endpoints.len() <= 1 {
-        return Ok(0);
-    }
-    let Some(session) = headers.get(mcp::HEADER_SESSION) else {
-        return Ok(route.pick());
-    };
-    let parsed = session
-        .to_str()
-        .ok()
-        .and_then(|s| s.split_once('.'))
-        .and_then(|(index, rest)| Some((index.parse::<usize>().ok()?, rest)))
-        .filter(|(index, _)| *index < route.endpoints.len())
-        .and_then(|(index, rest)| Some((index, HeaderValue::from_str(rest).ok()?)));
-    let (index, upstream_id) = parsed.ok_or(ProxyError::UnknownSession)?;
-    headers.insert(mcp::HEADER_SESSION, upstream_id);
-    Ok(index)
-}
-
-/// Prefix the upstream's session id with the endpoint index (see the module docs).
-fn tag_session(headers: &mut http::HeaderMap, endpoint: usize) {
-    if let Some(id) = headers.get(mcp::HEADER_SESSION) {
-        let mut tagged = endpoint.to_string().into_bytes();
-        tagged.push(b'.');
-        tagged.extend_from_slice(id.as_bytes());
-        match HeaderValue::from_bytes(&tagged) {
-            Ok(v) => {
-                headers.insert(mcp::HEADER_SESSION, v);
-            }
-            Err(_) => {
-                headers.remove(mcp::HEADER_SESSION);
-            }
-        }
     }
 }
 

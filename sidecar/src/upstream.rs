@@ -7,8 +7,10 @@
 //! `Proxy-Authorization`, `Cookie`: never passed through), `Origin` (checked here, and
 //! meaningless to the upstream), `Accept-Encoding` (bodies stay identity-encoded so
 //! the sidecar can read what it relays) and any agent copy of the route's credential
-//! header; the route's credential is then inserted, marked sensitive. Towards the
-//! agent, hop-by-hop headers are dropped and everything else is kept.
+//! header, and the forwarding headers (`Forwarded`, `X-Forwarded-*`: the sidecar is
+//! the edge); the route's credential is then inserted, marked sensitive. Towards the
+//! agent, hop-by-hop headers are dropped, and so are headers that would point the
+//! agent past the sidecar (`Location`, `Link`, `WWW-Authenticate`, …).
 //!
 //! This module does not pick the endpoint (see [`crate::proxy`]) and never reads
 //! or buffers a response body: it hands the upstream's body back as it arrives.
@@ -44,7 +46,9 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 const LEGACY_HOP_BY_HOP: &[&str] = &["keep-alive", "proxy-connection"];
 
-/// Agent headers that never reach an upstream (besides hop-by-hop ones).
+/// Agent headers that never reach an upstream (besides hop-by-hop ones). The
+/// forwarding headers go too: the sidecar is the edge, and an upstream trusting them
+/// would believe whatever client address the agent wrote there.
 const NOT_FORWARDED: &[HeaderName] = &[
     header::HOST,
     header::CONTENT_LENGTH,
@@ -52,6 +56,23 @@ const NOT_FORWARDED: &[HeaderName] = &[
     header::COOKIE,
     header::ORIGIN,
     header::ACCEPT_ENCODING,
+    header::FORWARDED,
+];
+/// Agent headers dropped by prefix (`X-Forwarded-For`, `-Host`, `-Proto`, …).
+const NOT_FORWARDED_PREFIX: &str = "x-forwarded-";
+/// Other forwarding headers proxies set.
+const NOT_FORWARDED_OTHER: &[&str] = &["x-real-ip", "x-client-ip", "true-client-ip", "via"];
+
+/// Upstream response headers that point the agent somewhere else: following them
+/// would take its next request around the sidecar (to the upstream itself, or to
+/// an authorization server for credentials the sidecar injects).
+const STEERING: &[HeaderName] = &[
+    header::LOCATION,
+    header::CONTENT_LOCATION,
+    header::LINK,
+    header::WWW_AUTHENTICATE,
+    header::ALT_SVC,
+    header::REFRESH,
 ];
 
 /// The shared upstream client.
@@ -115,13 +136,17 @@ impl Upstream {
         match tokio::time::timeout(route.timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
-                telemetry::upstream_error(&route.label, "connect");
                 let reason = error_chain(&e);
                 tracing::warn!(server = %route.name, error = %reason, "upstream request failed");
-                Err(ProxyError::UpstreamUnavailable {
-                    server: route.name.clone(),
-                    reason,
-                })
+                let server = route.name.clone();
+                // Only a failed connect proves the request never left.
+                if e.is_connect() {
+                    telemetry::upstream_error(&route.label, "connect");
+                    Err(ProxyError::UpstreamUnavailable { server, reason })
+                } else {
+                    telemetry::upstream_error(&route.label, "failed");
+                    Err(ProxyError::UpstreamFailed { server, reason })
+                }
             }
             Err(_) => {
                 telemetry::upstream_error(&route.label, "timeout");
@@ -170,15 +195,30 @@ pub fn forward_headers(mut headers: HeaderMap, route: &Route) -> HeaderMap {
     for name in NOT_FORWARDED {
         headers.remove(name);
     }
+    let forwarding: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            k.as_str().starts_with(NOT_FORWARDED_PREFIX)
+                || NOT_FORWARDED_OTHER.contains(&k.as_str())
+        })
+        .cloned()
+        .collect();
+    for name in forwarding {
+        headers.remove(name);
+    }
     if let Some(credential) = &route.credential {
         headers.insert(credential.header.clone(), credential.value.clone());
     }
     headers
 }
 
-/// Clean an upstream response's headers for the agent.
+/// Clean an upstream response's headers for the agent: hop-by-hop headers and those
+/// that would steer the agent around the sidecar ([`STEERING`]).
 pub fn clean_response_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    for name in STEERING {
+        headers.remove(name);
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +257,10 @@ mod tests {
             ("mcp-session-id", "abc"),
             ("accept", "application/json, text/event-stream"),
             ("last-event-id", "7"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
         ] {
             agent.append(k, HeaderValue::from_static(v));
         }

@@ -246,3 +246,60 @@ fn nesting_is_limited_outside_strings_only() {
     );
     assert!(parse(stringy.as_bytes()).is_ok());
 }
+
+fn rejected(body: &str) -> Rejection {
+    parse(body.as_bytes()).expect_err("refused")
+}
+
+#[test]
+fn keys_that_fold_to_a_policy_key_are_refused() {
+    for body in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","Name":"delete"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","NAME":"delete"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","Method":"prompts/get","params":{"name":"echo"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{},"Arguments":{"x":1}}}"#,
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\"},\"param\u{17f}\":{\"name\":\"delete\"}}",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"resources/read\",\"params\":{\"uri\":\"test://a\",\"\u{212a}\":1,\"URI\":\"test://b\"}}",
+        r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a","Name":"b"},"argument":{"name":"x","value":""}}}"#,
+    ] {
+        assert!(
+            matches!(rejected(body), Rejection::Invalid(ref m) if m.contains("only by case")),
+            "{body}"
+        );
+    }
+    // Other keys are the server's business.
+    single(
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","Cursor":1,"x":2}}"#,
+    );
+    assert!(keys_fold_equal("param\u{17f}", "params"));
+    assert!(keys_fold_equal("\u{212a}ey", "key"));
+    assert!(!keys_fold_equal("names", "name"));
+}
+
+#[test]
+fn resource_uris_are_judged_as_servers_resolve_them() {
+    let m = single(
+        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"docs://public/%73ecret"}}"#,
+    );
+    let subject = m.subject.expect("subject");
+    assert_eq!(subject.name, "docs://public/secret");
+    // Mcp-Name still mirrors the body as sent.
+    assert_eq!(m.target.as_deref(), Some("docs://public/%73ecret"));
+    for uri in [
+        "docs://public/../secret",
+        "DOCS://public/x",
+        "docs://public/x\t",
+        " docs://public/x",
+        "not a uri",
+    ] {
+        let body = serde_json::json!({"jsonrpc":"2.0","id":1,"method":"resources/subscribe","params":{"uri": uri}}).to_string();
+        assert!(matches!(rejected(&body), Rejection::Invalid(_)), "{uri:?}");
+    }
+    let body = serde_json::json!({"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"docs://x/../{path}"},"argument":{"name":"path","value":""}}}).to_string();
+    assert!(matches!(rejected(&body), Rejection::Invalid(_)));
+    let body = serde_json::json!({"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"docs://x/{path}"},"argument":{"name":"path","value":""}}}).to_string();
+    assert_eq!(
+        single(&body).subject.expect("subject").name,
+        "docs://x/{path}"
+    );
+}

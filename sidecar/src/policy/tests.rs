@@ -139,8 +139,129 @@ fn arguments_servers_read_differently_fail_every_condition_that_could_allow() {
         let acme = ambiguous.replace("secret/db", "acme/x");
         assert!(!allowed(&p, "tag", Some(&acme)), "{acme}");
     }
-    // Without arguments nothing is ambiguous: the deny rule's condition fails.
-    assert!(allowed(&p, "deploy", None));
+    // Without arguments (or without `repo`) the upstream may fill in any default: a
+    // deny rule's condition holds on what it cannot see.
+    assert!(!allowed(&p, "deploy", None));
+    assert!(!allowed(&p, "deploy", Some(r#"{"other":1}"#)));
+}
+
+fn conditional(deny: bool, path: &str, matches: &str) -> ServerPolicy {
+    let mut r = rule("github", &["t"], deny);
+    r.conditions = vec![pb::ArgumentCondition {
+        path: path.into(),
+        matches: matches.into(),
+    }];
+    let mut rules = vec![r];
+    if deny {
+        rules.insert(0, rule("github", &["t"], false));
+    }
+    compile(&policy(rules))
+}
+
+#[test]
+fn numbers_compare_by_value_in_every_spelling() {
+    let deny = conditional(true, "n", "13");
+    let allow = conditional(false, "n", "13");
+    for spelling in [
+        "13",
+        "13.0",
+        "1.3e1",
+        "130e-1",
+        "1.30E+1",
+        "13.000000000000000001",
+    ] {
+        let args = format!(r#"{{"n":{spelling}}}"#);
+        assert!(!allowed(&deny, "t", Some(&args)), "deny {spelling}");
+        assert!(allowed(&allow, "t", Some(&args)), "allow {spelling}");
+    }
+    for other in ["12", "13.5", "-13", "0", r#""13.0""#] {
+        let args = format!(r#"{{"n":{other}}}"#);
+        assert!(allowed(&deny, "t", Some(&args)), "deny {other}");
+        assert!(!allowed(&allow, "t", Some(&args)), "allow {other}");
+    }
+    // A pattern written as a number matches its value; a string matches as written.
+    let half = conditional(false, "n", "0.50");
+    assert!(allowed(&half, "t", Some(r#"{"n":5e-1}"#)));
+    assert!(allowed(&half, "t", Some(r#"{"n":"0.50"}"#)));
+    assert!(!allowed(&half, "t", Some(r#"{"n":"0.5"}"#)));
+    // Zero has one value; integers past 2^53 are read differently by JavaScript and
+    // Python, so they cannot allow and do not escape a deny.
+    assert!(allowed(
+        &conditional(false, "n", "0"),
+        "t",
+        Some(r#"{"n":-0.0}"#)
+    ));
+    let big = r#"{"n":9007199254740993}"#;
+    assert!(!allowed(&conditional(true, "n", "1*"), "t", Some(big)));
+    assert!(!allowed(&conditional(false, "n", "9*"), "t", Some(big)));
+    assert!(allowed(
+        &conditional(false, "n", "9*"),
+        "t",
+        Some(r#"{"n":9007199254740991}"#)
+    ));
+}
+
+#[test]
+fn arrays_objects_null_and_missing_values() {
+    let deny = conditional(true, "path", "/etc/*");
+    let allow = conditional(false, "path", "/srv/*");
+    let cases = [
+        // (arguments, deny rule lets it through, allow rule lets it through)
+        (r#"{"path":"/srv/a"}"#, true, true),
+        (r#"{"path":["/srv/a","/srv/b"]}"#, true, true),
+        (r#"{"path":["/srv/a","/etc/passwd"]}"#, false, false),
+        (r#"{"path":[["/etc/passwd"]]}"#, false, false),
+        (r#"{"path":[]}"#, false, false),
+        (r#"{"path":null}"#, false, false),
+        (r#"{"path":{"value":"/srv/a"}}"#, false, false),
+        (r#"{}"#, false, false),
+        (r#"{"path":true}"#, true, false),
+    ];
+    for (args, through_deny, through_allow) in cases {
+        assert_eq!(allowed(&deny, "t", Some(args)), through_deny, "deny {args}");
+        assert_eq!(
+            allowed(&allow, "t", Some(args)),
+            through_allow,
+            "allow {args}"
+        );
+    }
+    // Paths walk through arrays of objects, element by element.
+    let nested = conditional(true, "files.path", "/etc/*");
+    assert!(allowed(
+        &nested,
+        "t",
+        Some(r#"{"files":[{"path":"/srv/a"}]}"#)
+    ));
+    assert!(!allowed(
+        &nested,
+        "t",
+        Some(r#"{"files":[{"path":"/srv/a"},{"path":"/etc/x"}]}"#)
+    ));
+    assert!(!allowed(
+        &nested,
+        "t",
+        Some(r#"{"files":[{"path":"/srv/a"},{}]}"#)
+    ));
+}
+
+#[test]
+fn keys_a_server_may_fold_together_cannot_be_judged() {
+    let deny = conditional(true, "scope", "/etc/*");
+    let allow = conditional(false, "scope", "/srv/*");
+    for args in [
+        r#"{"scope":"/srv/a","Scope":"/etc/passwd"}"#,
+        r#"{"scope":"/srv/a","SCOPE":"/etc/passwd"}"#,
+        r#"{"scope":"/srv/a","\u017fcope":"/etc/passwd"}"#,
+        r#"{"Scope":"/etc/passwd"}"#,
+    ] {
+        assert!(!allowed(&deny, "t", Some(args)), "deny {args}");
+        assert!(!allowed(&allow, "t", Some(args)), "allow {args}");
+    }
+    assert!(allowed(
+        &allow,
+        "t",
+        Some(r#"{"scope":"/srv/a","other":"x"}"#)
+    ));
 }
 
 #[test]
@@ -216,4 +337,43 @@ fn limiters_survive_when_the_rule_is_unchanged() {
             .is_ok(),
         "a changed rule starts fresh"
     );
+}
+
+#[test]
+fn a_rule_inserted_above_a_limited_one_does_not_reset_its_buckets() {
+    let mut limited = rule("github", &["get_*"], false);
+    limited.rate_limit = Some(pb::RateLimit {
+        requests: 1,
+        per_ms: 60_000,
+        shared: false,
+    });
+    let take = |p: &ServerPolicy| {
+        let Decision::Allow(r) = p.decide(TargetKind::Tool, "get_issue", None) else {
+            panic!("allowed")
+        };
+        r.limiter.as_ref().expect("limited").acquire("get_issue")
+    };
+    let mut first = Vec::new();
+    let p1 = ServerPolicy::compile(
+        "github",
+        &policy(vec![limited.clone()]),
+        &NoPrevious,
+        &mut first,
+    );
+    assert!(take(&p1).is_ok());
+    let previous = Previous(first.into_iter().collect());
+    let moved = policy(vec![
+        rule("github", &["list_*"], false),
+        rule("github", &["delete_*"], true),
+        limited.clone(),
+    ]);
+    let p2 = ServerPolicy::compile("github", &moved, &previous, &mut Vec::new());
+    assert!(take(&p2).is_err(), "the budget moved with the rule");
+
+    // Two identical limited rules keep one bucket each, in order.
+    let twice = policy(vec![limited.clone(), limited]);
+    let mut out = Vec::new();
+    ServerPolicy::compile("github", &twice, &NoPrevious, &mut out);
+    assert_eq!(out.len(), 2);
+    assert_ne!(out[0].0, out[1].0);
 }
