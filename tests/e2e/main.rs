@@ -10,6 +10,9 @@
 //!   input, resumption with `Last-Event-ID`, credential hygiene.
 //! - `hostile`: the bad-input corpus, 71 malformed or hostile requests, each with its
 //!   documented answer, and proof the upstream only ran what policy allows.
+//! - `holes`: policy holes tried against the TypeScript SDK's server and rmcp's:
+//!   values by meaning, URIs as servers resolve them, lists on every path, sessions
+//!   bound to their identity, what is forwarded, audit of abandoned calls, limits.
 //! - `policy`: default deny, list filtering, rate limits, audit lines.
 //! - `control`: the control plane, `toolmeshctl` and sidecars in control-plane mode:
 //!   live policy changes, per-identity snapshots, NACKs, fail static, TLS.
@@ -27,6 +30,7 @@ mod conformance;
 mod control;
 mod faults;
 mod generations;
+mod holes;
 mod hostile;
 mod kubernetes;
 mod operations;

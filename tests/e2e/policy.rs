@@ -256,10 +256,23 @@ async fn rate_limits_hit_after_n_and_recover_after_the_window() -> Result<()> {
     );
     assert_eq!(server.proc.output.text().matches("call add").count(), 3);
 
-    // A reload that leaves the rule alone keeps the bucket: still empty right after.
+    // A reload that inserts an unrelated rule above the limited one moves the
+    // snapshot's version and the rule's position, and keeps its bucket: still empty.
     let _ = call(&sidecar, 6, "add", json!({"a": 1, "b": 2})).await?;
-    sidecar.write_config(&format!("{}\n# touched\n", config(&server.url())))?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, before) = admin(&sidecar, "/ready").await?;
+    let moved = config(&server.url()).replace(
+        "    - server: demo\n      tools: [\"add\"]",
+        "    - server: demo\n      tools: [\"never_called\"]\n    - server: demo\n      tools: [\"add\"]",
+    );
+    assert_ne!(moved, config(&server.url()));
+    sidecar.write_config(&moved)?;
+    let reloaded = crate::support::eventually(5, || async {
+        admin(&sidecar, "/ready")
+            .await
+            .is_ok_and(|(_, now)| now != before)
+    })
+    .await;
+    assert!(reloaded, "the new version was not applied");
     let after_reload = call(&sidecar, 7, "add", json!({"a": 1, "b": 2})).await?;
     assert_eq!(
         after_reload.status, 429,

@@ -229,13 +229,18 @@ pub const IDENTITY: &str = "agents/test";
 impl Sidecar {
     /// Start with `yaml` as the config file and extra flags.
     pub async fn start(yaml: &str, extra: &[&str]) -> Result<Sidecar> {
+        Self::start_as(IDENTITY, yaml, extra).await
+    }
+
+    /// Like [`Sidecar::start`], as `identity`.
+    pub async fn start_as(identity: &str, yaml: &str, extra: &[&str]) -> Result<Sidecar> {
         let dir = TempDir::new("sidecar")?;
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml)?;
         let mut cmd = Command::new(binary("toolmesh-sidecar"));
         cmd.arg("--config")
             .arg(&config)
-            .args(["--identity", IDENTITY, "--listen", "127.0.0.1:0"])
+            .args(["--identity", identity, "--listen", "127.0.0.1:0"])
             .args([
                 "--admin-listen",
                 "127.0.0.1:0",
@@ -605,6 +610,41 @@ impl Everything {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+}
+
+/// `tests/js/server.mjs`: an MCP server on the official TypeScript SDK (sessions,
+/// a resource template, resumption from its `InMemoryEventStore`, and the legacy
+/// HTTP+SSE transport on `/sse`). It logs every call, read and completion it runs.
+#[derive(Debug)]
+pub struct TsServer {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl TsServer {
+    pub async fn start() -> Result<TsServer> {
+        let entry = require(js_dir().join("server.mjs"))?;
+        require(js_dir().join("node_modules/@modelcontextprotocol/sdk"))?;
+        let mut cmd = Command::new(node22()?);
+        cmd.arg(entry);
+        let mut proc = Proc::spawn("ts-sdk-server", cmd)?;
+        let addr = proc.wait_for("its listening line", listening_on).await?;
+        Ok(TsServer { proc, addr })
+    }
+
+    /// The Streamable HTTP endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+
+    /// The legacy HTTP+SSE endpoint.
+    pub fn legacy_url(&self) -> String {
+        format!("http://{}/sse", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.proc.output.text()
     }
 }
 

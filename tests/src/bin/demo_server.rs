@@ -419,6 +419,8 @@ impl ServerHandler for Demo {
         _ctx: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
         let uri = request.uri.as_str();
+        // Tests read this to prove a refused read never reached the server.
+        eprintln!("read {uri}");
         let contents = match uri {
             "test://static-text" => {
                 json!({"uri": uri, "mimeType": "text/plain", "text": "This is the content of the static text resource."})
