@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
     let route = toolmesh_fuzz::route();
     RUNTIME.block_on(async {
         let sse_in = StreamBody::new(futures_util::stream::iter(frames)).boxed();
-        if let Ok(out) = filter::sse(sse_in, route.clone(), list).collect().await {
+        if let Ok(out) = filter::sse(sse_in, route.clone(), filter::Lists::One(list)).collect().await {
             let out = out.to_bytes();
             if !stream.windows(5).any(|w| w == b"data:") {
                 assert_eq!(out, Bytes::copy_from_slice(stream), "nothing to filter");

@@ -3,7 +3,9 @@
 //! An agent's MCP client talks Streamable HTTP to `127.0.0.1:15001/mcp/<server>`;
 //! the sidecar checks the request ([`mcp`]), finds the server in the active
 //! configuration ([`snapshot`]) and relays it to the upstream ([`upstream`]), streaming
-//! the answer back ([`body`]). [`proxy`] is that path end to end; [`listener`] accepts
+//! the answer back ([`body`]). [`policy`] decides, [`filter`] trims lists, [`uri`]
+//! reads resource URIs as servers do, [`session`] seals the session ids agents see,
+//! [`audit`] writes one line per request. [`proxy`] is that path end to end; [`listener`] accepts
 //! and drains connections; [`admin`] serves health, metrics and the redacted config;
 //! [`standalone`] feeds the configuration from a local file; [`telemetry`] names every
 //! metric; [`error`] every answer the sidecar gives on its own; [`config`] every flag.

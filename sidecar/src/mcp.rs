@@ -12,6 +12,11 @@
 //! target; in every generation a header that is present must agree with the body,
 //! because the upstream executes the body while an intermediary may trust the header.
 //!
+//! What policy is decided on must be what the upstream reads: a key of the message,
+//! of `params` or of `params.ref` that differs from a protocol key only by case or
+//! look-alike letters is refused (case-insensitive servers might read it instead),
+//! and resource URIs are judged in the form servers resolve them to ([`crate::uri`]).
+//!
 //! This module does not know servers, sessions or policy.
 
 use std::borrow::Cow;

@@ -78,7 +78,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .install_recorder()?;
     describe_counter!(
         REQUESTS,
-        "MCP requests handled, by server, MCP method and outcome (ok, client_error, upstream_error, rejected, unavailable)"
+        "MCP requests handled, by server, MCP method and outcome (ok, client_error, upstream_error, rejected, denied, rate_limited, unavailable, abandoned)"
     );
     describe_histogram!(
         REQUEST_DURATION,
@@ -87,7 +87,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     );
     describe_counter!(
         UPSTREAM_ERRORS,
-        "Upstream failures by server and kind (connect, timeout)"
+        "Upstream failures by server and kind (connect: nothing sent, failed: after the request was sent, timeout)"
     );
     describe_gauge!(
         ACTIVE_STREAMS,

@@ -534,6 +534,92 @@ fn corpus(host: &str) -> Vec<Case> {
                 .header("mcp-session-id", b"a\x01b"),
             Http(400),
         ),
+        // --- policy holes (README "Policy"): each must not reach the upstream
+        c(
+            "forged session id",
+            Raw::call("echo").header("mcp-session-id", "tm1.0.YWJj.AAAAAAAAAAAAAAAAAAAAAA"),
+            Sidecar(404, -32084),
+        ),
+        c(
+            "upstream's own session id",
+            Raw::call("echo").header("mcp-session-id", "5f7c1a2e-0000-4000-8000-000000000000"),
+            Sidecar(404, -32084),
+        ),
+        c(
+            "batch of 2025-03-26 with a call",
+            Raw::post(format!(
+                "[{ping_legacy},{}]",
+                r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo"}}"#
+            ))
+            .header("mcp-protocol-version", "2025-03-26"),
+            Sidecar(400, -32600),
+        ),
+        c(
+            "batch of 2025-03-26 with a list",
+            Raw::post(r#"[{"jsonrpc":"2.0","id":2,"method":"tools/list"}]"#)
+                .header("mcp-protocol-version", "2025-03-26"),
+            Sidecar(400, -32600),
+        ),
+        c(
+            "name key in another case",
+            Raw::post(call("echo").replace(r#""name":"echo""#, r#""name":"echo","Name":"add""#))
+                .modern("tools/call", Some("echo")),
+            Sidecar(400, -32600),
+        ),
+        c(
+            "params key with a long s",
+            Raw::post(call("echo").replace(
+                r#""params":"#,
+                "\"param\u{17f}\":{\"name\":\"add\"},\"params\":",
+            ))
+            .modern("tools/call", Some("echo")),
+            Sidecar(400, -32600),
+        ),
+        c(
+            "resource uri with dot segments",
+            Raw::post(modern(
+                "resources/read",
+                serde_json::json!({"uri": "test://static-text/../../template/1/data"}),
+            ))
+            .modern(
+                "resources/read",
+                Some("test://static-text/../../template/1/data"),
+            ),
+            Sidecar(400, -32600),
+        ),
+        c(
+            "resource uri in upper case",
+            Raw::post(modern(
+                "resources/read",
+                serde_json::json!({"uri": "TEST://static-text"}),
+            ))
+            .modern("resources/read", Some("TEST://static-text")),
+            Sidecar(400, -32600),
+        ),
+        c(
+            "gzip request body",
+            Raw::call("echo").header("content-encoding", "gzip"),
+            Sidecar(415, -32083),
+        ),
+        c(
+            "utf-16 charset",
+            Raw::call("echo")
+                .without("content-type")
+                .header("content-type", "application/json; charset=utf-16"),
+            Sidecar(415, -32083),
+        ),
+        c(
+            "two host headers",
+            Raw::call("echo").header("host", "evil.example.com"),
+            Sidecar(403, -32080),
+        ),
+        c(
+            "second origin not allowed",
+            Raw::call("echo")
+                .header("origin", "http://localhost")
+                .header("origin", "http://evil.example.com"),
+            Sidecar(403, -32080),
+        ),
         // --- odd but harmless: relayed, the upstream answers
         c(
             "unknown method",
