@@ -67,11 +67,14 @@ const ALL_LISTS: [ListKind; 4] = [
     },
 ];
 
-/// What an SSE filter looks for in each event.
-#[derive(Debug, Clone, Copy)]
+/// What a filter looks for in a response (a JSON body, or each SSE event).
+#[derive(Debug, Clone)]
 pub enum Lists {
     /// The answer to a list request of this kind (a POST's stream).
     One(ListKind),
+    /// The answer to a `completion/complete` on a resource template: its values
+    /// name resources, and those the agent may not see are dropped.
+    Completion(Arc<Completion>),
     /// Any list result, whatever request it answers: on the GET stream, a resumed
     /// stream replays answers to earlier POSTs (a `tools/list` among them) and an
     /// upstream may send anything. Also refuses legacy `endpoint` events there.
@@ -82,6 +85,7 @@ impl Lists {
     fn filter(&self, route: &Route, text: &str) -> Filtered {
         match self {
             Lists::One(list) => list.filter(route, text),
+            Lists::Completion(completion) => completion.filter(route, text),
             Lists::Any => {
                 if text.trim_ascii().is_empty() {
                     return Filtered::Unchanged;
@@ -106,6 +110,139 @@ impl Lists {
                 })
             }
         }
+    }
+}
+
+/// A `completion/complete` request on a resource template, as far as its answer's
+/// values are judged: each value, put into the template (with the request's
+/// `context.arguments` for the other variables), names a resource.
+#[derive(Debug)]
+pub struct Completion {
+    template: String,
+    argument: String,
+    context: Vec<(String, String)>,
+}
+
+#[derive(Deserialize)]
+struct CompletionParams {
+    argument: Option<CompletionArgument>,
+    context: Option<CompletionContext>,
+}
+
+#[derive(Deserialize)]
+struct CompletionArgument {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct CompletionContext {
+    arguments: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+}
+
+impl Completion {
+    /// For `template` (as judged) and the request's raw `params`; `None` when the
+    /// request names no argument (the server then has nothing to complete).
+    pub fn new(template: &str, params: &RawValue) -> Option<Completion> {
+        let params: CompletionParams = serde_json::from_str(params.get()).ok()?;
+        let context = params
+            .context
+            .and_then(|c| c.arguments)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+            .collect();
+        Some(Completion {
+            template: template.to_owned(),
+            argument: params.argument?.name,
+            context,
+        })
+    }
+
+    /// The template with `value` for the completed variable and the context's values
+    /// for the others. Single-variable expressions (`{x}`, `{+x}`, `{/x}`, …) are
+    /// filled; any other expression stays as written.
+    fn expand(&self, value: &str) -> String {
+        let mut out = String::with_capacity(self.template.len() + value.len());
+        let mut rest = self.template.as_str();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
+            let expression = &rest[open + 1..open + close];
+            let (operator, name) = match expression.chars().next() {
+                Some(c @ ('+' | '#' | '.' | '/' | ';' | '?' | '&')) => (Some(c), &expression[1..]),
+                _ => (None, expression),
+            };
+            let name = name.trim_end_matches('*');
+            let filled = if name == self.argument {
+                Some(value)
+            } else {
+                self.context
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            match filled.filter(|_| !name.contains(',')) {
+                Some(v) => {
+                    match operator {
+                        Some('#') => out.push('#'),
+                        Some('.') => out.push('.'),
+                        Some('/') => out.push('/'),
+                        Some(';') => out.push_str(&format!(";{name}=")),
+                        Some('?') => out.push_str(&format!("?{name}=")),
+                        Some('&') => out.push_str(&format!("&{name}=")),
+                        _ => {}
+                    }
+                    out.push_str(v);
+                }
+                None => out.push_str(&rest[open..=open + close]),
+            }
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// Is the resource `value` names one the agent may see? A value that makes a URI
+    /// servers read differently is not shown.
+    fn visible(&self, route: &Route, value: &str) -> bool {
+        let uri = self.expand(value);
+        crate::uri::canonical(&uri)
+            .is_ok_and(|uri| route.policy.visible(TargetKind::Resource, &uri))
+    }
+
+    fn filter(&self, route: &Route, text: &str) -> Filtered {
+        if text.trim_ascii().is_empty() {
+            return Filtered::Unchanged;
+        }
+        rewrite_each(text, "result", |result| {
+            if !result.starts_with('{') {
+                return Filtered::Unchanged;
+            }
+            rewrite_each(result, "completion", |completion| {
+                if !completion.starts_with('{') {
+                    return Filtered::Unchanged;
+                }
+                rewrite_each(completion, "values", |values| {
+                    if !values.starts_with('[') {
+                        return Filtered::Unchanged;
+                    }
+                    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(values) else {
+                        return Filtered::Unreadable;
+                    };
+                    let kept: Vec<&str> = items
+                        .into_iter()
+                        .filter(|item| {
+                            serde_json::from_str::<Cow<'_, str>>(item.get())
+                                .is_ok_and(|v| self.visible(route, &v))
+                        })
+                        .map(RawValue::get)
+                        .collect();
+                    Filtered::Rewritten(format!("[{}]", kept.join(",")))
+                })
+            })
+        })
     }
 }
 
@@ -317,7 +454,7 @@ struct Unreadable;
 /// Filter a JSON response body. A body that is not a JSON-RPC list result is returned
 /// unchanged; one the sidecar cannot read is an error. The body is read as the agent's
 /// client reads it: UTF-8 with replacement, a byte order mark skipped.
-pub async fn json(body: Body, route: &Route, list: ListKind) -> Result<Bytes, BodyError> {
+pub async fn json(body: Body, route: &Route, lists: &Lists) -> Result<Bytes, BodyError> {
     // Collected by hand: `Limited` would need the boxed error converted through a
     // bound that makes the request future lose `Send`.
     let mut body = body;
@@ -336,7 +473,7 @@ pub async fn json(body: Body, route: &Route, list: ListKind) -> Result<Bytes, Bo
     }
     let bytes = buf.freeze();
     let text = String::from_utf8_lossy(&bytes);
-    match list.filter(route, text.strip_prefix('\u{feff}').unwrap_or(&text)) {
+    match lists.filter(route, text.strip_prefix('\u{feff}').unwrap_or(&text)) {
         Filtered::Unchanged => Ok(bytes),
         Filtered::Rewritten(out) => Ok(Bytes::from(out)),
         Filtered::Unreadable => Err(Box::new(Unreadable)),
@@ -671,10 +808,14 @@ mod tests {
 
     async fn through_json(method: &str, body: &[u8]) -> Result<Vec<u8>, String> {
         let list = ListKind::of(method).expect("list");
-        json(crate::body::full(body.to_vec()), &route(), list)
-            .await
-            .map(|b| b.to_vec())
-            .map_err(|e| e.to_string())
+        json(
+            crate::body::full(body.to_vec()),
+            &route(),
+            &Lists::One(list),
+        )
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|e| e.to_string())
     }
 
     #[tokio::test]
@@ -876,5 +1017,81 @@ mod tests {
             String::from_utf8_lossy(&out),
             "data: {\"id\":1,\"result\":{\"tools\":[]}}\n\n"
         );
+    }
+
+    fn completion(template: &str, params: &str) -> Completion {
+        let params = RawValue::from_string(params.to_owned()).expect("json");
+        Completion::new(template, &params).expect("an argument")
+    }
+
+    #[test]
+    fn completion_values_naming_hidden_resources_are_dropped() {
+        let c = completion(
+            "file:///{area}/{name}",
+            r#"{"argument":{"name":"area","value":""},"context":{"arguments":{"name":"x"}}}"#,
+        );
+        assert_eq!(c.expand("ok"), "file:///ok/x");
+        let text = r#"{"jsonrpc":"2.0","id":1,"result":{"completion":{"values":["ok","secret","../ok",7],"hasMore":false}}}"#;
+        let Filtered::Rewritten(out) = c.filter(&route(), text) else {
+            panic!("not rewritten")
+        };
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(
+            v["result"]["completion"]["values"],
+            serde_json::json!(["ok"])
+        );
+        assert_eq!(v["result"]["completion"]["hasMore"], false);
+
+        // Operators and variables the request did not give.
+        let c = completion(
+            "file:///ok{/path}{?q}",
+            r#"{"argument":{"name":"path","value":""}}"#,
+        );
+        assert_eq!(c.expand("a"), "file:///ok/a{?q}");
+        assert!(
+            Completion::new(
+                "file:///{x}",
+                &RawValue::from_string("{}".into()).expect("json")
+            )
+            .is_none()
+        );
+    }
+
+    async fn through_get_stream(stream: &str) -> Result<String, String> {
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> =
+            vec![Ok(Frame::data(Bytes::from(stream.to_owned())))];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        sse(body, route(), Lists::Any)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_get_stream_is_filtered_for_every_list_and_refuses_legacy_endpoints() {
+        let stream = concat!(
+            "id: 1\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{\"tools\":[{\"name\":\"ab\"},{\"name\":\"zz\"}]}}\n\n",
+            "id: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":4,\"result\":{\"resources\":[{\"uri\":\"file:///ok/a\"},{\"uri\":\"file:///no\"}]}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n",
+        );
+        let out = through_get_stream(stream).await.expect("stream");
+        assert!(out.contains("\"ab\"") && !out.contains("zz"), "{out}");
+        assert!(
+            out.contains("file:///ok/a") && !out.contains("file:///no"),
+            "{out}"
+        );
+        assert!(
+            out.contains("notifications/progress") && out.contains("id: 2"),
+            "{out}"
+        );
+
+        for legacy in [
+            "event: endpoint\ndata: /messages?sessionId=1\n\n",
+            "event:endpoint\ndata: http://10.0.0.1/messages\n\n",
+        ] {
+            let err = through_get_stream(legacy).await.expect_err("refused");
+            assert!(err.contains("legacy HTTP+SSE"), "{err}");
+        }
     }
 }

@@ -101,6 +101,8 @@ pub struct Message<'a> {
     pub subject: Option<Subject<'a>>,
     /// `params.arguments`, unparsed (for argument conditions and audit).
     pub arguments: Option<&'a RawValue>,
+    /// `params`, unparsed (what else a response filter needs to know of the request).
+    pub params: Option<&'a RawValue>,
 }
 
 /// A POST body: one message, or a batch (2025-03-26 only).
@@ -376,6 +378,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
     let mut meta_version = None;
     let mut subject = None;
     let mut arguments = None;
+    let raw_params = raw.params;
     if let Some(params) = raw.params {
         if !params.get().starts_with('{') {
             return Err(Rejection::Invalid(
@@ -446,6 +449,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
         meta_version,
         subject,
         arguments,
+        params: raw_params,
     })
 }
 

@@ -93,7 +93,8 @@ struct Ctx {
     request_id: Option<Box<RawValue>>,
     session: Option<String>,
     arguments: Option<Box<RawValue>>,
-    list: Option<ListKind>,
+    /// What the response must be filtered for, if anything.
+    lists: Option<Lists>,
 }
 
 impl Ctx {
@@ -117,7 +118,7 @@ impl Ctx {
                 .and_then(|v| v.to_str().ok())
                 .map(truncate),
             arguments: None,
-            list: None,
+            lists: None,
         }
     }
 }
@@ -275,7 +276,6 @@ impl Proxy {
                             .as_deref()
                             .map_or("(response)", telemetry::method_label);
                         ctx.rpc_method = m.method.as_deref().map(truncate);
-                        ctx.list = m.method.as_deref().and_then(ListKind::of);
                     }
                     Envelope::Batch(_) => ctx.method = "(batch)",
                 }
@@ -284,6 +284,7 @@ impl Proxy {
                     Envelope::Single(m) => {
                         ctx.decision = "plumbing";
                         authorize(&route, &self.identity, m, ctx)?;
+                        ctx.lists = response_filter(&route, m);
                     }
                     // Refused before anything is decided: no token is taken.
                     Envelope::Batch(messages) => {
@@ -326,9 +327,9 @@ impl Proxy {
         let body = if stream {
             filter_stream(&mut parts, relayed, &route)
         } else {
-            match ctx.list.filter(|l| route.policy.filters(l.kind)) {
+            match ctx.lists.take() {
                 None => relayed,
-                Some(list) => filter_list(&mut parts, relayed, &route, list).await?,
+                Some(lists) => filter_list(&mut parts, relayed, &route, lists).await?,
             }
         };
         Ok(Response::from_parts(parts, body))
@@ -641,6 +642,26 @@ fn authorize(
     }
 }
 
+/// What the answer to `m` must be filtered for: a list the policy trims, or the
+/// values of a completion on a resource template (they name resources).
+fn response_filter(route: &Route, m: &mcp::Message<'_>) -> Option<Lists> {
+    let method = m.method.as_deref()?;
+    if let Some(list) = ListKind::of(method) {
+        return route.policy.filters(list.kind).then_some(Lists::One(list));
+    }
+    match &m.subject {
+        Some(subject)
+            if method == "completion/complete"
+                && subject.kind == TargetKind::Resource
+                && route.policy.filters(TargetKind::Resource) =>
+        {
+            filter::Completion::new(&subject.name, m.params?)
+                .map(|c| Lists::Completion(Arc::new(c)))
+        }
+        _ => None,
+    }
+}
+
 /// Refuse a batch that holds a gated call or a list request (module docs: why).
 fn check_batch(messages: &[mcp::Message<'_>]) -> Result<(), ProxyError> {
     let refused = messages
@@ -675,7 +696,7 @@ async fn filter_list(
     parts: &mut http::response::Parts,
     body: Body,
     route: &Arc<Route>,
-    list: ListKind,
+    lists: Lists,
 ) -> Result<Body, ProxyError> {
     let framing = parts
         .headers
@@ -683,11 +704,11 @@ async fn filter_list(
         .and_then(|v| Framing::of(v.as_bytes()));
     if framing == Some(Framing::Sse) {
         parts.headers.remove(header::CONTENT_LENGTH);
-        Ok(filter::sse(body, route.clone(), Lists::One(list)))
+        Ok(filter::sse(body, route.clone(), lists))
     } else if framing == Some(Framing::Json) {
         parts.headers.remove(header::CONTENT_LENGTH);
         let filtered =
-            filter::json(body, route, list)
+            filter::json(body, route, &lists)
                 .await
                 .map_err(|e| ProxyError::UpstreamFailed {
                     server: route.name.clone(),

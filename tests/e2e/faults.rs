@@ -362,11 +362,18 @@ async fn upstream_failures_end_in_clear_errors_never_hangs() -> Result<()> {
         r.error_code()
     );
     assert_eq!((r.status, r.error_code()), (504, Some(-32086)), "{r:?}");
+    assert_eq!(
+        r.json()["error"]["data"]["retryable"],
+        false,
+        "the call may have run"
+    );
     assert!(waited < Duration::from_secs(3), "{waited:?}");
 
     let r = post(&sidecar.url("garbage"), &borrow(&headers), echo.clone()).await?;
     println!("garbage upstream: {} {:?}", r.status, r.error_code());
     assert_eq!((r.status, r.error_code()), (502, Some(-32085)), "{r:?}");
+    // The request reached the upstream before it failed: not safe to send again.
+    assert_eq!(r.json()["error"]["data"]["retryable"], false, "{r:?}");
 
     // A response head, then the body stops short: the agent's body ends in an error
     // (the sidecar cannot take back the 200 it relayed), promptly.

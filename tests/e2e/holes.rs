@@ -31,6 +31,12 @@ spec:
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: McpServer
+metadata: {{name: redirect}}
+spec:
+  endpoints: [{{url: "{redirect}"}}]
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
 metadata: {{name: demo}}
 spec:
   endpoints: [{{url: "{demo}"}}]
@@ -53,7 +59,12 @@ spec:
       tools: ["echo"]
       action: deny
       conditions: [{{argument: "n", matches: "13"}}]
+    - server: ts
+      resources: ["docs://public/files/keys"]
+      action: deny
     - server: legacy
+      tools: ["*"]
+    - server: redirect
       tools: ["*"]
     - server: demo
       tools: ["add", "echo", "sleep", "request_headers"]
@@ -65,6 +76,7 @@ spec:
 "#,
         ts = ts.url(),
         legacy = ts.legacy_url(),
+        redirect = ts.url().replace("/mcp", "/redirect"),
         demo = demo.url(),
     )
 }
@@ -253,6 +265,29 @@ async fn resource_uris_are_judged_as_the_server_resolves_them() -> Result<()> {
         )
         .await?;
     assert!(r.text.contains("guide"), "{r:?}");
+    // Completion values name resources: `keys` names a denied one and is dropped,
+    // though the server offered it.
+    let all = json!({"ref": {"type": "ref/resource", "uri": "docs://public/files/{name}"},
+                     "argument": {"name": "name", "value": ""}});
+    let r = ts.request("completion/complete", &all.to_string()).await?;
+    assert_eq!(
+        r.message()["result"]["completion"]["values"],
+        json!(["guide"]),
+        "{r:?}"
+    );
+    let direct = Session::open(&up.ts.url()).await?;
+    let r = direct
+        .request("completion/complete", &all.to_string())
+        .await?;
+    assert_eq!(
+        r.message()["result"]["completion"]["values"],
+        json!(["guide", "keys"]),
+        "{r:?}"
+    );
+    let r = ts
+        .request("resources/read", &read("docs://public/files/keys"))
+        .await?;
+    assert_eq!(r.message()["error"]["code"], -32088, "{r:?}");
     let r = ts
         .request(
             "completion/complete",
@@ -369,6 +404,38 @@ async fn lists_reach_the_agent_filtered_on_every_path() -> Result<()> {
     let (text, failed) = read_until(resp, |t| t.contains("messages")).await;
     assert!(failed, "the stream should end with an error: {text}");
     assert!(!text.contains("messages"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_cannot_redirect_the_agent_around_the_sidecar() -> Result<()> {
+    let up = Upstreams::start().await?;
+    let sidecar = up.sidecar(IDENTITY, &[]).await?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": PROTOCOL, "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let resp = client
+        .post(sidecar.url("redirect"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(init.to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 502);
+    assert!(resp.headers().get("location").is_none());
+    assert!(resp.headers().get("link").is_none());
+    let v: Value = resp.json().await?;
+    assert_eq!(v["error"]["code"], -32085, "{v}");
+    assert_eq!(v["error"]["data"]["retryable"], false, "{v}");
+    let logs = up.ts.logs();
+    assert!(logs.contains("redirected"), "{logs}");
+    assert!(
+        !logs.contains("session opened"),
+        "the agent went to /mcp: {logs}"
+    );
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 // An MCP server built on the official TypeScript SDK (its McpServer, a resource
 // template with completion, and its InMemoryEventStore for resumption), served over
 // Streamable HTTP with sessions on /mcp and over the legacy HTTP+SSE transport on
-// /sse. The end-to-end tests put it behind the sidecar as an upstream we did not write.
+// /sse; /redirect answers every request with a 307 to /mcp. The end-to-end tests put it behind the sidecar as an upstream we did not write.
 //
 // usage: node server.mjs
 // Prints `listening on http://127.0.0.1:PORT/mcp` once it accepts connections. Every
@@ -83,6 +83,13 @@ const httpServer = http.createServer(async (req, res) => {
         return;
       }
       await transport.handlePostMessage(req, res);
+      return;
+    }
+    if (url.pathname === "/redirect") {
+      // An upstream that sends the agent elsewhere (here: to itself, directly).
+      console.error("redirected");
+      res.writeHead(307, { location: `http://127.0.0.1:${httpServer.address().port}/mcp`, link: "<http://127.0.0.1/>; rel=next" });
+      res.end();
       return;
     }
     if (url.pathname !== "/mcp") {
