@@ -1,19 +1,36 @@
 //! The sidecars the control plane knows: who is connected, what was sent, what was
-//! acknowledged or refused. Feeds `toolmeshctl status` and the metrics.
+//! acknowledged or refused, and what could not be delivered. Feeds `toolmeshctl
+//! status` and the metrics.
 //!
 //! Entries are kept after a sidecar disconnects (its last known state is useful when
-//! asking "who NACKed"); they are not persisted across control-plane restarts.
+//! asking "who NACKed"), for `--fleet-expiry`; then they are forgotten, so pod churn
+//! leaves a bounded fleet. `toolmesh_cp_connected_sidecars` counts live connections.
+//! Entries are not persisted across control-plane restarts. Listing is paged and
+//! filtered, so an answer stays bounded however large the fleet.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use toolmesh_proto::glob;
 use toolmesh_proto::v1alpha1::SidecarStatus;
 
+/// How long a disconnected sidecar's entry is kept by default.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(3600);
+/// The most entries one status page holds.
+pub const MAX_PAGE: usize = 1000;
+
 /// One entry per (identity, node); a reconnecting sidecar takes its entry over.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
     inner: Mutex<Inner>,
+    expiry: Duration,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet::new(DEFAULT_EXPIRY)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -21,6 +38,28 @@ struct Inner {
     /// The status and the connection that owns the entry.
     sidecars: BTreeMap<(String, String), (u64, SidecarStatus)>,
     connected: usize,
+    /// When disconnected entries were last swept (Unix seconds).
+    swept: u64,
+}
+
+/// Which entries a status page holds.
+#[derive(Debug, Default, Clone)]
+pub struct Query {
+    /// A glob on the identity; empty matches all.
+    pub identity: String,
+    pub disconnected_only: bool,
+    pub limit: usize,
+    /// The page starts after this (identity, node).
+    pub after: Option<(String, String)>,
+}
+
+/// One page of entries.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub sidecars: Vec<SidecarStatus>,
+    /// The key of the last entry, when more entries match.
+    pub next: Option<(String, String)>,
+    pub total: usize,
 }
 
 fn now() -> u64 {
@@ -31,13 +70,22 @@ fn now() -> u64 {
 }
 
 impl Fleet {
+    pub fn new(expiry: Duration) -> Fleet {
+        Fleet {
+            inner: Mutex::new(Inner::default()),
+            expiry,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Connection `conn` of (identity, node) is up and has `version`.
-    pub fn connect(&self, identity: &str, node: &str, conn: u64, version: &str) {
+    /// Connection `conn` of (identity, node) is up. What it already had is not
+    /// believed: the control plane pushes its snapshot once per connection.
+    pub fn connect(&self, identity: &str, node: &str, conn: u64) {
         let mut inner = self.lock();
+        inner.sweep(self.expiry, now());
         let (owner, status) = inner
             .sidecars
             .entry((identity.to_owned(), node.to_owned()))
@@ -51,7 +99,7 @@ impl Fleet {
             });
         *owner = conn;
         let was = std::mem::replace(&mut status.connected, true);
-        version.clone_into(&mut status.acked_version);
+        status.acked_version.clear();
         status.last_seen = now();
         if !was {
             inner.connected += 1;
@@ -67,6 +115,7 @@ impl Fleet {
             && *owner == conn
             && std::mem::replace(&mut status.connected, false)
         {
+            status.last_seen = now();
             inner.connected -= 1;
             gauge(inner.connected);
         }
@@ -90,12 +139,76 @@ impl Fleet {
         }
     }
 
+    /// The entries `query` selects, a page at a time, in (identity, node) order.
+    pub fn page(&self, query: &Query) -> Page {
+        let mut inner = self.lock();
+        inner.sweep(self.expiry, now());
+        let limit = query.limit.clamp(1, MAX_PAGE);
+        let selected = |status: &SidecarStatus| {
+            (query.identity.is_empty() || glob::matches(&query.identity, &status.identity))
+                && (!query.disconnected_only || !status.connected)
+        };
+        let mut page = Page::default();
+        for (key, (_, status)) in &inner.sidecars {
+            if !selected(status) {
+                continue;
+            }
+            page.total += 1;
+            if query.after.as_ref().is_some_and(|after| key <= after) {
+                continue;
+            }
+            if page.sidecars.len() < limit {
+                page.sidecars.push(status.clone());
+                if page.sidecars.len() == limit {
+                    page.next = Some(key.clone());
+                }
+            }
+        }
+        // `next` was set at the page's last entry; it stays only if more follow.
+        if let Some(next) = &page.next {
+            let more = inner
+                .sidecars
+                .range((
+                    std::ops::Bound::Excluded(next.clone()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .any(|(_, (_, s))| selected(s));
+            if !more {
+                page.next = None;
+            }
+        }
+        page
+    }
+
+    /// Every entry (tests and small fleets).
     pub fn list(&self) -> Vec<SidecarStatus> {
         self.lock()
             .sidecars
             .values()
             .map(|(_, s)| s.clone())
             .collect()
+    }
+
+    /// How many entries there are, connected or not.
+    pub fn len(&self) -> usize {
+        self.lock().sidecars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Inner {
+    /// Forget entries disconnected for longer than `expiry` (at most once a second).
+    fn sweep(&mut self, expiry: Duration, now: u64) {
+        if now == self.swept {
+            return;
+        }
+        self.swept = now;
+        let cutoff = now.saturating_sub(expiry.as_secs());
+        self.sidecars
+            .retain(|_, (_, s)| s.connected || s.last_seen > cutoff);
     }
 }
 
@@ -110,8 +223,10 @@ mod tests {
     #[test]
     fn a_late_disconnect_does_not_hide_the_reconnected_sidecar() {
         let fleet = Fleet::default();
-        fleet.connect("ns/a", "pod", 1, "v1");
-        fleet.connect("ns/a", "pod", 2, "v1");
+        fleet.connect("ns/a", "pod", 1);
+        fleet.update("ns/a", "pod", 1, |s| s.acked_version = "v1".into());
+        fleet.connect("ns/a", "pod", 2);
+        fleet.update("ns/a", "pod", 2, |s| s.acked_version = "v1".into());
         fleet.disconnect("ns/a", "pod", 1);
         fleet.update("ns/a", "pod", 1, |s| s.acked_version = "stale".into());
         let list = fleet.list();
@@ -122,5 +237,73 @@ mod tests {
         fleet.disconnect("ns/a", "pod", 2);
         assert!(!fleet.list()[0].connected);
         assert_eq!(fleet.lock().connected, 0);
+    }
+
+    #[test]
+    fn ten_thousand_pod_lifetimes_leave_a_bounded_fleet() {
+        let fleet = Fleet::new(Duration::from_secs(60));
+        for pod in 0..10_000u64 {
+            let node = format!("pod-{pod}");
+            fleet.connect("ns/agent", &node, pod);
+            fleet.disconnect("ns/agent", &node, pod);
+        }
+        fleet.connect("ns/agent", "alive", 20_000);
+        assert_eq!(fleet.lock().connected, 1);
+        // Expiry is judged on the clock: pretend an hour passed.
+        let mut inner = fleet.lock();
+        let later = now() + 3600;
+        inner.swept = 0;
+        inner.sweep(Duration::from_secs(60), later);
+        assert_eq!(inner.sidecars.len(), 1, "only the connected one is left");
+    }
+
+    #[test]
+    fn pages_and_filters() {
+        let fleet = Fleet::default();
+        for i in 0..25u64 {
+            let identity = if i % 2 == 0 { "team-a/x" } else { "team-b/y" };
+            fleet.connect(identity, &format!("pod-{i:02}"), i);
+            if i % 5 == 0 {
+                fleet.disconnect(identity, &format!("pod-{i:02}"), i);
+            }
+        }
+        let mut query = Query {
+            limit: 10,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = fleet.page(&query);
+            assert_eq!(page.total, 25);
+            assert!(page.sidecars.len() <= 10);
+            seen.extend(page.sidecars.iter().map(|s| s.node.clone()));
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 25, "every entry once: {seen:?}");
+        let a = fleet.page(&Query {
+            identity: "team-a/*".into(),
+            limit: 100,
+            ..Default::default()
+        });
+        assert_eq!((a.total, a.sidecars.len()), (13, 13));
+        assert!(a.next.is_none());
+        let gone = fleet.page(&Query {
+            disconnected_only: true,
+            limit: 100,
+            ..Default::default()
+        });
+        assert_eq!(gone.total, 5);
+        assert!(gone.sidecars.iter().all(|s| !s.connected));
+        // An exact page: no next token when nothing follows.
+        let ten = fleet.page(&Query {
+            identity: "team-b/*".into(),
+            limit: 12,
+            ..Default::default()
+        });
+        assert_eq!((ten.total, ten.sidecars.len()), (12, 12));
+        assert!(ten.next.is_none());
     }
 }

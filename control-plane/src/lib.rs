@@ -12,6 +12,7 @@
 //! - [`check`]: offline validation of resource files, with the sidecar's own code.
 
 pub mod auth;
+pub mod conn;
 pub mod fleet;
 pub mod inject;
 pub mod kubernetes;
@@ -28,14 +29,8 @@ use toolmesh_proto::resource::ResourceSet;
 /// Read and validate `files` as one resource set; with `identity`, render its snapshot.
 /// Returns the text to print (the redacted snapshot as JSON, or a summary).
 pub fn check(files: &[impl AsRef<Path>], identity: Option<&str>) -> Result<String, String> {
-    let mut resources = Vec::new();
-    for file in files {
-        let file = file.as_ref();
-        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let parsed = toolmesh_proto::parse_resources(&text)
-            .map_err(|e| format!("{}: {e}", file.display()))?;
-        resources.extend(parsed);
-    }
+    let paths: Vec<std::path::PathBuf> = files.iter().map(|f| f.as_ref().to_path_buf()).collect();
+    let resources = serve::parse_sources(&serve::read_sources(&paths)?)?;
     let count = resources.len();
     let set = ResourceSet::new(resources).map_err(|e| e.to_string())?;
     match identity {

@@ -67,15 +67,37 @@ pub struct ServeArgs {
     /// PEM private key for gRPC TLS.
     #[arg(long, env = "TOOLMESH_CP_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// How long a disconnected sidecar stays in `toolmeshctl status` before it is
+    /// forgotten (pod churn would otherwise grow the fleet without bound).
+    #[arg(long, env = "TOOLMESH_CP_FLEET_EXPIRY", default_value = "1h", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
+    pub fleet_expiry: std::time::Duration,
+    /// Time a new gRPC connection has to send its first bytes; silent ones are closed.
+    #[arg(long, env = "TOOLMESH_CP_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
+    pub first_bytes_timeout: std::time::Duration,
+    /// A gRPC connection that sends nothing for this long is closed (sidecars send an
+    /// HTTP/2 keepalive every 30 s, and the control plane pings every 60 s).
+    #[arg(long, env = "TOOLMESH_CP_IDLE_TIMEOUT", default_value = "5m", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
+    pub idle_timeout: std::time::Duration,
+    /// gRPC connections that may wait for their first bytes at once; more are closed
+    /// at once, so idle connections cannot use up the file descriptors.
+    #[arg(
+        long,
+        env = "TOOLMESH_CP_MAX_PENDING_CONNECTIONS",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_pending_connections: usize,
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
     #[command(flatten)]
     pub kube: crate::kubernetes::KubeArgs,
 }
 
-/// Read resource files and directories (*.yaml, *.yml, sorted) into one YAML text.
-pub fn read_paths(paths: &[PathBuf]) -> Result<String, String> {
-    let mut text = String::new();
+/// Read resource files and directories (*.yaml, *.yml, sorted): each file's path and
+/// text. All together they may hold at most [`toolmesh_proto::resource::MAX_YAML_BYTES`].
+pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
+    let mut sources = Vec::new();
+    let mut total = 0usize;
     for path in paths {
         let mut files = Vec::new();
         if path.is_dir() {
@@ -92,13 +114,44 @@ pub fn read_paths(paths: &[PathBuf]) -> Result<String, String> {
             files.push(path.clone());
         }
         for file in files {
-            let part =
+            let text =
                 std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            text.push_str("\n---\n");
-            text.push_str(&part);
+            total += text.len();
+            if total > toolmesh_proto::resource::MAX_YAML_BYTES {
+                return Err(format!(
+                    "{}: the files add up to more than {} bytes, the most applied at once; apply them in parts",
+                    file.display(),
+                    toolmesh_proto::resource::MAX_YAML_BYTES
+                ));
+            }
+            sources.push((file, text));
         }
     }
-    Ok(text)
+    Ok(sources)
+}
+
+/// Parse every source on its own, so an error names the file and the document in it.
+pub fn parse_sources(
+    sources: &[(PathBuf, String)],
+) -> Result<Vec<toolmesh_proto::Resource>, String> {
+    let mut out = Vec::new();
+    for (path, text) in sources {
+        out.extend(
+            toolmesh_proto::parse_resources(text)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The sources as one YAML stream (what an apply request carries).
+pub fn join_sources(sources: &[(PathBuf, String)]) -> String {
+    let mut text = String::with_capacity(sources.iter().map(|(_, t)| t.len() + 5).sum());
+    for (_, part) in sources {
+        text.push_str("\n---\n");
+        text.push_str(part);
+    }
+    text
 }
 
 /// TLS for gRPC and the webhook: (gRPC cert, gRPC key, webhook cert, webhook key), PEM.
@@ -196,9 +249,8 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
         _ => Arc::new(FileStore::open(&args.data_dir)?),
     };
     if !args.seed.is_empty() {
-        let text = read_paths(&args.seed)?;
         let resources =
-            toolmesh_proto::parse_resources(&text).map_err(|e| format!("--seed: {e}"))?;
+            parse_sources(&read_sources(&args.seed)?).map_err(|e| format!("--seed: {e}"))?;
         for line in store.apply(resources).map_err(|e| format!("--seed: {e}"))? {
             tracing::info!(result = %line, "seeded");
         }
@@ -214,7 +266,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("metrics: {e}"))?;
-    let cp = ControlPlane::new(store, tokens, reviewer);
+    let cp = ControlPlane::new(store, tokens, reviewer, args.fleet_expiry);
     tokio::spawn({
         let cp = cp.clone();
         async move {
@@ -273,7 +325,10 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let mut server = Server::builder();
+    let mut server = Server::builder()
+        // Dead peers are found by pings, not only by the idle timeout.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
     let secure = pems.grpc.is_some();
     if let Some((cert, key)) = pems.grpc {
         let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
@@ -289,10 +344,25 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
         "listening"
     );
     let serve = server
-        .add_service(SnapshotServiceServer::new(Snapshots(cp.clone())))
-        .add_service(AdminServiceServer::new(Admin(cp.clone())))
+        .add_service(
+            SnapshotServiceServer::new(Snapshots(cp.clone()))
+                .max_decoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServiceServer::new(Admin(cp.clone()))
+                .max_decoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            crate::conn::incoming(
+                grpc,
+                crate::conn::Limits {
+                    first_bytes: args.first_bytes_timeout,
+                    idle: args.idle_timeout,
+                    max_pending: args.max_pending_connections,
+                },
+            ),
             cp.stopped(),
         );
     // Streams are told to end on shutdown; a peer that does not go away gets DRAIN.
@@ -338,16 +408,9 @@ async fn serve_admin(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     cp: Arc<ControlPlane>,
 ) {
+    let mut accepting = crate::conn::Acceptor::new("admin");
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: do not spin.
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let stream = accepting.accept(&listener).await;
         let metrics = metrics.clone();
         let cp = cp.clone();
         tokio::spawn(async move {
@@ -373,9 +436,14 @@ async fn serve_admin(
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A scrape or probe that does not send its request in time is dropped.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
         });
     }
 }

@@ -22,9 +22,9 @@ use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
 use toolmesh_proto::v1alpha1::snapshot_service_server::SnapshotService;
 
 use crate::auth::{Tokens, bearer};
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, MAX_PAGE, Query};
 use crate::kubernetes::identity::TokenReviewer;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How long a burst of store changes is allowed to settle before snapshots are rendered.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -55,12 +55,13 @@ impl ControlPlane {
         store: Arc<dyn Store>,
         tokens: Tokens,
         reviewer: Option<TokenReviewer>,
+        fleet_expiry: Duration,
     ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
             tokens,
             reviewer,
-            fleet: Fleet::default(),
+            fleet: Fleet::new(fleet_expiry),
             next_conn: AtomicU64::new(1),
             stopping: watch::channel(false).0,
         })
@@ -128,14 +129,16 @@ impl SnapshotService for Snapshots {
         };
         let conn = self.0.next_conn.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%identity, %node, version = %hello.version, "sidecar connected");
-        self.0.fleet.connect(&identity, &node, conn, &hello.version);
+        self.0.fleet.connect(&identity, &node, conn);
         let session = Session {
             changes: self.0.store.changes(),
             cp: self.0.clone(),
             identity,
             node,
             conn,
-            has: hello.version,
+            // What the sidecar says it has is not believed (its state file may be
+            // damaged, or older than it thinks): every connection gets a push.
+            has: String::new(),
             pushes: 0,
             nonce: String::new(),
             render: true,
@@ -202,16 +205,35 @@ impl Session {
         }
     }
 
-    /// Render this identity's snapshot; a push if its version moved.
+    /// Render this identity's snapshot; a push if its version moved and it can be
+    /// delivered. Why it cannot is kept in the fleet entry, for `toolmeshctl status`.
     fn render(&mut self) -> Option<pb::SnapshotPush> {
+        let undeliverable = |why: String| {
+            tracing::error!(identity = %self.identity, node = %self.node, error = %why, "cannot deliver the snapshot");
+            metrics::counter!("toolmesh_cp_undeliverable_snapshots_total").increment(1);
+            self.cp
+                .fleet
+                .update(&self.identity, &self.node, self.conn, |s| {
+                    s.delivery_error = why;
+                });
+        };
         let snapshot = match self.cp.render(&self.identity) {
             Ok(snapshot) => snapshot,
             Err(status) => {
-                tracing::error!(identity = %self.identity, error = %status.message(), "cannot render snapshot");
+                undeliverable(status.message().to_owned());
                 return None;
             }
         };
         if snapshot.version == self.has {
+            return None;
+        }
+        let bytes = prost::Message::encoded_len(&snapshot);
+        if bytes > toolmesh_proto::MAX_SNAPSHOT_BYTES {
+            undeliverable(format!(
+                "snapshot {} is {bytes} bytes, over the limit of {} bytes; the sidecar keeps its previous one",
+                snapshot.version,
+                toolmesh_proto::MAX_SNAPSHOT_BYTES
+            ));
             return None;
         }
         self.pushes += 1;
@@ -222,7 +244,8 @@ impl Session {
         self.cp
             .fleet
             .update(&self.identity, &self.node, self.conn, |s| {
-                s.sent_version.clone_from(version)
+                s.sent_version.clone_from(version);
+                s.delivery_error.clear();
             });
         Some(pb::SnapshotPush {
             snapshot: Some(snapshot),
@@ -237,9 +260,12 @@ impl Session {
             Ok(Some(pb::SidecarMessage {
                 kind: Some(Msg::Ack(ack)),
             })) if ack.nonce == self.nonce => {
-                self.cp
-                    .fleet
-                    .update(identity, node, self.conn, |s| s.acked_version = ack.version);
+                // The latest push is taken: an earlier refusal is no longer a problem.
+                self.cp.fleet.update(identity, node, self.conn, |s| {
+                    s.acked_version = ack.version;
+                    s.nacked_version.clear();
+                    s.nack_reason.clear();
+                });
             }
             Ok(Some(pb::SidecarMessage {
                 kind: Some(Msg::Nack(nack)),
@@ -265,10 +291,24 @@ impl Drop for Session {
         tracing::info!(identity = %self.identity, node = %self.node, %reason, "sidecar disconnected");
         self.cp
             .fleet
-            .update(&self.identity, &self.node, self.conn, |s| {
-                s.connected = false
-            });
+            .disconnect(&self.identity, &self.node, self.conn);
     }
+}
+
+/// A status page token: the (identity, node) the page ended at, as JSON in base64url.
+fn page_token(key: &(String, String)) -> String {
+    use base64::Engine as _;
+    let json = serde_json::to_vec(&[&key.0, &key.1]).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+fn page_key(token: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()?;
+    let [identity, node]: [String; 2] = serde_json::from_slice(&json).ok()?;
+    Some((identity, node))
 }
 
 fn kind_of(text: &str) -> Result<Kind, Status> {
@@ -304,13 +344,15 @@ impl AdminService for Admin {
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         self.0.tokens.admin(request.metadata())?;
-        let resources = toolmesh_proto::parse_resources(&request.get_ref().yaml)
+        let yaml = std::str::from_utf8(&request.get_ref().yaml).map_err(|e| {
+            Status::invalid_argument(format!(
+                "the YAML is not UTF-8 (byte {}): resource files must be UTF-8",
+                e.valid_up_to()
+            ))
+        })?;
+        let resources = toolmesh_proto::parse_resources(yaml)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let results = self
-            .0
-            .store
-            .apply(resources)
-            .map_err(Status::invalid_argument)?;
+        let results = self.0.store.apply(resources).map_err(|e| e.status())?;
         for line in &results {
             tracing::info!(result = %line, "applied");
         }
@@ -363,12 +405,10 @@ impl AdminService for Admin {
         self.0.tokens.admin(request.metadata())?;
         let req = request.get_ref();
         let kind = kind_of(&req.kind)?;
-        self.0.store.delete(kind, &req.name).map_err(|e| {
-            if e.ends_with("not found") {
-                Status::not_found(e)
-            } else {
-                Status::failed_precondition(e)
-            }
+        self.0.store.delete(kind, &req.name).map_err(|e| match e {
+            // The set is fine; it is what would remain that is not (a reference).
+            StoreError::Invalid(why) => Status::failed_precondition(why),
+            e => e.status(),
         })?;
         tracing::info!(resource = %format!("{kind}/{}", req.name), "deleted");
         Ok(Response::new(pb::DeleteResponse {}))
@@ -379,8 +419,27 @@ impl AdminService for Admin {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.0.tokens.admin(request.metadata())?;
+        let req = request.get_ref();
+        let query = Query {
+            identity: req.identity.clone(),
+            disconnected_only: req.disconnected,
+            limit: if req.limit == 0 {
+                MAX_PAGE
+            } else {
+                req.limit as usize
+            },
+            after: match req.page_token.as_str() {
+                "" => None,
+                token => Some(page_key(token).ok_or_else(|| {
+                    Status::invalid_argument("page_token is not one this control plane made")
+                })?),
+            },
+        };
+        let page = self.0.fleet.page(&query);
         Ok(Response::new(pb::StatusResponse {
-            sidecars: self.0.fleet.list(),
+            sidecars: page.sidecars,
+            next_page_token: page.next.map(|k| page_token(&k)).unwrap_or_default(),
+            total: page.total as u64,
         }))
     }
 }

@@ -18,14 +18,49 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use toolmesh_proto::resource::{Kind, Resource, ResourceSet, parse_document, validate_set};
 
+/// Why a store refused a write; each knows its gRPC answer ([`StoreError::status`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The resulting set would be invalid (a dangling reference, a bad field).
+    #[error("{0}")]
+    Invalid(String),
+    /// The resulting set could render a snapshot larger than toolmesh delivers.
+    #[error(
+        "these resources could render a snapshot of {bytes} bytes (for an identity that every policy names), over the limit of {limit} bytes; split policies across identities or remove unused servers and rules"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("{0} not found")]
+    NotFound(String),
+    /// This store is not written through the admin API.
+    #[error("{0}")]
+    ReadOnly(&'static str),
+    /// The write could not be made durable; nothing changed.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl StoreError {
+    /// The gRPC answer: the caller's mistake, a precondition, or the server's fault.
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            StoreError::Invalid(_) | StoreError::TooLarge { .. } => {
+                tonic::Status::invalid_argument(self.to_string())
+            }
+            StoreError::NotFound(_) => tonic::Status::not_found(self.to_string()),
+            StoreError::ReadOnly(_) => tonic::Status::failed_precondition(self.to_string()),
+            StoreError::Io(_) => tonic::Status::unavailable(self.to_string()),
+        }
+    }
+}
+
 /// What the rest of the control plane needs from a store.
 pub trait Store: Send + Sync + 'static {
     /// The current resources: a shared, immutable set (cheap to take per render).
     fn resources(&self) -> Arc<ResourceSet>;
     /// Create or update resources, all or nothing; one result line per resource.
-    fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, String>;
+    fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, StoreError>;
     /// Delete one resource; refused if the remaining set would be invalid.
-    fn delete(&self, kind: Kind, name: &str) -> Result<(), String>;
+    fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError>;
     /// A counter that changes whenever the resources do.
     fn changes(&self) -> watch::Receiver<u64>;
 }
@@ -74,9 +109,9 @@ impl FileStore {
         })
     }
 
-    fn persist(&self, map: &BTreeMap<Key, Resource>) -> Result<(), String> {
+    fn persist(&self, map: &BTreeMap<Key, Resource>) -> Result<(), StoreError> {
         let docs: Vec<&Resource> = map.values().collect();
-        let bytes = serde_json::to_vec_pretty(&docs).map_err(|e| e.to_string())?;
+        let bytes = serde_json::to_vec_pretty(&docs).map_err(|e| StoreError::Io(e.to_string()))?;
         let tmp = self.path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
             // Secrets live in this file: owner-only.
@@ -90,7 +125,7 @@ impl FileStore {
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)
         };
-        write().map_err(|e| format!("{}: {e}", self.path.display()))
+        write().map_err(|e| StoreError::Io(format!("{}: {e}", self.path.display())))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Resource>> {
@@ -102,9 +137,16 @@ impl FileStore {
         &self,
         current: &mut BTreeMap<Key, Resource>,
         next: BTreeMap<Key, Resource>,
-    ) -> Result<(), String> {
-        let set = set_of(&next)?;
-        validate_set(&set).map_err(|e| e.to_string())?;
+    ) -> Result<(), StoreError> {
+        let set = set_of(&next).map_err(StoreError::Invalid)?;
+        validate_set(&set).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let bytes = toolmesh_proto::render::largest_snapshot_bytes(&set);
+        if bytes > toolmesh_proto::MAX_SNAPSHOT_BYTES {
+            return Err(StoreError::TooLarge {
+                bytes,
+                limit: toolmesh_proto::MAX_SNAPSHOT_BYTES,
+            });
+        }
         self.persist(&next)?;
         *current = next;
         *self.set.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
@@ -118,7 +160,7 @@ impl Store for FileStore {
         self.set.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, String> {
+    fn apply(&self, resources: Vec<Resource>) -> Result<Vec<String>, StoreError> {
         let mut current = self.lock();
         let mut next = current.clone();
         let mut results = Vec::with_capacity(resources.len());
@@ -138,11 +180,11 @@ impl Store for FileStore {
         Ok(results)
     }
 
-    fn delete(&self, kind: Kind, name: &str) -> Result<(), String> {
+    fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         let mut current = self.lock();
         let mut next = current.clone();
         if next.remove(&(kind, name.to_owned())).is_none() {
-            return Err(format!("{kind}/{name} not found"));
+            return Err(StoreError::NotFound(format!("{kind}/{name}")));
         }
         self.commit(&mut current, next)
     }
@@ -172,7 +214,10 @@ mod tests {
         let changes = store.changes();
 
         // A server whose secret does not exist: refused, nothing stored.
-        let err = store.apply(parse(SERVER)).expect_err("dangling secret");
+        let err = store
+            .apply(parse(SERVER))
+            .expect_err("dangling secret")
+            .to_string();
         assert!(
             err.contains("McpServer/s") && err.contains("secretRef"),
             "{err}"

@@ -71,15 +71,13 @@ pub fn tls(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String>
 /// Accept TLS connections on `listener` and answer reviews, until the task is dropped.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, settings: Arc<Settings>) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut accepting = crate::conn::Acceptor::new("webhook");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "webhook accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let stream = accepting.accept(&listener).await;
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let (acceptor, settings) = (acceptor.clone(), settings.clone());
         tokio::spawn(async move {
             let handshake =

@@ -20,9 +20,11 @@ fuzz_target!(|data: &[u8]| {
     let route = toolmesh_fuzz::route();
     let forwarded = upstream::forward_headers(headers.clone(), &route);
     // The agent's credentials never reach the upstream; the route's always does.
-    for name in [header::COOKIE, header::PROXY_AUTHORIZATION, header::HOST] {
+    for name in [header::COOKIE, header::PROXY_AUTHORIZATION, header::HOST, header::FORWARDED] {
         assert!(forwarded.get(&name).is_none(), "{name} forwarded");
     }
+    // The sidecar is the edge: no forwarding header of the agent's goes on.
+    assert!(forwarded.keys().all(|k| !k.as_str().starts_with("x-forwarded-")));
     let sent: Vec<_> = forwarded.get_all(header::AUTHORIZATION).iter().collect();
     assert_eq!(sent, ["Bearer fuzz"], "exactly the route's credential");
     // Nothing the agent's `Connection` header names goes on (hop-by-hop).
@@ -36,4 +38,8 @@ fuzz_target!(|data: &[u8]| {
     let mut response = headers;
     upstream::clean_response_headers(&mut response);
     assert!(response.get(header::TRANSFER_ENCODING).is_none());
+    // Nothing that would send the agent around the sidecar comes back.
+    for name in [header::LOCATION, header::LINK, header::WWW_AUTHENTICATE, header::ALT_SVC] {
+        assert!(response.get(&name).is_none(), "{name} relayed");
+    }
 });

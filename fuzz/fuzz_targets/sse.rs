@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let body = body::full(Bytes::copy_from_slice(stream));
-        if let Ok(out) = filter::json(body, &route, list).await {
+        if let Ok(out) = filter::json(body, &route, &filter::Lists::One(list)).await {
             let text = String::from_utf8_lossy(&out);
             assert_only_visible(&route, method, &text);
             if let Some(original) = std::str::from_utf8(stream).ok().and_then(object) {

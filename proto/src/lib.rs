@@ -29,5 +29,15 @@ pub mod v1alpha1 {
 pub use render::render;
 pub use resource::{Resource, ResourceError, parse_resources};
 
+/// The largest encoded snapshot toolmesh supports. The control plane refuses an apply
+/// that could render a larger one for any identity, and shows a snapshot that still
+/// grew past it (a CRD store cannot refuse) as undeliverable in `toolmeshctl status`.
+pub const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
+
+/// The largest gRPC message either side of every toolmesh gRPC service sends or
+/// accepts: a snapshot push (or an apply's YAML, or a page of `get`/`status`) and its
+/// envelope. Every client and server sets this one number.
+pub const MAX_MESSAGE_BYTES: usize = MAX_SNAPSHOT_BYTES + 64 * 1024;
+
 /// The `apiVersion` every resource carries.
 pub const API_VERSION: &str = "toolmesh.dev/v1alpha1";

@@ -55,6 +55,37 @@ pub fn render(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot, Resourc
     Ok(snapshot)
 }
 
+/// The encoded size of the largest snapshot `set` can render: one for an identity
+/// every policy names, holding every policy and every server they name. Subjects are
+/// globs, so the identities that will connect cannot be listed; every real snapshot
+/// is a part of this one, so it bounds them all.
+pub fn largest_snapshot_bytes(set: &ResourceSet) -> usize {
+    let policies: Vec<pb::Policy> = set
+        .policies
+        .values()
+        .map(|p| pb::Policy {
+            name: p.metadata.name.clone(),
+            rules: p.spec.rules.iter().map(render_rule).collect(),
+        })
+        .collect();
+    let named: std::collections::BTreeSet<&str> = policies
+        .iter()
+        .flat_map(|p| p.rules.iter().map(|r| r.server.as_str()))
+        .collect();
+    let snapshot = pb::Snapshot {
+        // The longest a version and an identity get.
+        version: "0".repeat(16),
+        identity: "x".repeat(253),
+        servers: named
+            .into_iter()
+            .filter_map(|n| set.servers.get(n))
+            .map(|s| render_server(set, s))
+            .collect(),
+        policies,
+    };
+    snapshot.encoded_len()
+}
+
 /// The content hash of a snapshot, ignoring its `version` field.
 pub fn content_version(snapshot: &pb::Snapshot) -> String {
     let mut unversioned = snapshot.clone();

@@ -377,8 +377,14 @@ fn api_version() -> String {
 /// Why a resource (or a set of them) was refused. Always names where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceError {
-    #[error("document {index}: not valid YAML: {message}")]
-    Yaml { index: usize, message: String },
+    #[error("document {index} (line {line}): not valid YAML: {message}")]
+    Yaml {
+        index: usize,
+        line: usize,
+        message: String,
+    },
+    #[error("{bytes} bytes of YAML is more than the {limit} bytes read at once")]
+    TooLarge { bytes: usize, limit: usize },
     #[error("document {index}: {field}: {message}")]
     Document {
         index: usize,
@@ -402,11 +408,50 @@ pub enum ResourceError {
 /// costs less than parsing 64 KiB of plain YAML; written files stay far below it.
 pub const MAX_ANCHOR_EVENTS: usize = 10_000;
 
+/// The most YAML read at once (one apply, one seed, one config file): documents are
+/// bounded by bytes, not by count.
+pub const MAX_YAML_BYTES: usize = crate::MAX_SNAPSHOT_BYTES;
+
 /// Parse a multi-document YAML text into validated resources.
 ///
-/// Empty documents are skipped. The first bad document stops the parse: a config
-/// is taken whole or not at all.
+/// Documents are split at `---` lines and parsed one by one, so an error names the
+/// document (counted from 0, empty ones not counted) and its first line. The first bad document stops the parse: a
+/// config is taken whole or not at all.
 pub fn parse_resources(text: &str) -> Result<Vec<Resource>, ResourceError> {
+    if text.len() > MAX_YAML_BYTES {
+        return Err(ResourceError::TooLarge {
+            bytes: text.len(),
+            limit: MAX_YAML_BYTES,
+        });
+    }
+    let mut out = Vec::new();
+    for (index, (line, doc)) in documents(text).into_iter().enumerate() {
+        let options = serde_saphyr::options! {
+            budget: serde_saphyr::budget! {
+                max_recorded_anchor_events: MAX_ANCHOR_EVENTS,
+            },
+            alias_limits: serde_saphyr::alias_limits! {
+                max_total_replayed_events: MAX_ANCHOR_EVENTS,
+            },
+        };
+        let parsed: Result<Option<serde_json::Value>, _> =
+            serde_saphyr::from_str_with_options(doc, options);
+        let value = parsed.map_err(|_| ResourceError::Yaml {
+            index,
+            line,
+            message: yaml_error_at(line, doc),
+        })?;
+        match value {
+            None | Some(serde_json::Value::Null) => continue,
+            Some(doc) => out.push(parse_document(index, doc)?),
+        }
+    }
+    Ok(out)
+}
+
+/// The parser's message for a bad document, its line numbers counted in the whole
+/// text (the document is parsed again behind `line - 1` blank lines: only on error).
+fn yaml_error_at(line: usize, doc: &str) -> String {
     let options = serde_saphyr::options! {
         budget: serde_saphyr::budget! {
             max_recorded_anchor_events: MAX_ANCHOR_EVENTS,
@@ -415,19 +460,51 @@ pub fn parse_resources(text: &str) -> Result<Vec<Resource>, ResourceError> {
             max_total_replayed_events: MAX_ANCHOR_EVENTS,
         },
     };
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, options)
-        .map_err(|e| ResourceError::Yaml {
-            index: 0,
-            message: e.to_string(),
-        })?;
-    let mut out = Vec::with_capacity(docs.len());
-    for (index, doc) in docs.into_iter().enumerate() {
-        if doc.is_null() {
-            continue;
-        }
-        out.push(parse_document(index, doc)?);
+    let padded = format!("{}{doc}", "\n".repeat(line.saturating_sub(1)));
+    match serde_saphyr::from_str_with_options::<Option<serde_json::Value>>(&padded, options) {
+        Err(e) => e.to_string(),
+        Ok(_) => "unreadable".to_owned(),
     }
-    Ok(out)
+}
+
+/// The documents of a YAML stream with the line each starts on (1-based): split at
+/// lines that are `---` (alone, or followed by a space or tab, content may follow on
+/// the line) and after `...` lines. Such a line can only be a document marker: inside
+/// a block scalar or a flow collection content is indented, and a `---` at column 0
+/// ends the document for every YAML parser. Documents holding only blank lines,
+/// comments and directives are left out (so a file that opens with `---` is one
+/// document, not two).
+fn documents(text: &str) -> Vec<(usize, &str)> {
+    // (first line, body start, end) of each document.
+    let mut bounds = Vec::new();
+    let (mut line, mut start, mut offset) = (1, 0, 0);
+    for (n, raw) in text.split_inclusive('\n').enumerate() {
+        let bare = raw.trim_end_matches(['\n', '\r']);
+        let opens = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if opens || bare == "..." {
+            bounds.push((line, start, offset));
+            (line, start) = if opens {
+                (n + 1, offset + 3)
+            } else {
+                (n + 2, offset + raw.len())
+            };
+        }
+        offset += raw.len();
+    }
+    bounds.push((line, start, text.len()));
+    let content = |doc: &str| {
+        doc.lines().any(|l| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with('#') && !t.starts_with('%')
+        })
+    };
+    bounds
+        .into_iter()
+        .filter_map(|(line, start, end)| {
+            let doc = text.get(start..end)?;
+            content(doc).then_some((line, doc))
+        })
+        .collect()
 }
 
 /// Parse one document (already decoded from YAML or JSON) into a validated resource.

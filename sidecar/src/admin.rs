@@ -83,6 +83,11 @@ impl Admin {
                 StatusCode::OK,
                 format!("ready: config {}\n", runtime.version),
             )
+        } else if let Some(problem) = self.active.problem() {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no configuration loaded: {problem}\n"),
+            )
         } else {
             text(StatusCode::SERVICE_UNAVAILABLE, "no configuration loaded\n")
         }

@@ -2,13 +2,20 @@
 //!
 //! The sidecar says Hello (identity, node, the version it already serves), then for
 //! every pushed snapshot: checks it (it is for this identity; upstreams are https when
-//! `--require-https-upstreams`), compiles and swaps it in, persists it to `--state-dir`,
-//! and ACKs; or NACKs with the reason and keeps serving what it had.
+//! `--require-https-upstreams`), compiles it, persists it to `--state-dir`, swaps it
+//! in and ACKs; or NACKs with the reason and keeps serving what it had. A snapshot
+//! that cannot be persisted is NACKed too (a restart would otherwise serve an older
+//! one than the control plane believes) and tried again with backoff (1 s doubling to
+//! 30 s) until it persists, then ACKed with the same nonce; a newer push replaces it.
 //!
 //! Fail static: when the control plane is away the sidecar keeps its last good
 //! snapshot and reconnects with jittered exponential backoff (0.2 s doubling to 30 s).
 //! At startup a snapshot persisted by an earlier run is served before the control
-//! plane answers, so a restart during an outage does not take tools away.
+//! plane answers, so a restart during an outage does not take tools away. The state
+//! file carries a SHA-256 of its contents ([`encode_state`]): protobuf decodes a
+//! prefix of a message without complaint, so a file cut short (or with a byte changed)
+//! could otherwise load without its later rules. A damaged file is never served:
+//! `/ready` says why and the sidecar waits for the control plane.
 //!
 //! This module does not serve traffic; it only feeds [`Active`].
 
@@ -34,6 +41,40 @@ use crate::telemetry;
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const SNAPSHOT_FILE: &str = "snapshot.pb";
+/// Opens a state file: format and version.
+const STATE_MAGIC: &[u8; 8] = b"TMSNAP1\n";
+
+/// The state file for `snapshot`: [`STATE_MAGIC`], the SHA-256 of the encoded
+/// snapshot, the encoded snapshot.
+pub fn encode_state(snapshot: &pb::Snapshot) -> Vec<u8> {
+    use sha2::Digest;
+    let payload = snapshot.encode_to_vec();
+    let mut out = Vec::with_capacity(STATE_MAGIC.len() + 32 + payload.len());
+    out.extend_from_slice(STATE_MAGIC);
+    out.extend_from_slice(&sha2::Sha256::digest(&payload));
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// The snapshot in a state file, if the file is whole.
+pub fn decode_state(bytes: &[u8]) -> Result<pb::Snapshot, String> {
+    use sha2::Digest;
+    let rest = bytes
+        .strip_prefix(STATE_MAGIC.as_slice())
+        .ok_or("not a toolmesh state file (or from an older version)")?;
+    if rest.len() < 32 {
+        return Err(format!("cut short at {} bytes", bytes.len()));
+    }
+    let (sum, payload) = rest.split_at(32);
+    if sha2::Sha256::digest(payload).as_slice() != sum {
+        return Err(format!(
+            "checksum mismatch ({} bytes): the file is damaged",
+            bytes.len()
+        ));
+    }
+    pb::Snapshot::decode(payload)
+        .map_err(|e| format!("checksum matches but it does not decode: {e}"))
+}
 
 /// Everything control-plane mode needs.
 #[derive(Debug)]
@@ -101,7 +142,9 @@ pub fn vet(snapshot: &pb::Snapshot, identity: &str, require_https: bool) -> Resu
 }
 
 impl Discovery {
-    /// Serve the snapshot an earlier run persisted, if there is a usable one.
+    /// Serve the snapshot an earlier run persisted, if there is a usable one. A file
+    /// that is there but damaged is refused loudly: logged, counted, and `/ready`
+    /// says why until the control plane sends a snapshot.
     pub fn load_persisted(&self) {
         let Some(path) = self.state_path() else {
             return;
@@ -110,12 +153,14 @@ impl Discovery {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the persisted snapshot");
+                telemetry::state_file_error("unreadable");
+                let problem = format!("persisted snapshot {} unreadable: {e}", path.display());
+                tracing::error!(file = %path.display(), error = %e, "cannot read the persisted snapshot; waiting for the control plane");
+                self.active.set_problem(Some(problem));
                 return;
             }
         };
-        let result = pb::Snapshot::decode(bytes.as_slice())
-            .map_err(|e| e.to_string())
+        let result = decode_state(&bytes)
             .and_then(|s| vet(&s, &self.identity, self.require_https).map(|()| s))
             .and_then(|s| self.active.apply(&s).map(|_| s));
         match result {
@@ -123,7 +168,12 @@ impl Discovery {
                 tracing::info!(version = %s.version, file = %path.display(), "serving the persisted snapshot until the control plane answers")
             }
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "ignoring the persisted snapshot")
+                telemetry::state_file_error("damaged");
+                tracing::error!(file = %path.display(), error = %e, "refused the persisted snapshot; waiting for the control plane");
+                self.active.set_problem(Some(format!(
+                    "persisted snapshot {} refused: {e}; waiting for the control plane",
+                    path.display()
+                )));
             }
         }
     }
@@ -132,9 +182,10 @@ impl Discovery {
         self.state_dir.as_ref().map(|d| d.join(SNAPSHOT_FILE))
     }
 
-    fn persist(&self, snapshot: &pb::Snapshot) {
+    /// Write the state file (whole, or not at all).
+    fn persist(&self, snapshot: &pb::Snapshot) -> Result<(), String> {
         let Some(path) = self.state_path() else {
-            return;
+            return Ok(());
         };
         let write = |path: &Path| -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
@@ -149,13 +200,36 @@ impl Discovery {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            file.write_all(&snapshot.encode_to_vec())?;
-            file.sync_all()?;
+            let written = file
+                .write_all(&encode_state(snapshot))
+                .and_then(|()| file.sync_all());
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
             std::fs::rename(&tmp, path)
         };
-        if let Err(e) = write(&path) {
-            tracing::warn!(file = %path.display(), error = %e, "cannot persist the snapshot");
-        }
+        write(&path).map_err(|e| {
+            telemetry::state_file_error("persist");
+            format!("cannot persist the snapshot to {}: {e}", path.display())
+        })
+    }
+
+    /// Check, compile, persist and serve one pushed snapshot: `Ok(changed)`, or the
+    /// reason to NACK it and whether trying again later may succeed.
+    fn take(&self, snapshot: &pb::Snapshot) -> Result<bool, (String, bool)> {
+        vet(snapshot, &self.identity, self.require_https).map_err(|r| (r, false))?;
+        let runtime = self.active.prepare(snapshot).map_err(|r| (r, false))?;
+        // Persisted before it serves: what a restart would load is never older than
+        // what was acknowledged.
+        self.persist(snapshot).map_err(|e| (e, true))?;
+        Ok(match runtime {
+            Some(runtime) => {
+                self.active.install(runtime);
+                true
+            }
+            None => false,
+        })
     }
 
     /// Stay connected forever.
@@ -211,7 +285,9 @@ impl Discovery {
         let auth: MetadataValue<_> = format!("Bearer {}", token.trim())
             .parse()
             .map_err(|_| "--token-file: not a valid token".to_owned())?;
-        let mut client = SnapshotServiceClient::new(self.channel().await?);
+        let mut client = SnapshotServiceClient::new(self.channel().await?)
+            .max_decoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(8);
         let has = self
             .active
@@ -233,45 +309,77 @@ impl Discovery {
             .into_inner();
         telemetry::control_plane_connected(true);
         tracing::info!(url = %self.url, "connected to the control plane");
-        while let Some(push) = pushes.message().await.map_err(|s| status(&s))? {
-            let Some(snapshot) = push.snapshot else {
+        // A push that could not be persisted, retried with backoff until it can (or a
+        // newer push replaces it); its NACK was sent once.
+        let mut pending: Option<(pb::SnapshotPush, Duration)> = None;
+        loop {
+            let retry_in = pending.as_ref().map(|(_, wait)| *wait);
+            let push = tokio::select! {
+                message = pushes.message() => match message.map_err(|s| status(&s))? {
+                    Some(push) => push,
+                    None => return Ok(()),
+                },
+                () = sleep_or_never(retry_in) => match pending.take() {
+                    Some((push, wait)) => {
+                        let Some(snapshot) = &push.snapshot else { continue };
+                        match self.take(snapshot) {
+                            Ok(_) => {
+                                tracing::info!(version = %snapshot.version, "snapshot persisted on retry and applied");
+                                let ack = pb::Ack { version: snapshot.version.clone(), nonce: push.nonce };
+                                send(&tx, Msg::Ack(ack)).await?;
+                            }
+                            Err((reason, _)) => {
+                                tracing::warn!(version = %snapshot.version, %reason, retry_in = ?(wait * 2).min(BACKOFF_MAX), "still cannot persist the snapshot");
+                                pending = Some((push, (wait * 2).min(BACKOFF_MAX)));
+                            }
+                        }
+                        continue;
+                    }
+                    None => continue,
+                },
+            };
+            let Some(snapshot) = &push.snapshot else {
                 continue;
             };
+            pending = None;
             let version = snapshot.version.clone();
-            let result = vet(&snapshot, &self.identity, self.require_https)
-                .and_then(|()| self.active.apply(&snapshot));
-            match result {
+            match self.take(snapshot) {
                 Ok(changed) => {
                     if changed {
                         tracing::info!(%version, servers = snapshot.servers.len(), "snapshot applied");
                     }
-                    self.persist(&snapshot);
-                    send(
-                        &tx,
-                        Msg::Ack(pb::Ack {
-                            version,
-                            nonce: push.nonce,
-                        }),
-                    )
-                    .await?;
+                    let ack = pb::Ack {
+                        version,
+                        nonce: push.nonce,
+                    };
+                    send(&tx, Msg::Ack(ack)).await?;
                 }
-                Err(reason) => {
+                Err((reason, retry)) => {
                     telemetry::config_rejected();
                     telemetry::snapshot_nacked();
                     tracing::error!(%version, %reason, "snapshot refused; the previous one keeps serving");
-                    send(
-                        &tx,
-                        Msg::Nack(pb::Nack {
-                            version,
-                            nonce: push.nonce,
-                            reason,
-                        }),
-                    )
-                    .await?;
+                    let nack = pb::Nack {
+                        version,
+                        nonce: push.nonce.clone(),
+                        reason,
+                    };
+                    send(&tx, Msg::Nack(nack)).await?;
+                    if retry {
+                        pending = Some((push, PERSIST_RETRY_START));
+                    }
                 }
             }
         }
-        Ok(())
+    }
+}
+
+/// First wait before a snapshot that could not be persisted is tried again.
+const PERSIST_RETRY_START: Duration = Duration::from_secs(1);
+
+async fn sleep_or_never(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -293,6 +401,85 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_state_file_is_never_read() {
+        let snapshot = pb::Snapshot {
+            version: "v1".into(),
+            identity: "agents/a".into(),
+            policies: vec![
+                pb::Policy {
+                    name: "allow".into(),
+                    rules: vec![pb::Rule {
+                        server: "s".into(),
+                        tools: vec!["*".into()],
+                        ..Default::default()
+                    }],
+                },
+                pb::Policy {
+                    name: "deny".into(),
+                    rules: vec![pb::Rule {
+                        server: "s".into(),
+                        tools: vec!["delete_*".into()],
+                        action: pb::Action::Deny as i32,
+                        ..Default::default()
+                    }],
+                },
+            ],
+            ..Default::default()
+        };
+        let file = encode_state(&snapshot);
+        assert_eq!(decode_state(&file).expect("whole"), snapshot);
+        // Every cut, and every byte changed, is refused.
+        for len in 0..file.len() {
+            assert!(decode_state(&file[..len]).is_err(), "cut at {len}");
+        }
+        for i in 0..file.len() {
+            let mut bad = file.clone();
+            bad[i] ^= 0x01;
+            assert!(decode_state(&bad).is_err(), "byte {i} flipped");
+        }
+        // A bare protobuf (the old format) is refused too.
+        assert!(decode_state(&snapshot.encode_to_vec()).is_err());
+    }
+
+    #[test]
+    fn a_full_disk_is_a_persist_error_and_leaves_no_partial_file() {
+        let dir = std::env::temp_dir().join(format!("toolmesh-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        // Writes to /dev/full fail with ENOSPC, as on a full volume.
+        std::os::unix::fs::symlink("/dev/full", dir.join("snapshot.pb.tmp")).expect("symlink");
+        let discovery = Discovery {
+            url: String::new(),
+            token_file: PathBuf::new(),
+            ca_file: None,
+            ca_pem: None,
+            identity: "agents/a".into(),
+            node: String::new(),
+            state_dir: Some(dir.clone()),
+            require_https: false,
+            active: Arc::new(Active::default()),
+        };
+        let snapshot = pb::Snapshot {
+            version: "v1".into(),
+            identity: "agents/a".into(),
+            ..Default::default()
+        };
+        let (reason, retry) = discovery.take(&snapshot).expect_err("NACKed");
+        assert!(reason.contains("cannot persist") && retry, "{reason}");
+        assert!(
+            !discovery.active.is_loaded(),
+            "a NACKed snapshot changes nothing"
+        );
+        assert!(!dir.join("snapshot.pb").exists());
+        // With room again it persists, serves and the file reads back whole.
+        discovery.take(&snapshot).expect("taken");
+        assert!(discovery.active.is_loaded());
+        let file = std::fs::read(dir.join("snapshot.pb")).expect("file");
+        assert_eq!(decode_state(&file).expect("whole"), snapshot);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn vets_identity_and_https() {

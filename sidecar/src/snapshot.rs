@@ -210,6 +210,9 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
 #[derive(Debug, Default)]
 pub struct Active {
     slot: ArcSwapOption<Runtime>,
+    /// Why no configuration is loaded, when something was tried and refused (shown by
+    /// `/ready`); cleared once one is.
+    problem: std::sync::Mutex<Option<String>>,
 }
 
 impl Active {
@@ -225,18 +228,46 @@ impl Active {
     /// Compile and swap in a snapshot. On error nothing changes.
     /// Returns whether the version changed.
     pub fn apply(&self, snapshot: &pb::Snapshot) -> Result<bool, String> {
+        match self.prepare(snapshot)? {
+            Some(runtime) => {
+                self.install(runtime);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Compile a snapshot without serving it yet; `None` when it is the version
+    /// already served.
+    pub fn prepare(&self, snapshot: &pb::Snapshot) -> Result<Option<Runtime>, String> {
         let current = self.slot.load();
         if current
             .as_ref()
             .is_some_and(|r| r.version == snapshot.version)
         {
-            return Ok(false);
+            return Ok(None);
         }
-        let runtime = Runtime::compile(snapshot, current.as_deref())?;
-        let previous = current.as_ref().map(|r| r.version.clone());
+        Runtime::compile(snapshot, current.as_deref()).map(Some)
+    }
+
+    /// Serve a compiled snapshot from now on.
+    pub fn install(&self, runtime: Runtime) {
+        let previous = self.slot.load().as_ref().map(|r| r.version.clone());
         telemetry::config_applied(previous.as_deref(), &runtime.version);
         self.slot.store(Some(Arc::new(runtime)));
-        Ok(true)
+        self.set_problem(None);
+    }
+
+    /// Record why nothing could be loaded (`None` clears it).
+    pub fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -26,6 +26,7 @@ pub const RATE_LIMITED: &str = "toolmesh_rate_limited_total";
 pub const AUDIT_DROPPED: &str = "toolmesh_audit_dropped_total";
 pub const CONTROL_PLANE_CONNECTED: &str = "toolmesh_control_plane_connected";
 pub const SNAPSHOT_NACKS: &str = "toolmesh_snapshot_nacks_total";
+pub const STATE_FILE_ERRORS: &str = "toolmesh_state_file_errors_total";
 
 /// MCP methods that get their own label value; anything else is `other`.
 pub const METHODS: &[&str] = &[
@@ -126,6 +127,18 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         AUDIT_DROPPED,
         "Audit lines dropped because the writer fell too far behind"
     );
+    describe_counter!(
+        STATE_FILE_ERRORS,
+        "Problems with the --state-dir snapshot file, by kind (unreadable, damaged: refused at start; persist: could not be written, the snapshot was NACKed)"
+    );
+    // Failure counters exist from the start at zero, so alerts on `increase()` see
+    // the first failure.
+    for counter in [CONFIG_LOAD_FAILURES, SNAPSHOT_NACKS, AUDIT_DROPPED] {
+        counter!(counter).absolute(0);
+    }
+    for kind in ["unreadable", "damaged", "persist"] {
+        counter!(STATE_FILE_ERRORS, "kind" => kind).absolute(0);
+    }
     Ok(handle)
 }
 
@@ -146,6 +159,11 @@ pub fn control_plane_connected(up: bool) {
 
 pub fn snapshot_nacked() {
     counter!(SNAPSHOT_NACKS).increment(1);
+}
+
+/// The state file could not be read, was damaged, or could not be written.
+pub fn state_file_error(kind: &'static str) {
+    counter!(STATE_FILE_ERRORS, "kind" => kind).increment(1);
 }
 
 pub fn audit_dropped() {

@@ -16,6 +16,9 @@
 //! - `policy`: default deny, list filtering, rate limits, audit lines.
 //! - `control`: the control plane, `toolmeshctl` and sidecars in control-plane mode:
 //!   live policy changes, per-identity snapshots, NACKs, fail static, TLS.
+//! - `integrity`: damaged state files, snapshots that cannot be persisted, limits
+//!   from apply to delivery, 1,500-file applies and seeds, pod churn, idle-connection
+//!   floods under a descriptor limit, toolmeshctl's errors.
 //! - `faults`: faults under load (config swaps, control plane restarts, SIGTERM,
 //!   failing upstreams, dropped connections, slow-loris), each bounded to seconds.
 //! - `operations`: hot reload, admin endpoints, graceful shutdown.
@@ -32,6 +35,7 @@ mod faults;
 mod generations;
 mod holes;
 mod hostile;
+mod integrity;
 mod kubernetes;
 mod operations;
 mod peers;

@@ -40,6 +40,9 @@ struct Cli {
     /// PEM CA certificate to verify the control plane's TLS certificate.
     #[arg(long, global = true, env = "TOOLMESH_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
+    /// Give up on connecting, and on each call, after this long.
+    #[arg(long, global = true, env = "TOOLMESH_CTL_TIMEOUT", default_value = "10s", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
+    timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,8 +64,20 @@ enum Command {
     },
     /// Delete one resource.
     Delete { kind: String, name: String },
-    /// The sidecar fleet: identity, node, versions sent and acknowledged, last refusal.
-    Status,
+    /// The sidecar fleet: identity, node, versions sent and acknowledged, last refusal,
+    /// and why a snapshot could not be delivered. Fetched a page at a time.
+    Status {
+        /// Only sidecars whose identity matches this glob (e.g. `team-a/*`).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only sidecars that are not connected (kept for the control plane's
+        /// --fleet-expiry after they disconnect).
+        #[arg(long)]
+        disconnected: bool,
+        /// Show at most this many (0: all, fetched page by page).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
 }
 
 async fn client(cli: &Cli) -> Result<AdminServiceClient<Channel>, String> {
@@ -76,11 +91,68 @@ async fn client(cli: &Cli) -> Result<AdminServiceClient<Channel>, String> {
         }
         endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the control plane at {}: {e}", cli.server))?;
-    Ok(AdminServiceClient::new(channel))
+    let channel = tokio::time::timeout(
+        cli.timeout,
+        endpoint
+            .connect_timeout(cli.timeout)
+            .timeout(cli.timeout)
+            .connect(),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "connecting to the control plane at {} timed out after {:?} (is --server right, and is it up?)",
+            cli.server, cli.timeout
+        )
+    })?
+    .map_err(|e| {
+        format!(
+            "cannot reach the control plane at {}: {} (is --server right, and is it up?)",
+            cli.server,
+            chain(&e)
+        )
+    })?;
+    Ok(AdminServiceClient::new(channel)
+        .max_decoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES))
+}
+
+/// An error and its sources (tonic's own text stops at "transport error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let next = inner.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = inner.source();
+    }
+    text
+}
+
+/// What a failed call says: the server's message, or what went wrong on the way.
+fn failure(call: &str, timeout: std::time::Duration, e: &tonic::Status) -> String {
+    match e.code() {
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            format!("the control plane did not answer {call} within {timeout:?}")
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+            if e.message().contains("compression flag")
+                || e.message().contains("transport")
+                || e.message().contains("h2 protocol") =>
+        {
+            let cause = std::error::Error::source(e)
+                .map(|c| format!(": {}", chain(c)))
+                .unwrap_or_default();
+            format!(
+                "{call} failed: {}{cause} (is --server the control plane's gRPC port?)",
+                e.message()
+            )
+        }
+        _ => e.message().to_owned(),
+    }
 }
 
 fn authorized<T>(cli: &Cli, message: T) -> Result<tonic::Request<T>, String> {
@@ -96,30 +168,35 @@ fn authorized<T>(cli: &Cli, message: T) -> Result<tonic::Request<T>, String> {
     Ok(req)
 }
 
+/// The files, directories and `-` named, each file's path and text; checked here
+/// first, so an error names the file and the document in it.
 fn read_inputs(files: &[String]) -> Result<String, String> {
-    let mut text = String::new();
+    use toolmesh_control_plane::serve::{join_sources, parse_sources, read_sources};
+    let mut sources = Vec::new();
     for f in files {
         if f == "-" {
+            let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)
                 .map_err(|e| format!("stdin: {e}"))?;
-            text.push_str("\n---\n");
+            sources.push((PathBuf::from("(stdin)"), text));
         } else {
-            text.push_str(&toolmesh_control_plane::serve::read_paths(&[
-                PathBuf::from(f),
-            ])?);
+            sources.extend(read_sources(&[PathBuf::from(f)])?);
         }
     }
-    Ok(text)
+    parse_sources(&sources)?;
+    Ok(join_sources(&sources))
 }
 
 fn status_table(sidecars: &[pb::SidecarStatus]) -> String {
     let mut out = format!(
         "{:<28} {:<24} {:<10} {:<18} {:<18} {}\n",
-        "IDENTITY", "NODE", "CONNECTED", "SENT", "ACKED", "LAST NACK"
+        "IDENTITY", "NODE", "CONNECTED", "SENT", "ACKED", "PROBLEM"
     );
     for s in sidecars {
-        let nack = if s.nack_reason.is_empty() {
+        let nack = if !s.delivery_error.is_empty() {
+            format!("undeliverable: {}", s.delivery_error)
+        } else if s.nack_reason.is_empty() {
             "-".to_owned()
         } else {
             format!("{}: {}", s.nacked_version, s.nack_reason)
@@ -146,15 +223,21 @@ fn status_table(sidecars: &[pb::SidecarStatus]) -> String {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    // Inputs are read and checked before anything is sent.
+    let yaml = match &cli.command {
+        Command::Apply { files } => Some(read_inputs(files)?),
+        _ => None,
+    };
     let mut admin = client(&cli).await?;
-    let fail = |e: tonic::Status| e.message().to_owned();
+    let timeout = cli.timeout;
+    let fail = |call: &'static str| move |e: tonic::Status| failure(call, timeout, &e);
     match &cli.command {
-        Command::Apply { files } => {
-            let yaml = read_inputs(files)?;
+        Command::Apply { .. } => {
+            let yaml = yaml.unwrap_or_default().into_bytes();
             let resp = admin
                 .apply(authorized(&cli, pb::ApplyRequest { yaml })?)
                 .await
-                .map_err(fail)?;
+                .map_err(fail("Apply"))?;
             for line in resp.into_inner().results {
                 println!("{line}");
             }
@@ -167,7 +250,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let resp = admin
                 .get(authorized(&cli, req)?)
                 .await
-                .map_err(fail)?
+                .map_err(fail("Get"))?
                 .into_inner();
             let values: Vec<serde_json::Value> = resp
                 .resources
@@ -200,15 +283,46 @@ async fn run(cli: Cli) -> Result<(), String> {
                 kind: kind.clone(),
                 name: name.clone(),
             };
-            admin.delete(authorized(&cli, req)?).await.map_err(fail)?;
+            admin
+                .delete(authorized(&cli, req)?)
+                .await
+                .map_err(fail("Delete"))?;
             println!("{kind}/{name} deleted");
         }
-        Command::Status => {
-            let resp = admin
-                .status(authorized(&cli, pb::StatusRequest {})?)
-                .await
-                .map_err(fail)?;
-            print!("{}", status_table(&resp.into_inner().sidecars));
+        Command::Status {
+            identity,
+            disconnected,
+            limit,
+        } => {
+            let mut shown = Vec::new();
+            let mut page_token = String::new();
+            let total = loop {
+                let want = if *limit == 0 {
+                    0
+                } else {
+                    u32::try_from(limit - shown.len()).unwrap_or(u32::MAX)
+                };
+                let req = pb::StatusRequest {
+                    identity: identity.clone().unwrap_or_default(),
+                    disconnected: *disconnected,
+                    limit: want,
+                    page_token: std::mem::take(&mut page_token),
+                };
+                let page = admin
+                    .status(authorized(&cli, req)?)
+                    .await
+                    .map_err(fail("Status"))?
+                    .into_inner();
+                shown.extend(page.sidecars);
+                if page.next_page_token.is_empty() || (*limit > 0 && shown.len() >= *limit) {
+                    break page.total;
+                }
+                page_token = page.next_page_token;
+            };
+            print!("{}", status_table(&shown));
+            if (shown.len() as u64) < total {
+                println!("({} of {total} shown)", shown.len());
+            }
         }
     }
     Ok(())

@@ -37,7 +37,7 @@ use toolmesh_proto::API_VERSION;
 use toolmesh_proto::crd::{AccessPolicyObject, McpServerObject};
 use toolmesh_proto::resource::{Kind, Resource, ResourceSet, Secret, parse_document, validate_set};
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// What the control plane makes of one object: its `Ready` condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,12 +337,12 @@ impl Store for KubeStore {
             .clone()
     }
 
-    fn apply(&self, _: Vec<Resource>) -> Result<Vec<String>, String> {
-        Err(READ_ONLY.into())
+    fn apply(&self, _: Vec<Resource>) -> Result<Vec<String>, StoreError> {
+        Err(StoreError::ReadOnly(READ_ONLY))
     }
 
-    fn delete(&self, _: Kind, _: &str) -> Result<(), String> {
-        Err(READ_ONLY.into())
+    fn delete(&self, _: Kind, _: &str) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly(READ_ONLY))
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

@@ -226,3 +226,52 @@ fn durations() {
     assert!(parse_duration("0s").is_err());
     assert!(parse_duration("").is_err());
 }
+
+const POLICY: &str = "apiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: p}\nspec:\n  subjects: [{identity: \"a/*\"}]\n  rules: [{server: s, tools: [\"*\"]}]\n";
+
+#[test]
+fn documents_are_bounded_by_bytes_not_count() {
+    // 1,500 documents, each file opening with `---` as many do.
+    let mut text = String::new();
+    for i in 0..1500 {
+        text.push_str("---\n");
+        text.push_str(&POLICY.replace("name: p", &format!("name: p{i}")));
+    }
+    assert_eq!(parse_resources(&text).expect("1,500 documents").len(), 1500);
+    // Comments, blank documents and `...` do not count as documents.
+    let text = format!("# header\n---\n\n---\n{POLICY}...\n---\n# nothing\n--- \n{POLICY}");
+    assert_eq!(parse_resources(&text).expect("two").len(), 2);
+    // Content on the marker line is part of the document.
+    let inline = format!(
+        "--- {}\n",
+        serde_json::to_string(&serde_json::json!({
+        "apiVersion": "toolmesh.dev/v1alpha1", "kind": "Secret",
+        "metadata": {"name": "k"}, "data": {"v": "x"}}))
+        .expect("json")
+    );
+    assert_eq!(parse_resources(&inline).expect("inline").len(), 1);
+    let huge = " ".repeat(MAX_YAML_BYTES + 1);
+    assert!(matches!(
+        parse_resources(&huge),
+        Err(ResourceError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn a_yaml_error_names_its_document_and_line() {
+    let text = format!("{POLICY}---\n{POLICY}---\nkind: [unclosed\n");
+    let e = parse_resources(&text)
+        .expect_err("bad third document")
+        .to_string();
+    assert!(e.starts_with("document 2 (line 14): not valid YAML"), "{e}");
+    assert!(
+        e.contains("line 15 column 7"),
+        "lines count in the whole text: {e}"
+    );
+    let text = format!(
+        "---\n{POLICY}---\n{}",
+        POLICY.replace("AccessPolicy", "Nope")
+    );
+    let e = parse_resources(&text).expect_err("bad kind").to_string();
+    assert!(e.starts_with("document 1: kind:"), "{e}");
+}

@@ -149,10 +149,23 @@ async fn collect(
 /// Poll the fleet status until `n` sidecars are connected and have ACKed what was sent.
 async fn all_acked(admin: &mut AdminServiceClient<Channel>, n: usize) -> Result<()> {
     loop {
-        let mut req = tonic::Request::new(pb::StatusRequest {});
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);
-        let fleet = admin.status(req).await?.into_inner().sidecars;
+        // The whole fleet, page by page.
+        let mut fleet = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let mut req = tonic::Request::new(pb::StatusRequest {
+                page_token,
+                ..Default::default()
+            });
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);
+            let page = admin.status(req).await?.into_inner();
+            fleet.extend(page.sidecars);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         let done = fleet
             .iter()
             .filter(|s| {
@@ -239,7 +252,7 @@ async fn measure(args: &Args, n: usize) -> Result<()> {
     let mut every = Vec::with_capacity(n * args.rounds);
     for round in 1..=args.rounds {
         let mut req = tonic::Request::new(pb::ApplyRequest {
-            yaml: resources(args.servers, round),
+            yaml: resources(args.servers, round).into_bytes(),
         });
         req.metadata_mut()
             .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);

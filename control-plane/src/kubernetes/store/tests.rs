@@ -322,6 +322,6 @@ async fn the_store_lists_then_follows_watches_in_its_namespace() {
     );
 
     // Writes through the store are refused with the way to do it instead.
-    let err = store.apply(vec![]).expect_err("read-only");
+    let err = store.apply(vec![]).expect_err("read-only").to_string();
     assert!(err.contains("kubectl apply"), "{err}");
 }
