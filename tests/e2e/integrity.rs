@@ -211,7 +211,7 @@ async fn a_snapshot_that_cannot_be_persisted_is_nacked_and_nothing_looser_surviv
         (200, None),
         "NACKed: unchanged"
     );
-    std::fs::remove_dir(&tmp_dir(&sidecar))?;
+    std::fs::remove_dir(tmp_dir(&sidecar))?;
     let revoked = eventually(15, || async {
         call_demo(&sidecar, "sleep").await.ok() == Some((200, Some(-32088)))
     })
