@@ -7,6 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     config.type_attribute(".", "#[derive(serde::Serialize)]");
     config.type_attribute(".", "#[serde(rename_all = \"camelCase\")]");
+    // `/config` shows an action as `allow`/`deny`, not as its enum number.
+    config.field_attribute(
+        "toolmesh.v1alpha1.Rule.action",
+        "#[serde(serialize_with = \"crate::render::action_name\")]",
+    );
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -266,6 +266,21 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("metrics: {e}"))?;
+    // Failure counters exist from the start at zero, so alerts on `increase()` see the
+    // first failure.
+    for name in [
+        "toolmesh_cp_nacks_total",
+        "toolmesh_cp_undeliverable_snapshots_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for listener in ["grpc", "admin", "webhook"] {
+        metrics::counter!("toolmesh_cp_accept_errors_total", "listener" => listener).absolute(0);
+    }
+    for reason in ["pending", "first_bytes", "idle"] {
+        metrics::counter!("toolmesh_cp_connections_closed_total", "reason" => reason).absolute(0);
+    }
+    metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
     let cp = ControlPlane::new(store, tokens, reviewer, args.fleet_expiry);
     tokio::spawn({
         let cp = cp.clone();

@@ -312,18 +312,16 @@ fn page_key(token: &str) -> Option<(String, String)> {
 }
 
 fn kind_of(text: &str) -> Result<Kind, Status> {
-    let lower = text.to_ascii_lowercase();
-    let singular = lower.strip_suffix('s').unwrap_or(&lower);
-    Kind::ALL
-        .into_iter()
-        .find(|k| {
-            k.as_str().to_ascii_lowercase() == singular || k.as_str().to_ascii_lowercase() == lower
-        })
-        .ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "unknown kind {text:?}: McpServer, AccessPolicy or Secret"
-            ))
-        })
+    Kind::from_name(text).ok_or_else(|| {
+        let known: Vec<String> = Kind::ALL
+            .iter()
+            .map(|k| format!("{k} ({})", k.names().join(", ")))
+            .collect();
+        Status::invalid_argument(format!(
+            "unknown kind {text:?}; known kinds: {}",
+            known.join("; ")
+        ))
+    })
 }
 
 /// A resource as the admin API shows it: Secret values redacted.

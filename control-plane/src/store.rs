@@ -7,7 +7,9 @@
 //!
 //! [`FileStore`] keeps the set in memory and in `<data-dir>/resources.json`, written to a
 //! temporary file, synced and renamed over the old one, so a crash never leaves half a
-//! file. A Kubernetes CRD store implements the same trait (its own issue).
+//! file. Every write is also size-checked: a set that could render a snapshot over
+//! [`toolmesh_proto::MAX_SNAPSHOT_BYTES`] is refused ([`StoreError::TooLarge`]). The
+//! CRD store (`kubernetes/store.rs`) implements the same trait, read-only.
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -80,7 +80,7 @@ else
   admin_token=$(sed -n 's|^admin: "\(.*\)"|\1|p' "$TOKENS")
   cat <<MSG
 Change what the agent may call, live, in another shell:
-  export TOOLMESH_CONTROL_PLANE=http://127.0.0.1:15010 TOOLMESH_ADMIN_TOKEN=$admin_token
+  export TOOLMESH_CTL_SERVER=http://127.0.0.1:15010 TOOLMESH_ADMIN_TOKEN=$admin_token
   $bin/toolmeshctl status                       # the fleet: this sidecar and its version
   $bin/toolmeshctl get accesspolicy demo-agents
   $bin/toolmeshctl apply -f deploy/examples/changes/echo-only.yaml

@@ -10,7 +10,6 @@
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use toolmesh_sidecar::filter::ListKind;
 use toolmesh_sidecar::mcp::{self, Envelope, Message, Rejection, TargetKind};
 use toolmesh_sidecar::policy::Decision;
 
@@ -51,11 +50,7 @@ fn client_headers(m: &Message<'_>) -> Option<HeaderMap> {
             headers.insert(mcp::HEADER_NAME, name_header(target));
         }
         // A call without a target is not one a conforming client sends.
-        None if matches!(
-            m.method.as_deref(),
-            Some("tools/call" | "resources/read" | "prompts/get")
-        ) =>
-        {
+        None if m.rpc.is_some_and(|r| r.name_required()) => {
             return None;
         }
         None => {}
@@ -75,8 +70,8 @@ fuzz_target!(|data: &[u8]| {
         Envelope::Batch(messages) => messages.iter().collect(),
     };
     for m in messages {
-        if let Some(method) = m.method.as_deref() {
-            let _ = (mcp::is_gated(method), ListKind::of(method));
+        if let Some(method) = m.rpc {
+            let _ = (method.is_gated(), method.list(), method.name());
         }
         if let Some(subject) = &m.subject {
             let decision = route

@@ -166,6 +166,15 @@ pub fn redacted(snapshot: &pb::Snapshot) -> pb::Snapshot {
     copy
 }
 
+/// A rule's `action` as its name (`allow`, `deny`) in JSON dumps such as `/config`.
+pub fn action_name<S: serde::Serializer>(action: &i32, out: S) -> Result<S::Ok, S::Error> {
+    match pb::Action::try_from(*action) {
+        Ok(pb::Action::Allow) => out.serialize_str("allow"),
+        Ok(pb::Action::Deny) => out.serialize_str("deny"),
+        Err(_) => out.serialize_i32(*action),
+    }
+}
+
 /// What stands in for a secret in every dump.
 pub const REDACTED: &str = "<redacted>";
 

@@ -20,8 +20,11 @@ use crate::API_VERSION;
 mod validate;
 pub use validate::validate_set;
 
-/// Default time an upstream gets to answer with a response head.
-pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time an upstream gets to answer with a response head. Longer than any MCP
+/// client's own request timeout (the TypeScript SDK's is 60 s, the Python SDK reads
+/// SSE for up to 300 s), so a slow tool that answers with one JSON body is cut by the
+/// agent's client, which knows the call, and never first by the sidecar.
+pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A parsed, validated resource.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -67,6 +70,24 @@ impl Kind {
             Kind::AccessPolicy => "AccessPolicy",
             Kind::Secret => "Secret",
         }
+    }
+
+    /// Every name a person may use for the kind: singular, plural and the short name
+    /// the CRDs declare (`kubectl get mcps`), in lowercase.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Kind::McpServer => &["mcpserver", "mcpservers", "mcps"],
+            Kind::AccessPolicy => &["accesspolicy", "accesspolicies", "mcpap"],
+            Kind::Secret => &["secret", "secrets"],
+        }
+    }
+
+    /// The kind `text` names, in any case.
+    pub fn from_name(text: &str) -> Option<Kind> {
+        let lower = text.to_ascii_lowercase();
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.names().contains(&lower.as_str()))
     }
 }
 

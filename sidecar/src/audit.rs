@@ -31,6 +31,34 @@ pub const FLUSH_BYTES: usize = 64 * 1024;
 /// Bytes that may wait for the writer; lines beyond are dropped and counted.
 pub const MAX_PENDING: usize = 16 * 1024 * 1024;
 
+/// What was decided about a request: the audit line's `decision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A gated call an allow rule covered.
+    Allowed,
+    /// A gated call refused by a rule or by default.
+    Denied,
+    /// Allowed, but the rule's rate limit was used up.
+    RateLimited,
+    /// Not gated: protocol plumbing for an identity that may use the server.
+    Plumbing,
+    /// Refused before any decision (bad input, unknown server, not ready).
+    Rejected,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::RateLimited => "rate_limited",
+            Verdict::Plumbing => "plumbing",
+            Verdict::Rejected => "rejected",
+        }
+    }
+}
+
 /// Scratch capacity a thread keeps between lines.
 const SCRATCH_KEEP: usize = 64 * 1024;
 
@@ -48,9 +76,7 @@ pub struct Record<'a> {
     pub kind: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<&'a str>,
-    /// `allowed`, `denied`, `rate_limited`, `plumbing` (not gated) or `rejected`
-    /// (refused before a decision: bad input, unknown server, not ready).
-    pub decision: &'static str,
+    pub decision: Verdict,
     pub rule: Option<&'a str>,
     pub status: u16,
     pub error_code: Option<i64>,
@@ -222,7 +248,7 @@ mod tests {
             method: "tools/call",
             kind: Some("tool"),
             name: Some("echo"),
-            decision: "allowed",
+            decision: Verdict::Allowed,
             rule: None,
             status: 200,
             error_code: None,

@@ -33,7 +33,13 @@ pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 /// that server's upstream, carrying both protocol generations (2025-03-26 … 2025-11-25
 /// sessions, and 2026-07-28 stateless requests).
 #[derive(Debug, Clone, Parser)]
-#[command(name = "toolmesh-sidecar", version, about, long_about = None)]
+#[command(
+    name = "toolmesh-sidecar",
+    version,
+    about,
+    long_about = None,
+    after_help = "Also: toolmesh-sidecar wait-ready ADDR SECONDS\n  exits 0 once http://ADDR/ready answers 200, 1 after SECONDS (the postStart hook of injected sidecars on clusters without native sidecars)."
+)]
 pub struct Config {
     /// Standalone mode: multi-document YAML file of McpServer, AccessPolicy and Secret
     /// resources. Watched; a valid change is swapped in, an invalid one is logged and

@@ -243,10 +243,13 @@ impl Discovery {
                     tracing::warn!(url = %self.url, "control plane closed the stream; reconnecting");
                     backoff = BACKOFF_START;
                 }
-                Err(e) if self.active.is_loaded() => {
+                Err(Failure::Refused(e)) => {
+                    tracing::error!(url = %self.url, error = %e, retry_in = ?backoff, "the control plane was reached and refused this sidecar: check --token-file and --identity");
+                }
+                Err(Failure::Other(e)) if self.active.is_loaded() => {
                     tracing::warn!(url = %self.url, error = %e, retry_in = ?backoff, "control plane unreachable; serving the last good snapshot")
                 }
-                Err(e) => {
+                Err(Failure::Other(e)) => {
                     tracing::warn!(url = %self.url, error = %e, retry_in = ?backoff, "control plane unreachable and no snapshot yet; not ready")
                 }
             }
@@ -279,7 +282,7 @@ impl Discovery {
             .map_err(|e| format!("connect: {}", chain(&e)))
     }
 
-    async fn session(&self) -> Result<(), String> {
+    async fn session(&self) -> Result<(), Failure> {
         let token = std::fs::read_to_string(&self.token_file)
             .map_err(|e| format!("--token-file {}: {e}", self.token_file.display()))?;
         let auth: MetadataValue<_> = format!("Bearer {}", token.trim())
@@ -305,7 +308,12 @@ impl Discovery {
         let mut pushes = client
             .stream(request)
             .await
-            .map_err(|s| status(&s))?
+            .map_err(|s| match s.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                    Failure::Refused(status(&s))
+                }
+                _ => Failure::Other(status(&s)),
+            })?
             .into_inner();
         telemetry::control_plane_connected(true);
         tracing::info!(url = %self.url, "connected to the control plane");
@@ -370,6 +378,21 @@ impl Discovery {
                 }
             }
         }
+    }
+}
+
+/// Why a session with the control plane ended.
+#[derive(Debug)]
+enum Failure {
+    /// It answered, and refused this sidecar's token or identity.
+    Refused(String),
+    /// It could not be reached, or the stream broke.
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Other(e)
     }
 }
 

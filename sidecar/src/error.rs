@@ -160,17 +160,18 @@ impl ProxyError {
         )
     }
 
-    /// The metrics `outcome` label of this answer.
-    pub fn outcome(&self) -> &'static str {
+    /// The metrics `outcome` of this answer.
+    pub fn outcome(&self) -> crate::telemetry::Outcome {
+        use crate::telemetry::Outcome;
         match self {
-            ProxyError::NotPermitted { .. } => return "denied",
-            ProxyError::RateLimited { .. } => return "rate_limited",
+            ProxyError::NotPermitted { .. } => return Outcome::Denied,
+            ProxyError::RateLimited { .. } => return Outcome::RateLimited,
             _ => {}
         }
         match self.side() {
-            Side::Agent => "rejected",
-            Side::Upstream => "upstream_error",
-            Side::Sidecar => "unavailable",
+            Side::Agent => Outcome::Rejected,
+            Side::Upstream => Outcome::UpstreamError,
+            Side::Sidecar => Outcome::Unavailable,
         }
     }
 

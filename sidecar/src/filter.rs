@@ -35,37 +35,9 @@ use crate::snapshot::Route;
 /// Largest list response (JSON body, or one SSE event) the sidecar will filter.
 pub const MAX_FILTERED_BODY: usize = 16 * 1024 * 1024;
 
-/// Which list a request asks for, and where its items and their names are.
-#[derive(Debug, Clone, Copy)]
-pub struct ListKind {
-    pub kind: TargetKind,
-    field: &'static str,
-    key: &'static str,
-}
-
-/// Every kind of list, for streams whose events answer no request the sidecar saw.
-const ALL_LISTS: [ListKind; 4] = [
-    ListKind {
-        kind: TargetKind::Tool,
-        field: "tools",
-        key: "name",
-    },
-    ListKind {
-        kind: TargetKind::Prompt,
-        field: "prompts",
-        key: "name",
-    },
-    ListKind {
-        kind: TargetKind::Resource,
-        field: "resources",
-        key: "uri",
-    },
-    ListKind {
-        kind: TargetKind::Resource,
-        field: "resourceTemplates",
-        key: "uriTemplate",
-    },
-];
+/// Which list a request asks for, and where its items and their names are (the
+/// method table says: [`crate::mcp::method::List`]).
+pub use crate::mcp::method::List as ListKind;
 
 /// What a filter looks for in a response (a JSON body, or each SSE event).
 #[derive(Debug, Clone)]
@@ -93,7 +65,10 @@ impl Lists {
                 rewrite_each(text, "result", |result| {
                     let mut current = Cow::Borrowed(result);
                     let mut changed = false;
-                    for list in ALL_LISTS.iter().filter(|l| route.policy.filters(l.kind)) {
+                    let lists = crate::mcp::method::ALL_LISTS
+                        .iter()
+                        .filter_map(|m| m.list());
+                    for list in lists.filter(|l| route.policy.filters(l.kind)) {
                         match list.filter_result(route, &current) {
                             Filtered::Unchanged => {}
                             Filtered::Rewritten(out) => {
@@ -247,17 +222,9 @@ impl Completion {
 }
 
 impl ListKind {
+    /// The list the method named `method` answers with, if any.
     pub fn of(method: &str) -> Option<ListKind> {
-        let (kind, field, key) = match method {
-            "tools/list" => (TargetKind::Tool, "tools", "name"),
-            "prompts/list" => (TargetKind::Prompt, "prompts", "name"),
-            "resources/list" => (TargetKind::Resource, "resources", "uri"),
-            "resources/templates/list" => {
-                (TargetKind::Resource, "resourceTemplates", "uriTemplate")
-            }
-            _ => return None,
-        };
-        Some(ListKind { kind, field, key })
+        crate::mcp::Method::parse(method).list()
     }
 
     /// The JSON-RPC message `text` with invisible items removed from its list.

@@ -21,6 +21,10 @@
 
 use std::borrow::Cow;
 
+pub mod method;
+
+pub use method::Method;
+
 use base64::Engine as _;
 use http::HeaderMap;
 use serde::Deserialize;
@@ -73,24 +77,16 @@ pub struct Subject<'a> {
     pub name: Cow<'a, str>,
 }
 
-/// Methods policy gates (default deny); every other method is protocol plumbing.
-pub fn is_gated(method: &str) -> bool {
-    matches!(
-        method,
-        "tools/call"
-            | "resources/read"
-            | "resources/subscribe"
-            | "prompts/get"
-            | "completion/complete"
-    )
-}
-
 /// One JSON-RPC message as far as the sidecar reads it.
 #[derive(Debug)]
 pub struct Message<'a> {
     pub kind: Kind,
     pub id: Option<&'a RawValue>,
+    /// The method as sent (for the audit line).
     pub method: Option<Cow<'a, str>>,
+    /// The method as the sidecar treats it ([`Method::Other`] when unknown); `None`
+    /// for a response.
+    pub rpc: Option<Method>,
     /// What `Mcp-Name` must equal: `params.name`, `params.uri` or `params.taskId`,
     /// depending on the method. `None` when the method names no target.
     pub target: Option<Cow<'a, str>>,
@@ -180,22 +176,6 @@ struct RawRef<'a> {
 struct RawMeta<'a> {
     #[serde(borrow, default, rename = "io.modelcontextprotocol/protocolVersion")]
     protocol_version: Option<Cow<'a, str>>,
-}
-
-/// The `params` field `Mcp-Name` mirrors for `method`, if any.
-fn target_field(method: &str) -> Option<&'static str> {
-    match method {
-        "tools/call" | "prompts/get" => Some("name"),
-        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
-        "tasks/get" | "tasks/update" | "tasks/cancel" | "tasks/result" => Some("taskId"),
-        _ => None,
-    }
-}
-
-/// Methods whose modern requests must carry `Mcp-Name` (on others it is optional but,
-/// when present, must still agree with the body).
-fn name_required(method: &str) -> bool {
-    matches!(method, "tools/call" | "resources/read" | "prompts/get")
 }
 
 /// Deepest nesting of arrays and objects accepted in a body. serde_json (and so rmcp)
@@ -379,6 +359,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
     let mut subject = None;
     let mut arguments = None;
     let raw_params = raw.params;
+    let rpc = raw.method.as_deref().map(Method::parse);
     if let Some(params) = raw.params {
         if !params.get().starts_with('{') {
             return Err(Rejection::Invalid(
@@ -407,14 +388,18 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
                 })
                 .transpose()
             };
-        let found = match raw.method.as_deref() {
-            Some("tools/call") => string(params.name, "name")?.map(|n| (TargetKind::Tool, n)),
-            Some("prompts/get") => string(params.name, "name")?.map(|n| (TargetKind::Prompt, n)),
-            Some("resources/read" | "resources/subscribe") => string(params.uri, "uri")?
+        let found = match rpc {
+            Some(m) if m.gate() == Some(TargetKind::Tool) => {
+                string(params.name, "name")?.map(|n| (TargetKind::Tool, n))
+            }
+            Some(m) if m.gate() == Some(TargetKind::Prompt) => {
+                string(params.name, "name")?.map(|n| (TargetKind::Prompt, n))
+            }
+            Some(m) if m.gate() == Some(TargetKind::Resource) => string(params.uri, "uri")?
                 .map(resource)
                 .transpose()?
                 .map(|n| (TargetKind::Resource, n)),
-            Some("completion/complete") => match &reference {
+            Some(Method::CompletionComplete) => match &reference {
                 Some(r) if r.kind.as_deref() == Some("ref/prompt") => {
                     string(r.name, "ref.name")?.map(|n| (TargetKind::Prompt, n))
                 }
@@ -427,7 +412,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
             _ => None,
         };
         subject = found.map(|(kind, name)| Subject { kind, name });
-        if let Some(field) = raw.method.as_deref().and_then(target_field) {
+        if let Some(field) = rpc.and_then(Method::target_field) {
             let value = match field {
                 "name" => params.name,
                 "uri" => params.uri,
@@ -445,6 +430,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
         kind,
         id: raw.id,
         method: raw.method,
+        rpc,
         target,
         meta_version,
         subject,
@@ -546,7 +532,7 @@ pub fn check_headers(headers: &HeaderMap, envelope: &Envelope<'_>) -> Result<boo
         )));
     }
 
-    let Some(method) = message.method.as_deref() else {
+    let (Some(method), Some(rpc)) = (message.method.as_deref(), message.rpc) else {
         // A response carries no method; there is nothing for the headers to describe.
         return Ok(modern);
     };
@@ -563,7 +549,7 @@ pub fn check_headers(headers: &HeaderMap, envelope: &Envelope<'_>) -> Result<boo
         }
         _ => {}
     }
-    if target_field(method).is_some() {
+    if rpc.target_field().is_some() {
         let body = message.target.as_deref();
         match (name_header, body) {
             (Some(raw), _) => {
@@ -575,7 +561,7 @@ pub fn check_headers(headers: &HeaderMap, envelope: &Envelope<'_>) -> Result<boo
                     )));
                 }
             }
-            (None, _) if modern && message.kind == Kind::Request && name_required(method) => {
+            (None, _) if modern && message.kind == Kind::Request && rpc.name_required() => {
                 return Err(Rejection::Header(format!(
                     "missing required Mcp-Name header for {method}"
                 )));

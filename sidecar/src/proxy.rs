@@ -40,15 +40,15 @@ use metrics::SharedString;
 
 use serde_json::value::RawValue;
 
-use crate::audit::{Audit, Record};
+use crate::audit::{Audit, Record, Verdict};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
-use crate::filter::{self, Framing, ListKind, Lists};
+use crate::filter::{self, Framing, Lists};
 use crate::mcp::{self, Envelope, Rejection, TargetKind};
 use crate::policy::Decision;
 use crate::session::Sealer;
 use crate::snapshot::{Active, Route, Runtime};
-use crate::telemetry;
+use crate::telemetry::{self, Outcome};
 use crate::upstream::{self, Upstream};
 
 /// Everything the request path shares; built once at startup.
@@ -88,7 +88,7 @@ struct Ctx {
     rpc_method: Option<String>,
     kind: Option<&'static str>,
     name: Option<String>,
-    decision: &'static str,
+    decision: Verdict,
     rule: Option<Arc<str>>,
     request_id: Option<Box<RawValue>>,
     session: Option<String>,
@@ -109,7 +109,7 @@ impl Ctx {
             rpc_method: None,
             kind: None,
             name: None,
-            decision: "rejected",
+            decision: Verdict::Rejected,
             rule: None,
             request_id: None,
             session: req
@@ -141,7 +141,7 @@ struct Pending<'p> {
 }
 
 impl Pending<'_> {
-    fn finish(&mut self, status: u16, error_code: Option<i64>, outcome: &'static str) {
+    fn finish(&mut self, status: u16, error_code: Option<i64>, outcome: Outcome) {
         self.finished = true;
         let elapsed = self.started.elapsed();
         telemetry::request(&self.ctx.server, self.ctx.method, outcome, elapsed);
@@ -175,7 +175,7 @@ impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.finished {
             // 499, as proxies log a client that closed before the answer.
-            self.finish(499, None, "abandoned");
+            self.finish(499, None, Outcome::Abandoned);
         }
     }
 }
@@ -218,11 +218,7 @@ impl Proxy {
             .await
         {
             Ok(resp) => {
-                let outcome = match resp.status().as_u16() {
-                    100..=399 => "ok",
-                    400..=499 => "client_error",
-                    _ => "upstream_error",
-                };
+                let outcome = Outcome::of_status(resp.status().as_u16());
                 (resp, None, outcome)
             }
             Err(error) => {
@@ -271,10 +267,7 @@ impl Proxy {
                 ctx.request_id = envelope.id().map(|id| id.to_owned());
                 match &envelope {
                     Envelope::Single(m) => {
-                        ctx.method = m
-                            .method
-                            .as_deref()
-                            .map_or("(response)", telemetry::method_label);
+                        ctx.method = m.rpc.map_or("(response)", mcp::Method::name);
                         ctx.rpc_method = m.method.as_deref().map(truncate);
                     }
                     Envelope::Batch(_) => ctx.method = "(batch)",
@@ -282,20 +275,20 @@ impl Proxy {
                 mcp::check_headers(&parts.headers, &envelope).map_err(rejection)?;
                 match &envelope {
                     Envelope::Single(m) => {
-                        ctx.decision = "plumbing";
+                        ctx.decision = Verdict::Plumbing;
                         authorize(&route, &self.identity, m, ctx)?;
                         ctx.lists = response_filter(&route, m);
                     }
                     // Refused before anything is decided: no token is taken.
                     Envelope::Batch(messages) => {
                         check_batch(messages)?;
-                        ctx.decision = "plumbing";
+                        ctx.decision = Verdict::Plumbing;
                     }
                 }
                 body
             }
             Method::GET | Method::DELETE => {
-                ctx.decision = "plumbing";
+                ctx.decision = Verdict::Plumbing;
                 Bytes::new()
             }
             other => return Err(ProxyError::MethodNotAllowed(other.to_string())),
@@ -586,17 +579,17 @@ fn authorize(
     m: &mcp::Message<'_>,
     ctx: &mut Ctx,
 ) -> Result<(), ProxyError> {
-    let Some(method) = m.method.as_deref().filter(|m| mcp::is_gated(m)) else {
+    let Some(method) = m.rpc.filter(|m| m.is_gated()) else {
         return Ok(());
     };
-    let label = telemetry::method_label(method);
+    let label = method.name();
     let Some(target) = &m.subject else {
         // A gated call that names nothing: nothing can allow it.
-        telemetry::decision(&route.label, label, "denied");
-        ctx.decision = "denied";
+        telemetry::decision(&route.label, label, Verdict::Denied);
+        ctx.decision = Verdict::Denied;
         return Err(ProxyError::NotPermitted {
             kind: "call",
-            name: format!("{method} without a target"),
+            name: format!("{label} without a target"),
             subject: subject.to_owned(),
             server: route.name.clone(),
         });
@@ -606,8 +599,8 @@ fn authorize(
     ctx.name = Some(truncate(&target.name));
     match route.policy.decide(target.kind, &target.name, m.arguments) {
         Decision::Deny(rule) => {
-            telemetry::decision(&route.label, label, "denied");
-            ctx.decision = "denied";
+            telemetry::decision(&route.label, label, Verdict::Denied);
+            ctx.decision = Verdict::Denied;
             ctx.rule = rule.map(|r| r.id.clone());
             Err(ProxyError::NotPermitted {
                 kind,
@@ -624,9 +617,9 @@ fn authorize(
             if let Some(limiter) = &rule.limiter
                 && let Err(wait) = limiter.acquire(&target.name)
             {
-                telemetry::decision(&route.label, label, "rate_limited");
+                telemetry::decision(&route.label, label, Verdict::RateLimited);
                 telemetry::rate_limited(&route.label, SharedString::from(rule.id.clone()));
-                ctx.decision = "rate_limited";
+                ctx.decision = Verdict::RateLimited;
                 return Err(ProxyError::RateLimited {
                     kind,
                     name: truncate(&target.name),
@@ -635,8 +628,8 @@ fn authorize(
                     retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
                 });
             }
-            telemetry::decision(&route.label, label, "allowed");
-            ctx.decision = "allowed";
+            telemetry::decision(&route.label, label, Verdict::Allowed);
+            ctx.decision = Verdict::Allowed;
             Ok(())
         }
     }
@@ -645,13 +638,13 @@ fn authorize(
 /// What the answer to `m` must be filtered for: a list the policy trims, or the
 /// values of a completion on a resource template (they name resources).
 fn response_filter(route: &Route, m: &mcp::Message<'_>) -> Option<Lists> {
-    let method = m.method.as_deref()?;
-    if let Some(list) = ListKind::of(method) {
+    let method = m.rpc?;
+    if let Some(list) = method.list() {
         return route.policy.filters(list.kind).then_some(Lists::One(list));
     }
     match &m.subject {
         Some(subject)
-            if method == "completion/complete"
+            if method == mcp::Method::CompletionComplete
                 && subject.kind == TargetKind::Resource
                 && route.policy.filters(TargetKind::Resource) =>
         {
@@ -666,13 +659,13 @@ fn response_filter(route: &Route, m: &mcp::Message<'_>) -> Option<Lists> {
 fn check_batch(messages: &[mcp::Message<'_>]) -> Result<(), ProxyError> {
     let refused = messages
         .iter()
-        .filter_map(|m| m.method.as_deref())
-        .find(|method| mcp::is_gated(method) || ListKind::of(method).is_some());
+        .filter_map(|m| m.rpc)
+        .find(|method| method.is_gated() || method.list().is_some());
     match refused {
         None => Ok(()),
         Some(method) => Err(ProxyError::InvalidRequest(format!(
             "a JSON-RPC batch may not contain {}: send gated calls and list requests one by one",
-            truncate(method)
+            method.name()
         ))),
     }
 }

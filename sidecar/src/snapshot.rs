@@ -2,13 +2,14 @@
 //! reads, and the lock-free slot that holds it.
 //!
 //! A [`Runtime`] is built from a [`pb::Snapshot`] when it arrives (from the standalone
-//! file or, later, the control plane), never per request: upstream URIs are parsed,
-//! credential headers are turned into sensitive `HeaderValue`s, the redacted `/config`
-//! document is serialized. The request path does one `ArcSwapOption::load_full` and
+//! file or the control plane), never per request: upstream URIs are parsed, credential
+//! headers are turned into sensitive `HeaderValue`s, each server's rules are compiled
+//! ([`crate::policy`], rate limiters carried over), the redacted `/config` document is
+//! serialized. The request path does one `ArcSwapOption::load_full` and
 //! reads; a swap never waits for it, and in-flight requests keep the `Arc` they loaded.
 //!
-//! This module does not fetch snapshots (see [`crate::standalone`]) and does not decide
-//! policy (a later module compiles the rules into lookup tables here as well).
+//! This module does not fetch snapshots (see [`crate::standalone`] and
+//! [`crate::discovery`]) and does not decide policy (see [`crate::policy`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -348,6 +349,10 @@ mod tests {
         );
         let json = String::from_utf8(rt.config_json().to_vec()).expect("utf8");
         assert!(!json.contains("s3cret"), "{json}");
+        assert!(
+            json.contains("\"action\": \"allow\""),
+            "actions by name: {json}"
+        );
         assert_eq!(rt.known_servers(), "demo");
     }
 

@@ -3,7 +3,8 @@
 //! Every metric the sidecar exports is named here, so the README's metrics list and
 //! the code cannot drift apart silently. Label values are bounded: the server label is
 //! a configured server name (or `(unknown)`), the method label one of the MCP methods
-//! in [`METHODS`] or a fixed placeholder, never free text from the network.
+//! in the method table ([`crate::mcp::Method::name`]) or a fixed placeholder, never
+//! free text from the network.
 //!
 //! This module does not serve `/metrics` (see [`crate::admin`]).
 
@@ -28,43 +29,53 @@ pub const CONTROL_PLANE_CONNECTED: &str = "toolmesh_control_plane_connected";
 pub const SNAPSHOT_NACKS: &str = "toolmesh_snapshot_nacks_total";
 pub const STATE_FILE_ERRORS: &str = "toolmesh_state_file_errors_total";
 
-/// MCP methods that get their own label value; anything else is `other`.
-pub const METHODS: &[&str] = &[
-    "initialize",
-    "ping",
-    "server/discover",
-    "tools/list",
-    "tools/call",
-    "resources/list",
-    "resources/templates/list",
-    "resources/read",
-    "resources/subscribe",
-    "resources/unsubscribe",
-    "prompts/list",
-    "prompts/get",
-    "completion/complete",
-    "logging/setLevel",
-    "tasks/get",
-    "tasks/list",
-    "tasks/result",
-    "tasks/cancel",
-    "notifications/initialized",
-    "notifications/cancelled",
-    "notifications/progress",
-    "notifications/roots/list_changed",
-];
+/// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 1xx-3xx from the upstream.
+    Ok,
+    /// 4xx from the upstream.
+    ClientError,
+    /// 5xx from the upstream, or it could not be reached or failed.
+    UpstreamError,
+    /// Refused by the sidecar before any decision (bad input, unknown server, …).
+    Rejected,
+    /// Refused by policy.
+    Denied,
+    /// Refused by a rate limit.
+    RateLimited,
+    /// No configuration loaded yet.
+    Unavailable,
+    /// The agent went away before the answer's head.
+    Abandoned,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientError => "client_error",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Rejected => "rejected",
+            Outcome::Denied => "denied",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Abandoned => "abandoned",
+        }
+    }
+
+    /// The outcome of an upstream answer with `status`.
+    pub fn of_status(status: u16) -> Outcome {
+        match status {
+            100..=399 => Outcome::Ok,
+            400..=499 => Outcome::ClientError,
+            _ => Outcome::UpstreamError,
+        }
+    }
+}
 
 /// The server label of requests for a path that names no configured server.
 pub const UNKNOWN_SERVER: SharedString = SharedString::const_str("(unknown)");
-
-/// The label value for an MCP method name.
-pub fn method_label(method: &str) -> &'static str {
-    METHODS
-        .iter()
-        .find(|m| **m == method)
-        .copied()
-        .unwrap_or("other")
-}
 
 /// Histogram buckets for request latency, in seconds: from 100µs to 60s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -143,8 +154,8 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 }
 
 /// Record a policy decision on a gated call.
-pub fn decision(server: &SharedString, method: &'static str, outcome: &'static str) {
-    counter!(POLICY_DECISIONS, "server" => server.clone(), "method" => method, "outcome" => outcome)
+pub fn decision(server: &SharedString, method: &'static str, verdict: crate::audit::Verdict) {
+    counter!(POLICY_DECISIONS, "server" => server.clone(), "method" => method, "outcome" => verdict.as_str())
         .increment(1);
 }
 
@@ -189,13 +200,8 @@ pub fn config_rejected() {
 /// Record one finished request (at its response head).
 /// `server` is a route's precomputed label (an `Arc<str>` inside: cloning it does not
 /// allocate) or [`UNKNOWN_SERVER`].
-pub fn request(
-    server: &SharedString,
-    method: &'static str,
-    outcome: &'static str,
-    elapsed: Duration,
-) {
-    counter!(REQUESTS, "server" => server.clone(), "method" => method, "outcome" => outcome)
+pub fn request(server: &SharedString, method: &'static str, outcome: Outcome, elapsed: Duration) {
+    counter!(REQUESTS, "server" => server.clone(), "method" => method, "outcome" => outcome.as_str())
         .increment(1);
     histogram!(REQUEST_DURATION, "server" => server.clone(), "method" => method)
         .record(elapsed.as_secs_f64());
@@ -210,15 +216,4 @@ pub fn stream_started(server: &SharedString) -> impl FnOnce() + Send + Sync + 's
     let g = gauge!(ACTIVE_STREAMS, "server" => server.clone());
     g.increment(1.0);
     move || g.decrement(1.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn method_labels_are_bounded() {
-        assert_eq!(method_label("tools/call"), "tools/call");
-        assert_eq!(method_label("x".repeat(10_000).as_str()), "other");
-    }
 }

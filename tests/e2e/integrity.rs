@@ -431,7 +431,7 @@ async fn ten_thousand_pod_lifetimes_leave_a_bounded_fleet_and_a_true_gauge() -> 
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let out = tokio::process::Command::new(binary("toolmeshctl"))
         .args(["status"])
-        .env("TOOLMESH_CONTROL_PLANE", &url)
+        .env("TOOLMESH_CTL_SERVER", &url)
         .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
         .output()
         .await?;
@@ -493,7 +493,7 @@ async fn idle_connections_cannot_starve_the_control_plane() -> Result<()> {
     );
     let out = tokio::process::Command::new(binary("toolmeshctl"))
         .args(["status", "--timeout", "5s"])
-        .env("TOOLMESH_CONTROL_PLANE", &url)
+        .env("TOOLMESH_CTL_SERVER", &url)
         .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
         .output()
         .await?;

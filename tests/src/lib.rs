@@ -485,7 +485,7 @@ impl ControlPlane {
         use tokio::io::AsyncWriteExt;
         let mut cmd = Command::new(binary("toolmeshctl"));
         cmd.args(args)
-            .env("TOOLMESH_CONTROL_PLANE", self.url())
+            .env("TOOLMESH_CTL_SERVER", self.url())
             .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
             .envs(self.ca.as_ref().map(|ca| ("TOOLMESH_CA_FILE", ca)))
             .stdin(Stdio::piped())

@@ -25,7 +25,7 @@ struct Cli {
     #[arg(
         long,
         global = true,
-        env = "TOOLMESH_CONTROL_PLANE",
+        env = "TOOLMESH_CTL_SERVER",
         default_value = "http://127.0.0.1:15010"
     )]
     server: String,

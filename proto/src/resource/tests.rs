@@ -275,3 +275,20 @@ fn a_yaml_error_names_its_document_and_line() {
     let e = parse_resources(&text).expect_err("bad kind").to_string();
     assert!(e.starts_with("document 1: kind:"), "{e}");
 }
+
+#[test]
+fn kinds_by_every_name_people_use() {
+    for (text, kind) in [
+        ("McpServer", Kind::McpServer),
+        ("mcpservers", Kind::McpServer),
+        ("MCPS", Kind::McpServer),
+        ("accesspolicies", Kind::AccessPolicy),
+        ("AccessPolicy", Kind::AccessPolicy),
+        ("mcpap", Kind::AccessPolicy),
+        ("secrets", Kind::Secret),
+    ] {
+        assert_eq!(Kind::from_name(text), Some(kind), "{text}");
+    }
+    assert_eq!(Kind::from_name("accesspolicie"), None);
+    assert_eq!(Kind::from_name("pods"), None);
+}

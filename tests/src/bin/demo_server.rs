@@ -42,7 +42,7 @@ const WAV: &str = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
 
 /// toolmesh-demo-server: an MCP server for the quickstart and the tests.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "toolmesh-demo-server", version)]
 struct Args {
     /// Address to serve MCP on (path /mcp).
     #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:3001")]
