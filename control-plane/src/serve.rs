@@ -201,7 +201,57 @@ fn pems(args: &ServeArgs, managed: Option<&tls::Material>) -> Result<Pems, Strin
     Ok(Pems { grpc, webhook })
 }
 
-pub async fn run(mut args: ServeArgs) -> Result<(), String> {
+/// The sockets the control plane serves, bound before [`serve`] (tests bind
+/// `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: tokio::net::TcpListener,
+    pub admin: tokio::net::TcpListener,
+    /// With `--webhook-listen`.
+    pub webhook: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Bind `--listen`, `--admin-listen` and `--webhook-listen`, naming the flag in an
+    /// error.
+    pub async fn bind(args: &ServeArgs) -> Result<Listeners, String> {
+        let bind = |flag: &'static str, addr: SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("{flag} {addr}: {e}"))
+        };
+        Ok(Listeners {
+            grpc: bind("--listen", args.listen).await?,
+            admin: bind("--admin-listen", args.admin_listen).await?,
+            webhook: match args.webhook.webhook_listen {
+                Some(addr) => Some(bind("--webhook-listen", addr).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// `serve` as the binary runs it: bind, install the global metrics recorder, and
+/// serve until SIGTERM or SIGINT.
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let listeners = Listeners::bind(&args).await?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("metrics: {e}"))?;
+    serve(args, listeners, metrics, shutdown()).await
+}
+
+/// Set up the store (and, in a cluster, identity, TLS and the Lease), then serve on
+/// `listeners` until `shutdown` resolves. Then every snapshot stream is ended, the
+/// gRPC, admin and webhook ports drain (at most [`DRAIN`]), the Lease is handed over,
+/// and every task this started is ended before it returns. `metrics` renders
+/// `/metrics` (the caller installed the recorder: once per process).
+pub async fn serve(
+    mut args: ServeArgs,
+    listeners: Listeners,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let kube = args.kube.clone();
     if kube.store == "kubernetes" && !args.seed.is_empty() {
         return Err("--seed applies to the embedded store; with --store kubernetes, kubectl apply the resources".into());
@@ -227,14 +277,8 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
         ),
         (None, None) => None,
     };
-    let webhook = match (args.webhook.webhook_listen, &pems.webhook) {
-        (Some(addr), Some((cert, key))) => {
-            let tls = crate::webhook::tls(cert, key)?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("--webhook-listen {addr}: {e}"))?;
-            Some((listener, tls))
-        }
+    let webhook = match (listeners.webhook, &pems.webhook) {
+        (Some(listener), Some((cert, key))) => Some((listener, crate::webhook::tls(cert, key)?)),
         _ => None,
     };
     let tokens = Tokens::load(&args.tokens)?;
@@ -263,9 +307,6 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
         )),
         _ => None,
     };
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| format!("metrics: {e}"))?;
     // Failure counters exist from the start at zero, so alerts on `increase()` see the
     // first failure.
     for name in [
@@ -282,10 +323,13 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
     }
     metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
     let cp = ControlPlane::new(store, tokens, reviewer, args.fleet_expiry);
-    tokio::spawn({
+    // Every task started here is owned here: the servers drain, the rest are ended.
+    let mut servers = tokio::task::JoinSet::new();
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn({
         let cp = cp.clone();
         async move {
-            shutdown().await;
+            shutdown.await;
             cp.stop();
         }
     });
@@ -304,7 +348,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
             async move { elector.run(leading_tx, cp.stopped()).await }
         }));
         if let Some(store) = kube_store {
-            tokio::spawn(status::run(
+            background.spawn(status::run(
                 client.clone(),
                 namespace.clone(),
                 store,
@@ -312,7 +356,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
             ));
         }
         if let Some(m) = &managed {
-            tokio::spawn(tls::keep_ca_bundle(
+            background.spawn(tls::keep_ca_bundle(
                 kube::Api::all(client.clone()),
                 kube.webhook_configuration.clone(),
                 m.ca.clone(),
@@ -321,21 +365,19 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
         }
     }
 
-    let grpc = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
-        .map_err(|e| format!("--admin-listen {}: {e}", args.admin_listen))?;
+    let (grpc, admin) = (listeners.grpc, listeners.admin);
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
-    tokio::spawn(serve_admin(admin, metrics, cp.clone()));
+    servers.spawn(serve_admin(admin, metrics, cp.clone()));
     let webhook_addr = match webhook {
         Some((listener, tls)) => {
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
             let settings = Arc::new(args.webhook.inject.clone());
-            tokio::spawn(crate::webhook::serve(listener, tls, settings));
+            let stop = cp.clone();
+            servers.spawn(async move {
+                crate::webhook::serve(listener, tls, settings, stop.stopped()).await;
+            });
             Some(addr.to_string())
         }
         None => None,
@@ -392,10 +434,17 @@ pub async fn run(mut args: ServeArgs) -> Result<(), String> {
             Ok(())
         }
     };
+    // The admin and webhook ports stop accepting at the same signal and drain.
+    let drained = async { while servers.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN, drained).await.is_err() {
+        servers.abort_all();
+    }
     // Hand the Lease over rather than make the next holder wait for it to lapse.
     if let Some(election) = election {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), election).await;
     }
+    background.abort_all();
+    while background.join_next().await.is_some() {}
     result
 }
 
@@ -424,8 +473,13 @@ async fn serve_admin(
     cp: Arc<ControlPlane>,
 ) {
     let mut accepting = crate::conn::Acceptor::new("admin");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let stream = accepting.accept(&listener).await;
+        let stream = tokio::select! {
+            stream = accepting.accept(&listener) => stream,
+            () = cp.stopped() => break,
+        };
+        let watcher = graceful.watcher();
         let metrics = metrics.clone();
         let cp = cp.clone();
         tokio::spawn(async move {
@@ -457,8 +511,14 @@ async fn serve_admin(
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10));
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let conn = watcher.watch(
+                builder
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .into_owned(),
+            );
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
         });
     }
+    // Open scrapes and probes finish (the caller bounds the wait).
+    graceful.shutdown().await;
 }

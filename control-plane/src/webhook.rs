@@ -68,12 +68,24 @@ pub fn tls(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String>
     Ok(Arc::new(config))
 }
 
-/// Accept TLS connections on `listener` and answer reviews, until the task is dropped.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, settings: Arc<Settings>) {
+/// Accept TLS connections on `listener` and answer reviews until `stop` resolves;
+/// then stop accepting and wait for the reviews in flight (the caller bounds it).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    settings: Arc<Settings>,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let mut accepting = crate::conn::Acceptor::new("webhook");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
     loop {
-        let stream = accepting.accept(&listener).await;
+        let stream = tokio::select! {
+            stream = accepting.accept(&listener) => stream,
+            () = &mut stop => break,
+        };
+        let watcher = graceful.watcher();
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
@@ -94,11 +106,14 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, settin
                 let settings = settings.clone();
                 async move { Ok::<_, Infallible>(handle(req, &settings).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn).await;
         });
     }
+    drop(listener);
+    // Reviews in flight finish; idle keep-alive connections are closed.
+    graceful.shutdown().await;
 }
 
 fn answer(

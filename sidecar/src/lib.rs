@@ -10,7 +10,10 @@
 //! [`standalone`] feeds the configuration from a local file; [`telemetry`] names every
 //! metric; [`error`] every answer the sidecar gives on its own; [`config`] every flag.
 //!
-//! [`run`] wires them together; `main.rs` only parses flags and sets up logging.
+//! [`serve`] wires them together on listeners it is given and stops when its shutdown
+//! future resolves, owning every task it starts; [`run`] binds, installs the metrics
+//! recorder and waits for SIGTERM/SIGINT; `main.rs` only parses flags and sets up
+//! logging.
 
 pub mod admin;
 pub mod audit;
@@ -31,16 +34,56 @@ pub mod telemetry;
 pub mod upstream;
 pub mod uri;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::config::Config;
 
-/// Run the sidecar until SIGTERM or SIGINT; returns once drained.
+/// The sockets the sidecar serves, bound before [`serve`] (tests bind `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    pub mcp: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Bind `--listen` and `--admin-listen`, naming the flag in an error.
+    pub async fn bind(config: &Config) -> Result<Listeners, String> {
+        Ok(Listeners {
+            mcp: listener::bind("--listen", config.listen).await?,
+            admin: listener::bind("--admin-listen", config.admin_listen).await?,
+        })
+    }
+}
+
+/// Run the sidecar until SIGTERM or SIGINT; returns once drained. What `main.rs`
+/// calls: installs the global metrics recorder, binds, then [`serve`]s.
 pub async fn run(config: Config) -> Result<(), String> {
     let metrics = telemetry::install().map_err(|e| format!("metrics: {e}"))?;
+    let listeners = Listeners::bind(&config).await?;
+    serve(config, listeners, metrics, shutdown_signal()).await
+}
+
+/// How long the admin port keeps answering after the MCP port has drained.
+const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serve MCP and admin traffic on `listeners` until `shutdown` resolves, then drain:
+/// `/ready` turns 503, the MCP port stops accepting and in-flight requests get
+/// `--drain-timeout`, the audit trail is written out, and every task this started
+/// is ended before it returns. `metrics` renders `/metrics` (the caller installed the
+/// recorder: once per process).
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    metrics: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
     let active = Arc::new(snapshot::Active::default());
     // The configuration source: a file (standalone) or the control plane.
     let source = match (&config.config, &config.control_plane) {
@@ -69,10 +112,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         (None, None) => return Err("one of --config or --control-plane is required".into()),
     };
 
-    let mcp_listener = listener::bind("--listen", config.listen).await?;
-    let admin_listener = listener::bind("--admin-listen", config.admin_listen).await?;
-    let mcp_addr = mcp_listener.local_addr().map_err(|e| e.to_string())?;
-    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+    let mcp_addr = listeners.mcp.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = listeners.admin.local_addr().map_err(|e| e.to_string())?;
 
     let (audit, audit_writer) = audit::Audit::start(config.audit_file.as_deref())?;
     let draining = Arc::new(AtomicBool::new(false));
@@ -100,20 +141,20 @@ pub async fn run(config: Config) -> Result<(), String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mcp_task = tokio::spawn(listener::serve(
         "mcp",
-        mcp_listener,
+        listeners.mcp,
         move |req, _peer| proxy.clone().handle(req),
         stop_rx,
         config.drain_timeout,
         config.header_read_timeout,
     ));
-    // The admin port keeps answering (503 on /ready) until the process exits.
-    let (_admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    tokio::spawn(listener::serve(
+    // The admin port keeps answering (503 on /ready) until the MCP port has drained.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(listener::serve(
         "admin",
-        admin_listener,
+        listeners.admin,
         move |req, peer| admin.clone().handle(req, peer),
         admin_stop_rx,
-        config.drain_timeout,
+        ADMIN_DRAIN,
         config.header_read_timeout,
     ));
     let source_name = match &source {
@@ -124,15 +165,17 @@ pub async fn run(config: Config) -> Result<(), String> {
             .unwrap_or_default(),
         Source::ControlPlane(d) => d.url.clone(),
     };
+    // Tasks that run until shutdown, then are ended here.
+    let mut background = JoinSet::new();
     match source {
         Source::File(watcher) => {
-            tokio::spawn(watcher.run(config.config_poll_interval));
+            background.spawn(watcher.run(config.config_poll_interval));
         }
         Source::ControlPlane(discovery) => {
-            tokio::spawn(discovery.run());
+            background.spawn(discovery.run());
         }
     }
-    tokio::spawn(async move {
+    background.spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             tick.tick().await;
@@ -147,13 +190,17 @@ pub async fn run(config: Config) -> Result<(), String> {
         "listening"
     );
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!(deadline = ?config.drain_timeout, "shutdown requested; draining");
     draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = mcp_task.await;
     // Every request has finished or been cut off: write out the audit trail.
     audit_writer.finish().await;
+    background.abort_all();
+    while background.join_next().await.is_some() {}
+    let _ = admin_stop_tx.send(true);
+    let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
 }

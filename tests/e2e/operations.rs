@@ -222,3 +222,49 @@ async fn wait_ready_returns_once_the_sidecar_is_ready_and_fails_after_its_deadli
     assert!(String::from_utf8_lossy(&failed.stderr).contains("did not answer 200"));
     Ok(())
 }
+
+/// The library's entry point, served in this process: the same request path, started
+/// on listeners the test bound, stopped by a future, every task ended when it returns.
+#[tokio::test]
+async fn a_sidecar_served_in_process_relays_audits_and_stops_cleanly() -> Result<()> {
+    let server = toolmesh_tests::DemoServer::start(&[]).await?;
+    let sidecar =
+        toolmesh_tests::InProcessSidecar::start(&standalone_config("demo", &server.url()), &[])
+            .await?;
+    let ready = eventually(5, || async {
+        reqwest::get(sidecar.admin_url("/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "the config loaded");
+    let r = post(
+        &sidecar.url("demo"),
+        &borrow(&modern_headers("echo")),
+        modern_call(1, "echo", json!({"text": "in process"})),
+    )
+    .await?;
+    assert_eq!(
+        r.message()["result"]["content"][0]["text"],
+        "in process",
+        "{r:?}"
+    );
+
+    let mcp = sidecar.mcp;
+    let started = Instant::now();
+    let audit = sidecar.stop().await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["name"] == "echo" && l["decision"] == "allowed" && l["status"] == 200),
+        "{audit:?}"
+    );
+    // Its port is closed: nothing it started outlives it.
+    assert!(tokio::net::TcpStream::connect(mcp).await.is_err());
+    Ok(())
+}

@@ -613,6 +613,101 @@ impl Everything {
     }
 }
 
+/// A sidecar served in this process by [`toolmesh_sidecar::serve`] (standalone, from a
+/// config file), for tests that need no separate process: start, address, stop, and
+/// the audit lines it wrote. The process-level behaviour (flags, exit codes, signals)
+/// stays with [`Sidecar`].
+#[derive(Debug)]
+pub struct InProcessSidecar {
+    pub mcp: SocketAddr,
+    pub admin: SocketAddr,
+    audit: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+    _dir: TempDir,
+}
+
+impl InProcessSidecar {
+    /// Serve `yaml` as [`IDENTITY`], with `extra` flags, on `127.0.0.1:0` ports.
+    pub async fn start(yaml: &str, extra: &[&str]) -> Result<InProcessSidecar> {
+        use clap::Parser;
+        // The metrics recorder is global: one per process, shared by every sidecar here.
+        static RECORDER: Mutex<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+            Mutex::new(None);
+        let dir = TempDir::new("sidecar-inproc")?;
+        let config_file = dir.0.join("config.yaml");
+        std::fs::write(&config_file, yaml)?;
+        let audit = dir.0.join("audit.jsonl");
+        let mut args: Vec<String> = [
+            "toolmesh-sidecar",
+            "--identity",
+            IDENTITY,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config-poll-interval",
+            "100ms",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(["--config".to_owned(), config_file.display().to_string()]);
+        args.extend(["--audit-file".to_owned(), audit.display().to_string()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let config = toolmesh_sidecar::config::Config::try_parse_from(args)?;
+        let metrics = {
+            let mut slot = RECORDER
+                .lock()
+                .map_err(|_| anyhow!("recorder lock poisoned"))?;
+            match &*slot {
+                Some(handle) => handle.clone(),
+                None => {
+                    let handle = toolmesh_sidecar::telemetry::install()?;
+                    *slot = Some(handle.clone());
+                    handle
+                }
+            }
+        };
+        let listeners = toolmesh_sidecar::Listeners::bind(&config)
+            .await
+            .map_err(|e| anyhow!(e))?;
+        let (mcp, admin) = (listeners.mcp.local_addr()?, listeners.admin.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(toolmesh_sidecar::serve(config, listeners, metrics, async {
+            let _ = stopped.await;
+        }));
+        Ok(InProcessSidecar {
+            mcp,
+            admin,
+            audit,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        })
+    }
+
+    pub fn url(&self, server: &str) -> String {
+        format!("http://{}/mcp/{server}", self.mcp)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Ask it to stop and wait until [`toolmesh_sidecar::serve`] returns.
+    pub async fn stop(mut self) -> Result<Vec<serde_json::Value>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?.map_err(|e| anyhow!(e))?;
+        Ok(std::fs::read_to_string(&self.audit)?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
+
 /// `tests/js/server.mjs`: an MCP server on the official TypeScript SDK (sessions,
 /// a resource template, resumption from its `InMemoryEventStore`, and the legacy
 /// HTTP+SSE transport on `/sse`). It logs every call, read and completion it runs.
