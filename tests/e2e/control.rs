@@ -4,16 +4,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use toolmesh_proto::v1alpha1 as pb;
-use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
-use toolmesh_proto::v1alpha1::snapshot_service_client::SnapshotServiceClient;
 use toolmesh_tests::{
     ControlPlane, DemoServer, IDENTITY, OTHER_TOKEN, SIDECAR_TOKEN, Sidecar, TempDir,
 };
 
-use crate::support::{admin, call_demo, eventually};
+use crate::support::{admin, call_demo, eventually, snapshot_stream};
 
 /// The demo server, a secret for it, and a policy allowing `tools` to the test identity.
 fn resources(url: &str, tools: &str) -> String {
@@ -145,24 +141,8 @@ async fn first_push(
     token: &str,
     identity: &str,
 ) -> Result<Result<pb::Snapshot, tonic::Status>> {
-    let channel = tonic::transport::Channel::from_shared(cp.url())?
-        .connect()
-        .await?;
-    let mut client = SnapshotServiceClient::new(channel);
-    let (tx, rx) = mpsc::channel(2);
-    tx.send(pb::SidecarMessage {
-        kind: Some(Msg::Hello(pb::Hello {
-            identity: identity.into(),
-            node: "probe".into(),
-            version: String::new(),
-        })),
-    })
-    .await?;
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    let mut stream = match client.stream(req).await {
-        Ok(r) => r.into_inner(),
+    let (_tx, mut stream) = match snapshot_stream(&cp.url(), token, identity, "probe").await? {
+        Ok(opened) => opened,
         Err(status) => return Ok(Err(status)),
     };
     match stream.message().await {

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use toolmesh_tests::{DemoServer, IDENTITY, Sidecar, TsServer};
 
-use crate::support::{Reply, borrow, eventually, modern_call, modern_headers, post};
+use crate::support::{Reply, audit_lines, borrow, eventually, modern_call, modern_headers, post};
 
 const PROTOCOL: &str = "2025-11-25";
 
@@ -570,15 +570,6 @@ async fn what_is_forwarded_is_what_was_judged() -> Result<()> {
     assert!(!r.text.contains("10.9.9.9"), "{r:?}");
     assert_eq!(up.demo.proc.output.text().matches("call echo").count(), 0);
     Ok(())
-}
-
-fn audit_lines(sidecar: &Sidecar) -> Vec<Value> {
-    sidecar
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("decision").is_some())
-        .collect()
 }
 
 #[tokio::test]

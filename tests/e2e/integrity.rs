@@ -8,16 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use toolmesh_proto::v1alpha1 as pb;
 use toolmesh_proto::v1alpha1::admin_service_client::AdminServiceClient;
 use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
-use toolmesh_proto::v1alpha1::snapshot_service_client::SnapshotServiceClient;
 use toolmesh_tests::{
     ADMIN_TOKEN, ControlPlane, DemoServer, IDENTITY, SIDECAR_TOKEN, Sidecar, TempDir, binary,
+    toolmeshctl,
 };
 
-use crate::support::{admin, call_demo, eventually};
+use crate::support::{admin, call_demo, eventually, snapshot_stream};
 
 /// The demo server and two policies for the test identity: one allowing `tools`, and
 /// a later one denying `add` (the rule a cut state file would lose).
@@ -285,26 +284,20 @@ async fn directories_of_any_size_apply_and_seed_and_errors_name_the_file() -> Re
 
     // One bad file among them: the error names it, and the resource or the document
     // (with its line) in it.
-    std::fs::write(
-        policies.0.join("p0700.yaml"),
-        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: bad}\nspec:\n  subjects: [{identity: x}]\n  rulez: []\n",
-    )?;
-    let (ok, _, err) = cp.ctl(&["apply", "-f", &path], None).await?;
-    assert!(!ok);
-    assert!(
-        err.contains("p0700.yaml: AccessPolicy/bad: spec.rulez"),
-        "{err}"
-    );
-    std::fs::write(
-        policies.0.join("p0700.yaml"),
-        "# a comment\n---\nkind: [unclosed\n",
-    )?;
-    let (ok, _, err) = cp.ctl(&["apply", "-f", &path], None).await?;
-    assert!(!ok);
-    assert!(
-        err.contains("p0700.yaml: document 0 (line 2): not valid YAML"),
-        "{err}"
-    );
+    for (bad, named) in [
+        (
+            "---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: bad}\nspec:\n  subjects: [{identity: x}]\n  rulez: []\n",
+            "p0700.yaml: AccessPolicy/bad: spec.rulez",
+        ),
+        (
+            "# a comment\n---\nkind: [unclosed\n",
+            "p0700.yaml: document 0 (line 2): not valid YAML",
+        ),
+    ] {
+        std::fs::write(policies.0.join("p0700.yaml"), bad)?;
+        let (ok, _, err) = cp.ctl(&["apply", "-f", &path], None).await?;
+        assert!(!ok && err.contains(named), "{err}");
+    }
     Ok(())
 }
 
@@ -349,23 +342,9 @@ async fn an_apply_that_could_render_an_oversize_snapshot_is_refused_with_its_siz
 
 /// One simulated sidecar lifetime: connect, take the first push, ACK it, go away.
 async fn pod_lifetime(url: String, node: String) -> Result<()> {
-    let channel = tonic::transport::Channel::from_shared(url)?
-        .connect()
-        .await?;
-    let mut client = SnapshotServiceClient::new(channel);
-    let (tx, rx) = mpsc::channel(2);
-    tx.send(pb::SidecarMessage {
-        kind: Some(Msg::Hello(pb::Hello {
-            identity: IDENTITY.into(),
-            node,
-            version: String::new(),
-        })),
-    })
-    .await?;
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {SIDECAR_TOKEN}").parse()?);
-    let mut stream = client.stream(req).await?.into_inner();
+    let (tx, mut stream) = snapshot_stream(&url, SIDECAR_TOKEN, IDENTITY, &node)
+        .await?
+        .map_err(|s| anyhow::anyhow!("refused: {s:?}"))?;
     let push = stream.message().await?.context("a push")?;
     tx.send(pb::SidecarMessage {
         kind: Some(Msg::Ack(pb::Ack {
@@ -428,20 +407,14 @@ async fn ten_thousand_pod_lifetimes_leave_a_bounded_fleet_and_a_true_gauge() -> 
     .await;
     assert!(gauge_is_one, "the gauge follows connections");
     // After the expiry only the live sidecar is left, and status says so in one page.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let out = tokio::process::Command::new(binary("toolmeshctl"))
-        .args(["status"])
-        .env("TOOLMESH_CTL_SERVER", &url)
-        .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert_eq!(
-        text.lines().count(),
-        2,
-        "header and the live sidecar: {text}"
-    );
+    let forgotten = eventually(10, || async {
+        toolmeshctl(&url, None, &["status"], None)
+            .await
+            .is_ok_and(|(ok, text, _)| ok && text.lines().count() == 2)
+    })
+    .await;
+    let (_, text, _) = toolmeshctl(&url, None, &["status"], None).await?;
+    assert!(forgotten, "header and the live sidecar only: {text}");
     assert!(text.contains("test-pod") && text.contains("yes"), "{text}");
     Ok(())
 }
@@ -491,17 +464,8 @@ async fn idle_connections_cannot_starve_the_control_plane() -> Result<()> {
         "a new sidecar was served {:?} into the flood",
         started.elapsed()
     );
-    let out = tokio::process::Command::new(binary("toolmeshctl"))
-        .args(["status", "--timeout", "5s"])
-        .env("TOOLMESH_CTL_SERVER", &url)
-        .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .await?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = toolmeshctl(&url, None, &["status", "--timeout", "5s"], None).await?;
+    assert!(ok, "{err}");
     drop(idle);
     Ok(())
 }

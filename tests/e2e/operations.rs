@@ -164,7 +164,12 @@ async fn sigterm_drains_in_flight_calls_then_exits() -> Result<()> {
         .await;
         (r, started.elapsed())
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The call is in flight once the upstream has it.
+    let in_flight = eventually(5, || async {
+        stack.server.proc.output.text().contains("call sleep")
+    })
+    .await;
+    assert!(in_flight, "the call never reached the upstream");
     let pid = stack.sidecar.proc.pid().expect("running");
     std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])

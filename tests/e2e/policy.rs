@@ -11,7 +11,9 @@ use rmcp::transport::StreamableHttpClientTransport;
 use serde_json::{Value, json};
 use toolmesh_tests::{DemoServer, IDENTITY, Sidecar};
 
-use crate::support::{Reply, admin, borrow, demo_config, modern_call, modern_headers, post};
+use crate::support::{
+    Reply, admin, audit_lines, borrow, demo_config, modern_call, modern_headers, post,
+};
 
 /// The policy under test, for the demo server at `url`.
 fn config(url: &str) -> String {
@@ -50,15 +52,6 @@ async fn call(sidecar: &Sidecar, id: u64, tool: &str, args: Value) -> Result<Rep
         modern_call(id, tool, args),
     )
     .await
-}
-
-fn audit_lines(sidecar: &Sidecar) -> Vec<Value> {
-    sidecar
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("decision").is_some())
-        .collect()
 }
 
 #[tokio::test]

@@ -163,3 +163,52 @@ where
     }
     false
 }
+
+/// The audit lines a sidecar wrote to its output (stdout, interleaved with its logs).
+pub fn audit_lines(sidecar: &Sidecar) -> Vec<Value> {
+    sidecar
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("decision").is_some())
+        .collect()
+}
+
+/// The sender for ACKs and the pushes of a snapshot stream.
+pub type SnapshotStream = (
+    tokio::sync::mpsc::Sender<toolmesh_proto::v1alpha1::SidecarMessage>,
+    tonic::Streaming<toolmesh_proto::v1alpha1::SnapshotPush>,
+);
+
+/// Open a raw snapshot stream as a sidecar would, Hello sent: the stream, or the
+/// control plane's refusal.
+pub async fn snapshot_stream(
+    url: &str,
+    token: &str,
+    identity: &str,
+    node: &str,
+) -> Result<Result<SnapshotStream, tonic::Status>> {
+    use toolmesh_proto::v1alpha1 as pb;
+    use toolmesh_proto::v1alpha1::sidecar_message::Kind as Msg;
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())?
+        .connect()
+        .await?;
+    let mut client =
+        toolmesh_proto::v1alpha1::snapshot_service_client::SnapshotServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(pb::SidecarMessage {
+        kind: Some(Msg::Hello(pb::Hello {
+            identity: identity.into(),
+            node: node.into(),
+            version: String::new(),
+        })),
+    })
+    .await?;
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(match client.stream(req).await {
+        Ok(r) => Ok((tx, r.into_inner())),
+        Err(status) => Err(status),
+    })
+}

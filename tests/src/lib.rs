@@ -482,29 +482,40 @@ impl ControlPlane {
 
     /// Run toolmeshctl against this control plane; returns (success, stdout, stderr).
     pub async fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Result<(bool, String, String)> {
-        use tokio::io::AsyncWriteExt;
-        let mut cmd = Command::new(binary("toolmeshctl"));
-        cmd.args(args)
-            .env("TOOLMESH_CTL_SERVER", self.url())
-            .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
-            .envs(self.ca.as_ref().map(|ca| ("TOOLMESH_CA_FILE", ca)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn()?;
-        if let Some(mut input) = child.stdin.take() {
-            input
-                .write_all(stdin.unwrap_or_default().as_bytes())
-                .await?;
-        }
-        let out = child.wait_with_output().await?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        toolmeshctl(&self.url(), self.ca.as_deref(), args, stdin).await
     }
+}
+
+/// Run toolmeshctl against the control plane at `url` (trusting `ca`, if any) with
+/// the admin token; returns (success, stdout, stderr).
+pub async fn toolmeshctl(
+    url: &str,
+    ca: Option<&Path>,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<(bool, String, String)> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = Command::new(binary("toolmeshctl"));
+    cmd.args(args)
+        .env("TOOLMESH_CTL_SERVER", url)
+        .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .envs(ca.map(|ca| ("TOOLMESH_CA_FILE", ca)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    if let Some(mut input) = child.stdin.take() {
+        input
+            .write_all(stdin.unwrap_or_default().as_bytes())
+            .await?;
+    }
+    let out = child.wait_with_output().await?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// Config for one server named `name` at `url`, usable by [`IDENTITY`].
