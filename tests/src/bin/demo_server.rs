@@ -35,6 +35,21 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+/// rmcp answers a session's `DELETE` with 202 Accepted; the Python SDK reads anything
+/// but 200 as "Session termination failed" and says so on every run. The session is
+/// gone either way: answer 200.
+async fn delete_answers_ok(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let delete = req.method() == http::Method::DELETE;
+    let mut resp = next.run(req).await;
+    if delete && resp.status() == http::StatusCode::ACCEPTED {
+        *resp.status_mut() = http::StatusCode::OK;
+    }
+    resp
+}
+
 /// A 1x1 red PNG.
 const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
 /// An empty 8 kHz mono PCM WAV file.
@@ -562,7 +577,9 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    let app = axum::Router::new().nest_service("/mcp", service);
+    let app = axum::Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn(delete_answers_ok));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on http://{}/mcp", listener.local_addr()?);
     axum::serve(listener, app)
