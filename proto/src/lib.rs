@@ -39,5 +39,22 @@ pub const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
 /// envelope. Every client and server sets this one number.
 pub const MAX_MESSAGE_BYTES: usize = MAX_SNAPSHOT_BYTES + 64 * 1024;
 
+/// An error and its sources, `outer: inner: root`, each said once: transport errors
+/// (tonic's, hyper's) stop their own text at the outermost ("transport error"), which
+/// hides the cause a person needs (connection refused, a TLS or DNS failure).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let next = inner.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = inner.source();
+    }
+    text
+}
+
 /// The `apiVersion` every resource carries.
 pub const API_VERSION: &str = "toolmesh.dev/v1alpha1";

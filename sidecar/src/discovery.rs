@@ -90,28 +90,12 @@ pub struct Discovery {
     pub active: Arc<Active>,
 }
 
-/// An error and its sources, `outer: inner: root` (tonic's own text stops at the
-/// outermost, e.g. "transport error", which hides a TLS or DNS cause).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let next = inner.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = inner.source();
-    }
-    text
-}
-
 /// A gRPC status as the code, the message and any transport cause.
 fn status(s: &tonic::Status) -> String {
     let mut text = format!("{:?}: {}", s.code(), s.message());
     if let Some(cause) = std::error::Error::source(s) {
         text.push_str(": ");
-        text.push_str(&chain(cause));
+        text.push_str(&toolmesh_proto::error_chain(cause));
     }
     text
 }
@@ -279,7 +263,7 @@ impl Discovery {
         endpoint
             .connect()
             .await
-            .map_err(|e| format!("connect: {}", chain(&e)))
+            .map_err(|e| format!("connect: {}", toolmesh_proto::error_chain(&e)))
     }
 
     async fn session(&self) -> Result<(), Failure> {

@@ -136,7 +136,7 @@ impl Upstream {
         match tokio::time::timeout(route.timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
-                let reason = error_chain(&e);
+                let reason = toolmesh_proto::error_chain(&e);
                 tracing::warn!(server = %route.name, error = %reason, "upstream request failed");
                 let server = route.name.clone();
                 // Only a failed connect proves the request never left.
@@ -157,18 +157,6 @@ impl Upstream {
             }
         }
     }
-}
-
-/// The error and its sources, e.g. "client error (Connect): tcp connect error: Connection refused".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Remove hop-by-hop headers, including those the `Connection` header names.

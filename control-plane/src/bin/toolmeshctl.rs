@@ -109,27 +109,12 @@ async fn client(cli: &Cli) -> Result<AdminServiceClient<Channel>, String> {
         format!(
             "cannot reach the control plane at {}: {} (is --server right, and is it up?)",
             cli.server,
-            chain(&e)
+            toolmesh_proto::error_chain(&e)
         )
     })?;
     Ok(AdminServiceClient::new(channel)
         .max_decoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(toolmesh_proto::MAX_MESSAGE_BYTES))
-}
-
-/// An error and its sources (tonic's own text stops at "transport error").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let next = inner.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 /// What a failed call says: the server's message, or what went wrong on the way.
@@ -138,16 +123,23 @@ fn failure(call: &str, timeout: std::time::Duration, e: &tonic::Status) -> Strin
         tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             format!("the control plane did not answer {call} within {timeout:?}")
         }
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-            if e.message().contains("compression flag")
-                || e.message().contains("transport")
-                || e.message().contains("h2 protocol") =>
+        // Something answered, but not the control plane's gRPC (an HTTP/1 server, the
+        // admin port, a TLS port spoken to in plaintext).
+        _ if [
+            "compression flag",
+            "grpc-status header missing",
+            "h2 protocol",
+            "transport error",
+            "invalid content type",
+        ]
+        .iter()
+        .any(|hint| e.message().contains(hint)) =>
         {
             let cause = std::error::Error::source(e)
-                .map(|c| format!(": {}", chain(c)))
+                .map(|c| format!(": {}", toolmesh_proto::error_chain(c)))
                 .unwrap_or_default();
             format!(
-                "{call} failed: {}{cause} (is --server the control plane's gRPC port?)",
+                "{call} failed: {}{cause} (is --server the control plane's gRPC port, with the right http/https?)",
                 e.message()
             )
         }
