@@ -43,9 +43,20 @@ pub const LOG_ANNOTATION: &str = "toolmesh.dev/log-level";
 /// Label the control plane's own pods carry; they are never injected.
 pub const OWN_LABEL: (&str, &str) = ("app.kubernetes.io/name", "toolmesh-control-plane");
 
-/// Where the injected sidecar serves agents, and its admin port (probes, metrics).
-pub const MCP_PORT: u16 = 15001;
-pub const ADMIN_PORT: u16 = 15020;
+/// Where the injected sidecar serves agents, and its admin port (probes, metrics):
+/// outside Istio's 15000-15090 and Linkerd's 4140-4191, so the meshes can run side by
+/// side.
+pub const MCP_PORT: u16 = 16001;
+pub const ADMIN_PORT: u16 = 16020;
+/// The sidecar's own user and group: no application container may run as it, so a
+/// traffic-capture rule can one day tell the sidecar's connections from the agent's
+/// (as Istio does with 1337). Not distroless's default app uid (65532).
+pub const SIDECAR_UID: i64 = 16100;
+/// Hosts that must never go through an HTTP proxy: the agent reaches its sidecar on
+/// loopback.
+const NO_PROXY_HOSTS: &str = "127.0.0.1,localhost,::1";
+/// The annotation `kubectl logs` and `exec` read to pick a container by default.
+const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 const TOKEN_DIR: &str = "/var/run/secrets/toolmesh";
 const STATE_DIR: &str = "/var/lib/toolmesh";
 
@@ -63,7 +74,7 @@ pub struct Settings {
     #[arg(
         long = "inject-control-plane",
         env = "TOOLMESH_INJECT_CONTROL_PLANE",
-        default_value = "https://toolmesh-control-plane.toolmesh-system.svc:15010"
+        default_value = "https://toolmesh-control-plane.toolmesh-system.svc:16010"
     )]
     pub control_plane: String,
     /// Audience of the projected service-account token the sidecar presents.
@@ -141,6 +152,28 @@ impl Default for Settings {
     }
 }
 
+/// A pod with the sidecar injected, and what the pod author should hear (shown by
+/// `kubectl` as admission warnings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injected {
+    pub pod: Value,
+    pub warnings: Vec<String>,
+}
+
+/// Why a pod was not injected: left alone, or refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotInjected {
+    Skip(Skip),
+    /// The pod is refused (admission denied), with the reason.
+    Refused(String),
+}
+
+impl From<Skip> for NotInjected {
+    fn from(skip: Skip) -> Self {
+        NotInjected::Skip(skip)
+    }
+}
+
 /// Why a pod was left alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Skip {
@@ -194,17 +227,100 @@ pub fn skip(pod: &Value) -> Option<Skip> {
     None
 }
 
-/// The pod with the sidecar injected, or why it was left alone.
-pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
+/// Is `text` a Kubernetes resource quantity (`50m`, `1`, `128Mi`, `1.5Gi`, `2e3`)?
+/// An invalid one in the sidecar's spec would make the API server refuse the pod.
+fn is_quantity(text: &str) -> bool {
+    const SUFFIXES: &[&str] = &[
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "M", "G", "T", "P", "E", "",
+    ];
+    let number_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(number_end);
+    let exponent = suffix.strip_prefix(['e', 'E']).is_some_and(|e| {
+        !e.is_empty()
+            && e.trim_start_matches(['+', '-'])
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+    });
+    let digits = number.trim_start_matches(['+', '-']);
+    !digits.is_empty()
+        && digits.bytes().filter(|b| *b == b'.').count() <= 1
+        && digits.bytes().any(|b| b.is_ascii_digit())
+        && !digits[1..].contains(['+', '-'])
+        && (exponent || SUFFIXES.contains(&suffix))
+}
+
+/// Is `text` a log filter the sidecar accepts (`info`, `debug,hyper=warn`)? A bad one
+/// would make it exit at start, and the pod never start.
+fn is_log_filter(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 256
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_,=:.-".contains(&b))
+}
+
+/// The uid a container runs as, if its (or the pod's) security context says.
+fn run_as_user(container: &Value, pod: &Value) -> Option<i64> {
+    container["securityContext"]["runAsUser"]
+        .as_i64()
+        .or_else(|| pod["spec"]["securityContext"]["runAsUser"].as_i64())
+}
+
+/// The pod with the sidecar injected, or why not.
+pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected> {
     if let Some(skip) = skip(pod) {
-        return Err(skip);
+        return Err(skip.into());
     }
+    for list in ["containers", "initContainers"] {
+        let runs_as_sidecar = pod["spec"][list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| run_as_user(c, pod) == Some(SIDECAR_UID));
+        if let Some(c) = runs_as_sidecar {
+            return Err(NotInjected::Refused(format!(
+                "container {} runs as uid {SIDECAR_UID}, which is reserved for the toolmesh sidecar; choose another runAsUser",
+                c["name"]
+            )));
+        }
+    }
+    let mut warnings = Vec::new();
     let annotation = |name: &str| str_at(pod, &["metadata", "annotations", name]);
     let native = !settings.legacy && annotation(NATIVE_ANNOTATION) != Some("false");
-    let resource = |what: &str, default: &str| -> Value {
-        json!(annotation(&format!("{RESOURCE_ANNOTATION}{what}")).unwrap_or(default))
+    let mut resource = |what: &str, default: &str| -> Value {
+        let name = format!("{RESOURCE_ANNOTATION}{what}");
+        match annotation(&name) {
+            Some(v) if is_quantity(v) => json!(v),
+            Some(v) => {
+                warnings.push(format!(
+                    "annotation {name}: {v:?} is not a resource quantity; the default {default} is used"
+                ));
+                json!(default)
+            }
+            None => json!(default),
+        }
     };
-    let log = annotation(LOG_ANNOTATION).unwrap_or(&settings.log);
+    let requests = json!({
+        "cpu": resource("cpu-request", &settings.cpu_request),
+        "memory": resource("memory-request", &settings.memory_request),
+    });
+    let limits = json!({
+        "cpu": resource("cpu-limit", &settings.cpu_limit),
+        "memory": resource("memory-limit", &settings.memory_limit),
+    });
+    let log = match annotation(LOG_ANNOTATION) {
+        Some(v) if is_log_filter(v) => v,
+        Some(v) => {
+            warnings.push(format!(
+                "annotation {LOG_ANNOTATION}: {v:?} is not a log filter (e.g. info, debug); {} is used",
+                settings.log
+            ));
+            &settings.log
+        }
+        None => &settings.log,
+    };
     let ready = json!({"httpGet": {"path": "/ready", "port": ADMIN_PORT}});
 
     let mut sidecar = json!({
@@ -214,9 +330,11 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
             "--control-plane", settings.control_plane,
             "--token-file", format!("{TOKEN_DIR}/token"),
             "--state-dir", STATE_DIR,
-            // Probes and metrics scrapes come from the node, not from loopback. The MCP
-            // port stays loopback-only: it serves this pod alone.
-            "--admin-listen", format!("0.0.0.0:{ADMIN_PORT}"),
+            // Probes and metrics scrapes come from the node, not from loopback, over
+            // IPv4 or IPv6 (`[::]` is both, or IPv4 where the pod has no IPv6). The
+            // sidecar serves /config to loopback only. The MCP port stays
+            // loopback-only: it serves this pod alone.
+            "--admin-listen", format!("[::]:{ADMIN_PORT}"),
             "--workers", "1",
         ],
         "env": [
@@ -227,14 +345,11 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
             {"name": "TOOLMESH_LOG", "value": log},
         ],
         "ports": [{"name": "toolmesh-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
-        "resources": {
-            "requests": {"cpu": resource("cpu-request", &settings.cpu_request), "memory": resource("memory-request", &settings.memory_request)},
-            "limits": {"cpu": resource("cpu-limit", &settings.cpu_limit), "memory": resource("memory-limit", &settings.memory_limit)},
-        },
+        "resources": {"requests": requests, "limits": limits},
         "securityContext": {
             "runAsNonRoot": true,
-            "runAsUser": 65532,
-            "runAsGroup": 65532,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
             "readOnlyRootFilesystem": true,
             "allowPrivilegeEscalation": false,
             "capabilities": {"drop": ["ALL"]},
@@ -265,19 +380,20 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
     }
 
     let mut out = pod.clone();
+    let first_app = pod["spec"]["containers"][0]["name"]
+        .as_str()
+        .map(str::to_owned);
     let Some(spec) = out["spec"].as_object_mut() else {
-        return Err(Skip::NotAPod);
+        return Err(Skip::NotAPod.into());
     };
-    // Agents learn where their tools are.
+    // Agents learn where their tools are, and never send loopback through a proxy.
     if let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) {
         for c in containers.iter_mut() {
             let env = c
                 .as_object_mut()
                 .map(|c| c.entry("env").or_insert_with(|| json!([])));
-            if let Some(env) = env.and_then(Value::as_array_mut)
-                && !env.iter().any(|e| e["name"] == "TOOLMESH_MCP_URL")
-            {
-                env.push(json!({"name": "TOOLMESH_MCP_URL", "value": format!("http://127.0.0.1:{MCP_PORT}/mcp")}));
+            if let Some(env) = env.and_then(Value::as_array_mut) {
+                agent_env(env);
             }
         }
     }
@@ -288,13 +404,15 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
     };
     match spec.entry(list).or_insert_with(|| json!([])).as_array_mut() {
         Some(list) => list.insert(0, sidecar),
-        None => return Err(Skip::NotAPod),
+        None => return Err(Skip::NotAPod.into()),
     }
     let volumes = spec.entry("volumes").or_insert_with(|| json!([]));
     if let Some(volumes) = volumes.as_array_mut() {
         volumes.push(json!({"name": "toolmesh-state", "emptyDir": {"sizeLimit": "16Mi"}}));
+        // Readable whatever uid the pod's other containers use (the kubelet makes a
+        // projected token owner-only otherwise); only the sidecar mounts it.
         volumes.push(
-            json!({"name": "toolmesh-token", "projected": {"sources": [{"serviceAccountToken": {
+            json!({"name": "toolmesh-token", "projected": {"defaultMode": 0o444, "sources": [{"serviceAccountToken": {
             "audience": settings.audience, "expirationSeconds": 3600, "path": "token"}}]}}),
         );
     }
@@ -309,9 +427,46 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Value, Skip> {
         let annotations = metadata.entry("annotations").or_insert_with(|| json!({}));
         if let Some(annotations) = annotations.as_object_mut() {
             annotations.insert(INJECTED.to_owned(), json!(record));
+            // `kubectl logs` and `exec` go to the agent, not to the sidecar (which is
+            // the first container in legacy mode).
+            if let Some(app) = first_app
+                && !annotations.contains_key(DEFAULT_CONTAINER)
+            {
+                annotations.insert(DEFAULT_CONTAINER.to_owned(), json!(app));
+            }
         }
     }
-    Ok(out)
+    Ok(Injected { pod: out, warnings })
+}
+
+/// An agent container's environment with `TOOLMESH_MCP_URL` first (so the author's own
+/// entries can use `$(TOOLMESH_MCP_URL)`: Kubernetes expands only earlier entries) and
+/// loopback in `NO_PROXY`/`no_proxy` (an HTTP proxy set for the container must not
+/// take the agent's calls to its sidecar elsewhere). A `NO_PROXY` from a `valueFrom`
+/// is left as it is.
+fn agent_env(env: &mut Vec<Value>) {
+    if !env.iter().any(|e| e["name"] == "TOOLMESH_MCP_URL") {
+        env.insert(
+            0,
+            json!({"name": "TOOLMESH_MCP_URL", "value": format!("http://127.0.0.1:{MCP_PORT}/mcp")}),
+        );
+    }
+    for name in ["NO_PROXY", "no_proxy"] {
+        match env.iter_mut().find(|e| e["name"] == name) {
+            None => env.insert(1, json!({"name": name, "value": NO_PROXY_HOSTS})),
+            Some(entry) => {
+                if let Some(value) = entry["value"].as_str()
+                    && !value.split(',').any(|h| h.trim() == "127.0.0.1")
+                {
+                    entry["value"] = json!(if value.is_empty() {
+                        NO_PROXY_HOSTS.to_owned()
+                    } else {
+                        format!("{NO_PROXY_HOSTS},{value}")
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// Answer an `AdmissionReview` request body. Errors are for bodies that are not an
@@ -338,21 +493,31 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Vec<u8>, String> {
             &request.name
         }
     );
+    let mut warnings = Vec::new();
     let patch = match pod.as_ref().map(|pod| (pod, mutate(pod, settings))) {
         Some((pod, Ok(injected))) => {
-            tracing::info!(pod = %where_, "sidecar injected");
-            Some(json_patch::diff(pod, &injected))
+            tracing::info!(pod = %where_, warnings = injected.warnings.len(), "sidecar injected");
+            warnings = injected.warnings;
+            Ok(Some(json_patch::diff(pod, &injected.pod)))
         }
-        Some((_, Err(skip))) => {
+        Some((_, Err(NotInjected::Skip(skip)))) => {
             tracing::debug!(pod = %where_, reason = skip.reason(), "not injected");
-            None
+            Ok(None)
         }
-        None => None,
+        Some((_, Err(NotInjected::Refused(reason)))) => {
+            tracing::warn!(pod = %where_, %reason, "pod refused");
+            Err(reason)
+        }
+        None => Ok(None),
     };
-    let response = match patch {
-        Some(patch) => response.with_patch(patch).map_err(|e| e.to_string())?,
-        None => response,
+    let mut response = match patch {
+        Ok(Some(patch)) => response.with_patch(patch).map_err(|e| e.to_string())?,
+        Ok(None) => response,
+        Err(reason) => response.deny(reason),
     };
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
+    }
     let mut wire = serde_json::to_value(response.into_review()).map_err(|e| e.to_string())?;
     // The API server wants `patch` as base64 (Go's []byte); kube-core serializes its
     // bytes as an array of numbers, so it is re-encoded here.

@@ -29,7 +29,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "TOOLMESH_CP_LISTEN",
-        default_value = "0.0.0.0:15010",
+        default_value = "0.0.0.0:16010",
         value_name = "ADDR"
     )]
     pub listen: SocketAddr,
@@ -37,7 +37,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "TOOLMESH_CP_ADMIN_LISTEN",
-        default_value = "0.0.0.0:15014",
+        default_value = "0.0.0.0:16014",
         value_name = "ADDR"
     )]
     pub admin_listen: SocketAddr,

@@ -36,7 +36,7 @@ pub const MAX_BODY: usize = 4 * 1024 * 1024;
 #[derive(Debug, Clone, clap::Args)]
 pub struct WebhookArgs {
     /// Serve the sidecar-injection webhook (HTTPS, `POST /inject`) on this address,
-    /// e.g. 0.0.0.0:15017. Off when unset. Requires --webhook-cert and --webhook-key.
+    /// e.g. 0.0.0.0:16017. Off when unset. Requires --webhook-cert and --webhook-key.
     #[arg(long, env = "TOOLMESH_CP_WEBHOOK_LISTEN", value_name = "ADDR")]
     pub webhook_listen: Option<SocketAddr>,
     /// PEM certificate chain the webhook serves (its name must match the Service the

@@ -119,11 +119,11 @@ fn a_deployment_created_pod_gets_a_native_sidecar_and_its_agents_the_mcp_url() {
         probe.http_get.map(|h| h.path),
         Some(Some("/ready".to_owned()))
     );
-    let security = c.security_context.expect("security context");
+    let security = c.security_context.clone().expect("security context");
     assert_eq!(security.run_as_non_root, Some(true));
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
-    let capabilities = security.capabilities.expect("capabilities");
+    let capabilities = security.capabilities.clone().expect("capabilities");
     assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
     assert_eq!(capabilities.add, None);
     let args = c.args.expect("args");
@@ -151,12 +151,39 @@ fn a_deployment_created_pod_gets_a_native_sidecar_and_its_agents_the_mcp_url() {
     assert_eq!(agent.name, "agent");
     let env = agent.env.as_ref().expect("env");
     assert!(env.iter().any(|e| e.name == "MODEL"), "existing env kept");
-    assert!(env.iter().any(|e| e.name == "TOOLMESH_MCP_URL"
-        && e.value.as_deref() == Some("http://127.0.0.1:15001/mcp")));
-    let record = pod
-        .metadata
-        .annotations
-        .and_then(|a| a.get(inject::INJECTED).cloned())
+    // First, so the author's own entries can use $(TOOLMESH_MCP_URL).
+    assert_eq!(env[0].name, "TOOLMESH_MCP_URL");
+    assert_eq!(env[0].value.as_deref(), Some("http://127.0.0.1:16001/mcp"));
+    for name in ["NO_PROXY", "no_proxy"] {
+        assert!(
+            env.iter()
+                .any(|e| e.name == name && e.value.as_deref() == Some("127.0.0.1,localhost,::1")),
+            "{name}"
+        );
+    }
+    // Outside Istio's 15000-15090: both meshes can run; the admin port on both stacks.
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--admin-listen", "[::]:16020"])
+    );
+    assert_eq!(security.run_as_user, Some(inject::SIDECAR_UID));
+    let projected = volumes
+        .iter()
+        .find(|v| v.name == "toolmesh-token")
+        .and_then(|v| v.projected.as_ref())
+        .expect("projected");
+    assert_eq!(projected.default_mode, Some(0o444));
+    let annotations = pod.metadata.annotations.expect("annotations");
+    assert_eq!(
+        annotations
+            .get("kubectl.kubernetes.io/default-container")
+            .map(String::as_str),
+        Some("agent"),
+        "kubectl logs/exec go to the agent"
+    );
+    let record = annotations
+        .get(inject::INJECTED)
+        .cloned()
         .expect("injected annotation");
     assert_eq!(
         serde_json::from_str::<Value>(&record).expect("JSON")["mode"],
@@ -300,5 +327,102 @@ fn sidecars_are_told_which_ca_signs_the_control_plane_when_one_is_set() {
     let (_, patched) = answer(&review, &settings);
     let patched = patched.expect("injected");
     validate_strictly("deployment-pod-with-ca", &patched);
+    assert_idempotent(&review, &patched, &settings);
+}
+
+#[test]
+fn bad_annotations_fall_back_to_defaults_with_a_warning() {
+    let settings = Settings::default();
+    let mut review = fixture("legacy-mode");
+    let annotations = &mut review["request"]["object"]["metadata"]["annotations"];
+    annotations["toolmesh.dev/sidecar-memory-limit"] = json!("256 MB");
+    annotations["toolmesh.dev/sidecar-cpu-request"] = json!("1.5.0");
+    annotations["toolmesh.dev/log-level"] = json!("debug; rm -rf /");
+    let (response, patched) = answer(&review, &settings);
+    let patched = patched.expect("still injected");
+    validate_strictly("bad-annotations", &patched);
+    let warnings = response["response"]["warnings"]
+        .as_array()
+        .expect("warnings");
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(warnings.iter().any(|w| {
+        w.as_str()
+            .is_some_and(|w| w.contains("sidecar-memory-limit"))
+    }));
+    let pod: Pod = serde_json::from_value(patched).expect("a Pod");
+    let c = sidecar(&pod, false);
+    let resources = c.resources.expect("resources");
+    let limits = resources.limits.expect("limits");
+    assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("128Mi"));
+    let requests = resources.requests.expect("requests");
+    assert_eq!(requests.get("cpu").map(|q| q.0.as_str()), Some("50m"));
+    let log = c.env.iter().flatten().find(|e| e.name == "TOOLMESH_LOG");
+    assert_eq!(log.and_then(|e| e.value.as_deref()), Some("info"));
+    // Good ones are kept.
+    for quantity in ["100m", "1", "1.5", "128Mi", "2Gi", "1e3", "500k"] {
+        let mut ok = fixture("legacy-mode");
+        ok["request"]["object"]["metadata"]["annotations"]["toolmesh.dev/sidecar-cpu-limit"] =
+            json!(quantity);
+        let (response, _) = answer(&ok, &settings);
+        assert!(response["response"].get("warnings").is_none(), "{quantity}");
+    }
+}
+
+#[test]
+fn an_app_container_running_as_the_sidecars_uid_is_refused() {
+    let settings = Settings::default();
+    let mut review = fixture("deployment-pod");
+    review["request"]["object"]["spec"]["containers"][0]["securityContext"] =
+        json!({"runAsUser": inject::SIDECAR_UID});
+    let body = serde_json::to_vec(&review).expect("encode");
+    let wire = inject::review(&body, &settings).expect("an answer");
+    let response: Value = serde_json::from_slice(&wire).expect("JSON");
+    assert_eq!(response["response"]["allowed"], false);
+    let message = response["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("16100") && message.contains("agent"),
+        "{response}"
+    );
+    assert!(response["response"].get("patch").is_none());
+    // The same uid for the whole pod is refused too.
+    let mut pod_level = fixture("deployment-pod");
+    pod_level["request"]["object"]["spec"]["securityContext"] =
+        json!({"runAsUser": inject::SIDECAR_UID});
+    let body = serde_json::to_vec(&pod_level).expect("encode");
+    let response: Value =
+        serde_json::from_slice(&inject::review(&body, &settings).expect("answer")).expect("JSON");
+    assert_eq!(response["response"]["allowed"], false);
+}
+
+#[test]
+fn the_mcp_url_comes_before_entries_that_use_it_and_no_proxy_keeps_loopback_direct() {
+    let settings = Settings::default();
+    let mut review = fixture("deployment-pod");
+    review["request"]["object"]["spec"]["containers"][0]["env"] = json!([
+        {"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"},
+        {"name": "NO_PROXY", "value": ".corp.internal"},
+        {"name": "TOOLS_URL", "value": "$(TOOLMESH_MCP_URL)/github"},
+    ]);
+    let (_, patched) = answer(&review, &settings);
+    let patched = patched.expect("injected");
+    validate_strictly("env-order", &patched);
+    let pod: Pod = serde_json::from_value(patched.clone()).expect("a Pod");
+    let env = pod.spec.expect("spec").containers[0]
+        .env
+        .clone()
+        .expect("env");
+    let at = |name: &str| env.iter().position(|e| e.name == name).expect(name);
+    assert!(at("TOOLMESH_MCP_URL") < at("TOOLS_URL"), "{env:?}");
+    let no_proxy = env
+        .iter()
+        .find(|e| e.name == "NO_PROXY")
+        .and_then(|e| e.value.clone());
+    assert_eq!(
+        no_proxy.as_deref(),
+        Some("127.0.0.1,localhost,::1,.corp.internal")
+    );
+    assert_eq!(env.iter().filter(|e| e.name == "NO_PROXY").count(), 1);
     assert_idempotent(&review, &patched, &settings);
 }

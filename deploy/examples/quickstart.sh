@@ -2,13 +2,13 @@
 # Quickstart: the whole local shape of toolmesh on one machine.
 #
 #   demo MCP server        127.0.0.1:3001   (toolmesh-demo-server, ships with the repo)
-#   control plane          127.0.0.1:15010  gRPC (plaintext: --dev), admin 127.0.0.1:15014
+#   control plane          127.0.0.1:16010  gRPC (plaintext: --dev), admin 127.0.0.1:16014
 #                          embedded store in .cache/quickstart/store, seeded from
 #                          deploy/examples/resources/, tokens from deploy/examples/tokens.yaml
-#   sidecar (agents/demo)  127.0.0.1:15001  MCP for the agent, admin 127.0.0.1:15020
+#   sidecar (agents/demo)  127.0.0.1:16001  MCP for the agent, admin 127.0.0.1:16020
 #                          connected to the control plane, state in .cache/quickstart/sidecar
 #
-# Point any MCP client at http://127.0.0.1:15001/mcp/demo; change what it may call with
+# Point any MCP client at http://127.0.0.1:16001/mcp/demo; change what it may call with
 # toolmeshctl (printed below). Ctrl-C stops everything.
 #
 # MODE=standalone runs the sidecar from deploy/examples/resources/demo.yaml instead,
@@ -50,23 +50,23 @@ else
   sed -n "s|^  $IDENTITY: \"\(.*\)\"|\1|p" "$TOKENS" >"$STATE/sidecar/token"
   chmod 600 "$STATE/sidecar/token"
   "$bin/toolmesh-control-plane" --log warn,toolmesh_control_plane=info serve --dev \
-    --listen 127.0.0.1:15010 --admin-listen 127.0.0.1:15014 \
+    --listen 127.0.0.1:16010 --admin-listen 127.0.0.1:16014 \
     --data-dir "$STATE/store" --tokens "$TOKENS" --seed deploy/examples/resources &
   pids+=($!)
-  wait_ready http://127.0.0.1:15014/ready "the control plane"
-  "$bin/toolmesh-sidecar" --control-plane http://127.0.0.1:15010 --identity "$IDENTITY" \
+  wait_ready http://127.0.0.1:16014/ready "the control plane"
+  "$bin/toolmesh-sidecar" --control-plane http://127.0.0.1:16010 --identity "$IDENTITY" \
     --node quickstart --token-file "$STATE/sidecar/token" --state-dir "$STATE/sidecar" \
     --log-format text &
   pids+=($!)
 fi
-wait_ready http://127.0.0.1:15020/ready "the sidecar"
+wait_ready http://127.0.0.1:16020/ready "the sidecar"
 
-call='curl -s http://127.0.0.1:15001/mcp/demo -H "content-type: application/json" -H "accept: application/json, text/event-stream" -H "mcp-protocol-version: 2026-07-28" -H "mcp-method: tools/call" -H "mcp-name: add" -d '"'"'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":2,"b":3},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}'"'"
+call='curl -s http://127.0.0.1:16001/mcp/demo -H "content-type: application/json" -H "accept: application/json, text/event-stream" -H "mcp-protocol-version: 2026-07-28" -H "mcp-method: tools/call" -H "mcp-name: add" -d '"'"'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":2,"b":3},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}'"'"
 cat <<MSG
 
 toolmesh is up ($MODE mode).
-  MCP endpoint for your agent:  http://127.0.0.1:15001/mcp/demo
-  sidecar admin:                http://127.0.0.1:15020/ready  /metrics  /config
+  MCP endpoint for your agent:  http://127.0.0.1:16001/mcp/demo
+  sidecar admin:                http://127.0.0.1:16020/ready  /metrics  /config
 
 Call a tool through the sidecar (the demo server's "add"):
   $call
@@ -80,7 +80,7 @@ else
   admin_token=$(sed -n 's|^admin: "\(.*\)"|\1|p' "$TOKENS")
   cat <<MSG
 Change what the agent may call, live, in another shell:
-  export TOOLMESH_CTL_SERVER=http://127.0.0.1:15010 TOOLMESH_ADMIN_TOKEN=$admin_token
+  export TOOLMESH_CTL_SERVER=http://127.0.0.1:16010 TOOLMESH_ADMIN_TOKEN=$admin_token
   $bin/toolmeshctl status                       # the fleet: this sidecar and its version
   $bin/toolmeshctl get accesspolicy demo-agents
   $bin/toolmeshctl apply -f deploy/examples/changes/echo-only.yaml

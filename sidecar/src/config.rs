@@ -12,9 +12,9 @@ use clap::Parser;
 use toolmesh_proto::resource::parse_duration;
 
 /// Where the agent's MCP traffic is served. Loopback: only the pod may call it.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:16001";
 /// Where `/live`, `/ready`, `/metrics` and `/config` are served.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15020";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:16020";
 /// Largest request body the sidecar accepts (413 above it).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// How often the standalone config file is checked for changes.

@@ -1,6 +1,6 @@
 //! toolmesh-sidecar: the data plane that runs next to an agent.
 //!
-//! An agent's MCP client talks Streamable HTTP to `127.0.0.1:15001/mcp/<server>`;
+//! An agent's MCP client talks Streamable HTTP to `127.0.0.1:16001/mcp/<server>`;
 //! the sidecar checks the request ([`mcp`]), finds the server in the active
 //! configuration ([`snapshot`]) and relays it to the upstream ([`upstream`]), streaming
 //! the answer back ([`body`]). [`policy`] decides, [`filter`] trims lists, [`uri`]

@@ -121,18 +121,51 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// an agent opening a few hundred connections at once overflows into retransmits).
 const BACKLOG: u32 = 1024;
 
-/// Bind `addr`, naming the flag in the error.
+/// Bind `addr`, naming the flag in the error. `[::]` binds both stacks (Linux's
+/// default for an unspecified IPv6 address); where the pod has no IPv6 at all, it
+/// falls back to `0.0.0.0`, so one injected flag serves IPv4, IPv6 and dual-stack
+/// clusters.
 pub async fn bind(flag: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    match bind_exactly(addr) {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::warn!(%addr, error = %e, fallback = %v4, "no IPv6 here; binding IPv4 only");
+            bind_exactly(v4)
+        }
+        other => other,
+    }
+    .map_err(|e| format!("{flag} {addr}: cannot bind: {e}"))
+}
+
+fn bind_exactly(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
     };
-    socket
-        .and_then(|s| {
-            s.set_reuseaddr(true)?;
-            s.bind(addr)?;
-            s.listen(BACKLOG)
-        })
-        .map_err(|e| format!("{flag} {addr}: cannot bind: {e}"))
+    socket.and_then(|s| {
+        s.set_reuseaddr(true)?;
+        s.bind(addr)?;
+        s.listen(BACKLOG)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_unspecified_ipv6_address_serves_ipv4_clients_too() {
+        // `[::]` binds both stacks, or IPv4 alone where there is no IPv6: either way an
+        // IPv4 client (a kubelet probe on an IPv4 cluster) gets through.
+        let listener = bind("--admin-listen", "[::]:0".parse().expect("addr"))
+            .await
+            .expect("bound");
+        let port = listener.local_addr().expect("addr").port();
+        let accept = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("IPv4 client connects");
+        accept.await.expect("task").expect("accepted");
+    }
 }

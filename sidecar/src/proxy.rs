@@ -758,8 +758,8 @@ mod tests {
         ] {
             assert!(!is_loopback_origin(bad), "{bad}");
         }
-        assert!(is_loopback_authority("127.0.0.1:15001"));
-        assert!(!is_loopback_authority("evil.example.com:15001"));
+        assert!(is_loopback_authority("127.0.0.1:16001"));
+        assert!(!is_loopback_authority("evil.example.com:16001"));
     }
 
     #[test]

@@ -239,7 +239,7 @@ mod tests {
             ("x-private", "1"),
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
-            ("host", "127.0.0.1:15001"),
+            ("host", "127.0.0.1:16001"),
             ("origin", "http://localhost"),
             ("accept-encoding", "gzip"),
             ("mcp-session-id", "abc"),

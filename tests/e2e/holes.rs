@@ -658,7 +658,7 @@ async fn slow_oversized_and_rebinding_requests_get_clear_answers() -> Result<()>
     // The admin port's /config is for loopback hosts only (DNS rebinding).
     let resp = reqwest::Client::new()
         .get(sidecar.admin_url("/config"))
-        .header("host", "evil.example:15020")
+        .header("host", "evil.example:16020")
         .send()
         .await?;
     assert_eq!(resp.status(), 403);

@@ -26,7 +26,7 @@ struct Cli {
         long,
         global = true,
         env = "TOOLMESH_CTL_SERVER",
-        default_value = "http://127.0.0.1:15010"
+        default_value = "http://127.0.0.1:16010"
     )]
     server: String,
     /// Admin token.

@@ -302,9 +302,9 @@ mod tests {
             "metadata": {"name": "toolmesh-sidecar-injector", "resourceVersion": "3"},
             "webhooks": [
                 {"name": "namespace.inject.toolmesh.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-                 "clientConfig": {"service": {"name": "toolmesh-control-plane", "namespace": "toolmesh-system", "path": "/inject", "port": 15017}}},
+                 "clientConfig": {"service": {"name": "toolmesh-control-plane", "namespace": "toolmesh-system", "path": "/inject", "port": 16017}}},
                 {"name": "pod.inject.toolmesh.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-                 "clientConfig": {"service": {"name": "toolmesh-control-plane", "namespace": "toolmesh-system", "path": "/inject", "port": 15017}, "caBundle": "b2xk"}},
+                 "clientConfig": {"service": {"name": "toolmesh-control-plane", "namespace": "toolmesh-system", "path": "/inject", "port": 16017}, "caBundle": "b2xk"}},
             ],
         })));
         let api = ApiServer::new({
