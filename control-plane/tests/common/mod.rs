@@ -1,4 +1,5 @@
-//! What the control plane's integration tests share.
+//! What the control plane's integration tests share (each test crate uses a part).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
