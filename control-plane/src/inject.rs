@@ -113,7 +113,10 @@ pub struct Settings {
     )]
     pub memory_limit: String,
     /// Sidecar log filter (`toolmesh.dev/log-level`).
+    // Its own id: the binary's global `--log` is `log`, and two args with one id make
+    // clap drop the global one from `serve`.
     #[arg(
+        id = "inject_log",
         long = "inject-log",
         env = "TOOLMESH_INJECT_LOG",
         default_value = "info"

@@ -434,7 +434,9 @@ impl ControlPlane {
         let seed_file = data_dir.join("seed.yaml");
         std::fs::write(&seed_file, seed)?;
         let mut cmd = Command::new(binary("toolmesh-control-plane"));
-        cmd.args(["serve", "--admin-listen", "127.0.0.1:0"])
+        // `--log` after `serve`, as the README shows it (a clash of clap ids once
+        // made `serve` refuse it).
+        cmd.args(["serve", "--log", "info", "--admin-listen", "127.0.0.1:0"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(data_dir.join("store"))
