@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
         if let Some(method) = m.rpc {
             let _ = (method.is_gated(), method.list(), method.name());
         }
-        if let Some(subject) = &m.subject {
+        if let Some(subject) = &m.acts_on {
             let decision = route
                 .policy
                 .decide(subject.kind, &subject.name, m.arguments);

@@ -11,6 +11,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::value::RawValue;
 
 use crate::body::{self, Body};
+use crate::identity::Identity;
 
 /// JSON-RPC error codes. `-32700`/`-32600` are JSON-RPC's, `-32020` is MCP's own
 /// header-mismatch code (2026-07-28); `-32080..=-32089` are the sidecar's, chosen clear
@@ -81,7 +82,7 @@ pub enum ProxyError {
     NotPermitted {
         kind: &'static str,
         name: String,
-        subject: String,
+        subject: Identity,
         server: String,
     },
     #[error(
@@ -90,7 +91,7 @@ pub enum ProxyError {
     RateLimited {
         kind: &'static str,
         name: String,
-        subject: String,
+        subject: Identity,
         rule: String,
         retry_after_ms: u64,
     },

@@ -22,6 +22,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod filter;
+pub mod identity;
 pub mod listener;
 pub mod mcp;
 pub mod policy;
@@ -128,7 +129,7 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
         loopback_host_only: config.listen.ip().is_loopback(),
         audit,
-        identity: config.identity.as_str().into(),
+        identity: identity::Identity::new(&config.identity),
         sessions: session::Sealer::random()?,
         body_read_timeout: config.body_read_timeout,
     });

@@ -70,9 +70,9 @@ pub enum TargetKind {
 }
 
 /// The tool, resource or prompt a gated request acts on: the name the upstream will
-/// execute, read from the body.
+/// execute, read from the body (a resource URI in the form servers resolve it to).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subject<'a> {
+pub struct Target<'a> {
     pub kind: TargetKind,
     pub name: Cow<'a, str>,
 }
@@ -94,7 +94,7 @@ pub struct Message<'a> {
     pub meta_version: Option<Cow<'a, str>>,
     /// For gated methods: what the call acts on (`None` if the body does not say,
     /// which policy treats as a denial).
-    pub subject: Option<Subject<'a>>,
+    pub acts_on: Option<Target<'a>>,
     /// `params.arguments`, unparsed (for argument conditions and audit).
     pub arguments: Option<&'a RawValue>,
     /// `params`, unparsed (what else a response filter needs to know of the request).
@@ -356,7 +356,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
     }
     let mut target = None;
     let mut meta_version = None;
-    let mut subject = None;
+    let mut acts_on = None;
     let mut arguments = None;
     let raw_params = raw.params;
     let rpc = raw.method.as_deref().map(Method::parse);
@@ -411,7 +411,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
             },
             _ => None,
         };
-        subject = found.map(|(kind, name)| Subject { kind, name });
+        acts_on = found.map(|(kind, name)| Target { kind, name });
         if let Some(field) = rpc.and_then(Method::target_field) {
             let value = match field {
                 "name" => params.name,
@@ -433,7 +433,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
         rpc,
         target,
         meta_version,
-        subject,
+        acts_on,
         arguments,
         params: raw_params,
     })

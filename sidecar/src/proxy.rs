@@ -44,6 +44,7 @@ use crate::audit::{Audit, Record, Verdict};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::filter::{self, Framing, Lists};
+use crate::identity::Identity;
 use crate::mcp::{self, Envelope, Rejection, TargetKind};
 use crate::policy::Decision;
 use crate::session::Sealer;
@@ -64,7 +65,7 @@ pub struct Proxy {
     pub loopback_host_only: bool,
     pub audit: Audit,
     /// This sidecar's identity (`--identity`), the subject of every decision.
-    pub identity: Arc<str>,
+    pub identity: Identity,
     /// Seals the session ids agents see.
     pub sessions: Sealer,
     /// How long a request body may take to arrive once its head has.
@@ -154,7 +155,7 @@ impl Pending<'_> {
             .map(|a| capped(a, MAX_AUDIT_ARGUMENTS));
         self.proxy.audit.record(&Record {
             time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            subject: &self.proxy.identity,
+            subject: self.proxy.identity.as_str(),
             server: &server,
             method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
             kind: ctx.kind,
@@ -411,7 +412,7 @@ impl Proxy {
         let (endpoint, upstream_id) = self
             .sessions
             .open(
-                &self.identity,
+                self.identity.as_str(),
                 &route.name,
                 route.endpoints.len(),
                 agent.as_bytes(),
@@ -427,7 +428,7 @@ impl Proxy {
             return;
         };
         match self.sessions.seal(
-            &self.identity,
+            self.identity.as_str(),
             &route.name,
             endpoint,
             upstream_id.as_bytes(),
@@ -575,7 +576,7 @@ fn truncate(text: &str) -> String {
 /// Decide one message against the route's policy, recording what was decided.
 fn authorize(
     route: &Route,
-    subject: &str,
+    subject: &Identity,
     m: &mcp::Message<'_>,
     ctx: &mut Ctx,
 ) -> Result<(), ProxyError> {
@@ -583,14 +584,14 @@ fn authorize(
         return Ok(());
     };
     let label = method.name();
-    let Some(target) = &m.subject else {
+    let Some(target) = &m.acts_on else {
         // A gated call that names nothing: nothing can allow it.
         telemetry::decision(&route.label, label, Verdict::Denied);
         ctx.decision = Verdict::Denied;
         return Err(ProxyError::NotPermitted {
             kind: "call",
             name: format!("{label} without a target"),
-            subject: subject.to_owned(),
+            subject: subject.clone(),
             server: route.name.clone(),
         });
     };
@@ -605,7 +606,7 @@ fn authorize(
             Err(ProxyError::NotPermitted {
                 kind,
                 name: truncate(&target.name),
-                subject: subject.to_owned(),
+                subject: subject.clone(),
                 server: route.name.clone(),
             })
         }
@@ -623,7 +624,7 @@ fn authorize(
                 return Err(ProxyError::RateLimited {
                     kind,
                     name: truncate(&target.name),
-                    subject: subject.to_owned(),
+                    subject: subject.clone(),
                     rule: rule.id.to_string(),
                     retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
                 });
@@ -642,7 +643,7 @@ fn response_filter(route: &Route, m: &mcp::Message<'_>) -> Option<Lists> {
     if let Some(list) = method.list() {
         return route.policy.filters(list.kind).then_some(Lists::One(list));
     }
-    match &m.subject {
+    match &m.acts_on {
         Some(subject)
             if method == mcp::Method::CompletionComplete
                 && subject.kind == TargetKind::Resource

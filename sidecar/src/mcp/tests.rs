@@ -281,7 +281,7 @@ fn resource_uris_are_judged_as_servers_resolve_them() {
     let m = single(
         r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"docs://public/%73ecret"}}"#,
     );
-    let subject = m.subject.expect("subject");
+    let subject = m.acts_on.expect("target");
     assert_eq!(subject.name, "docs://public/secret");
     // Mcp-Name still mirrors the body as sent.
     assert_eq!(m.target.as_deref(), Some("docs://public/%73ecret"));
@@ -299,7 +299,7 @@ fn resource_uris_are_judged_as_servers_resolve_them() {
     assert!(matches!(rejected(&body), Rejection::Invalid(_)));
     let body = serde_json::json!({"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"docs://x/{path}"},"argument":{"name":"path","value":""}}}).to_string();
     assert_eq!(
-        single(&body).subject.expect("subject").name,
+        single(&body).acts_on.expect("target").name,
         "docs://x/{path}"
     );
 }
