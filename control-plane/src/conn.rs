@@ -5,11 +5,14 @@
 //!   the loop: it backs off (10 ms doubling to 1 s), logs at most once a second and
 //!   counts `toolmesh_cp_accept_errors_total{listener}`.
 //! - [`incoming`]: the gRPC port's connections, vetted before tonic sees them. A new
-//!   connection must send its first bytes within `--first-bytes-timeout`, and at most
-//!   `--max-pending-connections` may be waiting for that at once (more are closed at
-//!   once): idle connections cannot pile up until descriptors run out. A connection
-//!   that then sends nothing for `--idle-timeout` is closed ([`IdleTimeout`]); sidecars
-//!   send an HTTP/2 keepalive every 30 s, so only dead or idle peers are cut.
+//!   connection must send its first bytes, and finish its TLS handshake, within
+//!   `--first-bytes-timeout` each, and at most `--max-pending-connections` may be at
+//!   that stage at once (more are closed at once): idle or slow connections cannot
+//!   pile up until descriptors run out. A connection that then sends nothing for
+//!   `--idle-timeout` is closed ([`IdleTimeout`]); sidecars send an HTTP/2 keepalive
+//!   every 30 s, so only dead or idle peers are cut. TLS is done here (not by tonic) so
+//!   that the handshake has a deadline and the certificate can be reloaded
+//!   ([`crate::certs`]).
 //!
 //! This module knows nothing of gRPC or of who a peer is.
 
@@ -85,12 +88,14 @@ fn refused(reason: &'static str) {
     metrics::counter!("toolmesh_cp_connections_closed_total", "reason" => reason).increment(1);
 }
 
-/// The gRPC port's vetted connections, for tonic's `serve_with_incoming`. The accept
-/// task ends when the returned stream is dropped.
+/// The gRPC port's vetted connections (TLS when `tls` is set, its ALPN `h2`), for
+/// tonic's `serve_with_incoming`. The accept task ends when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     limits: Limits,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<IdleTimeout>> {
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
+    let handshaker = tls.map(tokio_rustls::TlsAcceptor::from);
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let pending = Arc::new(AtomicUsize::new(0));
@@ -106,19 +111,103 @@ pub fn incoming(
             }
             let _ = stream.set_nodelay(true);
             pending.fetch_add(1, Ordering::Relaxed);
-            let (tx, pending) = (tx.clone(), pending.clone());
+            let (tx, pending, handshaker) = (tx.clone(), pending.clone(), handshaker.clone());
             tokio::spawn(async move {
-                let shown = first_bytes(&stream, limits.first_bytes).await;
+                let conn = vet(stream, limits, handshaker.as_ref()).await;
                 pending.fetch_sub(1, Ordering::Relaxed);
-                if !shown {
-                    refused("first_bytes");
-                    return;
+                if let Some(conn) = conn {
+                    let _ = tx.send(Ok(conn)).await;
                 }
-                let _ = tx.send(Ok(IdleTimeout::new(stream, limits.idle))).await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A connection that showed its first bytes, and finished its TLS handshake, in time.
+async fn vet(
+    stream: TcpStream,
+    limits: Limits,
+    acceptor: Option<&tokio_rustls::TlsAcceptor>,
+) -> Option<Conn> {
+    if !first_bytes(&stream, limits.first_bytes).await {
+        refused("first_bytes");
+        return None;
+    }
+    let stream = IdleTimeout::new(stream, limits.idle);
+    let Some(acceptor) = acceptor else {
+        return Some(Conn::Plain(stream));
+    };
+    match tokio::time::timeout(limits.first_bytes, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(Conn::Tls(Box::new(tls))),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            refused("handshake");
+            None
+        }
+        Err(_) => {
+            refused("handshake");
+            None
+        }
+    }
+}
+
+/// A vetted gRPC connection: plaintext (`--dev`) or TLS.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(IdleTimeout),
+    Tls(Box<tokio_rustls::server::TlsStream<IdleTimeout>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            Conn::Plain(s) => s.connect_info(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
 }
 
 /// Whether the peer sent something within `limit` (and did not just close).
@@ -232,6 +321,7 @@ mod tests {
                 idle: Duration::from_millis(300),
                 max_pending: 2,
             },
+            None,
         );
         // Two silent connections fill the pending slots; a third is closed at once.
         let silent: Vec<TcpStream> =
@@ -268,5 +358,42 @@ mod tests {
             "{idle:?}"
         );
         drop(silent);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_tls_handshake_is_cut() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let source = crate::certs::Source::Pem {
+            cert: cert.pem().into_bytes(),
+            key: key.serialize_pem().into_bytes(),
+        };
+        let tls = crate::certs::Reloading::new(source, "test")
+            .expect("loads")
+            .server_config(&[b"h2"])
+            .expect("config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut vetted = incoming(
+            listener,
+            Limits {
+                first_bytes: Duration::from_millis(200),
+                idle: Duration::from_secs(5),
+                max_pending: 4,
+            },
+            Some(tls),
+        );
+        // The first byte of a ClientHello, then nothing.
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(&[0x16]).await.expect("write");
+        let mut buf = [0u8; 16];
+        let cut = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf)).await;
+        assert!(matches!(cut, Ok(Ok(0)) | Ok(Err(_))), "closed: {cut:?}");
+        // Nothing reached tonic.
+        let nothing = tokio::time::timeout(Duration::from_millis(100), vetted.next()).await;
+        assert!(nothing.is_err(), "no connection was handed on");
     }
 }

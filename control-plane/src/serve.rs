@@ -10,7 +10,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use toolmesh_proto::v1alpha1::admin_service_server::AdminServiceServer;
 use toolmesh_proto::v1alpha1::snapshot_service_server::SnapshotServiceServer;
 
@@ -154,10 +154,10 @@ pub fn join_sources(sources: &[(PathBuf, String)]) -> String {
     text
 }
 
-/// TLS for gRPC and the webhook: (gRPC cert, gRPC key, webhook cert, webhook key), PEM.
+/// Where the gRPC and webhook serving certificates come from.
 struct Pems {
-    grpc: Option<(Vec<u8>, Vec<u8>)>,
-    webhook: Option<(Vec<u8>, Vec<u8>)>,
+    grpc: Option<crate::certs::Source>,
+    webhook: Option<crate::certs::Source>,
 }
 
 fn read(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -170,14 +170,20 @@ fn pems(args: &ServeArgs, managed: Option<&tls::Material>) -> Result<Pems, Strin
         if args.tls_cert.is_some() || args.webhook.webhook_cert.is_some() || args.dev {
             return Err("--tls-secret replaces --tls-cert/--tls-key, --webhook-cert/--webhook-key and --dev".into());
         }
-        let pair = (m.cert.clone().into_bytes(), m.key.clone().into_bytes());
+        let pair = crate::certs::Source::Pem {
+            cert: m.cert.clone().into_bytes(),
+            key: m.key.clone().into_bytes(),
+        };
         return Ok(Pems {
             grpc: Some(pair.clone()),
             webhook: args.webhook.webhook_listen.map(|_| pair),
         });
     }
     let grpc = match (&args.tls_cert, &args.tls_key, args.dev) {
-        (Some(cert), Some(key), _) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
+        (Some(cert), Some(key), _) => Some(crate::certs::Source::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
         (None, None, true) => None,
         _ => {
             return Err(
@@ -189,9 +195,10 @@ fn pems(args: &ServeArgs, managed: Option<&tls::Material>) -> Result<Pems, Strin
     let w = &args.webhook;
     let webhook = match (w.webhook_listen, &w.webhook_cert, &w.webhook_key) {
         (None, _, _) => None,
-        (Some(_), Some(cert), Some(key)) => {
-            Some((read("--webhook-cert", cert)?, read("--webhook-key", key)?))
-        }
+        (Some(_), Some(cert), Some(key)) => Some(crate::certs::Source::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
         (Some(_), _, _) => {
             return Err(
                 "--webhook-listen needs --webhook-cert and --webhook-key (or --tls-secret)".into(),
@@ -277,9 +284,19 @@ pub async fn serve(
         ),
         (None, None) => None,
     };
-    let webhook = match (listeners.webhook, &pems.webhook) {
-        (Some(listener), Some((cert, key))) => Some((listener, crate::webhook::tls(cert, key)?)),
+    let webhook = match (listeners.webhook, pems.webhook) {
+        (Some(listener), Some(source)) => {
+            let tls =
+                crate::certs::Reloading::new(source, "webhook")?.server_config(&[b"http/1.1"])?;
+            Some((listener, tls))
+        }
         _ => None,
+    };
+    let grpc_tls = match pems.grpc {
+        Some(source) => {
+            Some(crate::certs::Reloading::new(source, "gRPC")?.server_config(&[b"h2"])?)
+        }
+        None => None,
     };
     let tokens = Tokens::load(&args.tokens)?;
     let mut kube_store = None;
@@ -318,7 +335,7 @@ pub async fn serve(
     for listener in ["grpc", "admin", "webhook"] {
         metrics::counter!("toolmesh_cp_accept_errors_total", "listener" => listener).absolute(0);
     }
-    for reason in ["pending", "first_bytes", "idle"] {
+    for reason in ["pending", "first_bytes", "handshake", "idle"] {
         metrics::counter!("toolmesh_cp_connections_closed_total", "reason" => reason).absolute(0);
     }
     metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
@@ -386,11 +403,7 @@ pub async fn serve(
         // Dead peers are found by pings, not only by the idle timeout.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
-    let secure = pems.grpc.is_some();
-    if let Some((cert, key)) = pems.grpc {
-        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        server = server.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
-    }
+    let secure = grpc_tls.is_some();
     tracing::info!(
         grpc = %grpc_addr,
         admin = %admin_addr,
@@ -419,6 +432,7 @@ pub async fn serve(
                     idle: args.idle_timeout,
                     max_pending: args.max_pending_connections,
                 },
+                grpc_tls,
             ),
             cp.stopped(),
         );

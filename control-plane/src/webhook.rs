@@ -3,10 +3,9 @@
 //!
 //! TLS with rustls (ring), HTTP/1.1 (what the API server speaks to webhooks). Bodies
 //! are bounded ([`MAX_BODY`]); anything that is not an `AdmissionReview` request gets a
-//! 400 with the reason, other paths 404, other methods 405. The certificate and key are
-//! read once at start: after a rotation (cert-manager, or the self-managed CA in
-//! `deploy/`) the control plane must be restarted, which a rolling restart of its
-//! replicas does without refusing a single admission.
+//! 400 with the reason, other paths 404, other methods 405. The certificate comes from
+//! [`crate::certs::Reloading`]: files renewed in place (cert-manager) are served
+//! without a restart.
 //!
 //! Not here: what is injected (see [`crate::inject`]) or which pods are sent (the
 //! `MutatingWebhookConfiguration`).
@@ -22,8 +21,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -48,24 +45,6 @@ pub struct WebhookArgs {
     pub webhook_key: Option<PathBuf>,
     #[command(flatten)]
     pub inject: Settings,
-}
-
-/// A rustls server configuration from a PEM certificate chain and key.
-pub fn tls(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
-    let certs = CertificateDer::pem_slice_iter(cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("webhook certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("webhook key: {e}"))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("webhook TLS: {e}"))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("webhook TLS: {e}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// Accept TLS connections on `listener` and answer reviews until `stop` resolves;
