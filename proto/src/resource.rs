@@ -154,6 +154,11 @@ pub struct McpServer {
             json_path = r#".status.conditions[?(@.type=="Ready")].reason"#
         ),
         printcolumn(
+            name = "Unauthenticated",
+            type_ = "boolean",
+            json_path = ".spec.allowUnauthenticated"
+        ),
+        printcolumn(
             name = "Age",
             type_ = "date",
             json_path = ".metadata.creationTimestamp"
@@ -169,9 +174,15 @@ pub struct McpServerSpec {
     /// A header the sidecar adds to every upstream request, its value from a `Secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialSpec>,
-    /// Time allowed for the upstream's response head, e.g. `30s` (default 30s).
+    /// Time allowed for the upstream's response head, e.g. `30s` (default 5m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Accept that the server needs no credential. Without a credential only the
+    /// sidecar holds, anything that reaches the server (an agent skipping its sidecar
+    /// among them) can call it: validation refuses a server without `credential`
+    /// unless this says so, and `kubectl get mcps` shows it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unauthenticated: bool,
 }
 
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]

@@ -132,6 +132,7 @@ kind: McpServer
 metadata: {name: demo}
 spec:
   endpoints: [{url: "http://127.0.0.1:9/mcp"}]
+  allowUnauthenticated: true
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: AccessPolicy

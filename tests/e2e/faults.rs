@@ -344,7 +344,7 @@ async fn upstream_failures_end_in_clear_errors_never_hangs() -> Result<()> {
         ("truncated", format!("http://{truncated}/mcp")),
     ] {
         config.push_str(&format!(
-            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{{url: \"{url}\"}}]\n  timeout: {}\n---\n",
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{{url: \"{url}\"}}]\n  timeout: {}\n  allowUnauthenticated: true\n---\n",
             if name == "demo" { "10s" } else { "1s" }
         ));
     }

@@ -22,24 +22,28 @@ kind: McpServer
 metadata: {{name: ts}}
 spec:
   endpoints: [{{url: "{ts}"}}]
+  allowUnauthenticated: true
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: McpServer
 metadata: {{name: legacy}}
 spec:
   endpoints: [{{url: "{legacy}"}}]
+  allowUnauthenticated: true
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: McpServer
 metadata: {{name: redirect}}
 spec:
   endpoints: [{{url: "{redirect}"}}]
+  allowUnauthenticated: true
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: McpServer
 metadata: {{name: demo}}
 spec:
   endpoints: [{{url: "{demo}"}}]
+  allowUnauthenticated: true
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: AccessPolicy

@@ -27,6 +27,7 @@ kind: McpServer
 metadata: {{name: demo}}
 spec:
   endpoints: [{{url: "{url}"}}]
+  allowUnauthenticated: true
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: AccessPolicy
@@ -241,7 +242,7 @@ fn policy_dir(n: usize) -> Result<TempDir> {
     let dir = TempDir::new("policies")?;
     std::fs::write(
         dir.0.join("0000-server.yaml"),
-        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: s}\nspec:\n  endpoints: [{url: \"http://127.0.0.1:1/mcp\"}]\n",
+        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: s}\nspec:\n  endpoints: [{url: \"http://127.0.0.1:1/mcp\"}]\n  allowUnauthenticated: true\n",
     )?;
     for i in 0..n {
         std::fs::write(

@@ -181,12 +181,13 @@ async fn sigterm_drains_in_flight_calls_then_exits() -> Result<()> {
     })
     .await;
     assert!(draining, "{}", stack.sidecar.logs());
-    assert!(
-        tokio::net::TcpStream::connect(stack.sidecar.mcp)
-            .await
-            .is_err(),
-        "listener closed"
-    );
+    // The listener closes right after /ready turns (two steps of one shutdown).
+    let mcp = stack.sidecar.mcp;
+    let closed = eventually(5, || async {
+        tokio::net::TcpStream::connect(mcp).await.is_err()
+    })
+    .await;
+    assert!(closed, "listener closed");
 
     let (reply, took) = slow.await?;
     let reply = reply?;

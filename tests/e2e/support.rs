@@ -37,6 +37,7 @@ kind: McpServer
 metadata: {{name: demo}}
 spec:
   endpoints: [{{url: "{url}"}}]
+  allowUnauthenticated: true
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: AccessPolicy

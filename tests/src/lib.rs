@@ -528,6 +528,7 @@ kind: McpServer
 metadata: {{name: {name}}}
 spec:
   endpoints: [{{url: "{url}"}}]
+  allowUnauthenticated: true
   timeout: 10s
 ---
 apiVersion: toolmesh.dev/v1alpha1

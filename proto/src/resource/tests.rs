@@ -292,3 +292,17 @@ fn kinds_by_every_name_people_use() {
     assert_eq!(Kind::from_name("accesspolicie"), None);
     assert_eq!(Kind::from_name("pods"), None);
 }
+
+#[test]
+fn a_server_without_a_credential_must_say_it_accepts_that() {
+    let server = "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: open}\nspec:\n  endpoints: [{url: \"http://127.0.0.1:1/mcp\"}]\n";
+    let e = parse_resources(server).expect_err("refused").to_string();
+    assert!(
+        e.starts_with("McpServer/open: spec.credential: required")
+            && e.contains("allowUnauthenticated"),
+        "{e}"
+    );
+    let allowed = format!("{server}  allowUnauthenticated: true\n");
+    let set = ResourceSet::new(parse_resources(&allowed).expect("accepted")).expect("set");
+    validate_set(&set).expect("accepted when it says so");
+}

@@ -72,6 +72,12 @@ fn validate_server(server: &McpServer) -> FieldResult {
     if let Some(t) = &spec.timeout {
         parse_duration(t).map_err(|m| ("spec.timeout".to_owned(), m))?;
     }
+    if spec.credential.is_none() && !spec.allow_unauthenticated {
+        return fail(
+            "spec.credential",
+            "required: without a credential only the sidecar holds, anything that reaches the server can call it around the sidecar; set spec.credential, or spec.allowUnauthenticated: true to accept that",
+        );
+    }
     Ok(())
 }
 

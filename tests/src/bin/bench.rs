@@ -449,7 +449,7 @@ fn resources(upstream: &str) -> String {
     for i in 0..10 {
         let _ = write!(
             yaml,
-            "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: other-{i}}}\nspec:\n  endpoints: [{{url: \"http://127.0.0.1:9/mcp\"}}]\n"
+            "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: other-{i}}}\nspec:\n  endpoints: [{{url: \"http://127.0.0.1:9/mcp\"}}]\n  allowUnauthenticated: true\n"
         );
     }
     yaml.push_str("---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: bench-agents}\nspec:\n  subjects: [{identity: \"agents/*\"}]\n  rules:\n");

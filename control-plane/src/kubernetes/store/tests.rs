@@ -74,7 +74,7 @@ fn valid_objects_are_served_with_only_the_secrets_they_name() {
             server(
                 "plain",
                 1,
-                json!({"endpoints": [{"url": "http://10.0.0.1/mcp"}]}),
+                json!({"endpoints": [{"url": "http://10.0.0.1/mcp"}], "allowUnauthenticated": true}),
             ),
         ],
         &[policy("triage", 1, allow_all(&["github", "plain"]))],
@@ -118,7 +118,7 @@ fn a_server_without_its_credential_is_not_served_and_rules_about_it_drop_out() {
                 server(
                     "plain",
                     1,
-                    json!({"endpoints": [{"url": "http://10.0.0.1/mcp"}]}),
+                    json!({"endpoints": [{"url": "http://10.0.0.1/mcp"}], "allowUnauthenticated": true}),
                 ),
             ],
             &[policy("triage", 2, allow_all(&["github", "plain"]))],
@@ -159,7 +159,7 @@ fn an_invalid_update_keeps_the_last_valid_version_and_a_new_invalid_object_is_le
     let plain = server(
         "plain",
         1,
-        json!({"endpoints": [{"url": "http://10.0.0.1/mcp"}]}),
+        json!({"endpoints": [{"url": "http://10.0.0.1/mcp"}], "allowUnauthenticated": true}),
     );
     let (set, _) = build(
         std::slice::from_ref(&plain),
