@@ -396,7 +396,7 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
                 .as_object_mut()
                 .map(|c| c.entry("env").or_insert_with(|| json!([])));
             if let Some(env) = env.and_then(Value::as_array_mut) {
-                agent_env(env);
+                agent_env(env, native);
             }
         }
     }
@@ -446,12 +446,19 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
 /// entries can use `$(TOOLMESH_MCP_URL)`: Kubernetes expands only earlier entries) and
 /// loopback in `NO_PROXY`/`no_proxy` (an HTTP proxy set for the container must not
 /// take the agent's calls to its sidecar elsewhere). A `NO_PROXY` from a `valueFrom`
-/// is left as it is.
-fn agent_env(env: &mut Vec<Value>) {
+/// is left as it is. Beside a sidecar that is not a native one, also where to end it
+/// (`TOOLMESH_SHUTDOWN_URL`): a Job's pod completes only when every container exits.
+fn agent_env(env: &mut Vec<Value>, native: bool) {
     if !env.iter().any(|e| e["name"] == "TOOLMESH_MCP_URL") {
         env.insert(
             0,
             json!({"name": "TOOLMESH_MCP_URL", "value": format!("http://127.0.0.1:{MCP_PORT}/mcp")}),
+        );
+    }
+    if !native && !env.iter().any(|e| e["name"] == "TOOLMESH_SHUTDOWN_URL") {
+        env.insert(
+            1,
+            json!({"name": "TOOLMESH_SHUTDOWN_URL", "value": format!("http://127.0.0.1:{ADMIN_PORT}/shutdown")}),
         );
     }
     for name in ["NO_PROXY", "no_proxy"] {

@@ -253,7 +253,16 @@ fn legacy_mode_uses_a_regular_container_with_a_wait_hook_and_honours_pod_overrid
         .find(|e| e.name == "TOOLMESH_LOG")
         .and_then(|e| e.value.clone());
     assert_eq!(log.as_deref(), Some("debug"));
-    assert_eq!(pod.spec.expect("spec").containers[1].name, "agent");
+    let agent = &pod.spec.expect("spec").containers[1];
+    assert_eq!(agent.name, "agent");
+    // A Job's agent can end a sidecar that is not a native one.
+    let shutdown = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "TOOLMESH_SHUTDOWN_URL")
+        .and_then(|e| e.value.clone());
+    assert_eq!(shutdown.as_deref(), Some("http://127.0.0.1:16020/shutdown"));
     assert_idempotent(&review, &patched, &settings);
 
     // The same pod on a cluster configured for legacy sidecars, no annotation needed.

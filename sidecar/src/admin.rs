@@ -8,6 +8,10 @@
 //! loopback `Host` (so a web page that rebinds a DNS name to 127.0.0.1 cannot read
 //! it), even when the port listens pod-wide for Prometheus and the kubelet.
 //!
+//! `POST /shutdown` (loopback only, like `/config`) drains and stops the sidecar as
+//! SIGTERM does: for agents whose pod must end when they do (a Job) and whose sidecar
+//! is not a native one.
+//!
 //! This module serves no MCP traffic.
 
 use std::convert::Infallible;
@@ -28,6 +32,8 @@ pub struct Admin {
     pub metrics: PrometheusHandle,
     /// Set when shutdown begins.
     pub draining: Arc<AtomicBool>,
+    /// Notified by `POST /shutdown`: the sidecar drains and exits as on SIGTERM.
+    pub shutdown: Arc<tokio::sync::Notify>,
 }
 
 impl Admin {
@@ -36,6 +42,9 @@ impl Admin {
         req: Request<Incoming>,
         peer: std::net::SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
+        if req.uri().path() == "/shutdown" {
+            return Ok(self.shutdown(&req, peer));
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
             resp.headers_mut()
@@ -70,9 +79,29 @@ impl Admin {
             },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live, /ready, /metrics, /config\n",
+                "not found: try /live, /ready, /metrics, /config (or POST /shutdown)\n",
             ),
         })
+    }
+
+    /// `POST /shutdown`, from this pod only: how an agent that is done (a Job, with a
+    /// sidecar that is not a native one) ends its sidecar so the pod can complete.
+    fn shutdown(&self, req: &Request<Incoming>, peer: std::net::SocketAddr) -> Response<Body> {
+        if req.method() != Method::POST {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        if !loopback_only(req, peer) {
+            return text(
+                StatusCode::FORBIDDEN,
+                "/shutdown is served to loopback clients addressing a loopback host only\n",
+            );
+        }
+        tracing::info!("shutdown requested on the admin port");
+        self.shutdown.notify_one();
+        text(StatusCode::ACCEPTED, "shutting down\n")
     }
 
     fn ready(&self) -> Response<Body> {

@@ -133,10 +133,12 @@ pub async fn serve(
         sessions: session::Sealer::random()?,
         body_read_timeout: config.body_read_timeout,
     });
+    let asked_to_stop = Arc::new(tokio::sync::Notify::new());
     let admin = Arc::new(admin::Admin {
         active: active.clone(),
         metrics: metrics.clone(),
         draining: draining.clone(),
+        shutdown: asked_to_stop.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -191,7 +193,10 @@ pub async fn serve(
         "listening"
     );
 
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        () = asked_to_stop.notified() => {}
+    }
     tracing::info!(deadline = ?config.drain_timeout, "shutdown requested; draining");
     draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);

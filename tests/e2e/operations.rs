@@ -274,3 +274,33 @@ async fn a_sidecar_served_in_process_relays_audits_and_stops_cleanly() -> Result
     assert!(tokio::net::TcpStream::connect(mcp).await.is_err());
     Ok(())
 }
+
+/// A Job's agent beside a sidecar that is not a native one ends it with POST
+/// /shutdown; nobody else can.
+#[tokio::test]
+async fn post_shutdown_from_the_pod_drains_and_exits_and_from_elsewhere_is_refused() -> Result<()> {
+    let mut stack = Stack::start().await?;
+    let client = reqwest::Client::new();
+    let url = stack.sidecar.admin_url("/shutdown");
+    let r = client.get(&url).send().await?;
+    assert_eq!(r.status(), 405);
+    let r = client
+        .post(&url)
+        .header("host", "evil.example:16020")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 403);
+    assert_eq!(echo(&stack.url()).await?, 200, "still serving");
+
+    let r = client.post(&url).send().await?;
+    assert_eq!(r.status(), 202);
+    let status = tokio::time::timeout(Duration::from_secs(10), stack.sidecar.proc.wait()).await??;
+    assert!(status.success(), "{status}");
+    assert!(
+        stack
+            .sidecar
+            .logs()
+            .contains("shutdown requested on the admin port")
+    );
+    Ok(())
+}
