@@ -123,18 +123,9 @@ impl Admin {
     }
 }
 
-/// A loopback peer, and every `Host` (and HTTP/2 authority) a loopback name.
+/// A loopback peer that addressed a loopback host (the MCP port's own Host rule).
 fn loopback_only(req: &Request<Incoming>, peer: std::net::SocketAddr) -> bool {
-    let hosts = req.headers().get_all(header::HOST);
-    peer.ip().is_loopback()
-        && hosts.iter().count() <= 1
-        && hosts
-            .iter()
-            .all(|h| h.to_str().is_ok_and(crate::proxy::is_loopback_authority))
-        && req
-            .uri()
-            .authority()
-            .is_none_or(|a| crate::proxy::is_loopback_authority(a.as_str()))
+    peer.ip().is_loopback() && crate::proxy::check_loopback_host(req).is_ok()
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {

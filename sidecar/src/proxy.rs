@@ -460,7 +460,7 @@ impl Proxy {
 /// On a loopback listener, the authority the agent addressed (HTTP/2's `:authority`
 /// and every `Host` header) must name loopback too: DNS-rebinding protection for
 /// requests without an `Origin`. More than one `Host` is refused outright.
-fn check_loopback_host(req: &Request<Incoming>) -> Result<(), ProxyError> {
+pub fn check_loopback_host(req: &Request<Incoming>) -> Result<(), ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -565,7 +565,9 @@ fn server_name(path: &str) -> Result<&str, ProxyError> {
         .ok_or_else(|| ProxyError::UnknownPath(truncate(path)))
 }
 
-fn truncate(text: &str) -> String {
+/// `text` cut to 200 characters (marked with `…`): what an error or a log line shows of
+/// a value that came from the network.
+pub fn truncate(text: &str) -> String {
     const MAX: usize = 200;
     match text.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

@@ -18,6 +18,8 @@
 
 use std::borrow::Cow;
 
+use crate::proxy::truncate;
+
 /// Why a resource URI was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
@@ -31,9 +33,9 @@ pub enum UriError {
 
 /// The meaning of `uri` as policy judges it, or why it cannot be judged.
 pub fn canonical(uri: &str) -> Result<Cow<'_, str>, UriError> {
-    let parsed = url::Url::parse(uri).map_err(|_| UriError::NotAbsolute(shorten(uri)))?;
-    let sent = decode(uri).ok_or_else(|| UriError::NotUtf8(shorten(uri)))?;
-    let normal = decode(parsed.as_str()).ok_or_else(|| UriError::NotUtf8(shorten(uri)))?;
+    let parsed = url::Url::parse(uri).map_err(|_| UriError::NotAbsolute(truncate(uri)))?;
+    let sent = decode(uri).ok_or_else(|| UriError::NotUtf8(truncate(uri)))?;
+    let normal = decode(parsed.as_str()).ok_or_else(|| UriError::NotUtf8(truncate(uri)))?;
     if sent == normal {
         return Ok(sent);
     }
@@ -46,8 +48,8 @@ pub fn canonical(uri: &str) -> Result<Cow<'_, str>, UriError> {
         return Ok(sent);
     }
     Err(UriError::NotNormal {
-        sent: shorten(uri),
-        normal: shorten(&normal),
+        sent: truncate(uri),
+        normal: truncate(&normal),
     })
 }
 
@@ -88,14 +90,6 @@ fn decode(text: &str) -> Option<Cow<'_, str>> {
         }
     }
     String::from_utf8(out).ok().map(Cow::Owned)
-}
-
-fn shorten(text: &str) -> String {
-    const MAX: usize = 200;
-    match text.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
 }
 
 #[cfg(test)]
