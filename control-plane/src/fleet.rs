@@ -149,6 +149,8 @@ impl Fleet {
                 && (!query.disconnected_only || !status.connected)
         };
         let mut page = Page::default();
+        // The key of the page's last entry, and whether a selected entry follows it.
+        let (mut last, mut more) = (None, false);
         for (key, (_, status)) in &inner.sidecars {
             if !selected(status) {
                 continue;
@@ -159,24 +161,12 @@ impl Fleet {
             }
             if page.sidecars.len() < limit {
                 page.sidecars.push(status.clone());
-                if page.sidecars.len() == limit {
-                    page.next = Some(key.clone());
-                }
+                last = Some(key);
+            } else {
+                more = true;
             }
         }
-        // `next` was set at the page's last entry; it stays only if more follow.
-        if let Some(next) = &page.next {
-            let more = inner
-                .sidecars
-                .range((
-                    std::ops::Bound::Excluded(next.clone()),
-                    std::ops::Bound::Unbounded,
-                ))
-                .any(|(_, (_, s))| selected(s));
-            if !more {
-                page.next = None;
-            }
-        }
+        page.next = last.filter(|_| more).cloned();
         page
     }
 
