@@ -306,27 +306,14 @@ impl Discovery {
         let mut pending: Option<(pb::SnapshotPush, Duration)> = None;
         loop {
             let retry_in = pending.as_ref().map(|(_, wait)| *wait);
-            let push = tokio::select! {
+            // A push from the stream, or the pending one again (`Some(previous wait)`).
+            let (push, retried) = tokio::select! {
                 message = pushes.message() => match message.map_err(|s| status(&s))? {
-                    Some(push) => push,
+                    Some(push) => (push, None),
                     None => return Ok(()),
                 },
                 () = sleep_or_never(retry_in) => match pending.take() {
-                    Some((push, wait)) => {
-                        let Some(snapshot) = &push.snapshot else { continue };
-                        match self.take(snapshot) {
-                            Ok(_) => {
-                                tracing::info!(version = %snapshot.version, "snapshot persisted on retry and applied");
-                                let ack = pb::Ack { version: snapshot.version.clone(), nonce: push.nonce };
-                                send(&tx, Msg::Ack(ack)).await?;
-                            }
-                            Err((reason, _)) => {
-                                tracing::warn!(version = %snapshot.version, %reason, retry_in = ?(wait * 2).min(BACKOFF_MAX), "still cannot persist the snapshot");
-                                pending = Some((push, (wait * 2).min(BACKOFF_MAX)));
-                            }
-                        }
-                        continue;
-                    }
+                    Some((push, wait)) => (push, Some(wait)),
                     None => continue,
                 },
             };
@@ -337,7 +324,9 @@ impl Discovery {
             let version = snapshot.version.clone();
             match self.take(snapshot) {
                 Ok(changed) => {
-                    if changed {
+                    if retried.is_some() {
+                        tracing::info!(%version, "snapshot persisted on retry and applied");
+                    } else if changed {
                         tracing::info!(%version, servers = snapshot.servers.len(), "snapshot applied");
                     }
                     let ack = pb::Ack {
@@ -345,6 +334,12 @@ impl Discovery {
                         nonce: push.nonce,
                     };
                     send(&tx, Msg::Ack(ack)).await?;
+                }
+                // Already NACKed once: try again later, quietly.
+                Err((reason, _)) if let Some(wait) = retried => {
+                    let wait = (wait * 2).min(BACKOFF_MAX);
+                    tracing::warn!(%version, %reason, retry_in = ?wait, "still cannot persist the snapshot");
+                    pending = Some((push, wait));
                 }
                 Err((reason, retry)) => {
                     telemetry::config_rejected();
