@@ -21,6 +21,7 @@ pub mod serve;
 pub mod service;
 pub mod store;
 pub mod webhook;
+pub mod workload;
 
 use std::path::Path;
 

@@ -88,9 +88,100 @@ pub struct ServeArgs {
     )]
     pub max_pending_connections: usize,
     #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
     #[command(flatten)]
     pub kube: crate::kubernetes::KubeArgs,
+}
+
+/// Flags of the workload CA (certificates for sidecar-to-sidecar mutual TLS).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkloadArgs {
+    /// The SPIFFE trust domain of workload certificates
+    /// (spiffe://<domain>/ns/<namespace>/sa/<serviceaccount>).
+    #[arg(long, env = "TOOLMESH_CP_TRUST_DOMAIN", default_value = toolmesh_proto::workload::DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
+    pub trust_domain: String,
+    /// PEM CA certificate that signs workload certificates (read again at every
+    /// signing). Without it, the self-managed Secret's CA signs them (--tls-secret), or
+    /// with --dev a CA made in memory at start; otherwise none are issued.
+    #[arg(
+        long,
+        env = "TOOLMESH_CP_WORKLOAD_CA_CERT",
+        value_name = "FILE",
+        requires = "workload_ca_key"
+    )]
+    pub workload_ca_cert: Option<PathBuf>,
+    /// PEM private key of --workload-ca-cert.
+    #[arg(
+        long,
+        env = "TOOLMESH_CP_WORKLOAD_CA_KEY",
+        value_name = "FILE",
+        requires = "workload_ca_cert"
+    )]
+    pub workload_ca_key: Option<PathBuf>,
+    /// PEM CA certificates trusted besides the signing CA, sent to every sidecar with
+    /// its certificate: during a CA rollover, the other CA (repeatable).
+    #[arg(long, env = "TOOLMESH_CP_WORKLOAD_TRUST_BUNDLE", value_name = "FILE")]
+    pub workload_trust_bundle: Vec<PathBuf>,
+    /// Lifetime of a workload certificate; sidecars renew at half of it.
+    #[arg(long, env = "TOOLMESH_CP_WORKLOAD_CERT_TTL", default_value = crate::workload::DEFAULT_TTL, value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
+    pub workload_cert_ttl: std::time::Duration,
+}
+
+/// The workload CA these flags (and the self-managed Secret) describe, if any.
+fn workload_ca(
+    args: &ServeArgs,
+    managed: Option<&tls::Material>,
+) -> Result<Option<crate::workload::Ca>, String> {
+    let w = &args.workload;
+    if !toolmesh_proto::workload::is_trust_domain(&w.trust_domain) {
+        return Err(format!(
+            "--trust-domain {:?}: lower-case letters, digits, '.', '-' and '_' only",
+            w.trust_domain
+        ));
+    }
+    if w.workload_cert_ttl < std::time::Duration::from_secs(2) {
+        return Err("--workload-cert-ttl: must be at least 2s".into());
+    }
+    let source = match (&w.workload_ca_cert, &w.workload_ca_key, managed) {
+        (Some(cert), Some(key), _) => crate::workload::Source::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (
+            _,
+            _,
+            Some(tls::Material {
+                ca,
+                ca_key: Some(key),
+                ..
+            }),
+        ) => crate::workload::Source::Pem {
+            cert: ca.clone(),
+            key: key.clone(),
+        },
+        _ if args.dev => {
+            let (cert, key) = crate::workload::generate(&w.trust_domain)?;
+            tracing::warn!(
+                "--dev: workload certificates are signed by a CA made in memory; restarting the control plane invalidates them"
+            );
+            crate::workload::Source::Pem { cert, key }
+        }
+        _ => {
+            tracing::info!(
+                "no workload CA (--workload-ca-cert/--workload-ca-key): sidecars get no workload certificates"
+            );
+            return Ok(None);
+        }
+    };
+    crate::workload::Ca::new(
+        source,
+        w.workload_trust_bundle.clone(),
+        w.trust_domain.clone(),
+        w.workload_cert_ttl,
+    )
+    .map(Some)
 }
 
 /// Read resource files and directories (*.yaml, *.yml, sorted): each file's path and
@@ -339,7 +430,8 @@ pub async fn serve(
         metrics::counter!("toolmesh_cp_connections_closed_total", "reason" => reason).absolute(0);
     }
     metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
-    let cp = ControlPlane::new(store, tokens, reviewer, args.fleet_expiry);
+    let ca = workload_ca(&args, managed.as_ref())?;
+    let cp = ControlPlane::new(store, tokens, reviewer, args.fleet_expiry, ca);
     // Every task started here is owned here: the servers drain, the rest are ended.
     let mut servers = tokio::task::JoinSet::new();
     let mut background = tokio::task::JoinSet::new();

@@ -29,6 +29,9 @@ use crate::store::{Store, StoreError};
 /// How long a burst of store changes is allowed to settle before snapshots are rendered.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
+/// The least time between two certificates issued on one stream.
+pub const CERTIFICATE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// State shared by both services.
 pub struct ControlPlane {
     pub store: Arc<dyn Store>,
@@ -36,6 +39,8 @@ pub struct ControlPlane {
     /// Set with `--sidecar-auth kubernetes`: sidecars present service-account tokens.
     pub reviewer: Option<TokenReviewer>,
     pub fleet: Fleet,
+    /// Signs sidecars' workload certificates; `None`: none are issued.
+    pub ca: Option<crate::workload::Ca>,
     next_conn: AtomicU64,
     /// Flipped once on shutdown: every open stream ends with UNAVAILABLE so that the
     /// server's graceful shutdown is not held open by streams that never finish.
@@ -56,12 +61,14 @@ impl ControlPlane {
         tokens: Tokens,
         reviewer: Option<TokenReviewer>,
         fleet_expiry: Duration,
+        ca: Option<crate::workload::Ca>,
     ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
             tokens,
             reviewer,
             fleet: Fleet::new(fleet_expiry),
+            ca,
             next_conn: AtomicU64::new(1),
             stopping: watch::channel(false).0,
         })
@@ -142,6 +149,7 @@ impl SnapshotService for Snapshots {
             pushes: 0,
             nonce: String::new(),
             render: true,
+            last_certificate: None,
             ended: None,
             inbound,
         };
@@ -168,6 +176,8 @@ struct Session {
     nonce: String,
     /// Whether to render before waiting again (at start and after a store change).
     render: bool,
+    /// When the latest certificate request was answered (one a second at most).
+    last_certificate: Option<tokio::time::Instant>,
     /// Why the stream ended, once it has; logged when the session is dropped.
     ended: Option<String>,
     changes: watch::Receiver<u64>,
@@ -200,7 +210,11 @@ impl Session {
                     self.changes.borrow_and_update();
                     self.render = true;
                 }
-                message = self.inbound.message() => self.answer(message),
+                message = self.inbound.message() => {
+                    if let Some(push) = self.answer(message) {
+                        return Some(Ok(push));
+                    }
+                }
             }
         }
     }
@@ -250,11 +264,51 @@ impl Session {
         Some(pb::SnapshotPush {
             snapshot: Some(snapshot),
             nonce: self.nonce.clone(),
+            certificate: None,
         })
     }
 
-    /// Take in an ACK or NACK (ignoring stale ones), or note why the stream ended.
-    fn answer(&mut self, message: Result<Option<pb::SidecarMessage>, Status>) {
+    /// Answer a certificate request: a certificate for the stream's identity, or why not.
+    fn certify(&mut self, csr: &[u8]) -> pb::SnapshotPush {
+        let refused = |error: String| pb::WorkloadCertificate {
+            error,
+            ..Default::default()
+        };
+        let now = tokio::time::Instant::now();
+        let certificate = match &self.cp.ca {
+            _ if self
+                .last_certificate
+                .is_some_and(|at| now.duration_since(at) < CERTIFICATE_INTERVAL) =>
+            {
+                refused(format!(
+                    "one certificate request per {CERTIFICATE_INTERVAL:?} per stream; retry later"
+                ))
+            }
+            None => refused(
+                "this control plane issues no workload certificates: start it with --workload-ca-cert and --workload-ca-key (or --tls-secret)".to_owned(),
+            ),
+            Some(ca) => ca.sign(&self.identity, csr),
+        };
+        self.last_certificate = Some(now);
+        pb::SnapshotPush {
+            snapshot: None,
+            nonce: String::new(),
+            certificate: Some(certificate),
+        }
+    }
+
+    /// Take in an ACK or NACK (ignoring stale ones), or note why the stream ended; a
+    /// certificate request is answered with the push returned.
+    fn answer(
+        &mut self,
+        message: Result<Option<pb::SidecarMessage>, Status>,
+    ) -> Option<pb::SnapshotPush> {
+        if let Ok(Some(pb::SidecarMessage {
+            kind: Some(Msg::CertificateRequest(request)),
+        })) = &message
+        {
+            return Some(self.certify(&request.csr));
+        }
         let (identity, node) = (&self.identity, &self.node);
         match message {
             Ok(Some(pb::SidecarMessage {
@@ -282,6 +336,7 @@ impl Session {
             Ok(None) => self.ended = Some("sidecar closed the stream".to_owned()),
             Err(e) => self.ended = Some(format!("stream error: {}", e.message())),
         }
+        None
     }
 }
 

@@ -37,6 +37,7 @@ pub fn route() -> Arc<Route> {
                     source: "t/token".into(),
                 }),
                 timeout_ms: 1000,
+                mesh: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),
@@ -64,6 +65,7 @@ pub fn route() -> Arc<Route> {
                     },
                 ],
             }],
+            served: Vec::new(),
         };
         let runtime = Runtime::compile(&snapshot, None).expect("the fixed snapshot compiles");
         runtime.route("s").expect("route s").clone()

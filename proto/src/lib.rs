@@ -7,6 +7,7 @@
 //! - [`render`]: the one function that turns a set of resources plus an identity into
 //!   that identity's [`v1alpha1::Snapshot`].
 //!
+//! - [`workload`]: identities as SPIFFE IDs, the names in workload certificates.
 //! - [`crd`] (feature `kube`): `McpServer` and `AccessPolicy` as Kubernetes custom
 //!   resources, derived from the same spec types.
 //!
@@ -19,6 +20,7 @@ pub mod crd;
 pub mod glob;
 pub mod render;
 pub mod resource;
+pub mod workload;
 
 /// Generated protobuf types of the `toolmesh.v1alpha1` package.
 #[allow(missing_debug_implementations, clippy::all)]

@@ -45,11 +45,18 @@ pub fn render(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot, Resourc
         .filter_map(|n| set.servers.get(n))
         .map(|s| render_server(set, s))
         .collect();
+    let served = set
+        .servers
+        .values()
+        .filter(|s| s.spec.mesh.as_ref().is_some_and(|m| m.identity == identity))
+        .map(|s| render_served(set, s))
+        .collect();
     let mut snapshot = pb::Snapshot {
         version: String::new(),
         identity: identity.to_owned(),
         servers,
         policies,
+        served,
     };
     snapshot.version = content_version(&snapshot);
     Ok(snapshot)
@@ -82,6 +89,15 @@ pub fn largest_snapshot_bytes(set: &ResourceSet) -> usize {
             .map(|s| render_server(set, s))
             .collect(),
         policies,
+        // At most one server per mesh identity; the largest one bounds them.
+        served: set
+            .servers
+            .values()
+            .filter(|s| s.spec.mesh.is_some())
+            .map(|s| render_served(set, s))
+            .max_by_key(|s| s.encoded_len())
+            .into_iter()
+            .collect(),
     };
     snapshot.encoded_len()
 }
@@ -92,6 +108,45 @@ pub fn content_version(snapshot: &pb::Snapshot) -> String {
     unversioned.version.clear();
     let digest = Sha256::digest(unversioned.encode_to_vec());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A server the identity runs behind its server-side sidecar: every policy's rules
+/// for it, with the policy's subjects.
+fn render_served(set: &ResourceSet, server: &McpServer) -> pb::Served {
+    let name = server.metadata.name.as_str();
+    let policies = set
+        .policies
+        .values()
+        .filter(|p| p.spec.rules.iter().any(|r| r.server == name))
+        .map(|p| pb::SubjectPolicy {
+            subjects: p.spec.subjects.iter().map(|s| s.identity.clone()).collect(),
+            policy: Some(pb::Policy {
+                name: p.metadata.name.clone(),
+                rules: p
+                    .spec
+                    .rules
+                    .iter()
+                    .filter(|r| r.server == name)
+                    .map(render_rule)
+                    .collect(),
+            }),
+        })
+        .collect();
+    pb::Served {
+        name: name.to_owned(),
+        timeout_ms: server_timeout_ms(server),
+        policies,
+    }
+}
+
+fn server_timeout_ms(server: &McpServer) -> u64 {
+    let timeout = server
+        .spec
+        .timeout
+        .as_deref()
+        .and_then(|t| parse_duration(t).ok())
+        .unwrap_or(DEFAULT_SERVER_TIMEOUT);
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
@@ -109,11 +164,6 @@ fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
             source: format!("{}/{}", c.secret_ref.name, c.secret_ref.key),
         })
     });
-    let timeout = spec
-        .timeout
-        .as_deref()
-        .and_then(|t| parse_duration(t).ok())
-        .unwrap_or(DEFAULT_SERVER_TIMEOUT);
     pb::Server {
         name: server.metadata.name.clone(),
         endpoints: spec
@@ -122,7 +172,10 @@ fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
             .map(|e| pb::Endpoint { url: e.url.clone() })
             .collect(),
         credential,
-        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        timeout_ms: server_timeout_ms(server),
+        mesh: spec.mesh.as_ref().map(|m| pb::Mesh {
+            identity: m.identity.clone(),
+        }),
     }
 }
 

@@ -183,6 +183,22 @@ pub struct McpServerSpec {
     /// unless this says so, and `kubectl get mcps` shows it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unauthenticated: bool,
+    /// The server runs behind a server-side sidecar (`--mode server`): agent sidecars
+    /// reach it over mutual TLS with their workload certificates, and it decides again
+    /// for each caller. The endpoints must then be `https://…/mcp/<name>` URLs of that
+    /// sidecar. A server in the mesh needs no credential: the server-side sidecar
+    /// refuses every connection without a workload certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshSpec>,
+}
+
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshSpec {
+    /// The identity the server-side sidecar runs as (`<namespace>/<serviceaccount>` in a
+    /// cluster): its certificate must name it, and it is sent this server's policies.
+    pub identity: String,
 }
 
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]

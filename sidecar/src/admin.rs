@@ -1,7 +1,8 @@
 //! The admin port: `/live`, `/ready`, `/metrics` and `/config`.
 //!
 //! `/live` answers as long as the process serves HTTP. `/ready` is 200 once a
-//! configuration is loaded and until shutdown begins (then 503, so Kubernetes stops
+//! configuration is loaded (server-side mode: and a workload certificate, and a
+//! snapshot that names a server to serve) and until shutdown begins (then 503, so Kubernetes stops
 //! routing and the agent stops starting new calls). `/metrics` is the Prometheus text
 //! page. `/config` is the active snapshot with every credential value redacted, and
 //! still only for loopback: it is answered to a loopback peer that addressed a
@@ -29,6 +30,9 @@ use crate::snapshot::Active;
 #[derive(Debug)]
 pub struct Admin {
     pub active: Arc<Active>,
+    /// Server-side mode: not ready until a workload certificate is installed (no
+    /// client could complete a handshake before).
+    pub workload: Option<Arc<crate::workload::Workload>>,
     pub metrics: PrometheusHandle,
     /// Set when shutdown begins.
     pub draining: Arc<AtomicBool>,
@@ -108,10 +112,23 @@ impl Admin {
         if self.draining.load(Ordering::Relaxed) {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
         } else if let Some(runtime) = self.active.current() {
-            text(
-                StatusCode::OK,
-                format!("ready: config {}\n", runtime.version),
-            )
+            match &self.workload {
+                Some(w) if w.current().is_none() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no workload certificate yet (asked of the control plane)\n",
+                ),
+                Some(_) if runtime.served.is_empty() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "config {}: no McpServer names {:?} in spec.mesh.identity\n",
+                        runtime.version, runtime.identity
+                    ),
+                ),
+                _ => text(
+                    StatusCode::OK,
+                    format!("ready: config {}\n", runtime.version),
+                ),
+            }
         } else if let Some(problem) = self.active.problem() {
             text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -26,6 +26,19 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 pub const DEFAULT_BODY_READ_TIMEOUT: &str = "30s";
 /// Time allowed to open a TCP (and TLS) connection to an upstream.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// Server-side mode: where agent sidecars connect with mutual TLS (every address).
+pub const DEFAULT_MESH_LISTEN: &str = "[::]:16030";
+
+/// What the sidecar stands in front of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Next to an agent: serves the pod's MCP clients on loopback (--listen).
+    Agent,
+    /// Next to an MCP server: accepts only mutual TLS from other sidecars
+    /// (--mesh-listen), decides again for the caller the certificate names, and
+    /// forwards to the server on loopback (--upstream) or to a child process (--stdio).
+    Server,
+}
 
 /// toolmesh-sidecar: enforces MCP policy next to an agent.
 ///
@@ -41,6 +54,36 @@ pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
     after_help = "Also: toolmesh-sidecar wait-ready ADDR SECONDS\n  exits 0 once http://ADDR/ready answers 200, 1 after SECONDS (the postStart hook of injected sidecars on clusters without native sidecars)."
 )]
 pub struct Config {
+    /// agent: next to an agent pod's MCP clients. server: next to an MCP server, behind
+    /// mutual TLS (needs --control-plane, and --upstream or --stdio).
+    #[arg(long, env = "TOOLMESH_MODE", value_enum, default_value = "agent")]
+    pub mode: Mode,
+
+    /// Server-side mode: the MCP server's own Streamable HTTP URL, on loopback (e.g.
+    /// http://127.0.0.1:8080/mcp). The server must listen on loopback only, or agents
+    /// can reach it around this sidecar.
+    #[arg(
+        long,
+        env = "TOOLMESH_UPSTREAM",
+        value_name = "URL",
+        conflicts_with = "stdio"
+    )]
+    pub upstream: Option<String>,
+
+    /// Server-side mode: run the MCP server given after `--` (e.g. `-- npx -y
+    /// @modelcontextprotocol/server-filesystem /data`) as a child process speaking
+    /// stdio, restarted with backoff when it exits, and serve it as Streamable HTTP.
+    #[arg(long, env = "TOOLMESH_STDIO")]
+    pub stdio: bool,
+
+    /// The stdio server's command and arguments (after `--`).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+
+    /// Server-side mode: address of the mutual-TLS listener other sidecars connect to.
+    #[arg(long, env = "TOOLMESH_MESH_LISTEN", default_value = DEFAULT_MESH_LISTEN, value_name = "ADDR")]
+    pub mesh_listen: SocketAddr,
+
     /// Standalone mode: multi-document YAML file of McpServer, AccessPolicy and Secret
     /// resources. Watched; a valid change is swapped in, an invalid one is logged and
     /// ignored.
@@ -166,6 +209,21 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// An `http://` URL whose host is a loopback address.
+fn loopback_http_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?} must be http:// (the server is in this pod)"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if !crate::proxy::is_loopback_authority(authority) {
+        return Err(format!(
+            "{url:?} must name a loopback address (127.0.0.1, [::1] or localhost): \
+             a server listening beyond loopback can be reached around this sidecar"
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Checks clap cannot express. Returns every problem, not just the first.
     pub fn check(&self) -> Result<(), Vec<String>> {
@@ -185,10 +243,40 @@ impl Config {
             }
             _ => {}
         }
+        if self.mode == Mode::Server {
+            if self.control_plane.is_none() {
+                problems.push(
+                    "--mode server: needs --control-plane (workload certificates come from it)"
+                        .to_owned(),
+                );
+            }
+            match (&self.upstream, self.stdio) {
+                (None, false) => problems.push(
+                    "--mode server: pass --upstream URL (the server on loopback) or --stdio -- COMMAND".to_owned(),
+                ),
+                (Some(url), _) => {
+                    if let Err(e) = loopback_http_url(url) {
+                        problems.push(format!("--upstream: {e}"));
+                    }
+                }
+                (None, true) => {}
+            }
+        } else if self.upstream.is_some() || self.stdio {
+            problems.push("--upstream and --stdio: only with --mode server".to_owned());
+        }
+        if self.stdio && self.command.is_empty() {
+            problems.push("--stdio: give the server's command after `--`".to_owned());
+        }
+        if !self.stdio && !self.command.is_empty() {
+            problems.push(format!(
+                "unexpected arguments {:?}: a command after `--` is for --stdio",
+                self.command
+            ));
+        }
         if self.identity.trim().is_empty() {
             problems.push("--identity: must not be empty".to_owned());
         }
-        if !self.listen.ip().is_loopback() && !self.allow_non_loopback {
+        if self.mode == Mode::Agent && !self.listen.ip().is_loopback() && !self.allow_non_loopback {
             problems.push(format!(
                 "--listen: {} is not a loopback address; the sidecar serves its pod only \
                  (pass --allow-non-loopback to override)",

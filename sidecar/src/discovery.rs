@@ -17,7 +17,13 @@
 //! could otherwise load without its later rules. A damaged file is never served:
 //! `/ready` says why and the sidecar waits for the control plane.
 //!
-//! This module does not serve traffic; it only feeds [`Active`].
+//! Workload certificates travel on the same stream: when this sidecar needs one
+//! (server-side mode, or a snapshot that routes through the mesh) it sends a
+//! certificate request for a key it just made, installs the answer into
+//! [`Workload`], and asks again at half the certificate's life; a refusal is retried
+//! with backoff (2 s doubling to 5 min). A reconnect asks again only when due.
+//!
+//! This module does not serve traffic; it only feeds [`Active`] and [`Workload`].
 
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
@@ -37,6 +43,7 @@ use toolmesh_proto::v1alpha1::snapshot_service_client::SnapshotServiceClient;
 
 use crate::snapshot::Active;
 use crate::telemetry;
+use crate::workload::{self, Workload};
 
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -88,7 +95,28 @@ pub struct Discovery {
     pub state_dir: Option<PathBuf>,
     pub require_https: bool,
     pub active: Arc<Active>,
+    /// This sidecar's workload certificate, asked for on the stream and renewed at
+    /// half-life when [`Discovery::always_certify`] or a snapshot routes through the
+    /// mesh.
+    pub workload: Arc<Workload>,
+    /// Server-side mode: a certificate is needed whatever the snapshot says.
+    pub always_certify: bool,
 }
+
+/// Where a workload certificate request stands on one stream.
+#[derive(Debug)]
+struct Certifying {
+    /// The request sent and not answered yet, and when it was sent.
+    outstanding: Option<(workload::Request, tokio::time::Instant)>,
+    /// After a refusal: not before this, and the wait that led to it.
+    retry: Option<(tokio::time::Instant, Duration)>,
+}
+
+/// An unanswered certificate request is given up after this long.
+const CERTIFICATE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// First wait after a refused certificate request (doubling to [`CERTIFICATE_RETRY_MAX`]).
+const CERTIFICATE_RETRY_START: Duration = Duration::from_secs(2);
+const CERTIFICATE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// A gRPC status as the code, the message and any transport cause.
 fn status(s: &tonic::Status) -> String {
@@ -216,6 +244,74 @@ impl Discovery {
         })
     }
 
+    /// Whether this sidecar needs a workload certificate now.
+    fn wants_certificate(&self) -> bool {
+        self.always_certify || self.active.current().is_some_and(|r| r.meshed)
+    }
+
+    /// When to send the next certificate request, if one is needed.
+    fn certificate_due(&self, state: &Certifying) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        if let Some((_, sent)) = &state.outstanding {
+            return Some(*sent + CERTIFICATE_ANSWER_TIMEOUT);
+        }
+        if !self.wants_certificate() {
+            return None;
+        }
+        let renew = match self.workload.current() {
+            None => now,
+            Some(issued) => {
+                let left = issued
+                    .renew_at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                now + left
+            }
+        };
+        Some(match state.retry {
+            Some((at, _)) => renew.max(at),
+            None => renew,
+        })
+    }
+
+    /// Send a certificate request (or give up on an unanswered one).
+    async fn certify(
+        &self,
+        state: &mut Certifying,
+        tx: &mpsc::Sender<pb::SidecarMessage>,
+    ) -> Result<(), String> {
+        if state.outstanding.take().is_some() {
+            tracing::warn!(timeout = ?CERTIFICATE_ANSWER_TIMEOUT, "the control plane did not answer the certificate request; asking again");
+        }
+        let request = workload::Workload::request()?;
+        let csr = request.csr.clone();
+        state.outstanding = Some((request, tokio::time::Instant::now()));
+        send(tx, Msg::CertificateRequest(pb::CertificateRequest { csr })).await
+    }
+
+    /// Take the control plane's answer to the outstanding certificate request.
+    fn certified(&self, state: &mut Certifying, answer: &pb::WorkloadCertificate) {
+        let Some((request, _)) = state.outstanding.take() else {
+            tracing::debug!("a certificate nobody asked for; ignored");
+            return;
+        };
+        match self.workload.install(request, answer) {
+            Ok(issued) => {
+                telemetry::workload_certificate(Some(issued.not_after));
+                tracing::info!(spiffe_id = %issued.spiffe_id, expires = %humantime::format_rfc3339_seconds(issued.not_after), "workload certificate installed");
+                state.retry = None;
+            }
+            Err(reason) => {
+                telemetry::workload_certificate(None);
+                let wait = state.retry.map_or(CERTIFICATE_RETRY_START, |(_, w)| {
+                    (w * 2).min(CERTIFICATE_RETRY_MAX)
+                });
+                tracing::error!(%reason, retry_in = ?wait, "no workload certificate");
+                state.retry = Some((tokio::time::Instant::now() + wait, wait));
+            }
+        }
+    }
+
     /// Stay connected forever.
     pub async fn run(self) {
         let mut backoff = BACKOFF_START;
@@ -304,8 +400,13 @@ impl Discovery {
         // A push that could not be persisted, retried with backoff until it can (or a
         // newer push replaces it); its NACK was sent once.
         let mut pending: Option<(pb::SnapshotPush, Duration)> = None;
+        let mut certifying = Certifying {
+            outstanding: None,
+            retry: None,
+        };
         loop {
             let retry_in = pending.as_ref().map(|(_, wait)| *wait);
+            let certificate_due = self.certificate_due(&certifying);
             // A push from the stream, or the pending one again (`Some(previous wait)`).
             let (push, retried) = tokio::select! {
                 message = pushes.message() => match message.map_err(|s| status(&s))? {
@@ -316,7 +417,14 @@ impl Discovery {
                     Some((push, wait)) => (push, Some(wait)),
                     None => continue,
                 },
+                () = sleep_until_or_never(certificate_due) => {
+                    self.certify(&mut certifying, &tx).await?;
+                    continue;
+                }
             };
+            if let Some(answer) = &push.certificate {
+                self.certified(&mut certifying, answer);
+            }
             let Some(snapshot) = &push.snapshot else {
                 continue;
             };
@@ -381,6 +489,13 @@ const PERSIST_RETRY_START: Duration = Duration::from_secs(1);
 async fn sleep_or_never(wait: Option<Duration>) {
     match wait {
         Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -462,6 +577,8 @@ mod tests {
             state_dir: Some(dir.clone()),
             require_https: false,
             active: Arc::new(Active::default()),
+            workload: Workload::new("agents/a"),
+            always_certify: false,
         };
         let snapshot = pb::Snapshot {
             version: "v1".into(),

@@ -78,6 +78,12 @@ pub enum ProxyError {
     UpstreamTimeout { server: String, timeout_ms: u64 },
     #[error("no configuration is loaded yet")]
     NotReady,
+    /// Server-side mode: the snapshot does not let this sidecar serve (yet).
+    #[error("{0}")]
+    Misconfigured(String),
+    /// Server-side mode: the peer's certificate names no identity of this trust domain.
+    #[error("the client certificate names no identity this sidecar trusts")]
+    UnknownPeer,
     #[error("{kind} {name:?} is not permitted for {subject:?} on server {server:?}")]
     NotPermitted {
         kind: &'static str,
@@ -112,7 +118,8 @@ impl ProxyError {
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             UpstreamUnavailable { .. } | UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            NotReady | Misconfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
+            UnknownPeer => StatusCode::FORBIDDEN,
             // A JSON-RPC-level refusal, as a server refusing a call would answer.
             NotPermitted { .. } => StatusCode::OK,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -134,8 +141,8 @@ impl ProxyError {
             UnsupportedMediaType(_) => code::UNSUPPORTED_MEDIA_TYPE,
             UpstreamUnavailable { .. } | UpstreamFailed { .. } => code::UPSTREAM_UNAVAILABLE,
             UpstreamTimeout { .. } => code::UPSTREAM_TIMEOUT,
-            NotReady => code::NOT_READY,
-            NotPermitted { .. } => code::NOT_PERMITTED,
+            NotReady | Misconfigured(_) => code::NOT_READY,
+            NotPermitted { .. } | UnknownPeer => code::NOT_PERMITTED,
             RateLimited { .. } => code::RATE_LIMITED,
         }
     }
@@ -146,7 +153,7 @@ impl ProxyError {
             UpstreamUnavailable { .. } | UpstreamFailed { .. } | UpstreamTimeout { .. } => {
                 Side::Upstream
             }
-            NotReady => Side::Sidecar,
+            NotReady | Misconfigured(_) => Side::Sidecar,
             _ => Side::Agent,
         }
     }

@@ -25,6 +25,7 @@ pub mod filter;
 pub mod identity;
 pub mod listener;
 pub mod mcp;
+pub mod mesh;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
@@ -34,6 +35,7 @@ pub mod standalone;
 pub mod telemetry;
 pub mod upstream;
 pub mod uri;
+pub mod workload;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -54,10 +56,15 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Bind `--listen` and `--admin-listen`, naming the flag in an error.
+    /// Bind `--listen` (server-side mode: `--mesh-listen`) and `--admin-listen`,
+    /// naming the flag in an error.
     pub async fn bind(config: &Config) -> Result<Listeners, String> {
+        let mcp = match config.mode {
+            config::Mode::Agent => listener::bind("--listen", config.listen).await?,
+            config::Mode::Server => listener::bind("--mesh-listen", config.mesh_listen).await?,
+        };
         Ok(Listeners {
-            mcp: listener::bind("--listen", config.listen).await?,
+            mcp,
             admin: listener::bind("--admin-listen", config.admin_listen).await?,
         })
     }
@@ -86,6 +93,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let active = Arc::new(snapshot::Active::default());
+    let workload = workload::Workload::new(&config.identity);
     // The configuration source: a file (standalone) or the control plane.
     let source = match (&config.config, &config.control_plane) {
         (Some(file), _) => {
@@ -106,6 +114,8 @@ pub async fn serve(
                 state_dir: config.state_dir.clone(),
                 require_https: config.require_https_upstreams,
                 active: active.clone(),
+                workload: workload.clone(),
+                always_certify: config.mode == config::Mode::Server,
             };
             discovery.load_persisted();
             Source::ControlPlane(discovery)
@@ -116,26 +126,40 @@ pub async fn serve(
     let mcp_addr = listeners.mcp.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = listeners.admin.local_addr().map_err(|e| e.to_string())?;
 
+    // Server-side mode: where the server is, and the mutual-TLS front door.
+    let (callers, tls) = match config.mode {
+        config::Mode::Agent => (None, None),
+        config::Mode::Server => {
+            let local = match &config.upstream {
+                Some(url) => url.clone(),
+                None => return Err("--stdio: not available yet".into()),
+            };
+            let callers = mesh::Callers::new(active.clone(), workload.clone(), local);
+            (Some(Arc::new(callers)), Some(workload.server_config()?))
+        }
+    };
     let (audit, audit_writer) = audit::Audit::start(config.audit_file.as_deref())?;
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = Arc::new(proxy::Proxy {
         active: active.clone(),
-        upstream: upstream::Upstream::new(config.connect_timeout),
+        upstream: upstream::Upstream::new(config.connect_timeout, workload.clone()),
         allowed_origins: config
             .allowed_origins
             .iter()
             .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
             .collect(),
         max_body_bytes: config.max_body_bytes,
-        loopback_host_only: config.listen.ip().is_loopback(),
+        loopback_host_only: config.mode == config::Mode::Agent && config.listen.ip().is_loopback(),
         audit,
         identity: identity::Identity::new(&config.identity),
+        callers,
         sessions: session::Sealer::random()?,
         body_read_timeout: config.body_read_timeout,
     });
     let asked_to_stop = Arc::new(tokio::sync::Notify::new());
     let admin = Arc::new(admin::Admin {
         active: active.clone(),
+        workload: (config.mode == config::Mode::Server).then(|| workload.clone()),
         metrics: metrics.clone(),
         draining: draining.clone(),
         shutdown: asked_to_stop.clone(),
@@ -145,7 +169,11 @@ pub async fn serve(
     let mcp_task = tokio::spawn(listener::serve(
         "mcp",
         listeners.mcp,
-        move |req, _peer| proxy.clone().handle(req),
+        tls,
+        move |req, peer: listener::Peer| {
+            let proxy = proxy.clone();
+            async move { proxy.handle_from(req, peer.certificates.as_deref()).await }
+        },
         stop_rx,
         config.drain_timeout,
         config.header_read_timeout,
@@ -155,7 +183,8 @@ pub async fn serve(
     let admin_task = tokio::spawn(listener::serve(
         "admin",
         listeners.admin,
-        move |req, peer| admin.clone().handle(req, peer),
+        None,
+        move |req, peer: listener::Peer| admin.clone().handle(req, peer.addr),
         admin_stop_rx,
         ADMIN_DRAIN,
         config.header_read_timeout,
@@ -186,6 +215,7 @@ pub async fn serve(
         }
     });
     tracing::info!(
+        mode = ?config.mode,
         mcp = %mcp_addr,
         admin = %admin_addr,
         identity = %config.identity,

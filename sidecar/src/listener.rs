@@ -8,6 +8,10 @@
 //! requests and open streams complete, idle keep-alive connections close) and waits
 //! up to the drain deadline; whatever is still open then is dropped.
 //!
+//! With a TLS configuration (server-side mode), the handshake follows within the
+//! same deadline, and the peer's verified certificate chain travels with each request
+//! in [`Peer`]; the configuration decides which clients get that far.
+//!
 //! This module knows nothing of MCP: it serves whatever service it is given.
 
 use std::convert::Infallible;
@@ -26,21 +30,31 @@ use tokio::sync::watch;
 
 use crate::body::Body;
 
-/// Serve `handler` (given each request and its peer's address) on `listener` until
-/// `shutdown` turns true, then drain for at most
-/// `drain`. A connection's first bytes, and the headers of each HTTP/1.1 request, must
+/// Who sent a request: the address, and on a TLS listener the certificate chain the
+/// handshake verified (leaf first).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub certificates: Option<std::sync::Arc<[rustls::pki_types::CertificateDer<'static>]>>,
+}
+
+/// Serve `handler` (given each request and its [`Peer`]) on `listener` until
+/// `shutdown` turns true, then drain for at most `drain`. A connection's first bytes
+/// (and TLS handshake, with `tls`), and the headers of each HTTP/1.1 request, must
 /// arrive within `header_read`.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     header_read: Duration,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -57,15 +71,54 @@ pub async fn serve<H, F>(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let (builder, handler) = (builder.clone(), handler.clone());
+                let acceptor = acceptor.clone();
                 // Watched from accept on, so a drain also waits for (and closes)
                 // connections still showing their protocol.
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if !protocol_shown(&stream, header_read).await {
-                        tracing::debug!(listener = name, %peer, "closed: no request started in time");
+                    let Some(acceptor) = acceptor else {
+                        if !protocol_shown(&stream, header_read).await {
+                            tracing::debug!(listener = name, %peer, "closed: no request started in time");
+                            return;
+                        }
+                        let who = Peer {
+                            addr: peer,
+                            certificates: None,
+                        };
+                        let service = service_fn(move |req| handler(req, who.clone()));
+                        let conn = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                        }
                         return;
-                    }
-                    let service = service_fn(move |req| handler(req, peer));
+                    };
+                    let handshake =
+                        tokio::time::timeout(header_read, acceptor.accept(stream)).await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
+                            crate::telemetry::mesh_refused("handshake");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = name, %peer, "closed: no TLS handshake in time");
+                            crate::telemetry::mesh_refused("timeout");
+                            return;
+                        }
+                    };
+                    let certificates = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect());
+                    let who = Peer {
+                        addr: peer,
+                        certificates,
+                    };
+                    let service = service_fn(move |req| handler(req, who.clone()));
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();

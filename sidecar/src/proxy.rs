@@ -64,8 +64,12 @@ pub struct Proxy {
     /// for requests that carry no `Origin`, such as a browser's same-origin GET).
     pub loopback_host_only: bool,
     pub audit: Audit,
-    /// This sidecar's identity (`--identity`), the subject of every decision.
+    /// This sidecar's identity (`--identity`), the subject of every decision in agent
+    /// mode.
     pub identity: Identity,
+    /// Server-side mode: the caller a request's peer certificate names is the subject,
+    /// decided on by its own runtime.
+    pub callers: Option<Arc<crate::mesh::Callers>>,
     /// Seals the session ids agents see.
     pub sessions: Sealer,
     /// How long a request body may take to arrive once its head has.
@@ -83,6 +87,8 @@ const MAX_AUDIT_ARGUMENTS: usize = 16 * 1024;
 /// What is known about a request, filled in as the path learns it; it labels the
 /// metrics and becomes the audit line.
 struct Ctx {
+    /// Who is asking: this sidecar's identity, or (server-side mode) the caller.
+    subject: Identity,
     server: SharedString,
     method: &'static str,
     /// The JSON-RPC method as sent (bounded), for the audit line.
@@ -99,8 +105,9 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(req: &Request<Incoming>) -> Ctx {
+    fn new(req: &Request<Incoming>, subject: Identity) -> Ctx {
         Ctx {
+            subject,
             server: telemetry::UNKNOWN_SERVER,
             method: match *req.method() {
                 Method::GET => "(get)",
@@ -155,7 +162,7 @@ impl Pending<'_> {
             .map(|a| capped(a, MAX_AUDIT_ARGUMENTS));
         self.proxy.audit.record(&Record {
             time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            subject: self.proxy.identity.as_str(),
+            subject: ctx.subject.as_str(),
             server: &server,
             method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
             kind: ctx.kind,
@@ -203,17 +210,37 @@ fn capped(raw: &RawValue, max: usize) -> std::borrow::Cow<'_, RawValue> {
 }
 
 impl Proxy {
-    /// The hyper service function.
+    /// The hyper service function (agent mode).
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
+        self.handle_from(req, None).await
+    }
+
+    /// The hyper service function; in server-side mode `peer` is the certificate chain
+    /// the TLS handshake verified.
+    pub async fn handle_from(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    ) -> Result<Response<Body>, Infallible> {
+        let caller = match &self.callers {
+            None => Ok(self.identity.clone()),
+            Some(callers) => callers.identify(peer).ok_or(ProxyError::UnknownPeer),
+        };
         let mut pending = Pending {
             proxy: &self,
-            ctx: Ctx::new(&req),
+            ctx: Ctx::new(&req, caller.as_ref().unwrap_or(&self.identity).clone()),
             started: Instant::now(),
             finished: false,
         };
+        if let Err(error) = caller {
+            let code = error.code();
+            let response = error.into_response(None);
+            pending.finish(response.status().as_u16(), Some(code), Outcome::Rejected);
+            return Ok(response);
+        }
         let (response, error_code, outcome) = match self
             .route_and_forward(req, &mut pending.ctx)
             .await
@@ -255,7 +282,10 @@ impl Proxy {
             check_loopback_host(&req)?;
         }
         let server = server_name(req.uri().path())?;
-        let runtime = self.active.current().ok_or(ProxyError::NotReady)?;
+        let runtime = match &self.callers {
+            None => self.active.current().ok_or(ProxyError::NotReady)?,
+            Some(callers) => callers.runtime_for(&ctx.subject)?,
+        };
         let route = lookup(&runtime, server)?;
         ctx.server = route.label.clone();
 
@@ -277,7 +307,8 @@ impl Proxy {
                 match &envelope {
                     Envelope::Single(m) => {
                         ctx.decision = Verdict::Plumbing;
-                        authorize(&route, &self.identity, m, ctx)?;
+                        let subject = ctx.subject.clone();
+                        authorize(&route, &subject, m, ctx)?;
                         ctx.lists = response_filter(&route, m);
                     }
                     // Refused before anything is decided: no token is taken.
@@ -296,7 +327,7 @@ impl Proxy {
         };
 
         let mut headers = parts.headers;
-        let endpoint = self.open_session(&route, &mut headers)?;
+        let endpoint = self.open_session(&ctx.subject, &route, &mut headers)?;
         let uri = route.endpoints[endpoint].uri.clone();
         let stream = method == Method::GET;
         let upstream_resp = self
@@ -315,7 +346,7 @@ impl Proxy {
 
         let (mut parts, incoming) = upstream_resp.into_parts();
         upstream::clean_response_headers(&mut parts.headers);
-        self.seal_session(&route, endpoint, &mut parts.headers);
+        self.seal_session(&ctx.subject, &route, endpoint, &mut parts.headers);
         let done = telemetry::stream_started(&route.label);
         let relayed = body::relay(incoming, done);
         let body = if stream {
@@ -396,6 +427,7 @@ impl Proxy {
     /// sealed for this identity and server; the upstream gets its own id back.
     fn open_session(
         &self,
+        subject: &Identity,
         route: &Route,
         headers: &mut http::HeaderMap,
     ) -> Result<usize, ProxyError> {
@@ -412,7 +444,7 @@ impl Proxy {
         let (endpoint, upstream_id) = self
             .sessions
             .open(
-                self.identity.as_str(),
+                subject.as_str(),
                 &route.name,
                 route.endpoints.len(),
                 agent.as_bytes(),
@@ -423,12 +455,18 @@ impl Proxy {
     }
 
     /// Replace the upstream's session id in a response with the sealed one.
-    fn seal_session(&self, route: &Route, endpoint: usize, headers: &mut http::HeaderMap) {
+    fn seal_session(
+        &self,
+        subject: &Identity,
+        route: &Route,
+        endpoint: usize,
+        headers: &mut http::HeaderMap,
+    ) {
         let Some(upstream_id) = headers.get(mcp::HEADER_SESSION) else {
             return;
         };
         match self.sessions.seal(
-            self.identity.as_str(),
+            subject.as_str(),
             &route.name,
             endpoint,
             upstream_id.as_bytes(),

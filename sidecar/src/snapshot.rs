@@ -62,6 +62,14 @@ pub struct Credential {
     pub value: HeaderValue,
 }
 
+/// How a server in the mesh is reached: the identity its server-side sidecar must
+/// prove, and the mutual-TLS client, made on first use (one pool per route).
+#[derive(Debug)]
+pub struct MeshRoute {
+    pub identity: String,
+    pub client: std::sync::OnceLock<Result<crate::upstream::Client, String>>,
+}
+
 /// Everything the request path needs to reach one upstream server.
 #[derive(Debug)]
 pub struct Route {
@@ -74,6 +82,8 @@ pub struct Route {
     pub timeout: Duration,
     /// This identity's rules for the server.
     pub policy: ServerPolicy,
+    /// Set for a server behind a server-side sidecar: reached over mutual TLS.
+    pub mesh: Option<MeshRoute>,
     /// Round-robin cursor for requests that carry no session.
     next: AtomicUsize,
 }
@@ -100,6 +110,10 @@ pub struct Runtime {
     config_json: Bytes,
     /// Rate limiters by rule fingerprint, handed to the next snapshot's unchanged rules.
     limiters: HashMap<Vec<u8>, Arc<Limiter>>,
+    /// Server-side mode: the servers this identity runs, with every caller's policies.
+    pub served: Vec<pb::Served>,
+    /// Whether any route goes through the mesh (then a workload certificate is needed).
+    pub meshed: bool,
 }
 
 impl LimiterSource for Option<&Runtime> {
@@ -152,11 +166,52 @@ impl Runtime {
         Ok(Runtime {
             version: snapshot.version.clone(),
             identity: snapshot.identity.clone(),
+            meshed: routes.values().any(|r| r.mesh.is_some()),
             routes,
             known,
             config_json: Bytes::from(config_json),
             limiters: limiters.into_iter().collect(),
+            served: snapshot.served.clone(),
         })
+    }
+
+    /// Server-side mode: the runtime that decides for `caller`, whose peer certificate
+    /// named it, on `served` (one of this runtime's served servers) reached at `local`.
+    /// Only the policies whose subjects match `caller` count, as on the caller's own
+    /// sidecar. `previous` is the caller's runtime for the snapshot before, whose rate
+    /// limiters carry over.
+    pub fn for_caller(
+        &self,
+        served: &pb::Served,
+        caller: &str,
+        local: &str,
+        previous: Option<&Runtime>,
+    ) -> Result<Runtime, String> {
+        let snapshot = pb::Snapshot {
+            version: self.version.clone(),
+            identity: caller.to_owned(),
+            servers: vec![pb::Server {
+                name: served.name.clone(),
+                endpoints: vec![pb::Endpoint {
+                    url: local.to_owned(),
+                }],
+                credential: None,
+                timeout_ms: served.timeout_ms,
+                mesh: None,
+            }],
+            policies: served
+                .policies
+                .iter()
+                .filter(|p| {
+                    p.subjects
+                        .iter()
+                        .any(|s| toolmesh_proto::glob::matches(s, caller))
+                })
+                .filter_map(|p| p.policy.clone())
+                .collect(),
+            served: Vec::new(),
+        };
+        Runtime::compile(&snapshot, previous)
     }
 
     pub fn route(&self, server: &str) -> Option<&Arc<Route>> {
@@ -203,6 +258,10 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
         credential,
         timeout: Duration::from_millis(server.timeout_ms),
         policy,
+        mesh: server.mesh.as_ref().map(|m| MeshRoute {
+            identity: m.identity.clone(),
+            client: std::sync::OnceLock::new(),
+        }),
         next: AtomicUsize::new(0),
     })
 }
@@ -289,6 +348,7 @@ pub(crate) fn test_route(
             }],
             credential,
             timeout_ms: 1000,
+            mesh: None,
         }],
         policies: vec![pb::Policy {
             name: "p".into(),
@@ -297,6 +357,7 @@ pub(crate) fn test_route(
                 ..rule
             }],
         }],
+        served: Vec::new(),
     };
     Runtime::compile(&snapshot, None)
         .expect("compiles")
@@ -322,6 +383,7 @@ mod tests {
                     source: "demo-token/token".into(),
                 }),
                 timeout_ms: 1000,
+                mesh: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),
@@ -331,6 +393,7 @@ mod tests {
                     ..Default::default()
                 }],
             }],
+            served: Vec::new(),
         }
     }
 

@@ -28,6 +28,9 @@ pub const AUDIT_DROPPED: &str = "toolmesh_audit_dropped_total";
 pub const CONTROL_PLANE_CONNECTED: &str = "toolmesh_control_plane_connected";
 pub const SNAPSHOT_NACKS: &str = "toolmesh_snapshot_nacks_total";
 pub const STATE_FILE_ERRORS: &str = "toolmesh_state_file_errors_total";
+pub const MESH_REFUSED: &str = "toolmesh_mesh_connections_refused_total";
+pub const WORKLOAD_CERT_EXPIRY: &str = "toolmesh_workload_certificate_expiry_timestamp_seconds";
+pub const WORKLOAD_CERT_RENEWALS: &str = "toolmesh_workload_certificate_renewals_total";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +145,25 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         STATE_FILE_ERRORS,
         "Problems with the --state-dir snapshot file, by kind (unreadable, damaged: refused at start; persist: could not be written, the snapshot was NACKed)"
     );
+    describe_counter!(
+        MESH_REFUSED,
+        "Server-side mode: connections refused, by reason (handshake: no valid workload certificate; timeout: no handshake in time; identity: a certificate naming no identity)"
+    );
+    describe_gauge!(
+        WORKLOAD_CERT_EXPIRY,
+        "When this sidecar's workload certificate expires (Unix seconds; 0 while it has none)"
+    );
+    describe_counter!(
+        WORKLOAD_CERT_RENEWALS,
+        "Workload certificate requests answered, by result (issued, refused)"
+    );
+    gauge!(WORKLOAD_CERT_EXPIRY).set(0.0);
+    for reason in ["handshake", "timeout", "identity"] {
+        counter!(MESH_REFUSED, "reason" => reason).absolute(0);
+    }
+    for result in ["issued", "refused"] {
+        counter!(WORKLOAD_CERT_RENEWALS, "result" => result).absolute(0);
+    }
     // Failure counters exist from the start at zero, so alerts on `increase()` see
     // the first failure.
     for counter in [CONFIG_LOAD_FAILURES, SNAPSHOT_NACKS, AUDIT_DROPPED] {
@@ -175,6 +197,23 @@ pub fn snapshot_nacked() {
 /// The state file could not be read, was damaged, or could not be written.
 pub fn state_file_error(kind: &'static str) {
     counter!(STATE_FILE_ERRORS, "kind" => kind).increment(1);
+}
+
+/// Server-side mode refused a connection (`handshake`, `timeout`, `identity`).
+pub fn mesh_refused(reason: &'static str) {
+    counter!(MESH_REFUSED, "reason" => reason).increment(1);
+}
+
+/// A certificate request was answered; `expires` is the new certificate's end.
+pub fn workload_certificate(issued: Option<SystemTime>) {
+    match issued {
+        Some(expires) => {
+            counter!(WORKLOAD_CERT_RENEWALS, "result" => "issued").increment(1);
+            let at = expires.duration_since(UNIX_EPOCH).unwrap_or_default();
+            gauge!(WORKLOAD_CERT_EXPIRY).set(at.as_secs_f64());
+        }
+        None => counter!(WORKLOAD_CERT_RENEWALS, "result" => "refused").increment(1),
+    }
 }
 
 pub fn audit_dropped() {

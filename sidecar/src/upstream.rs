@@ -15,6 +15,7 @@
 //! This module does not pick the endpoint (see [`crate::proxy`]) and never reads
 //! or buffers a response body: it hands the upstream's body back as it arrives.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,13 +24,14 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::ProxyError;
 use crate::snapshot::Route;
 use crate::telemetry;
+use crate::workload::Workload;
 
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -75,18 +77,36 @@ const STEERING: &[HeaderName] = &[
     header::REFRESH,
 ];
 
-/// The shared upstream client.
+/// A pooled HTTP client (plain, TLS, or mutual TLS).
+pub type Client = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The shared upstream client, and what mesh routes make theirs from.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client,
+    /// This sidecar's workload certificate, presented to servers in the mesh.
+    workload: Arc<Workload>,
+    connect_timeout: Duration,
+}
+
+fn connector(connect_timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http
+}
+
+fn pooled(https: HttpsConnector<HttpConnector>) -> Client {
+    HyperClient::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(https)
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
+    pub fn new(connect_timeout: Duration, workload: Arc<Workload>) -> Self {
+        let http = connector(connect_timeout);
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match builder.with_provider_and_native_roots(provider.clone()) {
@@ -112,11 +132,33 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
-        Upstream { client }
+        Upstream {
+            client: pooled(https),
+            workload,
+            connect_timeout,
+        }
+    }
+
+    /// The client for `route`: the shared one, or its mesh route's mutual-TLS client.
+    fn client_for<'r>(&'r self, route: &'r Route) -> Result<&'r Client, ProxyError> {
+        let Some(mesh) = &route.mesh else {
+            return Ok(&self.client);
+        };
+        let made = mesh.client.get_or_init(|| {
+            let tls = self.workload.client_config(&mesh.identity)?;
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_only()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(connector(self.connect_timeout));
+            Ok(pooled(https))
+        });
+        made.as_ref()
+            .map_err(|reason| ProxyError::UpstreamUnavailable {
+                server: route.name.clone(),
+                reason: reason.clone(),
+            })
     }
 
     /// Send one request to `uri` and wait (up to the route's timeout) for the response
@@ -133,7 +175,15 @@ impl Upstream {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = forward_headers(agent_headers, route);
-        match tokio::time::timeout(route.timeout, self.client.request(req)).await {
+        let client = self.client_for(route)?;
+        if route.mesh.is_some() && self.workload.current().is_none() {
+            telemetry::upstream_error(&route.label, "connect");
+            return Err(ProxyError::UpstreamUnavailable {
+                server: route.name.clone(),
+                reason: "this sidecar has no workload certificate yet (it asks the control plane for one)".to_owned(),
+            });
+        }
+        match tokio::time::timeout(route.timeout, client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
                 let reason = toolmesh_proto::error_chain(&e);

@@ -26,6 +26,9 @@
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `kubernetes`: the control plane in cluster mode against a stand-in API server:
 //!   service-account identity, CRD watches, Lease, status, the self-managed CA.
+//! - `mesh`: no way around the sidecar: agent sidecar → server-side sidecar over
+//!   mutual TLS with control-plane-issued workload certificates; plain, anonymous-TLS
+//!   and wrong-identity callers refused, with the upstream's proof; rotation under load.
 //! - `peers`: the reference server (`server-everything`) and the Python and
 //!   TypeScript SDK clients.
 
@@ -37,6 +40,7 @@ mod holes;
 mod hostile;
 mod integrity;
 mod kubernetes;
+mod mesh;
 mod operations;
 mod peers;
 mod policy;

@@ -361,6 +361,9 @@ impl Sidecar {
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const SIDECAR_TOKEN: &str = "test-sidecar-token-0123456789";
 pub const OTHER_TOKEN: &str = "test-other-token-0123456789";
+/// The identity (and token) of the tests' server-side sidecars.
+pub const SERVER_IDENTITY: &str = "tools/server";
+pub const SERVER_TOKEN: &str = "test-server-token-0123456789";
 
 /// `toolmesh-control-plane serve --dev` with an embedded store in a temp dir.
 #[derive(Debug)]
@@ -416,6 +419,13 @@ impl ControlPlane {
         Self::launch(data_dir, port, seed, None).await
     }
 
+    /// Like [`ControlPlane::start`] (any port, `--dev`), with extra `serve` flags.
+    pub async fn start_with(data_dir: &Path, seed: &str, extra: &[&str]) -> Result<ControlPlane> {
+        let mut cmd = Self::command(data_dir, 0, seed)?;
+        cmd.arg("--dev").args(extra);
+        Self::wait_listening(cmd, data_dir, None).await
+    }
+
     /// Like [`ControlPlane::start`], serving TLS with `pki`'s certificate.
     pub async fn start_tls(data_dir: &Path, seed: &str, pki: &TestPki) -> Result<ControlPlane> {
         Self::launch(data_dir, 0, seed, Some(pki)).await
@@ -428,7 +438,7 @@ impl ControlPlane {
         std::fs::write(
             &tokens,
             format!(
-                "admin: \"{ADMIN_TOKEN}\"\nsidecars:\n  {IDENTITY}: \"{SIDECAR_TOKEN}\"\n  other/agent: \"{OTHER_TOKEN}\"\n"
+                "admin: \"{ADMIN_TOKEN}\"\nsidecars:\n  {IDENTITY}: \"{SIDECAR_TOKEN}\"\n  other/agent: \"{OTHER_TOKEN}\"\n  {SERVER_IDENTITY}: \"{SERVER_TOKEN}\"\n"
             ),
         )?;
         let seed_file = data_dir.join("seed.yaml");
@@ -462,6 +472,14 @@ impl ControlPlane {
                 .arg(&pki.key),
             None => cmd.arg("--dev"),
         };
+        Self::wait_listening(cmd, data_dir, tls).await
+    }
+
+    async fn wait_listening(
+        cmd: Command,
+        data_dir: &Path,
+        tls: Option<&TestPki>,
+    ) -> Result<ControlPlane> {
         let mut proc = Proc::spawn("toolmesh-control-plane", cmd)?;
         let grpc = proc
             .wait_for("its listening line", |line| {

@@ -1,6 +1,6 @@
 //! The self-managed CA: TLS for the webhook and gRPC without cert-manager.
 //!
-//! One Secret (type `kubernetes.io/tls`, keys `ca.crt`, `tls.crt`, `tls.key`) in the
+//! One Secret (type `kubernetes.io/tls`, keys `ca.crt`, `ca.key`, `tls.crt`, `tls.key`) in the
 //! control plane's namespace holds a CA and a serving certificate for the Service's DNS
 //! names, signed by it. Whichever replica finds the Secret missing creates it; a second
 //! replica racing to do the same gets 409 Conflict and reads the winner's, so all
@@ -33,6 +33,9 @@ pub struct Material {
     pub ca: String,
     pub cert: String,
     pub key: String,
+    /// The CA's key (`ca.key`), which signs workload certificates; absent in Secrets
+    /// made before it was kept.
+    pub ca_key: Option<String>,
 }
 
 impl std::fmt::Debug for Material {
@@ -82,6 +85,7 @@ pub fn generate(names: &[String]) -> Result<Material, String> {
         ca: ca_cert.pem(),
         cert: cert.pem(),
         key: key.serialize_pem(),
+        ca_key: Some(issuer.key().serialize_pem()),
     })
 }
 
@@ -99,6 +103,7 @@ fn from_secret(secret: &Secret) -> Result<Material, String> {
         ca: field("ca.crt")?,
         cert: field("tls.crt")?,
         key: field("tls.key")?,
+        ca_key: field("ca.key").ok(),
     })
 }
 
@@ -109,7 +114,7 @@ pub async fn ensure(api: &Api<Secret>, name: &str, names: &[String]) -> Result<M
         return from_secret(&secret);
     }
     let material = generate(names)?;
-    let data = BTreeMap::from([
+    let mut data = BTreeMap::from([
         (
             "ca.crt".to_owned(),
             ByteString(material.ca.clone().into_bytes()),
@@ -123,6 +128,9 @@ pub async fn ensure(api: &Api<Secret>, name: &str, names: &[String]) -> Result<M
             ByteString(material.key.clone().into_bytes()),
         ),
     ]);
+    if let Some(ca_key) = &material.ca_key {
+        data.insert("ca.key".to_owned(), ByteString(ca_key.clone().into_bytes()));
+    }
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),

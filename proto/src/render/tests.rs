@@ -116,3 +116,38 @@ fn redaction_hides_every_credential() {
     assert!(shown.contains(REDACTED));
     assert!(shown.contains("github-token/token"));
 }
+
+#[test]
+fn a_server_side_identity_gets_every_callers_rules_for_its_server_only() {
+    let text = format!(
+        "{RESOURCES}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: files}}\nspec:\n  endpoints: [{{url: \"https://files:16030/mcp/files\"}}]\n  mesh: {{identity: tools/files}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: readers}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}, {{identity: ops/bot}}]\n  rules:\n    - server: files\n      tools: [\"read_*\"]\n    - server: github\n      tools: [\"*\"]\n"
+    );
+    let set = ResourceSet::new(parse_resources(&text).expect("parses")).expect("set");
+    // The agent's snapshot routes to files through the mesh.
+    let agent = render(&set, "agents/triage").expect("renders");
+    let files = agent
+        .servers
+        .iter()
+        .find(|s| s.name == "files")
+        .expect("routed");
+    assert_eq!(
+        files.mesh.as_ref().map(|m| m.identity.as_str()),
+        Some("tools/files")
+    );
+    assert!(files.credential.is_none());
+    assert!(agent.served.is_empty());
+    // The server-side sidecar's: files, with the readers policy's subjects and only its
+    // rule for files (not github's, nor other policies').
+    let server = render(&set, "tools/files").expect("renders");
+    assert!(server.servers.is_empty() && server.policies.is_empty());
+    assert_eq!(server.served.len(), 1);
+    let served = &server.served[0];
+    assert_eq!(served.name, "files");
+    assert_eq!(served.policies.len(), 1);
+    assert_eq!(served.policies[0].subjects, ["agents/*", "ops/bot"]);
+    let policy = served.policies[0].policy.as_ref().expect("policy");
+    assert_eq!(policy.name, "readers");
+    assert_eq!(policy.rules.len(), 1);
+    assert_eq!(policy.rules[0].server, "files");
+    assert!(largest_snapshot_bytes(&set) >= prost::Message::encoded_len(&server));
+}

@@ -306,3 +306,55 @@ fn a_server_without_a_credential_must_say_it_accepts_that() {
     let set = ResourceSet::new(parse_resources(&allowed).expect("accepted")).expect("set");
     validate_set(&set).expect("accepted when it says so");
 }
+
+#[test]
+fn a_server_in_the_mesh_is_reached_over_https_at_its_own_path() {
+    let server = |url: &str| {
+        format!(
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: files}}\nspec:\n  endpoints: [{{url: \"{url}\"}}]\n  mesh: {{identity: tools/files}}\n"
+        )
+    };
+    // No credential needed: the server-side sidecar refuses everything without a
+    // workload certificate.
+    let ok = parse_resources(&server("https://files.tools.svc:16030/mcp/files")).expect("ok");
+    validate_set(&ResourceSet::new(ok).expect("set")).expect("valid");
+    for (url, says) in [
+        ("http://files.tools.svc:16030/mcp/files", "must be https://"),
+        (
+            "https://files.tools.svc:16030/mcp",
+            "must end in /mcp/files",
+        ),
+        (
+            "https://files.tools.svc:16030/mcp/other",
+            "must end in /mcp/files",
+        ),
+        (
+            "https://files.tools.svc:16030/mcp/files?x=1",
+            "must end in /mcp/files",
+        ),
+    ] {
+        let e = parse_resources(&server(url)).expect_err(url).to_string();
+        assert!(
+            e.contains("spec.endpoints[0].url") && e.contains(says),
+            "{url}: {e}"
+        );
+    }
+    let blank = server("https://f:1/mcp/files").replace("tools/files", "\"\"");
+    let e = parse_resources(&blank)
+        .expect_err("empty identity")
+        .to_string();
+    assert!(e.contains("spec.mesh.identity"), "{e}");
+}
+
+#[test]
+fn one_server_side_sidecar_identity_serves_one_server() {
+    let two = "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: a}\nspec:\n  endpoints: [{url: \"https://a:1/mcp/a\"}]\n  mesh: {identity: tools/x}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: b}\nspec:\n  endpoints: [{url: \"https://b:1/mcp/b\"}]\n  mesh: {identity: tools/x}\n";
+    let set = ResourceSet::new(parse_resources(two).expect("each is valid")).expect("set");
+    let e = validate_set(&set)
+        .expect_err("same identity twice")
+        .to_string();
+    assert!(
+        e.contains("spec.mesh.identity") && e.contains("already runs as"),
+        "{e}"
+    );
+}

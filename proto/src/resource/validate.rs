@@ -72,10 +72,37 @@ fn validate_server(server: &McpServer) -> FieldResult {
     if let Some(t) = &spec.timeout {
         parse_duration(t).map_err(|m| ("spec.timeout".to_owned(), m))?;
     }
-    if spec.credential.is_none() && !spec.allow_unauthenticated {
+    if let Some(mesh) = &spec.mesh {
+        let id = &mesh.identity;
+        if id.is_empty() || id.len() > 253 || id.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return fail(
+                "spec.mesh.identity",
+                "must be an identity (e.g. namespace/serviceaccount): 1 to 253 bytes, no whitespace or control characters",
+            );
+        }
+        let path = format!("/mcp/{}", server.metadata.name);
+        for (i, ep) in spec.endpoints.iter().enumerate() {
+            let rest = ep.url.strip_prefix("https://").ok_or_else(|| {
+                (
+                    format!("spec.endpoints[{i}].url"),
+                    "must be https:// when spec.mesh is set: the server-side sidecar only speaks mutual TLS".to_owned(),
+                )
+            })?;
+            let at = rest.find(['/', '?']).unwrap_or(rest.len());
+            if rest[at..] != path {
+                return fail(
+                    format!("spec.endpoints[{i}].url"),
+                    format!(
+                        "must end in {path} when spec.mesh is set: the server-side sidecar serves the server at that path"
+                    ),
+                );
+            }
+        }
+    }
+    if spec.credential.is_none() && spec.mesh.is_none() && !spec.allow_unauthenticated {
         return fail(
             "spec.credential",
-            "required: without a credential only the sidecar holds, anything that reaches the server can call it around the sidecar; set spec.credential, or spec.allowUnauthenticated: true to accept that",
+            "required: without a credential only the sidecar holds, anything that reaches the server can call it around the sidecar; set spec.credential, or spec.mesh to put the server behind a server-side sidecar, or spec.allowUnauthenticated: true to accept that",
         );
     }
     Ok(())
@@ -172,6 +199,23 @@ fn validate_secret(secret: &Secret) -> FieldResult {
 /// Cross-resource checks: every rule names an existing server, every credential an
 /// existing secret and key.
 pub fn validate_set(set: &ResourceSet) -> Result<(), ResourceError> {
+    let mut meshed: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for server in set.servers.values() {
+        let Some(mesh) = &server.spec.mesh else {
+            continue;
+        };
+        if let Some(other) = meshed.insert(&mesh.identity, &server.metadata.name) {
+            return Err(ResourceError::Field {
+                kind: Kind::McpServer,
+                name: server.metadata.name.clone(),
+                field: "spec.mesh.identity".to_owned(),
+                message: format!(
+                    "McpServer {other:?} already runs as {:?}: a server-side sidecar serves one server",
+                    mesh.identity
+                ),
+            });
+        }
+    }
     for server in set.servers.values() {
         let Some(cred) = &server.spec.credential else {
             continue;

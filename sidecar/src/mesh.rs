@@ -1,0 +1,109 @@
+//! Server-side mode: who is calling, and the runtime that decides for them.
+//!
+//! A server-side sidecar (`--mode server`) stands in front of one MCP server and
+//! accepts only mutual TLS ([`crate::workload::Workload::server_config`]). The caller
+//! is the identity its certificate names — never a header, never the address. Its
+//! snapshot lists the servers it runs (`served`), each with every policy that has a
+//! rule for it and those policies' subjects; for each caller, [`Callers`] compiles the
+//! runtime of the policies whose subjects match that caller, routed to the local
+//! server, and the request path then decides exactly as on the caller's own sidecar:
+//! a second decision, audited here under the caller's name.
+//!
+//! Runtimes are compiled once per caller and snapshot version, not per request: the
+//! request path reads a copy-on-write map (one atomic load); a new caller or a new
+//! version takes a mutex to compile and publish, and the caller's rate limiters carry
+//! over from its previous runtime.
+//!
+//! This module does not terminate TLS ([`crate::listener`]) or relay ([`crate::proxy`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::error::ProxyError;
+use crate::identity::Identity;
+use crate::snapshot::{Active, Runtime};
+use crate::workload::Workload;
+
+/// Distinct callers kept compiled; beyond it a caller's runtime is compiled per request
+/// (only identities holding a workload certificate get this far).
+const MAX_CALLERS: usize = 10_000;
+
+/// The per-caller runtimes of a server-side sidecar.
+#[derive(Debug)]
+pub struct Callers {
+    active: Arc<Active>,
+    workload: Arc<Workload>,
+    /// The local server's URL (`--upstream`, or the stdio bridge's).
+    local: String,
+    compiled: ArcSwap<HashMap<String, Arc<Runtime>>>,
+    /// Serializes compiling; readers never take it.
+    writer: Mutex<()>,
+}
+
+impl Callers {
+    pub fn new(active: Arc<Active>, workload: Arc<Workload>, local: String) -> Callers {
+        Callers {
+            active,
+            workload,
+            local,
+            compiled: ArcSwap::default(),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The caller a verified certificate chain names, if any.
+    pub fn identify(
+        &self,
+        chain: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    ) -> Option<Identity> {
+        let identity = self.workload.peer_identity(chain?)?;
+        Some(Identity::new(&identity))
+    }
+
+    /// The runtime deciding for `caller` under the active snapshot.
+    pub fn runtime_for(&self, caller: &Identity) -> Result<Arc<Runtime>, ProxyError> {
+        let base = self.active.current().ok_or(ProxyError::NotReady)?;
+        if let Some(runtime) = self.compiled.load().get(caller.as_str())
+            && runtime.version == base.version
+        {
+            return Ok(runtime.clone());
+        }
+        let _writing = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.compiled.load_full();
+        let previous = map.get(caller.as_str());
+        if let Some(runtime) = previous
+            && runtime.version == base.version
+        {
+            return Ok(runtime.clone());
+        }
+        // A server-side sidecar serves one server (validation keeps mesh identities
+        // unique); none means the snapshot does not (yet) say this identity runs one.
+        let served = base.served.first().ok_or_else(|| {
+            ProxyError::Misconfigured(format!(
+                "this server-side sidecar runs as {:?}, and no McpServer names it in spec.mesh.identity",
+                base.identity
+            ))
+        })?;
+        let runtime = base
+            .for_caller(
+                served,
+                caller.as_str(),
+                &self.local,
+                previous.map(|r| r.as_ref()),
+            )
+            .map(Arc::new)
+            .map_err(|reason| {
+                ProxyError::Misconfigured(format!("compiling the rules for {caller:?}: {reason}"))
+            })?;
+        if map.len() < MAX_CALLERS || map.contains_key(caller.as_str()) {
+            // Other callers' older runtimes stay until they call again: their rate
+            // limiters carry over then.
+            let mut next = (*map).clone();
+            next.insert(caller.as_str().to_owned(), runtime.clone());
+            self.compiled.store(Arc::new(next));
+        }
+        Ok(runtime)
+    }
+}
