@@ -15,9 +15,18 @@
 //!
 //! The sidecar is a native sidecar (an init container with `restartPolicy: Always`,
 //! first, with a startup probe on `/ready`, so the agent starts once its tools are
-//! reachable), or on clusters without native sidecars (`--inject-legacy-sidecars`, or
-//! the pod annotation `toolmesh.dev/native-sidecar: "false"`) the first regular
-//! container with a `postStart` hook that waits for `/ready`.
+//! reachable), or on clusters without native sidecars the first regular container
+//! with a `postStart` hook that waits for `/ready` and a `preStop` hook that waits
+//! until the agent's calls have finished (`wait-idle`). `--inject-sidecar-mode auto`
+//! (the default) picks native only when the API server and every node's kubelet are
+//! 1.29 or newer ([`native_supported`], checked by the control plane in a cluster);
+//! the pod annotation `toolmesh.dev/native-sidecar: "false"` forces legacy.
+//!
+//! MCP server pods opt in with the label `toolmesh.dev/inject: server` and the
+//! annotation `toolmesh.dev/server-port` (the server's port on loopback; path
+//! `toolmesh.dev/server-path`, default `/mcp`): they get the sidecar in server-side
+//! mode (`--mode server`), which accepts only mutual TLS from other sidecars on port
+//! 16030 and forwards to the server on loopback.
 //!
 //! Not here: serving HTTPS (see `serve`), certificates, and which identity a token
 //! proves (the control plane checks the projected token, not this pod spec).
@@ -40,6 +49,15 @@ pub const NATIVE_ANNOTATION: &str = "toolmesh.dev/native-sidecar";
 pub const RESOURCE_ANNOTATION: &str = "toolmesh.dev/sidecar-";
 /// Pod annotation: the sidecar's log filter (`--log`).
 pub const LOG_ANNOTATION: &str = "toolmesh.dev/log-level";
+/// The `toolmesh.dev/inject` label value of MCP server pods (server-side mode).
+pub const SERVER_VALUE: &str = "server";
+/// Pod annotations of server pods: the MCP server's port and path on loopback.
+pub const SERVER_PORT_ANNOTATION: &str = "toolmesh.dev/server-port";
+pub const SERVER_PATH_ANNOTATION: &str = "toolmesh.dev/server-path";
+/// Where a server-side sidecar accepts mutual TLS from other sidecars.
+pub const MESH_PORT: u16 = 16030;
+/// Longest a legacy sidecar's `preStop` hook waits for the agent's calls to finish.
+const PRESTOP_WAIT_SECONDS: u32 = 25;
 /// Label the control plane's own pods carry; they are never injected.
 pub const OWN_LABEL: (&str, &str) = ("app.kubernetes.io/name", "toolmesh-control-plane");
 
@@ -122,13 +140,20 @@ pub struct Settings {
         default_value = "info"
     )]
     pub log: String,
-    /// Inject a regular container with a wait hook instead of a native sidecar, for
-    /// clusters older than Kubernetes 1.29.
+    /// native: an init container with restartPolicy Always (Kubernetes 1.29+). legacy:
+    /// a regular container with postStart/preStop wait hooks. auto: native when the API
+    /// server and every node's kubelet are 1.29 or newer (checked every 5 minutes in a
+    /// cluster), legacy otherwise and while unknown.
     #[arg(
-        long = "inject-legacy-sidecars",
-        env = "TOOLMESH_INJECT_LEGACY_SIDECARS"
+        long = "inject-sidecar-mode",
+        env = "TOOLMESH_INJECT_SIDECAR_MODE",
+        value_enum,
+        default_value = "auto"
     )]
-    pub legacy: bool,
+    pub mode: SidecarMode,
+    /// What auto mode found: whether this cluster runs native sidecars (unknown: no).
+    #[arg(skip)]
+    pub cluster_native: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// PEM CA the injected sidecars trust for the control plane's TLS (set as their
     /// `TOOLMESH_CA_PEM`), e.g. the cert-manager CA's `ca.crt`. With --tls-secret the
     /// self-managed CA is used and this is not needed. Default: the system roots.
@@ -141,6 +166,53 @@ pub struct Settings {
     /// The CA's PEM text: read from --inject-ca-file (or the self-managed CA) at start.
     #[arg(skip)]
     pub ca_pem: Option<String>,
+}
+
+/// How the sidecar container is added (`--inject-sidecar-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SidecarMode {
+    Auto,
+    Native,
+    Legacy,
+}
+
+/// The first minor version of Kubernetes (1.x) whose API server and kubelet run native
+/// sidecars by default (the `SidecarContainers` feature, beta and on since 1.29).
+pub const NATIVE_SIDECARS_SINCE: u32 = 29;
+
+/// `v1.30.2`, `1.29+`, `v1.31.0-eks-a737599` → minor version 30, 29, 31.
+pub fn minor_version(text: &str) -> Option<u32> {
+    let rest = text.trim().trim_start_matches('v');
+    let (major, rest) = rest.split_once('.')?;
+    if major != "1" {
+        return None;
+    }
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Whether native sidecars work on a cluster whose API server reports `api_minor` and
+/// whose nodes run `kubelets`: every one of them 1.29 or newer. A kubelet that cannot
+/// be read counts as too old (a pod scheduled there would hang in `Init`).
+pub fn native_supported(api_minor: Option<u32>, kubelets: &[&str]) -> bool {
+    api_minor.is_some_and(|m| m >= NATIVE_SIDECARS_SINCE)
+        && !kubelets.is_empty()
+        && kubelets
+            .iter()
+            .all(|k| minor_version(k).is_some_and(|m| m >= NATIVE_SIDECARS_SINCE))
+}
+
+impl Settings {
+    /// Whether sidecars are injected as native ones (before any pod annotation).
+    pub fn native(&self) -> bool {
+        match self.mode {
+            SidecarMode::Native => true,
+            SidecarMode::Legacy => false,
+            SidecarMode::Auto => self
+                .cluster_native
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -291,7 +363,15 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
     }
     let mut warnings = Vec::new();
     let annotation = |name: &str| str_at(pod, &["metadata", "annotations", name]);
-    let native = !settings.legacy && annotation(NATIVE_ANNOTATION) != Some("false");
+    let native = settings.native() && annotation(NATIVE_ANNOTATION) != Some("false");
+    let server = if str_at(pod, &["metadata", "labels", INJECT_LABEL]) == Some(SERVER_VALUE) {
+        Some(server_upstream(
+            annotation(SERVER_PORT_ANNOTATION),
+            annotation(SERVER_PATH_ANNOTATION),
+        )?)
+    } else {
+        None
+    };
     let mut resource = |what: &str, default: &str| -> Value {
         let name = format!("{RESOURCE_ANNOTATION}{what}");
         match annotation(&name) {
@@ -370,16 +450,41 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
     {
         env.push(json!({"name": "TOOLMESH_CA_PEM", "value": ca}));
     }
+    if let Some(upstream) = &server {
+        // Server-side mode: mutual TLS from other sidecars on every address, the
+        // server on loopback behind it.
+        if let Some(args) = sidecar["args"].as_array_mut() {
+            args.extend([
+                json!("--mode"),
+                json!("server"),
+                json!("--upstream"),
+                json!(upstream),
+                json!("--mesh-listen"),
+                json!(format!("[::]:{MESH_PORT}")),
+            ]);
+        }
+        if let Some(ports) = sidecar["ports"].as_array_mut() {
+            ports.push(
+                json!({"name": "toolmesh-mesh", "containerPort": MESH_PORT, "protocol": "TCP"}),
+            );
+        }
+    }
     if native {
         sidecar["restartPolicy"] = json!("Always");
         sidecar["startupProbe"] = json!({
             "httpGet": ready["httpGet"], "periodSeconds": 1, "failureThreshold": 120,
         });
     } else {
-        // The kubelet starts the next container only when this hook returns.
-        sidecar["lifecycle"] = json!({"postStart": {"exec": {"command": [
-            "toolmesh-sidecar", "wait-ready", format!("127.0.0.1:{ADMIN_PORT}"), "120",
-        ]}}});
+        let admin = format!("127.0.0.1:{ADMIN_PORT}");
+        sidecar["lifecycle"] = json!({
+            // The kubelet starts the next container only when this hook returns.
+            "postStart": {"exec": {"command": ["toolmesh-sidecar", "wait-ready", admin, "120"]}},
+            // At pod deletion every container is told to stop at once: the sidecar
+            // waits until the agent's calls have finished before it gets SIGTERM.
+            "preStop": {"exec": {"command": [
+                "toolmesh-sidecar", "wait-idle", admin, PRESTOP_WAIT_SECONDS.to_string(),
+            ]}},
+        });
     }
 
     let mut out = pod.clone();
@@ -390,7 +495,12 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
         return Err(Skip::NotAPod.into());
     };
     // Agents learn where their tools are, and never send loopback through a proxy.
-    if let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) {
+    let agent = server.is_none();
+    if let Some(containers) = spec
+        .get_mut("containers")
+        .and_then(Value::as_array_mut)
+        .filter(|_| agent)
+    {
         for c in containers.iter_mut() {
             let env = c
                 .as_object_mut()
@@ -421,6 +531,7 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
     }
     let record = json!({
         "mode": if native { "native" } else { "legacy" },
+        "role": if agent { "agent" } else { "server" },
         "image": settings.image,
         "controlPlane": settings.control_plane,
     })
@@ -440,6 +551,34 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
         }
     }
     Ok(Injected { pod: out, warnings })
+}
+
+/// The server-side sidecar's `--upstream` from a server pod's annotations, or why the
+/// pod is refused (a server pod without a usable port would run unprotected or not at
+/// all).
+fn server_upstream(port: Option<&str>, path: Option<&str>) -> Result<String, NotInjected> {
+    let port = match port.map(|p| p.parse::<u16>()) {
+        Some(Ok(p)) if p != 0 && p != MESH_PORT && p != ADMIN_PORT => p,
+        Some(_) => {
+            return Err(NotInjected::Refused(format!(
+                "annotation {SERVER_PORT_ANNOTATION}: {:?} is not a usable port (1-65535, not {MESH_PORT} or {ADMIN_PORT}, which the sidecar takes)",
+                port.unwrap_or_default()
+            )));
+        }
+        None => {
+            return Err(NotInjected::Refused(format!(
+                "a pod labelled {INJECT_LABEL}={SERVER_VALUE} needs the annotation {SERVER_PORT_ANNOTATION}: the port its MCP server listens on, on loopback"
+            )));
+        }
+    };
+    let path = path.unwrap_or("/mcp");
+    let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"/-._~%".contains(&b);
+    if !path.starts_with('/') || path.len() > 256 || !path.bytes().all(url_safe) {
+        return Err(NotInjected::Refused(format!(
+            "annotation {SERVER_PATH_ANNOTATION}: {path:?} is not a URL path (e.g. /mcp)"
+        )));
+    }
+    Ok(format!("http://127.0.0.1:{port}{path}"))
 }
 
 /// An agent container's environment with `TOOLMESH_MCP_URL` first (so the author's own

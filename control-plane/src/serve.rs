@@ -479,6 +479,14 @@ pub async fn serve(
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
     servers.spawn(serve_admin(admin, metrics, cp.clone()));
+    if let (Some((client, _)), Some(_), crate::inject::SidecarMode::Auto) =
+        (&cluster, &webhook, args.webhook.inject.mode)
+    {
+        background.spawn(crate::kubernetes::watch_native_sidecars(
+            client.clone(),
+            args.webhook.inject.cluster_native.clone(),
+        ));
+    }
     let webhook_addr = match webhook {
         Some((listener, tls)) => {
             let addr = listener.local_addr().map_err(|e| e.to_string())?;

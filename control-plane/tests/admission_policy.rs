@@ -8,7 +8,7 @@
 mod common;
 
 use serde_json::{Value, json};
-use toolmesh_control_plane::inject::{self, Settings};
+use toolmesh_control_plane::inject::{self, Settings, SidecarMode};
 
 struct Policy {
     variables: Vec<(String, cel::Program)>,
@@ -100,19 +100,19 @@ fn injected(pod: &Value, settings: &Settings) -> Value {
 #[test]
 fn injected_pods_are_admitted_native_and_legacy() {
     let policy = policy();
-    let native = injected(&agent_pod(), &Settings::default());
-    assert_eq!(policy.refusals(&native), Vec::<String>::new());
+    let natively = injected(&agent_pod(), &native());
+    assert_eq!(policy.refusals(&natively), Vec::<String>::new());
     let legacy = injected(
         &agent_pod(),
         &Settings {
-            legacy: true,
-            ..Settings::default()
+            mode: SidecarMode::Legacy,
+            ..native()
         },
     );
     assert_eq!(policy.refusals(&legacy), Vec::<String>::new());
     let with_ca = Settings {
         ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
-        ..Settings::default()
+        ..native()
     };
     assert_eq!(
         policy.refusals(&injected(&agent_pod(), &with_ca)),
@@ -128,7 +128,7 @@ fn pods_without_the_injected_sidecar_are_refused() {
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(refused[0].contains("must run the toolmesh sidecar"));
 
-    let base = injected(&agent_pod(), &Settings::default());
+    let base = injected(&agent_pod(), &native());
     let look_alikes: Vec<(&str, Change)> = vec![
         (
             "another image",
@@ -193,4 +193,41 @@ fn pods_without_the_injected_sidecar_are_refused() {
         change(&mut pod);
         assert!(!policy.refusals(&pod).is_empty(), "{what} was admitted");
     }
+}
+
+/// The flags' defaults, with native sidecars chosen (auto mode picks legacy outside a
+/// cluster, where nothing says the nodes run 1.29).
+fn native() -> Settings {
+    Settings {
+        mode: SidecarMode::Native,
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn server_side_sidecars_are_admitted_only_in_front_of_loopback() {
+    let policy = policy();
+    let mut server = agent_pod();
+    server["metadata"]["labels"] = json!({inject::INJECT_LABEL: inject::SERVER_VALUE});
+    server["metadata"]["annotations"] = json!({inject::SERVER_PORT_ANNOTATION: "8080"});
+    let injected = injected(&server, &native());
+    assert_eq!(policy.refusals(&injected), Vec::<String>::new());
+    // A server-side sidecar pointed elsewhere than loopback, or listening elsewhere, is
+    // not the injected one.
+    for (index, value) in [
+        (13, "http://10.0.0.7:8080/mcp"),
+        (15, "[::]:443"),
+        (11, "agent"),
+    ] {
+        let mut edited = injected.clone();
+        edited["spec"]["initContainers"][0]["args"][index] = json!(value);
+        let refused = policy.refusals(&edited);
+        assert_eq!(refused.len(), 1, "{value}: {refused:?}");
+        assert!(refused[0].contains("not the injected one"), "{refused:?}");
+    }
+    let mut extra = injected.clone();
+    if let Some(args) = extra["spec"]["initContainers"][0]["args"].as_array_mut() {
+        args.extend([json!("--config"), json!("/tmp/own.yaml")]);
+    }
+    assert_eq!(policy.refusals(&extra).len(), 1);
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
-use toolmesh_control_plane::inject::{self, Settings};
+use toolmesh_control_plane::inject::{self, Settings, SidecarMode};
 
 fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -103,7 +103,7 @@ fn assert_idempotent(review: &Value, patched: &Value, settings: &Settings) {
 
 #[test]
 fn a_deployment_created_pod_gets_a_native_sidecar_and_its_agents_the_mcp_url() {
-    let settings = Settings::default();
+    let settings = native();
     let review = fixture("deployment-pod");
     let (_, patched) = answer(&review, &settings);
     let patched = patched.expect("injected");
@@ -194,7 +194,7 @@ fn a_deployment_created_pod_gets_a_native_sidecar_and_its_agents_the_mcp_url() {
 
 #[test]
 fn existing_init_containers_run_after_the_sidecar_and_existing_env_is_not_duplicated() {
-    let settings = Settings::default();
+    let settings = native();
     let review = fixture("existing-init-containers");
     let (_, patched) = answer(&review, &settings);
     let patched = patched.expect("injected");
@@ -229,7 +229,7 @@ fn existing_init_containers_run_after_the_sidecar_and_existing_env_is_not_duplic
 
 #[test]
 fn legacy_mode_uses_a_regular_container_with_a_wait_hook_and_honours_pod_overrides() {
-    let settings = Settings::default();
+    let settings = native();
     let review = fixture("legacy-mode");
     let (_, patched) = answer(&review, &settings);
     let patched = patched.expect("injected");
@@ -269,8 +269,8 @@ fn legacy_mode_uses_a_regular_container_with_a_wait_hook_and_honours_pod_overrid
     let mut plain = review.clone();
     plain["request"]["object"]["metadata"]["annotations"] = json!({});
     let legacy = Settings {
-        legacy: true,
-        ..Settings::default()
+        mode: SidecarMode::Legacy,
+        ..native()
     };
     let (_, patched) = answer(&plain, &legacy);
     let pod: Pod = serde_json::from_value(patched.expect("injected")).expect("a Pod");
@@ -279,7 +279,7 @@ fn legacy_mode_uses_a_regular_container_with_a_wait_hook_and_honours_pod_overrid
 
 #[test]
 fn opted_out_host_network_and_control_plane_pods_are_allowed_unchanged() {
-    let settings = Settings::default();
+    let settings = native();
     for name in ["opt-out", "host-network", "control-plane-pod"] {
         let (response, patched) = answer(&fixture(name), &settings);
         assert_eq!(patched, None, "{name} was patched: {response}");
@@ -288,7 +288,7 @@ fn opted_out_host_network_and_control_plane_pods_are_allowed_unchanged() {
 
 #[test]
 fn bodies_that_are_not_admission_requests_are_errors_not_panics() {
-    let settings = Settings::default();
+    let settings = native();
     for body in [
         &b""[..],
         b"{}",
@@ -319,7 +319,7 @@ fn sidecars_are_told_which_ca_signs_the_control_plane_when_one_is_set() {
         sidecar(&pod, true).env.unwrap_or_default()
     };
     assert!(
-        env_of(&Settings::default())
+        env_of(&native())
             .iter()
             .all(|e| e.name != "TOOLMESH_CA_PEM"),
         "no CA set: the system roots"
@@ -327,7 +327,7 @@ fn sidecars_are_told_which_ca_signs_the_control_plane_when_one_is_set() {
     let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
     let settings = Settings {
         ca_pem: Some(ca.to_owned()),
-        ..Settings::default()
+        ..native()
     };
     let env = env_of(&settings);
     let set: Vec<_> = env.iter().filter(|e| e.name == "TOOLMESH_CA_PEM").collect();
@@ -341,7 +341,7 @@ fn sidecars_are_told_which_ca_signs_the_control_plane_when_one_is_set() {
 
 #[test]
 fn bad_annotations_fall_back_to_defaults_with_a_warning() {
-    let settings = Settings::default();
+    let settings = native();
     let mut review = fixture("legacy-mode");
     let annotations = &mut review["request"]["object"]["metadata"]["annotations"];
     annotations["toolmesh.dev/sidecar-memory-limit"] = json!("256 MB");
@@ -379,7 +379,7 @@ fn bad_annotations_fall_back_to_defaults_with_a_warning() {
 
 #[test]
 fn an_app_container_running_as_the_sidecars_uid_is_refused() {
-    let settings = Settings::default();
+    let settings = native();
     let mut review = fixture("deployment-pod");
     review["request"]["object"]["spec"]["containers"][0]["securityContext"] =
         json!({"runAsUser": inject::SIDECAR_UID});
@@ -407,7 +407,7 @@ fn an_app_container_running_as_the_sidecars_uid_is_refused() {
 
 #[test]
 fn the_mcp_url_comes_before_entries_that_use_it_and_no_proxy_keeps_loopback_direct() {
-    let settings = Settings::default();
+    let settings = native();
     let mut review = fixture("deployment-pod");
     review["request"]["object"]["spec"]["containers"][0]["env"] = json!([
         {"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"},
@@ -434,4 +434,125 @@ fn the_mcp_url_comes_before_entries_that_use_it_and_no_proxy_keeps_loopback_dire
     );
     assert_eq!(env.iter().filter(|e| e.name == "NO_PROXY").count(), 1);
     assert_idempotent(&review, &patched, &settings);
+}
+
+/// The flags' defaults, with native sidecars chosen (auto mode picks legacy outside a
+/// cluster, where nothing says the nodes run 1.29).
+fn native() -> Settings {
+    Settings {
+        mode: SidecarMode::Native,
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn an_mcp_server_pod_gets_a_server_side_sidecar_in_front_of_its_loopback_port() {
+    let settings = native();
+    let review = fixture("server-pod");
+    let (_, patched) = answer(&review, &settings);
+    let patched = patched.expect("injected");
+    validate_strictly("server-pod", &patched);
+    let pod: Pod = serde_json::from_value(patched.clone()).expect("a Pod");
+    let c = sidecar(&pod, true);
+    let args = c.args.clone().expect("args");
+    assert_eq!(
+        args[10..],
+        [
+            "--mode",
+            "server",
+            "--upstream",
+            "http://127.0.0.1:8080/mcp",
+            "--mesh-listen",
+            "[::]:16030"
+        ]
+    );
+    let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(ports, [16020, 16030]);
+    // The server's own container is not an agent: no MCP URL is pushed into it.
+    let server = &pod.spec.as_ref().expect("spec").containers[0];
+    assert!(server.env.is_none(), "{:?}", server.env);
+    assert!(
+        patched["metadata"]["annotations"][inject::INJECTED]
+            .as_str()
+            .is_some_and(|r| r.contains("\"role\":\"server\""))
+    );
+    assert_idempotent(&review, &patched, &settings);
+
+    // Without a usable port the pod is refused, not left unprotected.
+    for (port, says) in [
+        (None, "needs the annotation"),
+        (Some("0"), "not a usable port"),
+        (Some("16030"), "not a usable port"),
+        (Some("http"), "not a usable port"),
+    ] {
+        let mut bad = review.clone();
+        let annotations = &mut bad["request"]["object"]["metadata"]["annotations"];
+        match port {
+            None => annotations[inject::SERVER_PORT_ANNOTATION] = Value::Null,
+            Some(p) => annotations[inject::SERVER_PORT_ANNOTATION] = json!(p),
+        }
+        if port.is_none() {
+            annotations
+                .as_object_mut()
+                .expect("map")
+                .remove(inject::SERVER_PORT_ANNOTATION);
+        }
+        let body = serde_json::to_vec(&bad).expect("encode");
+        let wire: Value =
+            serde_json::from_slice(&inject::review(&body, &settings).expect("answer"))
+                .expect("json");
+        assert_eq!(wire["response"]["allowed"], false, "{port:?}");
+        let message = wire["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(message.contains(says), "{port:?}: {message}");
+    }
+    let mut bad_path = review.clone();
+    bad_path["request"]["object"]["metadata"]["annotations"][inject::SERVER_PATH_ANNOTATION] =
+        json!("mcp x");
+    let body = serde_json::to_vec(&bad_path).expect("encode");
+    let wire: Value =
+        serde_json::from_slice(&inject::review(&body, &settings).expect("answer")).expect("json");
+    assert_eq!(wire["response"]["allowed"], false);
+}
+
+#[test]
+fn auto_mode_injects_native_sidecars_only_where_every_node_runs_them() {
+    use inject::{minor_version, native_supported};
+    assert_eq!(minor_version("v1.30.2"), Some(30));
+    assert_eq!(minor_version("1.29+"), Some(29));
+    assert_eq!(minor_version("v1.31.0-eks-a737599"), Some(31));
+    assert_eq!(minor_version("v2.0.0"), None);
+    assert_eq!(minor_version("garbage"), None);
+    assert!(native_supported(Some(33), &["v1.33.1", "v1.29.0"]));
+    // One old kubelet (a node pool behind), an old API server, an unreadable version or
+    // no nodes seen: legacy, so no pod hangs in Init.
+    assert!(!native_supported(Some(33), &["v1.33.1", "v1.28.9"]));
+    assert!(!native_supported(Some(28), &["v1.33.1"]));
+    assert!(!native_supported(Some(33), &["v1.33.1", ""]));
+    assert!(!native_supported(None, &["v1.33.1"]));
+    assert!(!native_supported(Some(33), &[]));
+
+    // The webhook follows what auto mode found.
+    let auto = Settings::default();
+    assert_eq!(auto.mode, SidecarMode::Auto);
+    let review = fixture("deployment-pod");
+    let (_, patched) = answer(&review, &auto);
+    let pod: Pod = serde_json::from_value(patched.expect("injected")).expect("a Pod");
+    let legacy = sidecar(&pod, false);
+    let pre_stop = legacy
+        .lifecycle
+        .and_then(|l| l.pre_stop)
+        .and_then(|p| p.exec)
+        .and_then(|e| e.command)
+        .expect("preStop exec");
+    assert_eq!(
+        pre_stop[..3],
+        ["toolmesh-sidecar", "wait-idle", "127.0.0.1:16020"]
+    );
+    auto.cluster_native
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_, patched) = answer(&review, &auto);
+    let pod: Pod = serde_json::from_value(patched.expect("injected")).expect("a Pod");
+    sidecar(&pod, true);
 }

@@ -9,6 +9,11 @@
 //! loopback `Host` (so a web page that rebinds a DNS name to 127.0.0.1 cannot read
 //! it), even when the port listens pod-wide for Prometheus and the kubelet.
 //!
+//! `/idle` is 200 when no MCP request is being handled and no response stream is
+//! open (503 with the count otherwise): a legacy sidecar's `preStop` hook
+//! (`toolmesh-sidecar wait-idle`) waits for it, so the agent's last calls finish
+//! before the sidecar is told to stop.
+//!
 //! `POST /shutdown` (loopback only, like `/config`) drains and stops the sidecar as
 //! SIGTERM does: for agents whose pod must end when they do (a Job) and whose sidecar
 //! is not a native one.
@@ -34,6 +39,8 @@ pub struct Admin {
     /// client could complete a handshake before).
     pub workload: Option<Arc<crate::workload::Workload>>,
     pub metrics: PrometheusHandle,
+    /// Requests and relayed bodies not finished, for `/idle`.
+    pub in_flight: Arc<crate::proxy::InFlight>,
     /// Set when shutdown begins.
     pub draining: Arc<AtomicBool>,
     /// Notified by `POST /shutdown`: the sidecar drains and exits as on SIGTERM.
@@ -57,6 +64,13 @@ impl Admin {
         }
         Ok(match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
+            "/idle" => match self.in_flight.count() {
+                0 => text(StatusCode::OK, "idle\n"),
+                n => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{n} requests or response streams in flight\n"),
+                ),
+            },
             "/ready" => self.ready(),
             "/metrics" => {
                 let mut resp = text(StatusCode::OK, self.metrics.render());
@@ -83,7 +97,7 @@ impl Admin {
             },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live, /ready, /metrics, /config (or POST /shutdown)\n",
+                "not found: try /live, /ready, /idle, /metrics, /config (or POST /shutdown)\n",
             ),
         })
     }

@@ -51,7 +51,7 @@ pub enum Mode {
     version,
     about,
     long_about = None,
-    after_help = "Also: toolmesh-sidecar wait-ready ADDR SECONDS\n  exits 0 once http://ADDR/ready answers 200, 1 after SECONDS (the postStart hook of injected sidecars on clusters without native sidecars)."
+    after_help = "Also: toolmesh-sidecar wait-ready ADDR SECONDS\n  exits 0 once http://ADDR/ready answers 200, 1 after SECONDS (the postStart hook of injected sidecars on clusters without native sidecars).\nAnd: toolmesh-sidecar wait-idle ADDR SECONDS\n  exits 0 once http://ADDR/idle has answered 200 for a second (no call in flight), or after SECONDS (their preStop hook)."
 )]
 pub struct Config {
     /// agent: next to an agent pod's MCP clients. server: next to an MCP server, behind

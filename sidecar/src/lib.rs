@@ -140,6 +140,7 @@ pub async fn serve(
     };
     let (audit, audit_writer) = audit::Audit::start(config.audit_file.as_deref())?;
     let draining = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new(proxy::InFlight::default());
     let proxy = Arc::new(proxy::Proxy {
         active: active.clone(),
         upstream: upstream::Upstream::new(config.connect_timeout, workload.clone()),
@@ -155,12 +156,14 @@ pub async fn serve(
         callers,
         sessions: session::Sealer::random()?,
         body_read_timeout: config.body_read_timeout,
+        in_flight: in_flight.clone(),
     });
     let asked_to_stop = Arc::new(tokio::sync::Notify::new());
     let admin = Arc::new(admin::Admin {
         active: active.clone(),
         workload: (config.mode == config::Mode::Server).then(|| workload.clone()),
         metrics: metrics.clone(),
+        in_flight,
         draining: draining.clone(),
         shutdown: asked_to_stop.clone(),
     });

@@ -74,6 +74,33 @@ pub struct Proxy {
     pub sessions: Sealer,
     /// How long a request body may take to arrive once its head has.
     pub body_read_timeout: std::time::Duration,
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Requests being handled and response bodies being relayed: what the admin port's
+/// `/idle` (and a legacy sidecar's `preStop` hook, `wait-idle`) waits to see at zero.
+#[derive(Debug, Default)]
+pub struct InFlight(std::sync::atomic::AtomicUsize);
+
+/// One request or body in flight, until dropped.
+#[derive(Debug)]
+pub struct Flying(Arc<InFlight>);
+
+impl InFlight {
+    pub fn start(self: &Arc<Self>) -> Flying {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Flying(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Flying {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Request bodies over the limit are still read (and discarded) up to this many
@@ -225,6 +252,7 @@ impl Proxy {
         req: Request<Incoming>,
         peer: Option<&[rustls::pki_types::CertificateDer<'static>]>,
     ) -> Result<Response<Body>, Infallible> {
+        let _flying = self.in_flight.start();
         let caller = match &self.callers {
             None => Ok(self.identity.clone()),
             Some(callers) => callers.identify(peer).ok_or(ProxyError::UnknownPeer),
@@ -347,7 +375,14 @@ impl Proxy {
         let (mut parts, incoming) = upstream_resp.into_parts();
         upstream::clean_response_headers(&mut parts.headers);
         self.seal_session(&ctx.subject, &route, endpoint, &mut parts.headers);
-        let done = telemetry::stream_started(&route.label);
+        let done = {
+            let streaming = telemetry::stream_started(&route.label);
+            let flying = self.in_flight.start();
+            move || {
+                streaming();
+                drop(flying);
+            }
+        };
         let relayed = body::relay(incoming, done);
         let body = if stream {
             filter_stream(&mut parts, relayed, &route)

@@ -304,3 +304,56 @@ async fn post_shutdown_from_the_pod_drains_and_exits_and_from_elsewhere_is_refus
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn wait_idle_returns_once_the_agents_last_call_has_finished() -> Result<()> {
+    // What a legacy sidecar's preStop hook runs: the sidecar keeps serving until the
+    // agent's calls are done.
+    let stack = Stack::start().await?;
+    let binary = toolmesh_tests::binary("toolmesh-sidecar");
+    let (status, body) = admin(&stack.sidecar, "/idle").await?;
+    assert_eq!((status, body.as_str()), (200, "idle\n"));
+    let url = stack.url();
+    let call = tokio::spawn(async move {
+        let headers = modern_headers("sleep");
+        post(
+            &url,
+            &borrow(&headers),
+            modern_call(1, "sleep", serde_json::json!({"ms": 2500})),
+        )
+        .await
+    });
+    let busy = eventually(5, || async {
+        admin(&stack.sidecar, "/idle")
+            .await
+            .is_ok_and(|(s, _)| s == 503)
+    })
+    .await;
+    assert!(busy, "the call in flight never showed on /idle");
+    let started = Instant::now();
+    let waited = tokio::process::Command::new(&binary)
+        .args(["wait-idle", &stack.sidecar.admin.to_string(), "20"])
+        .status()
+        .await?;
+    assert!(waited.success(), "{waited}");
+    assert!(
+        call.is_finished(),
+        "wait-idle returned while the call was in flight"
+    );
+    assert_eq!(call.await??.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // A sidecar that never goes idle does not hold the pod past the deadline.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let started = Instant::now();
+    let gave_up = tokio::process::Command::new(&binary)
+        .args(["wait-idle", &closed.to_string(), "1"])
+        .output()
+        .await?;
+    assert!(gave_up.status.success());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    Ok(())
+}

@@ -28,6 +28,7 @@ async fn the_webhook_answers_an_admission_review_over_tls_with_a_base64_patch() 
     let pki = TestPki::new(&dir.0)?;
     let mut cmd = ControlPlane::command(&dir.0, 0, "")?;
     cmd.arg("--dev")
+        .args(["--inject-sidecar-mode", "native"])
         .args(["--webhook-listen", "127.0.0.1:0", "--webhook-cert"])
         .arg(&pki.cert)
         .arg("--webhook-key")

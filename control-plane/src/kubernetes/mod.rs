@@ -116,3 +116,65 @@ pub fn holder(args: &KubeArgs) -> String {
 pub(crate) fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
+
+/// How often `--inject-sidecar-mode auto` looks at the cluster's versions again.
+pub const VERSIONS_EVERY: Duration = Duration::from_secs(300);
+
+/// `--inject-sidecar-mode auto`: keep `native` saying whether the API server and every
+/// node's kubelet run native sidecars. A check that fails leaves the last answer (at
+/// start: no, so pods get legacy sidecars rather than hang in `Init`).
+pub async fn watch_native_sidecars(
+    client: kube::Client,
+    native: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    loop {
+        let checked = async {
+            let api = client
+                .apiserver_version()
+                .await
+                .map_err(|e| format!("API server version: {e}"))?;
+            let api_minor = crate::inject::minor_version(&format!("{}.{}", api.major, api.minor));
+            let full = nodes
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| format!("nodes: {e}"))?;
+            let kubelets: Vec<String> = full
+                .items
+                .iter()
+                .map(|n| {
+                    n.status
+                        .as_ref()
+                        .and_then(|s| s.node_info.as_ref())
+                        .map(|i| i.kubelet_version.clone())
+                        .unwrap_or_default()
+                })
+                .collect();
+            let refs: Vec<&str> = kubelets.iter().map(String::as_str).collect();
+            Ok::<_, String>((
+                crate::inject::native_supported(api_minor, &refs),
+                api,
+                kubelets,
+            ))
+        };
+        match checked.await {
+            Ok((supported, api, kubelets)) => {
+                let before = native.swap(supported, std::sync::atomic::Ordering::Relaxed);
+                if before != supported || !supported {
+                    tracing::info!(
+                        native = supported,
+                        api_server = %api.git_version,
+                        nodes = kubelets.len(),
+                        oldest_kubelet = %kubelets.iter().min_by_key(|k| crate::inject::minor_version(k)).cloned().unwrap_or_default(),
+                        "sidecar injection mode (auto) chosen"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?VERSIONS_EVERY, "cannot check the cluster's versions for --inject-sidecar-mode auto; keeping the last answer");
+            }
+        }
+        tokio::time::sleep(VERSIONS_EVERY).await;
+    }
+}
