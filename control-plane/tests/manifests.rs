@@ -132,12 +132,15 @@ fn check_against_crds(files: &[PathBuf]) -> (bool, String) {
 fn example_resources_pass_the_crd_schemas_and_the_control_planes_validation() {
     let root = common::workspace_root();
     let example = root.join("deploy/kubernetes/examples/resources.yaml");
-    let (ok, text) = check_against_crds(std::slice::from_ref(&example));
+    let mesh = root.join("deploy/kubernetes/examples/mesh-server.yaml");
+    let (ok, text) = check_against_crds(&[example.clone(), mesh.clone()]);
     assert!(ok, "{text}");
-    assert!(text.contains("2 checked, 0 failed"), "{text}");
+    assert!(text.contains("4 checked, 0 failed"), "{text}");
 
     // The same objects pass the control plane's own validation (what `status` reports).
-    let yaml = std::fs::read_to_string(&example).expect("example");
+    let yaml = std::fs::read_to_string(&example).expect("example")
+        + "\n---\n"
+        + &std::fs::read_to_string(&mesh).expect("example");
     let mut ours = String::new();
     for doc in yaml.split("\n---\n") {
         if doc.contains("apiVersion: toolmesh.dev/") {

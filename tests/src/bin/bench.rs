@@ -19,7 +19,9 @@
 //! Reported per workload and target: throughput, latency percentiles, the proxy's CPU
 //! time per 1,000 requests and its peak RSS; then the sidecar's ratios against direct
 //! and against nginx. Also: the sidecar's idle RSS and its start-to-ready time from a
-//! persisted snapshot (control plane down) and from a config file.
+//! persisted snapshot (control plane down) and from a config file; and the second hop
+//! (agent sidecar → server-side sidecar over mutual TLS → server) against the first,
+//! for the paced and unpaced small calls.
 //!
 //! Build and run with `make bench` (release binaries; installs nginx if missing).
 //! It measures; it asserts nothing but that answers are correct.
@@ -475,6 +477,141 @@ fn resources(upstream: &str) -> String {
     yaml
 }
 
+/// `toolmesh-control-plane serve --dev` seeded with `seed`, with tokens for the
+/// benchmark's agent identity and `others` (identity, token): the process and its URL.
+async fn start_control_plane(
+    dir: &Path,
+    seed: &str,
+    others: &[(&str, &str)],
+) -> Result<(Proc, String)> {
+    let seed_file = dir.join("seed.yaml");
+    std::fs::write(&seed_file, seed)?;
+    let mut tokens =
+        format!("admin: \"{ADMIN_TOKEN}\"\nsidecars:\n  {IDENTITY}: \"{SIDECAR_TOKEN}\"\n");
+    for (identity, token) in others {
+        let _ = writeln!(tokens, "  {identity}: \"{token}\"");
+    }
+    let tokens_file = dir.join("tokens.yaml");
+    std::fs::write(&tokens_file, tokens)?;
+    let mut cmd = Command::new(sibling("toolmesh-control-plane")?);
+    cmd.args([
+        "serve",
+        "--dev",
+        "--log",
+        "warn,toolmesh_control_plane::serve=info",
+    ])
+    .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+    .arg("--data-dir")
+    .arg(dir.join("store"))
+    .arg("--tokens")
+    .arg(&tokens_file)
+    .arg("--seed")
+    .arg(&seed_file)
+    .stdin(Stdio::null());
+    let mut cp = Proc::spawn("toolmesh-control-plane", cmd)?;
+    let grpc: SocketAddr = cp
+        .wait_for("its listening line", |line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["message"] == "listening").then(|| v["grpc"].as_str()?.parse().ok())?
+        })
+        .await?;
+    Ok((cp, format!("http://{grpc}")))
+}
+
+/// The identity of the two-hop run's server-side sidecar.
+const SERVER_IDENTITY: &str = "tools/bench";
+const SERVER_TOKEN: &str = "bench-server-token-0123456789abcdef";
+
+/// The second hop: an agent sidecar reaching the upstream directly (`hop1`) and through
+/// a server-side sidecar over mutual TLS (`hop2`), with the direct path, in one run.
+async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<String> {
+    let dir = TempDir::new("bench-two-hop")?;
+    let mesh = free_port()?;
+    let seed = format!(
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: hop1}}\nspec:\n  endpoints: [{{url: \"{upstream}\"}}]\n  allowUnauthenticated: true\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: hop2}}\nspec:\n  endpoints: [{{url: \"https://127.0.0.1:{mesh}/mcp/hop2\"}}]\n  mesh: {{identity: {SERVER_IDENTITY}}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: agents}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}]\n  rules:\n    - {{server: hop1, tools: [\"*\"]}}\n    - {{server: hop2, tools: [\"*\"]}}\n"
+    );
+    let (_cp, url) = start_control_plane(&dir.0, &seed, &[(SERVER_IDENTITY, SERVER_TOKEN)]).await?;
+    let server_token = dir.0.join("server.token");
+    std::fs::write(&server_token, SERVER_TOKEN)?;
+    let agent_token = dir.0.join("agent.token");
+    std::fs::write(&agent_token, SIDECAR_TOKEN)?;
+
+    let server_admin = free_port()?;
+    let mut cmd = Command::new(sibling("toolmesh-sidecar")?);
+    cmd.args([
+        "--mode",
+        "server",
+        "--identity",
+        SERVER_IDENTITY,
+        "--log",
+        "warn",
+    ])
+    .args(["--control-plane", &url, "--upstream", upstream])
+    .args(["--mesh-listen", &format!("127.0.0.1:{mesh}")])
+    .args(["--admin-listen", &format!("127.0.0.1:{server_admin}")])
+    .args(["--workers", &args.proxy_workers.to_string()])
+    .arg("--token-file")
+    .arg(&server_token);
+    let (server, _) = time_to_ready(cmd, server_admin).await?;
+    let (mcp, admin) = (free_port()?, free_port()?);
+    let mut cmd = sidecar_command(args, mcp, admin)?;
+    cmd.args(["--control-plane", &url])
+        .arg("--token-file")
+        .arg(&agent_token);
+    let (agent, _) = time_to_ready(cmd, admin).await?;
+    let addr: SocketAddr = ([127, 0, 0, 1], mcp).into();
+    let pid = agent.pid().context("agent sidecar pid")?;
+    let targets = [
+        direct.clone(),
+        Arc::new(Target {
+            name: "one hop",
+            addr,
+            path: "/mcp/hop1",
+            pid: Some(pid),
+        }),
+        Arc::new(Target {
+            name: "two hops",
+            addr,
+            path: "/mcp/hop2",
+            pid: Some(pid),
+        }),
+    ];
+    let mut report = format!(
+        "## Two hops: agent sidecar → server-side sidecar (mutual TLS) → server\n\n\
+         The same agent sidecar routes `hop1` straight to the upstream and `hop2` through a \
+         server-side sidecar ({} worker(s)) over mutual TLS with workload certificates; CPU \
+         and RSS columns are the agent sidecar's. Server-side sidecar RSS after the run: see below.\n\n",
+        args.proxy_workers
+    );
+    for w in workloads(args)
+        .into_iter()
+        .filter(|w| w.name == "call-paced" || w.name == "call")
+    {
+        let mut results = Vec::new();
+        for target in &targets {
+            let outcome = run(target.clone(), &w)
+                .await
+                .with_context(|| format!("{} via {}", w.name, target.name))?;
+            results.push((target.as_ref(), outcome));
+        }
+        report.push_str(&table(&w, &results));
+        let p50 = |i: usize| results[i].1.p(0.5).as_secs_f64() * 1e6;
+        let (first, second) = (p50(1) - p50(0), p50(2) - p50(1));
+        let _ = writeln!(
+            report,
+            "\nAdded p50 latency: first hop {first:+.0} µs, second hop {second:+.0} µs (second ÷ first {}).\n",
+            ratio(second, first)
+        );
+    }
+    let server_rss = usage(server.pid().context("server sidecar pid")?)?.1;
+    let _ = writeln!(
+        report,
+        "Server-side sidecar RSS after the run: {:.1} MiB.\n",
+        server_rss as f64 / 1024.0
+    );
+    Ok(report)
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -522,39 +659,10 @@ async fn time_to_ready(cmd: Command, admin: u16) -> Result<(Proc, Duration)> {
 /// Start-to-ready, median and max of `rounds`: from a persisted snapshot with the
 /// control plane down, and from a config file.
 async fn startup(args: &Args, dir: &Path, upstream: &str) -> Result<String> {
-    let seed = dir.join("seed.yaml");
-    std::fs::write(&seed, resources(upstream))?;
-    let tokens = dir.join("tokens.yaml");
-    std::fs::write(
-        &tokens,
-        format!("admin: \"{ADMIN_TOKEN}\"\nsidecars:\n  {IDENTITY}: \"{SIDECAR_TOKEN}\"\n"),
-    )?;
+    let (mut cp, url) = start_control_plane(dir, &resources(upstream), &[]).await?;
     let token_file = dir.join("sidecar.token");
     std::fs::write(&token_file, SIDECAR_TOKEN)?;
     let state = dir.join("state");
-    let mut cmd = Command::new(sibling("toolmesh-control-plane")?);
-    cmd.args([
-        "serve",
-        "--dev",
-        "--log",
-        "warn,toolmesh_control_plane::serve=info",
-    ])
-    .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-    .arg("--data-dir")
-    .arg(dir.join("store"))
-    .arg("--tokens")
-    .arg(&tokens)
-    .arg("--seed")
-    .arg(&seed)
-    .stdin(Stdio::null());
-    let mut cp = Proc::spawn("toolmesh-control-plane", cmd)?;
-    let grpc: SocketAddr = cp
-        .wait_for("its listening line", |line| {
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            (v["message"] == "listening").then(|| v["grpc"].as_str()?.parse().ok())?
-        })
-        .await?;
-    let url = format!("http://{grpc}");
     let connected = || -> Result<(Command, u16)> {
         let (mcp, admin) = (free_port()?, free_port()?);
         let mut cmd = sidecar_command(args, mcp, admin)?;
@@ -950,6 +1058,10 @@ async fn bench(args: Args) -> Result<()> {
     let line = format!("Audit lines the sidecars wrote: {lines}.\n\n");
     println!("{line}");
     report.push_str(&line);
+
+    let hops = two_hop(&args, &direct, &upstream_url).await?;
+    println!("{hops}");
+    report.push_str(&hops);
 
     let start = startup(&args, &TempDir::new("bench-startup")?.0, &upstream_url).await?;
     println!("{start}");
