@@ -136,6 +136,7 @@ fn render_served(set: &ResourceSet, server: &McpServer) -> pb::Served {
         name: name.to_owned(),
         timeout_ms: server_timeout_ms(server),
         policies,
+        credential: render_credential(set, server),
     }
 }
 
@@ -151,7 +152,29 @@ fn server_timeout_ms(server: &McpServer) -> u64 {
 
 fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
     let spec = &server.spec;
-    let credential = spec.credential.as_ref().and_then(|c| {
+    pb::Server {
+        name: server.metadata.name.clone(),
+        endpoints: spec
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint { url: e.url.clone() })
+            .collect(),
+        // A server in the mesh gets its credential from its own sidecar: agent sidecars
+        // never hold it.
+        credential: if spec.mesh.is_some() {
+            None
+        } else {
+            render_credential(set, server)
+        },
+        timeout_ms: server_timeout_ms(server),
+        mesh: spec.mesh.as_ref().map(|m| pb::Mesh {
+            identity: m.identity.clone(),
+        }),
+    }
+}
+
+fn render_credential(set: &ResourceSet, server: &McpServer) -> Option<pb::Credential> {
+    server.spec.credential.as_ref().and_then(|c| {
         // validate_set has checked that the secret and key exist.
         let value = set
             .secrets
@@ -163,20 +186,7 @@ fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
             value: format!("{}{}", c.prefix, value),
             source: format!("{}/{}", c.secret_ref.name, c.secret_ref.key),
         })
-    });
-    pb::Server {
-        name: server.metadata.name.clone(),
-        endpoints: spec
-            .endpoints
-            .iter()
-            .map(|e| pb::Endpoint { url: e.url.clone() })
-            .collect(),
-        credential,
-        timeout_ms: server_timeout_ms(server),
-        mesh: spec.mesh.as_ref().map(|m| pb::Mesh {
-            identity: m.identity.clone(),
-        }),
-    }
+    })
 }
 
 fn render_rule(rule: &RuleSpec) -> pb::Rule {
@@ -213,6 +223,11 @@ pub fn redacted(snapshot: &pb::Snapshot) -> pb::Snapshot {
     let mut copy = snapshot.clone();
     for server in &mut copy.servers {
         if let Some(cred) = &mut server.credential {
+            cred.value = REDACTED.to_owned();
+        }
+    }
+    for served in &mut copy.served {
+        if let Some(cred) = &mut served.credential {
             cred.value = REDACTED.to_owned();
         }
     }

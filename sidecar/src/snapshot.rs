@@ -195,7 +195,7 @@ impl Runtime {
                 endpoints: vec![pb::Endpoint {
                     url: local.to_owned(),
                 }],
-                credential: None,
+                credential: served.credential.clone(),
                 timeout_ms: served.timeout_ms,
                 mesh: None,
             }],

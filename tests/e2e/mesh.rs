@@ -24,6 +24,9 @@ use toolmesh_tests::{
 
 use crate::support::{audit_lines, borrow, eventually, modern_call, modern_headers, post};
 
+/// The demo server's credential: held by its server-side sidecar only.
+const DEMO_KEY: &str = "demo-key-only-the-server-side-holds";
+
 /// The demo server behind the server-side sidecar at `mesh`, an impostor entry that
 /// expects another identity at the same sidecar, and a policy for the test identity.
 fn resources(mesh: SocketAddr) -> String {
@@ -34,6 +37,12 @@ metadata: {{name: demo}}
 spec:
   endpoints: [{{url: "https://{mesh}/mcp/demo"}}]
   mesh: {{identity: {SERVER_IDENTITY}}}
+  credential: {{header: X-Api-Key, secretRef: {{name: demo-key, key: key}}}}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: Secret
+metadata: {{name: demo-key}}
+data: {{key: "{DEMO_KEY}"}}
 ---
 apiVersion: toolmesh.dev/v1alpha1
 kind: McpServer
@@ -49,7 +58,7 @@ spec:
   subjects: [{{identity: "{IDENTITY}"}}]
   rules:
     - server: demo
-      tools: ["echo", "add"]
+      tools: ["echo", "add", "request_headers"]
     - server: impostor
       tools: ["echo"]
 "#
@@ -262,6 +271,28 @@ async fn the_agent_reaches_a_server_only_through_both_sidecars() -> Result<()> {
     };
     let audited = eventually(5, || async { decided(&mesh.server) }).await;
     assert!(audited, "{}", mesh.server.logs());
+
+    // The credential is injected on the server's side, once; the agent's sidecar never
+    // held it.
+    let (_, headers) = mesh.call("request_headers", "").await?;
+    let headers: serde_json::Value = serde_json::from_str(&headers.context("headers")?)?;
+    assert_eq!(headers["x-api-key"], DEMO_KEY, "{headers}");
+    let config = reqwest::get(mesh.agent.admin_url("/config"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        config.contains("\"mesh\"") && !config.contains("demo-key"),
+        "{config}"
+    );
+    let config = reqwest::get(mesh.server.admin_url("/config"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        config.contains("demo-key/key") && !config.contains(DEMO_KEY),
+        "{config}"
+    );
 
     // "The agent" skipping its sidecar: plain HTTP to the server-side port gets no MCP
     // answer at all.

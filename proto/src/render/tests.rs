@@ -120,7 +120,7 @@ fn redaction_hides_every_credential() {
 #[test]
 fn a_server_side_identity_gets_every_callers_rules_for_its_server_only() {
     let text = format!(
-        "{RESOURCES}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: files}}\nspec:\n  endpoints: [{{url: \"https://files:16030/mcp/files\"}}]\n  mesh: {{identity: tools/files}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: readers}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}, {{identity: ops/bot}}]\n  rules:\n    - server: files\n      tools: [\"read_*\"]\n    - server: github\n      tools: [\"*\"]\n"
+        "{RESOURCES}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: files}}\nspec:\n  endpoints: [{{url: \"https://files:16030/mcp/files\"}}]\n  mesh: {{identity: tools/files}}\n  credential: {{header: X-Api-Key, secretRef: {{name: payroll-key, key: key}}}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: readers}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}, {{identity: ops/bot}}]\n  rules:\n    - server: files\n      tools: [\"read_*\"]\n    - server: github\n      tools: [\"*\"]\n"
     );
     let set = ResourceSet::new(parse_resources(&text).expect("parses")).expect("set");
     // The agent's snapshot routes to files through the mesh.
@@ -134,7 +134,9 @@ fn a_server_side_identity_gets_every_callers_rules_for_its_server_only() {
         files.mesh.as_ref().map(|m| m.identity.as_str()),
         Some("tools/files")
     );
+    // Its credential is not the agent's to hold: the server-side sidecar injects it.
     assert!(files.credential.is_none());
+    assert!(!format!("{agent:?}").contains("payroll-secret"));
     assert!(agent.served.is_empty());
     // The server-side sidecar's: files, with the readers policy's subjects and only its
     // rule for files (not github's, nor other policies').
@@ -143,6 +145,11 @@ fn a_server_side_identity_gets_every_callers_rules_for_its_server_only() {
     assert_eq!(server.served.len(), 1);
     let served = &server.served[0];
     assert_eq!(served.name, "files");
+    assert_eq!(
+        served.credential.as_ref().map(|c| c.value.as_str()),
+        Some("payroll-secret")
+    );
+    assert!(!format!("{:?}", redacted(&server)).contains("payroll-secret"));
     assert_eq!(served.policies.len(), 1);
     assert_eq!(served.policies[0].subjects, ["agents/*", "ops/bot"]);
     let policy = served.policies[0].policy.as_ref().expect("policy");
