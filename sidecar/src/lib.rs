@@ -9,6 +9,9 @@
 //! and drains connections; [`admin`] serves health, metrics and the redacted config;
 //! [`standalone`] feeds the configuration from a local file; [`telemetry`] names every
 //! metric; [`error`] every answer the sidecar gives on its own; [`config`] every flag.
+//! Server-side mode (`--mode server`): [`workload`] holds the certificate for mutual
+//! TLS, [`mesh`] decides for the caller the certificate names, [`stdio`] runs a stdio
+//! server as a child process.
 //!
 //! [`serve`] wires them together on listeners it is given and stops when its shutdown
 //! future resolves, owning every task it starts; [`run`] binds, installs the metrics
@@ -32,6 +35,7 @@ pub mod ratelimit;
 pub mod session;
 pub mod snapshot;
 pub mod standalone;
+pub mod stdio;
 pub mod telemetry;
 pub mod upstream;
 pub mod uri;
@@ -77,6 +81,14 @@ pub async fn run(config: Config) -> Result<(), String> {
     let listeners = Listeners::bind(&config).await?;
     serve(config, listeners, metrics, shutdown_signal()).await
 }
+
+/// `--stdio`: the longest line taken from the child (a result can be large).
+const STDIO_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// `--stdio`: how long a call waits for the child (the server's `spec.timeout` applies
+/// on the proxy's side too).
+const STDIO_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// `--stdio`: the longest wait before restarting a child that exited.
+const STDIO_RESTART_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long the admin port keeps answering after the MCP port has drained.
 const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -127,12 +139,24 @@ pub async fn serve(
     let admin_addr = listeners.admin.local_addr().map_err(|e| e.to_string())?;
 
     // Server-side mode: where the server is, and the mutual-TLS front door.
+    let mut bridge = None;
     let (callers, tls) = match config.mode {
         config::Mode::Agent => (None, None),
         config::Mode::Server => {
             let local = match &config.upstream {
                 Some(url) => url.clone(),
-                None => return Err("--stdio: not available yet".into()),
+                None => {
+                    let started = stdio::Bridge::start(stdio::Options {
+                        command: config.command.clone(),
+                        max_message_bytes: STDIO_MAX_MESSAGE_BYTES,
+                        request_timeout: STDIO_REQUEST_TIMEOUT,
+                        restart_backoff_max: STDIO_RESTART_MAX,
+                    })
+                    .await?;
+                    let url = started.url().to_owned();
+                    bridge = Some(started);
+                    url
+                }
             };
             let callers = mesh::Callers::new(active.clone(), workload.clone(), local);
             (Some(Arc::new(callers)), Some(workload.server_config()?))
@@ -236,6 +260,9 @@ pub async fn serve(
     let _ = mcp_task.await;
     // Every request has finished or been cut off: write out the audit trail.
     audit_writer.finish().await;
+    if let Some(bridge) = bridge {
+        bridge.shutdown().await;
+    }
     background.abort_all();
     while background.join_next().await.is_some() {}
     let _ = admin_stop_tx.send(true);

@@ -429,3 +429,182 @@ async fn workload_certificates_rotate_under_load_without_a_failed_call() -> Resu
     assert_eq!(status, 200, "{body}");
     Ok(())
 }
+
+/// `server-everything` (stdio) behind a server-side sidecar's `--stdio`, reached from
+/// an agent sidecar: the process tree, and the child's pid.
+struct StdioMesh {
+    _cp: ControlPlane,
+    server: Sidecar,
+    agent: Sidecar,
+    _dir: TempDir,
+}
+
+impl StdioMesh {
+    async fn start() -> Result<StdioMesh> {
+        let dir = TempDir::new("mesh-stdio")?;
+        let seed = "apiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {name: unused}\ndata: {k: v}\n";
+        let cp = ControlPlane::start_with(&dir.0.join("cp"), seed, &[]).await?;
+        let node = toolmesh_tests::node22()?;
+        let everything = toolmesh_tests::js_dir()
+            .join("node_modules/@modelcontextprotocol/server-everything/dist/index.js");
+        let (node, everything) = (node.to_string_lossy(), everything.to_string_lossy());
+        let server = Sidecar::connect_as(
+            TempDir::new("mesh-stdio-server")?,
+            &cp.url(),
+            SERVER_TOKEN,
+            SERVER_IDENTITY,
+            &[
+                "--mode",
+                "server",
+                "--mesh-listen",
+                "127.0.0.1:0",
+                "--stdio",
+                "--",
+                &node,
+                &everything,
+                "stdio",
+            ],
+        )
+        .await?;
+        let resources = format!(
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: everything}}\nspec:\n  endpoints: [{{url: \"https://{}/mcp/everything\"}}]\n  mesh: {{identity: {SERVER_IDENTITY}}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: agents}}\nspec:\n  subjects: [{{identity: \"{IDENTITY}\"}}]\n  rules:\n    - {{server: everything, tools: [\"*\"], resources: [\"*\"], prompts: [\"*\"]}}\n    - {{server: everything, tools: [\"get-env\"], action: deny}}\n",
+            server.mcp
+        );
+        let (ok, out, err) = cp.ctl(&["apply", "-f", "-"], Some(&resources)).await?;
+        if !ok {
+            bail!("apply failed: {out}{err}");
+        }
+        let agent = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
+        let mesh = StdioMesh {
+            _cp: cp,
+            server,
+            agent,
+            _dir: dir,
+        };
+        let ready = eventually(30, || async {
+            mesh.echo("ready?").await.is_ok_and(|t| t.is_some())
+        })
+        .await;
+        if !ready {
+            bail!(
+                "never reached the stdio server\nserver:\n{}\nagent:\n{}",
+                mesh.server.logs(),
+                mesh.agent.logs()
+            );
+        }
+        Ok(mesh)
+    }
+
+    /// A 2026-07-28 `tools/call` of `echo` through both sidecars: the result's text.
+    async fn echo(&self, message: &str) -> Result<Option<String>> {
+        let reply = post(
+            &self.agent.url("everything"),
+            &borrow(&modern_headers("echo")),
+            modern_call(3, "echo", json!({"message": message})),
+        )
+        .await?;
+        Ok(reply.message()["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::to_owned))
+    }
+
+    /// The pid of the server-side sidecar's child (the stdio server).
+    fn child(&self) -> Result<u32> {
+        let parent = self.server.proc.pid().context("sidecar pid")?;
+        let mut all = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{parent}/task"))? {
+            let path = task?.path().join("children");
+            all.extend(
+                std::fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        all.into_iter()
+            .next()
+            .context("the stdio server is not running")
+    }
+}
+
+#[tokio::test]
+async fn a_stdio_server_serves_both_sdks_and_both_generations_through_both_sidecars() -> Result<()>
+{
+    let mesh = StdioMesh::start().await?;
+    let url = mesh.agent.url("everything");
+    let plan = json!({
+        "echo": ["echo", {"message": "through two sidecars"}],
+        "sum": ["get-sum", {"a": 2, "b": 40}],
+        "progress": ["trigger-long-running-operation", {"duration": 1, "steps": 3}],
+    });
+    for kind in ["typescript", "python"] {
+        let report = crate::peers::run_client(kind, &url, &plan).await?;
+        assert_eq!(
+            report["steps"]["echo"]["text"], "Echo: through two sidecars",
+            "{kind}: {report}"
+        );
+        assert!(
+            report["steps"]["sum"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("42")),
+            "{kind}: {report}"
+        );
+        let tools = report["tools"].as_array().context("tools")?;
+        assert!(tools.len() > 5, "{kind}: {report}");
+        // Lists are filtered on the way: the denied tool is not offered.
+        assert!(!tools.iter().any(|t| t == "get-env"), "{kind}: {report}");
+    }
+    // 2026-07-28, stateless: discover, then a call.
+    let discover = post(
+        &url,
+        &[
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "server/discover"),
+        ],
+        json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}}}})
+        .to_string(),
+    )
+    .await?;
+    assert_eq!(discover.status, 200, "{}", discover.text);
+    assert!(
+        discover.message()["result"].is_object(),
+        "{}",
+        discover.text
+    );
+    assert_eq!(
+        mesh.echo("stateless").await?.as_deref(),
+        Some("Echo: stateless")
+    );
+    // The denied tool is refused on the way, whatever the generation.
+    let denied = post(
+        &url,
+        &borrow(&modern_headers("get-env")),
+        modern_call(4, "get-env", json!({})),
+    )
+    .await?;
+    assert_eq!(denied.error_code(), Some(-32088), "{}", denied.text);
+
+    // The child crashing is survived: the next calls work once it is restarted.
+    let child = mesh.child()?;
+    let killed = tokio::process::Command::new("kill")
+        .args(["-9", &child.to_string()])
+        .status()
+        .await?;
+    assert!(killed.success());
+    let back = eventually(30, || async {
+        mesh.echo("after the crash").await.ok().flatten().as_deref()
+            == Some("Echo: after the crash")
+    })
+    .await;
+    assert!(back, "{}", mesh.server.logs());
+    assert_ne!(mesh.child()?, child, "a new process serves");
+    let report = crate::peers::run_client("typescript", &url, &plan).await?;
+    assert_eq!(
+        report["steps"]["echo"]["text"],
+        "Echo: through two sidecars"
+    );
+    Ok(())
+}

@@ -10,7 +10,7 @@ use toolmesh_tests::{
 };
 
 /// Run one SDK client script with a plan; returns its JSON report.
-async fn run_client(kind: &str, url: &str, plan: &Value) -> Result<Value> {
+pub(crate) async fn run_client(kind: &str, url: &str, plan: &Value) -> Result<Value> {
     let mut cmd = match kind {
         "python" => {
             let mut c = Command::new(python()?);
