@@ -293,7 +293,7 @@ mod tests {
         assert_eq!(secret["type"], "kubernetes.io/tls");
         assert_eq!(secret["metadata"]["name"], "toolmesh-tls");
         let keys: Vec<&String> = secret["data"].as_object().expect("data").keys().collect();
-        assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+        assert_eq!(keys, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
         // A third replica starting later reads it without writing.
         let before = api.calls().len();
         assert_eq!(
