@@ -255,7 +255,10 @@ impl Proxy {
         let _flying = self.in_flight.start();
         let caller = match &self.callers {
             None => Ok(self.identity.clone()),
-            Some(callers) => callers.identify(peer).ok_or(ProxyError::UnknownPeer),
+            Some(callers) => callers.identify(peer).ok_or_else(|| {
+                telemetry::mesh_refused("identity");
+                ProxyError::UnknownPeer
+            }),
         };
         let mut pending = Pending {
             proxy: &self,

@@ -44,7 +44,8 @@ pub struct Issued {
     pub spiffe_id: String,
     pub trust_domain: String,
     pub not_after: SystemTime,
-    /// Half-way through its life: when a new one is asked for.
+    /// Half-way through what was left of its life when it was installed: when a new
+    /// one is asked for.
     pub renew_at: SystemTime,
 }
 
@@ -200,10 +201,11 @@ impl Workload {
             WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
                 .build()
                 .map_err(|e| format!("the trust bundle: {e}"))?;
-        let validity = parsed.validity();
-        let from = epoch(validity.not_before.timestamp());
-        let not_after = epoch(validity.not_after.timestamp());
-        let life = not_after.duration_since(from).unwrap_or_default();
+        let not_after = epoch(parsed.validity().not_after.timestamp());
+        // Half of what is left from now (the control plane backdates the start for
+        // clocks behind its own, which is no part of the certificate's useful life).
+        let now = SystemTime::now();
+        let left = not_after.duration_since(now).unwrap_or_default();
         let issued = Arc::new(Issued {
             key: Arc::new(CertifiedKey::new(chain, signer)),
             roots,
@@ -211,7 +213,7 @@ impl Workload {
             trust_domain: domain.to_owned(),
             spiffe_id,
             not_after,
-            renew_at: from + life / 2,
+            renew_at: now + left / 2,
         });
         self.current.store(Some(issued.clone()));
         Ok(issued)

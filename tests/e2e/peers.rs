@@ -9,10 +9,11 @@ use toolmesh_tests::{
     DemoServer, Everything, Sidecar, js_dir, node22, python, standalone_config, workspace_root,
 };
 
-/// Run one SDK client script with a plan; returns its JSON report.
+/// Run one SDK client script with a plan (`typescript`, `python`, or `python-modern`:
+/// the Python SDK speaking 2026-07-28); returns its JSON report.
 pub(crate) async fn run_client(kind: &str, url: &str, plan: &Value) -> Result<Value> {
     let mut cmd = match kind {
-        "python" => {
+        "python" | "python-modern" => {
             let mut c = Command::new(python()?);
             c.arg(workspace_root().join("tests/python/client.py"));
             c
@@ -24,6 +25,9 @@ pub(crate) async fn run_client(kind: &str, url: &str, plan: &Value) -> Result<Va
         }
     };
     cmd.arg(url).arg(plan.to_string()).kill_on_drop(true);
+    if kind == "python-modern" {
+        cmd.arg("modern");
+    }
     let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
         .await
         .context("client timed out")??;

@@ -1,12 +1,14 @@
 """An agent built on the official MCP Python SDK, driven by the end-to-end tests.
 
-usage: client.py URL PLAN_JSON
+usage: client.py URL PLAN_JSON [modern]
 
 PLAN_JSON maps a step name to [tool, arguments]; steps named "progress",
 "sampling" and "elicitation" exercise those features. The script connects over
 Streamable HTTP, lists tools, runs every step, and prints one JSON object on
 stdout: the tool names, each step's text result, and what the server asked of
 the client (progress notifications, sampling and elicitation requests).
+With "modern" it speaks 2026-07-28 (server/discover, stateless requests)
+instead of the 2025 initialize handshake, and reports the version it adopted.
 """
 
 import asyncio
@@ -18,7 +20,7 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 
-async def main(url: str, plan: dict) -> dict:
+async def main(url: str, plan: dict, modern: bool = False) -> dict:
     seen = {"progress": 0, "sampling": 0, "elicitation": 0}
 
     async def sampling(context, params):
@@ -42,7 +44,11 @@ async def main(url: str, plan: dict) -> dict:
         async with ClientSession(
             read, write, sampling_callback=sampling, elicitation_callback=elicitation
         ) as session:
-            await session.initialize()
+            if modern:
+                await session.discover()
+                out["version"] = session.protocol_version
+            else:
+                await session.initialize()
             tools = await session.list_tools()
             out["tools"] = sorted(t.name for t in tools.tools)
             for step, (tool, arguments) in plan.items():
@@ -58,4 +64,5 @@ async def main(url: str, plan: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))))
+    modern = len(sys.argv) > 3 and sys.argv[3] == "modern"
+    print(json.dumps(asyncio.run(main(sys.argv[1], json.loads(sys.argv[2]), modern))))
