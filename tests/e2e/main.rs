@@ -31,6 +31,8 @@
 //!   and wrong-identity callers refused, with the upstream's proof; rotation under load.
 //! - `peers`: the reference server (`server-everything`) and the Python and
 //!   TypeScript SDK clients.
+//! - `stdio`: the stdio bridge in front of `server-everything` in stdio mode: both
+//!   SDK clients, both generations, a child killed mid-call, the HTTP edges.
 
 mod conformance;
 mod control;
@@ -44,6 +46,7 @@ mod mesh;
 mod operations;
 mod peers;
 mod policy;
+mod stdio;
 mod support;
 mod webhook;
 mod wire;

@@ -2,7 +2,7 @@
 //! on the official Python and TypeScript SDKs. Each runs direct and through the
 //! sidecar; the two runs must give the agent the same answers.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 use tokio::process::Command;
 use toolmesh_tests::{
@@ -24,22 +24,11 @@ pub(crate) async fn run_client(kind: &str, url: &str, plan: &Value) -> Result<Va
             c
         }
     };
-    cmd.arg(url).arg(plan.to_string()).kill_on_drop(true);
+    cmd.arg(url).arg(plan.to_string());
     if kind == "python-modern" {
         cmd.arg("modern");
     }
-    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
-        .await
-        .context("client timed out")??;
-    if !out.status.success() {
-        bail!(
-            "{kind} client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).with_context(|| format!("{kind} client printed {stdout}"))
+    crate::support::client_report(cmd, &format!("{kind} client")).await
 }
 
 fn everything_plan() -> Value {

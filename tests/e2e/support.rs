@@ -213,3 +213,23 @@ pub async fn snapshot_stream(
         Err(status) => Err(status),
     })
 }
+
+/// Run an MCP client program that prints one JSON report as its last stdout line (the
+/// SDK clients in `tests/js` and `tests/python`): the report, or what went wrong.
+pub async fn client_report(mut cmd: tokio::process::Command, what: &str) -> Result<Value> {
+    use anyhow::Context as _;
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(90), cmd.output())
+        .await
+        .with_context(|| format!("{what} timed out"))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        anyhow::bail!(
+            "{what} failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("{what} printed {stdout}"))
+}
