@@ -485,30 +485,7 @@ async fn ten_thousand_dropped_connections_leak_nothing() -> Result<()> {
         200
     );
     let (fds_before, rss_before) = (open_fds(pid), rss_kib(pid));
-
-    // 20 bursts of 500: a third close at once, a third after half a request, a third
-    // after a few bytes of the HTTP/2 preface.
-    let mut opened = 0;
-    for _ in 0..20 {
-        let batch: Vec<_> = (0..500)
-            .map(|_| tokio::spawn(tokio::net::TcpStream::connect(sidecar.mcp)))
-            .collect();
-        let mut streams = Vec::new();
-        for b in batch {
-            if let Ok(Ok(s)) = b.await {
-                streams.push(s);
-            }
-        }
-        opened += streams.len();
-        for (i, mut s) in streams.into_iter().enumerate() {
-            let partial: &[u8] = match i % 3 {
-                0 => b"",
-                1 => b"POST /mcp/demo HTTP/1.1\r\nhost: 127.0.0.1\r\n",
-                _ => b"PRI * HTTP/2",
-            };
-            let _ = s.write_all(partial).await;
-        }
-    }
+    let opened = drop_connections(sidecar.mcp).await;
     // And 100 that connect and then send nothing, held open: the sidecar hangs up on
     // them after --header-read-timeout instead of keeping them forever.
     let mut idle = Vec::new();
@@ -543,11 +520,53 @@ async fn ten_thousand_dropped_connections_leak_nothing() -> Result<()> {
             .status,
         200
     );
+    // The first round's peak stays with the allocator: ~3,300 half-sent HTTP/1.1
+    // requests wait at once (up to --header-read-timeout), each with hyper's 8 KiB read
+    // buffer, measured +20 to +27 MiB on the 2-core machine (the memory-per-connection
+    // work is the performance issue's). A leak is what the second round looks for: it
+    // must fit in the first's memory, and a leak of even 400 bytes a connection would
+    // add 4 MiB.
     assert!(
-        rss_after < rss_before + 16 * 1024,
+        rss_after < rss_before + 48 * 1024,
         "RSS grew {rss_before} -> {rss_after} KiB"
     );
+    assert_eq!(drop_connections(sidecar.mcp).await, 10_000);
+    let settled = eventually(10, || async { open_fds(pid) <= fds_before }).await;
+    assert!(settled, "descriptors left open after the second round");
+    let rss_again = rss_kib(pid);
+    println!("a second round of 10000: RSS {rss_after} -> {rss_again} KiB");
+    assert!(
+        rss_again < rss_after + 4 * 1024,
+        "RSS grew again in the second round: {rss_after} -> {rss_again} KiB"
+    );
     Ok(())
+}
+
+/// 20 bursts of 500 connections to `addr`: a third close at once, a third after half a
+/// request, a third after a few bytes of the HTTP/2 preface. How many were opened.
+async fn drop_connections(addr: std::net::SocketAddr) -> usize {
+    let mut opened = 0;
+    for _ in 0..20 {
+        let batch: Vec<_> = (0..500)
+            .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))
+            .collect();
+        let mut streams = Vec::new();
+        for b in batch {
+            if let Ok(Ok(s)) = b.await {
+                streams.push(s);
+            }
+        }
+        opened += streams.len();
+        for (i, mut s) in streams.into_iter().enumerate() {
+            let partial: &[u8] = match i % 3 {
+                0 => b"",
+                1 => b"POST /mcp/demo HTTP/1.1\r\nhost: 127.0.0.1\r\n",
+                _ => b"PRI * HTTP/2",
+            };
+            let _ = s.write_all(partial).await;
+        }
+    }
+    opened
 }
 
 #[tokio::test]
