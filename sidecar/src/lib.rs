@@ -199,7 +199,7 @@ pub async fn serve(
         tls,
         move |req, peer: listener::Peer| {
             let proxy = proxy.clone();
-            async move { proxy.handle_from(req, peer.certificates.as_deref()).await }
+            async move { proxy.handle_from(req, peer.tls.as_deref()).await }
         },
         stop_rx,
         config.drain_timeout,

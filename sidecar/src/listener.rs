@@ -30,12 +30,19 @@ use tokio::sync::watch;
 
 use crate::body::Body;
 
-/// Who sent a request: the address, and on a TLS listener the certificate chain the
-/// handshake verified (leaf first).
+/// Who sent a request: the address, and on a TLS listener what the handshake verified.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
-    pub certificates: Option<std::sync::Arc<[rustls::pki_types::CertificateDer<'static>]>>,
+    pub tls: Option<std::sync::Arc<PeerTls>>,
+}
+
+/// A TLS peer: its verified certificate chain (leaf first), and the identity the
+/// service read from it, worked out once per connection rather than per request.
+#[derive(Debug)]
+pub struct PeerTls {
+    pub certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub identity: std::sync::OnceLock<Option<crate::identity::Identity>>,
 }
 
 /// Serve `handler` (given each request and its [`Peer`]) on `listener` until
@@ -83,7 +90,7 @@ pub async fn serve<H, F>(
                         }
                         let who = Peer {
                             addr: peer,
-                            certificates: None,
+                            tls: None,
                         };
                         let service = service_fn(move |req| handler(req, who.clone()));
                         let conn = builder
@@ -109,15 +116,13 @@ pub async fn serve<H, F>(
                             return;
                         }
                     };
-                    let certificates = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect());
-                    let who = Peer {
-                        addr: peer,
-                        certificates,
-                    };
+                    let tls = stream.get_ref().1.peer_certificates().map(|c| {
+                        std::sync::Arc::new(PeerTls {
+                            certificates: c.iter().map(|d| d.clone().into_owned()).collect(),
+                            identity: std::sync::OnceLock::new(),
+                        })
+                    });
+                    let who = Peer { addr: peer, tls };
                     let service = service_fn(move |req| handler(req, who.clone()));
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), service)

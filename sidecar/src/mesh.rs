@@ -53,13 +53,17 @@ impl Callers {
         }
     }
 
-    /// The caller a verified certificate chain names, if any.
-    pub fn identify(
-        &self,
-        chain: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-    ) -> Option<Identity> {
-        let identity = self.workload.peer_identity(chain?)?;
-        Some(Identity::new(&identity))
+    /// The caller a TLS peer's verified certificate chain names, if any: read from the
+    /// certificate once per connection, then remembered.
+    pub fn identify(&self, peer: Option<&crate::listener::PeerTls>) -> Option<Identity> {
+        let peer = peer?;
+        peer.identity
+            .get_or_init(|| {
+                self.workload
+                    .peer_identity(&peer.certificates)
+                    .map(|id| Identity::new(&id))
+            })
+            .clone()
     }
 
     /// The runtime deciding for `caller` under the active snapshot.

@@ -245,12 +245,12 @@ impl Proxy {
         self.handle_from(req, None).await
     }
 
-    /// The hyper service function; in server-side mode `peer` is the certificate chain
-    /// the TLS handshake verified.
+    /// The hyper service function; in server-side mode `peer` is what the TLS
+    /// handshake verified.
     pub async fn handle_from(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+        peer: Option<&crate::listener::PeerTls>,
     ) -> Result<Response<Body>, Infallible> {
         let _flying = self.in_flight.start();
         let caller = match &self.callers {
