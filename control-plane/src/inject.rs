@@ -468,6 +468,10 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
                 json!({"name": "toolmesh-mesh", "containerPort": MESH_PORT, "protocol": "TCP"}),
             );
         }
+        // So the sidecar can check the server does not also listen on the pod's IP.
+        if let Some(env) = sidecar["env"].as_array_mut() {
+            env.push(json!({"name": "TOOLMESH_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}));
+        }
     }
     if native {
         sidecar["restartPolicy"] = json!("Always");

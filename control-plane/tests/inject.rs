@@ -468,6 +468,13 @@ fn an_mcp_server_pod_gets_a_server_side_sidecar_in_front_of_its_loopback_port() 
     );
     let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
     assert_eq!(ports, [16020, 16030]);
+    // It learns the pod's IP, to check the server does not listen there too.
+    let pod_ip = c.env.iter().flatten().find(|e| e.name == "TOOLMESH_POD_IP");
+    let field = pod_ip
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("status.podIP"));
     // The server's own container is not an agent: no MCP URL is pushed into it.
     let server = &pod.spec.as_ref().expect("spec").containers[0];
     assert!(server.env.is_none(), "{:?}", server.env);

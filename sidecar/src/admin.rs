@@ -38,6 +38,8 @@ pub struct Admin {
     /// Server-side mode: not ready until a workload certificate is installed (no
     /// client could complete a handshake before).
     pub workload: Option<Arc<crate::workload::Workload>>,
+    /// Server-side mode with `--pod-ip`: not ready while the server answers there.
+    pub exposure: Option<Arc<crate::mesh::Exposure>>,
     pub metrics: PrometheusHandle,
     /// Requests and relayed bodies not finished, for `/idle`.
     pub in_flight: Arc<crate::proxy::InFlight>,
@@ -130,6 +132,12 @@ impl Admin {
                 Some(w) if w.current().is_none() => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no workload certificate yet (asked of the control plane)\n",
+                ),
+                Some(_) if let Some(at) = self.exposure.as_ref().and_then(|e| e.exposed()) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the MCP server also answers on {at}: agents can reach it around this sidecar; make it listen on 127.0.0.1 only\n"
+                    ),
                 ),
                 Some(_) if runtime.served.is_empty() => text(
                     StatusCode::SERVICE_UNAVAILABLE,

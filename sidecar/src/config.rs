@@ -84,6 +84,13 @@ pub struct Config {
     #[arg(long, env = "TOOLMESH_MESH_LISTEN", default_value = DEFAULT_MESH_LISTEN, value_name = "ADDR")]
     pub mesh_listen: SocketAddr,
 
+    /// Server-side mode: this pod's IP (injected sidecars get it from the pod's status).
+    /// The sidecar checks every minute that the server behind --upstream does not also
+    /// answer on it; while it does, agents can reach the server around this sidecar
+    /// and /ready says so (503).
+    #[arg(long, env = "TOOLMESH_POD_IP", value_name = "IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+
     /// Standalone mode: multi-document YAML file of McpServer, AccessPolicy and Secret
     /// resources. Watched; a valid change is swapped in, an invalid one is logged and
     /// ignored.

@@ -140,6 +140,7 @@ pub async fn serve(
 
     // Server-side mode: where the server is, and the mutual-TLS front door.
     let mut bridge = None;
+    let (mut exposure, mut exposure_task) = (None, None);
     let (callers, tls) = match config.mode {
         config::Mode::Agent => (None, None),
         config::Mode::Server => {
@@ -158,6 +159,13 @@ pub async fn serve(
                     url
                 }
             };
+            if let (Some(ip), Some(port)) =
+                (config.pod_ip, upstream_port(config.upstream.as_deref()))
+            {
+                let watch = Arc::new(mesh::Exposure::default());
+                exposure = Some(watch.clone());
+                exposure_task = Some((watch, ip, port));
+            }
             let callers = mesh::Callers::new(active.clone(), workload.clone(), local);
             (Some(Arc::new(callers)), Some(workload.server_config()?))
         }
@@ -186,6 +194,7 @@ pub async fn serve(
     let admin = Arc::new(admin::Admin {
         active: active.clone(),
         workload: (config.mode == config::Mode::Server).then(|| workload.clone()),
+        exposure,
         metrics: metrics.clone(),
         in_flight,
         draining: draining.clone(),
@@ -234,6 +243,9 @@ pub async fn serve(
             background.spawn(discovery.run());
         }
     }
+    if let Some((watch, ip, port)) = exposure_task {
+        background.spawn(watch.watch(ip, port));
+    }
     background.spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
@@ -269,6 +281,12 @@ pub async fn serve(
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The port of an `http://host:port/…` URL (`--upstream`), 80 when it names none.
+fn upstream_port(url: Option<&str>) -> Option<u16> {
+    let uri: http::Uri = url?.parse().ok()?;
+    Some(uri.port_u16().unwrap_or(80))
 }
 
 enum Source {

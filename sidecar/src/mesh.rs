@@ -14,6 +14,10 @@
 //! version takes a mutex to compile and publish, and the caller's rate limiters carry
 //! over from its previous runtime.
 //!
+//! [`Exposure`] watches the other way around: a server that listens beyond loopback
+//! (on the pod's IP, as many servers do by default) can be reached by agents without
+//! passing this sidecar; while it does, the sidecar is not ready.
+//!
 //! This module does not terminate TLS ([`crate::listener`]) or relay ([`crate::proxy`]).
 
 use std::collections::HashMap;
@@ -109,5 +113,45 @@ impl Callers {
             self.compiled.store(Arc::new(next));
         }
         Ok(runtime)
+    }
+}
+
+/// How often [`Exposure::watch`] knocks on the pod's IP.
+pub const EXPOSURE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether the server behind `--upstream` also answers on the pod's IP.
+#[derive(Debug, Default)]
+pub struct Exposure {
+    /// `Some(address)` while the server answers there.
+    exposed: std::sync::Mutex<Option<std::net::SocketAddr>>,
+}
+
+impl Exposure {
+    /// Where the server answers beyond loopback, if it does (for `/ready`).
+    pub fn exposed(&self) -> Option<std::net::SocketAddr> {
+        *self.exposed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Knock on `pod_ip` at the upstream's port now and every [`EXPOSURE_EVERY`].
+    pub async fn watch(self: Arc<Self>, pod_ip: std::net::IpAddr, port: u16) {
+        let target = std::net::SocketAddr::new(pod_ip, port);
+        loop {
+            let connect = tokio::net::TcpStream::connect(target);
+            let answers = matches!(
+                tokio::time::timeout(std::time::Duration::from_secs(2), connect).await,
+                Ok(Ok(_))
+            );
+            let before = std::mem::replace(
+                &mut *self.exposed.lock().unwrap_or_else(|p| p.into_inner()),
+                answers.then_some(target),
+            );
+            crate::telemetry::upstream_exposed(answers);
+            if answers && before.is_none() {
+                tracing::error!(%target, "the MCP server also listens on the pod's IP: agents can reach it around this sidecar; make it listen on 127.0.0.1 only (not ready until it does)");
+            } else if !answers && before.is_some() {
+                tracing::info!(%target, "the MCP server no longer answers on the pod's IP");
+            }
+            tokio::time::sleep(EXPOSURE_EVERY).await;
+        }
     }
 }

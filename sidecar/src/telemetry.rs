@@ -31,6 +31,7 @@ pub const STATE_FILE_ERRORS: &str = "toolmesh_state_file_errors_total";
 pub const MESH_REFUSED: &str = "toolmesh_mesh_connections_refused_total";
 pub const WORKLOAD_CERT_EXPIRY: &str = "toolmesh_workload_certificate_expiry_timestamp_seconds";
 pub const WORKLOAD_CERT_RENEWALS: &str = "toolmesh_workload_certificate_renewals_total";
+pub const UPSTREAM_EXPOSED: &str = "toolmesh_mesh_upstream_exposed";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +158,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         WORKLOAD_CERT_RENEWALS,
         "Workload certificate requests answered, by result (issued, refused)"
     );
+    describe_gauge!(
+        UPSTREAM_EXPOSED,
+        "Server-side mode with --pod-ip: 1 while the server behind --upstream also answers on the pod's IP (reachable around the sidecar)"
+    );
     gauge!(WORKLOAD_CERT_EXPIRY).set(0.0);
     for reason in ["handshake", "timeout", "identity"] {
         counter!(MESH_REFUSED, "reason" => reason).absolute(0);
@@ -214,6 +219,11 @@ pub fn workload_certificate(issued: Option<SystemTime>) {
         }
         None => counter!(WORKLOAD_CERT_RENEWALS, "result" => "refused").increment(1),
     }
+}
+
+/// Whether the server answers on the pod's IP (server-side mode).
+pub fn upstream_exposed(exposed: bool) {
+    gauge!(UPSTREAM_EXPOSED).set(if exposed { 1.0 } else { 0.0 });
 }
 
 pub fn audit_dropped() {

@@ -612,3 +612,74 @@ async fn a_stdio_server_serves_both_sdks_and_both_generations_through_both_sidec
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_server_listening_beyond_loopback_keeps_its_sidecar_unready() -> Result<()> {
+    // Many servers listen on every address by default; on the pod's IP they answer
+    // agents directly, around the server-side sidecar. 127.0.0.2 stands in for the
+    // pod's IP: a server on 0.0.0.0 answers there, one on 127.0.0.1 does not.
+    let dir = TempDir::new("mesh-exposed")?;
+    let resources = format!(
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: demo}}\nspec:\n  endpoints: [{{url: \"https://127.0.0.1:1/mcp/demo\"}}]\n  mesh: {{identity: {SERVER_IDENTITY}}}\n"
+    );
+    let cp = ControlPlane::start_with(&dir.0.join("cp"), &resources, &[]).await?;
+    let mut cmd = tokio::process::Command::new(toolmesh_tests::binary("toolmesh-demo-server"));
+    cmd.args(["--listen", "0.0.0.0:0"]);
+    let mut everywhere = toolmesh_tests::Proc::spawn("toolmesh-demo-server", cmd)?;
+    let port = everywhere
+        .wait_for("its listening line", toolmesh_tests::listening_on)
+        .await?
+        .port();
+    let loopback_only = DemoServer::start(&[]).await?;
+    let server_side = |upstream: String| {
+        let url = cp.url();
+        async move {
+            Sidecar::connect_as(
+                TempDir::new("mesh-exposed-server")?,
+                &url,
+                SERVER_TOKEN,
+                SERVER_IDENTITY,
+                &[
+                    "--mode",
+                    "server",
+                    "--mesh-listen",
+                    "127.0.0.1:0",
+                    "--pod-ip",
+                    "127.0.0.2",
+                    "--upstream",
+                    &upstream,
+                ],
+            )
+            .await
+        }
+    };
+    let exposed = server_side(format!("http://127.0.0.1:{port}/mcp")).await?;
+    let contained = server_side(loopback_only.url()).await?;
+    let ready = |sidecar: &Sidecar| {
+        let url = sidecar.admin_url("/ready");
+        async move {
+            let r = reqwest::get(&url).await?;
+            Ok::<_, anyhow::Error>((r.status().as_u16(), r.text().await?))
+        }
+    };
+    let settled = eventually(20, || async {
+        ready(&contained).await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+    assert!(settled, "{}", contained.logs());
+    let (status, why) = ready(&exposed).await?;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains(&format!("127.0.0.2:{port}")), "{why}");
+    let metrics = reqwest::get(exposed.admin_url("/metrics"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "toolmesh_mesh_upstream_exposed 1"),
+        "{metrics}"
+    );
+    assert!(exposed.logs().contains("also listens on the pod's IP"));
+    Ok(())
+}
