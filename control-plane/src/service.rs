@@ -287,7 +287,21 @@ impl Session {
             None => refused(
                 "this control plane issues no workload certificates: start it with --workload-ca-cert and --workload-ca-key (or --tls-secret)".to_owned(),
             ),
-            Some(ca) => ca.sign(&self.identity, csr),
+            Some(ca) => {
+                let issued = ca.sign(&self.identity, csr);
+                if issued.error.is_empty() {
+                    let expires = std::time::SystemTime::now() + ca.ttl();
+                    let at = expires
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    self.cp
+                        .fleet
+                        .update(&self.identity, &self.node, self.conn, |s| {
+                            s.certificate_expires = at;
+                        });
+                }
+                issued
+            }
         };
         self.last_certificate = Some(now);
         pb::SnapshotPush {

@@ -166,6 +166,11 @@ impl Ca {
         Ok(roots)
     }
 
+    /// How long the certificates this CA issues live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Sign `csr` (DER PKCS#10) for `identity`, the identity the stream authenticated.
     /// The answer carries the error instead when nothing was issued.
     pub fn sign(&self, identity: &str, csr: &[u8]) -> pb::WorkloadCertificate {

@@ -294,6 +294,17 @@ async fn the_agent_reaches_a_server_only_through_both_sidecars() -> Result<()> {
         "{config}"
     );
 
+    // The fleet view shows both sidecars' certificates, and how long they have left.
+    let (ok, status, err) = mesh.cp.ctl(&["status"], None).await?;
+    assert!(ok, "{err}");
+    for identity in [IDENTITY, SERVER_IDENTITY] {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(identity))
+            .with_context(|| format!("{identity} not in\n{status}"))?;
+        assert!(line.contains("11h5") || line.contains("12h00m"), "{status}");
+    }
+
     // "The agent" skipping its sidecar: plain HTTP to the server-side port gets no MCP
     // answer at all.
     let plain = post(

@@ -180,10 +180,31 @@ fn read_inputs(files: &[String]) -> Result<String, String> {
     Ok(join_sources(&sources))
 }
 
+/// A workload certificate's remaining life as the status table shows it.
+fn certificate_left(expires: u64, now: u64) -> String {
+    match expires {
+        0 => "-".to_owned(),
+        at if at <= now => "expired".to_owned(),
+        at => {
+            let left = at - now;
+            if left >= 3600 {
+                format!("{}h{:02}m", left / 3600, left % 3600 / 60)
+            } else if left >= 60 {
+                format!("{}m{:02}s", left / 60, left % 60)
+            } else {
+                format!("{left}s")
+            }
+        }
+    }
+}
+
 fn status_table(sidecars: &[pb::SidecarStatus]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut out = format!(
-        "{:<28} {:<24} {:<10} {:<18} {:<18} {}\n",
-        "IDENTITY", "NODE", "CONNECTED", "SENT", "ACKED", "PROBLEM"
+        "{:<28} {:<24} {:<10} {:<18} {:<18} {:<9} {}\n",
+        "IDENTITY", "NODE", "CONNECTED", "SENT", "ACKED", "CERT", "PROBLEM"
     );
     for s in sidecars {
         let nack = if !s.delivery_error.is_empty() {
@@ -194,7 +215,7 @@ fn status_table(sidecars: &[pb::SidecarStatus]) -> String {
             format!("{}: {}", s.nacked_version, s.nack_reason)
         };
         out += &format!(
-            "{:<28} {:<24} {:<10} {:<18} {:<18} {}\n",
+            "{:<28} {:<24} {:<10} {:<18} {:<18} {:<9} {}\n",
             s.identity,
             s.node,
             if s.connected { "yes" } else { "no" },
@@ -208,6 +229,7 @@ fn status_table(sidecars: &[pb::SidecarStatus]) -> String {
             } else {
                 &s.acked_version
             },
+            certificate_left(s.certificate_expires, now),
             nack
         );
     }
@@ -335,5 +357,19 @@ fn main() -> ExitCode {
             eprintln!("toolmeshctl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::certificate_left;
+
+    #[test]
+    fn certificate_lifetimes_read_at_a_glance() {
+        assert_eq!(certificate_left(0, 1_000), "-");
+        assert_eq!(certificate_left(1_000, 1_000), "expired");
+        assert_eq!(certificate_left(1_045, 1_000), "45s");
+        assert_eq!(certificate_left(1_000 + 125, 1_000), "2m05s");
+        assert_eq!(certificate_left(1_000 + 12 * 3600 - 60, 1_000), "11h59m");
     }
 }
