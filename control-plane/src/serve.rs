@@ -426,6 +426,10 @@ pub async fn serve(
     for listener in ["grpc", "admin", "webhook"] {
         metrics::counter!("toolmesh_cp_accept_errors_total", "listener" => listener).absolute(0);
     }
+    for result in ["issued", "refused"] {
+        metrics::counter!("toolmesh_cp_workload_certificates_total", "result" => result)
+            .absolute(0);
+    }
     for reason in ["pending", "first_bytes", "handshake", "idle"] {
         metrics::counter!("toolmesh_cp_connections_closed_total", "reason" => reason).absolute(0);
     }

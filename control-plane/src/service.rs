@@ -270,9 +270,14 @@ impl Session {
 
     /// Answer a certificate request: a certificate for the stream's identity, or why not.
     fn certify(&mut self, csr: &[u8]) -> pb::SnapshotPush {
-        let refused = |error: String| pb::WorkloadCertificate {
-            error,
-            ..Default::default()
+        let refused = |error: String| {
+            // Ca::sign counts its own answers; these never reach it.
+            metrics::counter!("toolmesh_cp_workload_certificates_total", "result" => "refused")
+                .increment(1);
+            pb::WorkloadCertificate {
+                error,
+                ..Default::default()
+            }
         };
         let now = tokio::time::Instant::now();
         let certificate = match &self.cp.ca {
