@@ -58,7 +58,8 @@ pub struct Ca {
     extra_trust: Vec<PathBuf>,
     trust_domain: String,
     ttl: Duration,
-    loaded: Mutex<Option<std::sync::Arc<Loaded>>>,
+    /// The last CA that loaded (files are read again at every signing).
+    loaded: Mutex<std::sync::Arc<Loaded>>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -118,15 +119,16 @@ impl Ca {
         trust_domain: String,
         ttl: Duration,
     ) -> Result<Ca, String> {
-        let loaded = load(&source)?;
+        let loaded = std::sync::Arc::new(load(&source)?);
         let ca = Ca {
             source,
             extra_trust,
             trust_domain,
             ttl,
-            loaded: Mutex::new(Some(std::sync::Arc::new(loaded))),
+            loaded: Mutex::new(loaded.clone()),
         };
-        ca.bundle()?;
+        // The extra roots must load too, or nothing would ever be issued.
+        ca.bundle(&loaded)?;
         Ok(ca)
     }
 
@@ -135,23 +137,23 @@ impl Ca {
     }
 
     /// The current signing CA: loaded again from files, or the last good one.
-    fn current(&self) -> Result<std::sync::Arc<Loaded>, String> {
+    fn current(&self) -> std::sync::Arc<Loaded> {
         let mut slot = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(self.source, Source::Files { .. }) {
             match load(&self.source) {
-                Ok(fresh) => *slot = Some(std::sync::Arc::new(fresh)),
+                Ok(fresh) => *slot = std::sync::Arc::new(fresh),
                 Err(e) => {
                     tracing::error!(error = %e, "the workload CA does not load; signing with the previous one")
                 }
             }
         }
         slot.clone()
-            .ok_or_else(|| "no workload CA is loaded".to_owned())
     }
 
-    /// The DER roots sidecars check workload certificates against.
-    fn bundle(&self) -> Result<Vec<Vec<u8>>, String> {
-        let mut roots = vec![self.current()?.ca.clone()];
+    /// The DER roots sidecars check workload certificates against: `signing`, then
+    /// `--workload-trust-bundle`.
+    fn bundle(&self, signing: &Loaded) -> Result<Vec<Vec<u8>>, String> {
+        let mut roots = vec![signing.ca.clone()];
         for path in &self.extra_trust {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("--workload-trust-bundle {}: {e}", path.display()))?;
@@ -204,7 +206,7 @@ impl Ca {
         let request = CertificateSigningRequestParams::from_der(&der).map_err(|e| {
             format!("the certificate request is not a valid, signed PKCS#10 request: {e}")
         })?;
-        let loaded = self.current()?;
+        let loaded = self.current();
         let id = spiffe_id(&self.trust_domain, identity);
         let now = time::OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
@@ -232,7 +234,7 @@ impl Ca {
         tracing::info!(%identity, spiffe = %id, ttl = ?self.ttl, "workload certificate issued");
         Ok(pb::WorkloadCertificate {
             chain: vec![cert.der().to_vec()],
-            trust_bundle: self.bundle()?,
+            trust_bundle: self.bundle(&loaded)?,
             error: String::new(),
         })
     }
