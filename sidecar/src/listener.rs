@@ -83,27 +83,24 @@ pub async fn serve<H, F>(
                 // connections still showing their protocol.
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let Some(acceptor) = acceptor else {
-                        if !protocol_shown(&stream, header_read).await {
-                            tracing::debug!(listener = name, %peer, "closed: no request started in time");
-                            return;
+                    let acceptor = match acceptor {
+                        None => {
+                            if !protocol_shown(&stream, header_read).await {
+                                tracing::debug!(listener = name, %peer, "closed: no request started in time");
+                                return;
+                            }
+                            let who = Peer {
+                                addr: peer,
+                                tls: None,
+                            };
+                            return serve_connection(&builder, stream, who, handler, watcher, name)
+                                .await;
                         }
-                        let who = Peer {
-                            addr: peer,
-                            tls: None,
-                        };
-                        let service = service_fn(move |req| handler(req, who.clone()));
-                        let conn = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
-                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
-                        }
-                        return;
+                        Some(acceptor) => acceptor,
                     };
-                    let handshake =
-                        tokio::time::timeout(header_read, acceptor.accept(stream)).await;
-                    let stream = match handshake {
+                    let stream = match tokio::time::timeout(header_read, acceptor.accept(stream))
+                        .await
+                    {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
                             tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
@@ -123,13 +120,7 @@ pub async fn serve<H, F>(
                         })
                     });
                     let who = Peer { addr: peer, tls };
-                    let service = service_fn(move |req| handler(req, who.clone()));
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
-                    }
+                    serve_connection(&builder, stream, who, handler, watcher, name).await;
                 });
             }
             Err(e) => {
@@ -146,6 +137,30 @@ pub async fn serve<H, F>(
         () = tokio::time::sleep(drain) => {
             tracing::warn!(listener = name, deadline = ?drain, "drain deadline reached; closing remaining connections");
         }
+    }
+}
+
+/// Serve HTTP on one accepted connection (plain or TLS) as `who`, until it ends or the
+/// drain closes it.
+async fn serve_connection<S, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: S,
+    who: Peer,
+    handler: H,
+    watcher: hyper_util::server::graceful::Watcher,
+    name: &'static str,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Peer) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let peer = who.addr;
+    let service = service_fn(move |req| handler(req, who.clone()));
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
     }
 }
 
