@@ -980,23 +980,9 @@ enum FromChild<'a> {
     },
 }
 
-#[derive(Deserialize)]
-struct ChildMessage<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    method: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    params: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    result: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    error: Option<&'a RawValue>,
-}
-
 fn classify(line: &[u8]) -> Result<FromChild<'_>, String> {
     let text = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_owned())?;
-    let m: ChildMessage<'_> =
+    let m: crate::mcp::RawMessage<'_> =
         serde_json::from_str(text).map_err(|e| format!("not a JSON-RPC message: {e}"))?;
     match (m.method, m.id) {
         (Some(method), Some(id)) => Ok(FromChild::Request { id, method }),
