@@ -65,6 +65,35 @@ spec:
     )
 }
 
+/// A seed that names nothing the sidecars use: a server-side sidecar's port, which the
+/// `McpServer` needs, is only known once it is up.
+const NOTHING: &str =
+    "apiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {name: unused}\ndata: {k: v}\n";
+
+/// A server-side sidecar (`--mode server`, mutual TLS on an ephemeral loopback port) of
+/// the control plane at `cp_url`, with `args` naming its server.
+async fn server_side(cp_url: &str, args: &[&str]) -> Result<Sidecar> {
+    let mut all = vec!["--mode", "server", "--mesh-listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    Sidecar::connect_as(
+        TempDir::new("mesh-server")?,
+        cp_url,
+        SERVER_TOKEN,
+        SERVER_IDENTITY,
+        &all,
+    )
+    .await
+}
+
+/// `toolmeshctl apply` of `yaml`, or why it failed.
+async fn apply(cp: &ControlPlane, yaml: &str) -> Result<()> {
+    let (ok, out, err) = cp.ctl(&["apply", "-f", "-"], Some(yaml)).await?;
+    if !ok {
+        bail!("apply failed: {out}{err}");
+    }
+    Ok(())
+}
+
 /// A control plane, the demo server, its server-side sidecar and an agent sidecar,
 /// wired together and ready.
 struct Mesh {
@@ -79,32 +108,9 @@ impl Mesh {
     async fn start(cp_flags: &[&str]) -> Result<Mesh> {
         let dir = TempDir::new("mesh")?;
         let demo = DemoServer::start(&[]).await?;
-        // Seeded with nothing the sidecars use: the server-side port is only known once
-        // its sidecar is up.
-        let seed = "apiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {name: unused}\ndata: {k: v}\n";
-        let cp = ControlPlane::start_with(&dir.0.join("cp"), seed, cp_flags).await?;
-        let upstream = demo.url();
-        let server = Sidecar::connect_as(
-            TempDir::new("mesh-server")?,
-            &cp.url(),
-            SERVER_TOKEN,
-            SERVER_IDENTITY,
-            &[
-                "--mode",
-                "server",
-                "--mesh-listen",
-                "127.0.0.1:0",
-                "--upstream",
-                &upstream,
-            ],
-        )
-        .await?;
-        let (ok, out, err) = cp
-            .ctl(&["apply", "-f", "-"], Some(&resources(server.mcp)))
-            .await?;
-        if !ok {
-            bail!("apply failed: {out}{err}");
-        }
+        let cp = ControlPlane::start_with(&dir.0.join("cp"), NOTHING, cp_flags).await?;
+        let server = server_side(&cp.url(), &["--upstream", &demo.url()]).await?;
+        apply(&cp, &resources(server.mcp)).await?;
         let agent = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
         let mesh = Mesh {
             cp,
@@ -454,38 +460,18 @@ struct StdioMesh {
 impl StdioMesh {
     async fn start() -> Result<StdioMesh> {
         let dir = TempDir::new("mesh-stdio")?;
-        let seed = "apiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {name: unused}\ndata: {k: v}\n";
-        let cp = ControlPlane::start_with(&dir.0.join("cp"), seed, &[]).await?;
+        let cp = ControlPlane::start_with(&dir.0.join("cp"), NOTHING, &[]).await?;
         let node = toolmesh_tests::node22()?;
         let everything = toolmesh_tests::js_dir()
             .join("node_modules/@modelcontextprotocol/server-everything/dist/index.js");
         let (node, everything) = (node.to_string_lossy(), everything.to_string_lossy());
-        let server = Sidecar::connect_as(
-            TempDir::new("mesh-stdio-server")?,
-            &cp.url(),
-            SERVER_TOKEN,
-            SERVER_IDENTITY,
-            &[
-                "--mode",
-                "server",
-                "--mesh-listen",
-                "127.0.0.1:0",
-                "--stdio",
-                "--",
-                &node,
-                &everything,
-                "stdio",
-            ],
-        )
-        .await?;
+        let server =
+            server_side(&cp.url(), &["--stdio", "--", &node, &everything, "stdio"]).await?;
         let resources = format!(
             "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: everything}}\nspec:\n  endpoints: [{{url: \"https://{}/mcp/everything\"}}]\n  mesh: {{identity: {SERVER_IDENTITY}}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: agents}}\nspec:\n  subjects: [{{identity: \"{IDENTITY}\"}}]\n  rules:\n    - {{server: everything, tools: [\"*\"], resources: [\"*\"], prompts: [\"*\"]}}\n    - {{server: everything, tools: [\"get-env\"], action: deny}}\n",
             server.mcp
         );
-        let (ok, out, err) = cp.ctl(&["apply", "-f", "-"], Some(&resources)).await?;
-        if !ok {
-            bail!("apply failed: {out}{err}");
-        }
+        apply(&cp, &resources).await?;
         let agent = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
         let mesh = StdioMesh {
             _cp: cp,
@@ -642,30 +628,11 @@ async fn a_server_listening_beyond_loopback_keeps_its_sidecar_unready() -> Resul
         .await?
         .port();
     let loopback_only = DemoServer::start(&[]).await?;
-    let server_side = |upstream: String| {
-        let url = cp.url();
-        async move {
-            Sidecar::connect_as(
-                TempDir::new("mesh-exposed-server")?,
-                &url,
-                SERVER_TOKEN,
-                SERVER_IDENTITY,
-                &[
-                    "--mode",
-                    "server",
-                    "--mesh-listen",
-                    "127.0.0.1:0",
-                    "--pod-ip",
-                    "127.0.0.2",
-                    "--upstream",
-                    &upstream,
-                ],
-            )
-            .await
-        }
-    };
-    let exposed = server_side(format!("http://127.0.0.1:{port}/mcp")).await?;
-    let contained = server_side(loopback_only.url()).await?;
+    let pod_ip = ["--pod-ip", "127.0.0.2", "--upstream"];
+    let exposed = format!("http://127.0.0.1:{port}/mcp");
+    let exposed = server_side(&cp.url(), &[&pod_ip[..], &[exposed.as_str()]].concat()).await?;
+    let contained = loopback_only.url();
+    let contained = server_side(&cp.url(), &[&pod_ip[..], &[contained.as_str()]].concat()).await?;
     let ready = |sidecar: &Sidecar| {
         let url = sidecar.admin_url("/ready");
         async move {
