@@ -129,7 +129,7 @@ impl Admin {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
         } else if let Some(runtime) = self.active.current() {
             match &self.workload {
-                Some(w) if w.current().is_none() => text(
+                Some(w) if !w.has_certificate() => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no workload certificate yet (asked of the control plane)\n",
                 ),

@@ -253,29 +253,28 @@ impl Proxy {
         peer: Option<&crate::listener::PeerTls>,
     ) -> Result<Response<Body>, Infallible> {
         let _flying = self.in_flight.start();
-        let caller = match &self.callers {
-            None => Ok(self.identity.clone()),
-            Some(callers) => callers.identify(peer).ok_or_else(|| {
+        // Server-side mode: the caller its certificate names; a peer that names none is
+        // refused (and audited under this sidecar's identity).
+        let (subject, caller_known) = match self.callers.as_ref().map(|c| c.identify(peer)) {
+            None => (self.identity.clone(), true),
+            Some(Some(caller)) => (caller, true),
+            Some(None) => {
                 telemetry::mesh_refused("identity");
-                ProxyError::UnknownPeer
-            }),
+                (self.identity.clone(), false)
+            }
         };
         let mut pending = Pending {
             proxy: &self,
-            ctx: Ctx::new(&req, caller.as_ref().unwrap_or(&self.identity).clone()),
+            ctx: Ctx::new(&req, subject),
             started: Instant::now(),
             finished: false,
         };
-        if let Err(error) = caller {
-            let code = error.code();
-            let response = error.into_response(None);
-            pending.finish(response.status().as_u16(), Some(code), Outcome::Rejected);
-            return Ok(response);
-        }
-        let (response, error_code, outcome) = match self
-            .route_and_forward(req, &mut pending.ctx)
-            .await
-        {
+        let result = if caller_known {
+            self.route_and_forward(req, &mut pending.ctx).await
+        } else {
+            Err(ProxyError::UnknownPeer)
+        };
+        let (response, error_code, outcome) = match result {
             Ok(resp) => {
                 let outcome = Outcome::of_status(resp.status().as_u16());
                 (resp, None, outcome)

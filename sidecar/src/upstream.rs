@@ -177,7 +177,7 @@ impl Upstream {
         *req.uri_mut() = uri;
         *req.headers_mut() = forward_headers(agent_headers, route);
         let client = self.client_for(route)?;
-        if route.mesh.is_some() && self.workload.current().is_none() {
+        if route.mesh.is_some() && !self.workload.has_certificate() {
             telemetry::upstream_error(&route.label, "connect");
             return Err(ProxyError::UpstreamUnavailable {
                 server: route.name.clone(),

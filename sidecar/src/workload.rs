@@ -119,6 +119,11 @@ impl Workload {
         self.current.load_full()
     }
 
+    /// Whether a certificate is installed (no reference taken).
+    pub fn has_certificate(&self) -> bool {
+        self.current.load().is_some()
+    }
+
     /// A new key and a request for it.
     pub fn request() -> Result<Request, String> {
         let key = rcgen::KeyPair::generate().map_err(|e| format!("making a key: {e}"))?;
