@@ -38,6 +38,7 @@ pub fn route() -> Arc<Route> {
                 }),
                 timeout_ms: 1000,
                 mesh: None,
+                prefix: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),

@@ -170,6 +170,7 @@ fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
         mesh: spec.mesh.as_ref().map(|m| pb::Mesh {
             identity: m.identity.clone(),
         }),
+        prefix: spec.prefix.clone(),
     }
 }
 

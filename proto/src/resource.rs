@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::API_VERSION;
 
 mod validate;
-pub use validate::validate_set;
+pub use validate::{check_prefixes, validate_set};
 
 /// Default time an upstream gets to answer with a response head. Longer than any MCP
 /// client's own request timeout (the TypeScript SDK's is 60 s, the Python SDK reads
@@ -190,6 +190,35 @@ pub struct McpServerSpec {
     /// refuses every connection without a workload certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshSpec>,
+    /// What the aggregated endpoint `/mcp` puts before this server's tool and prompt
+    /// names: an agent sees `<prefix>__<name>`. Absent: the server's name. `""`: no
+    /// prefix, for a server whose names must stay as they are (at most one such
+    /// server). Letters, digits and `-`, at most 32; unique across servers.
+    #[cfg_attr(feature = "kube", schemars(regex(pattern = PREFIX_PATTERN)))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+impl McpServerSpec {
+    /// The prefix the aggregate uses for the server named `name`.
+    pub fn effective_prefix<'a>(&'a self, name: &'a str) -> &'a str {
+        self.prefix.as_deref().unwrap_or(name)
+    }
+}
+
+/// What `spec.prefix` may be: empty, or letters, digits and `-` (no `_`, so the first
+/// `__` of an exposed name always ends the prefix).
+pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9]{0,30}[A-Za-z0-9])?)?$";
+
+/// [`PREFIX_PATTERN`] as code.
+pub fn is_prefix(prefix: &str) -> bool {
+    prefix.is_empty()
+        || (prefix.len() <= 32
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !prefix.starts_with('-')
+            && !prefix.ends_with('-'))
 }
 
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]

@@ -84,6 +84,9 @@ pub struct Route {
     pub policy: ServerPolicy,
     /// Set for a server behind a server-side sidecar: reached over mutual TLS.
     pub mesh: Option<MeshRoute>,
+    /// What the aggregated `/mcp` puts before this server's tool and prompt names
+    /// (`<prefix>__<name>`); empty for the one unprefixed server.
+    pub prefix: Arc<str>,
     /// Round-robin cursor for requests that carry no session.
     next: AtomicUsize,
 }
@@ -114,6 +117,12 @@ pub struct Runtime {
     pub served: Vec<pb::Served>,
     /// Whether any route goes through the mesh (then a workload certificate is needed).
     pub meshed: bool,
+    /// The routes the aggregated `/mcp` serves, sorted by name.
+    aggregated: Vec<Arc<Route>>,
+    /// Route by non-empty prefix.
+    prefixes: HashMap<Arc<str>, Arc<Route>>,
+    /// The route whose names `/mcp` shows as they are, if any.
+    unprefixed: Option<Arc<Route>>,
 }
 
 impl LimiterSource for Option<&Runtime> {
@@ -138,6 +147,14 @@ impl Runtime {
                 rules.entry(rule.server.as_str()).or_default().push(named);
             }
         }
+        // Names on /mcp must not collide, whether or not this identity may use both.
+        toolmesh_proto::resource::check_prefixes(
+            snapshot
+                .servers
+                .iter()
+                .map(|s| (s.name.as_str(), s.prefix.as_deref().unwrap_or(&s.name))),
+        )
+        .map_err(|(name, message)| format!("server {name}: prefix: {message}"))?;
         let mut seen = HashSet::with_capacity(snapshot.servers.len());
         let mut routes = HashMap::with_capacity(snapshot.servers.len());
         let mut limiters = Vec::new();
@@ -163,7 +180,18 @@ impl Runtime {
         };
         let config_json = serde_json::to_vec_pretty(&redacted(snapshot))
             .map_err(|e| format!("snapshot does not serialize: {e}"))?;
+        let mut aggregated: Vec<Arc<Route>> = routes.values().cloned().collect();
+        aggregated.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let prefixes = aggregated
+            .iter()
+            .filter(|r| !r.prefix.is_empty())
+            .map(|r| (r.prefix.clone(), r.clone()))
+            .collect();
+        let unprefixed = aggregated.iter().find(|r| r.prefix.is_empty()).cloned();
         Ok(Runtime {
+            aggregated,
+            prefixes,
+            unprefixed,
             version: snapshot.version.clone(),
             identity: snapshot.identity.clone(),
             meshed: routes.values().any(|r| r.mesh.is_some()),
@@ -198,6 +226,7 @@ impl Runtime {
                 credential: served.credential.clone(),
                 timeout_ms: served.timeout_ms,
                 mesh: None,
+                prefix: None,
             }],
             policies: served
                 .policies
@@ -216,6 +245,23 @@ impl Runtime {
 
     pub fn route(&self, server: &str) -> Option<&Arc<Route>> {
         self.routes.get(server)
+    }
+
+    /// The routes the aggregated `/mcp` serves, sorted by name.
+    pub fn aggregated(&self) -> &[Arc<Route>] {
+        &self.aggregated
+    }
+
+    /// The route and real name behind a tool or prompt name shown on `/mcp`: the part
+    /// before the first `__` when it is a route's prefix (prefixes hold no `_`), or else
+    /// the unprefixed route with the name as it is.
+    pub fn resolve<'n>(&self, exposed: &'n str) -> Option<(&Arc<Route>, &'n str)> {
+        if let Some((prefix, name)) = exposed.split_once("__")
+            && let Some(route) = self.prefixes.get(prefix)
+        {
+            return Some((route, name));
+        }
+        self.unprefixed.as_ref().map(|route| (route, exposed))
     }
 
     pub fn known_servers(&self) -> &str {
@@ -251,6 +297,13 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
     if server.timeout_ms == 0 {
         return Err("timeout must be positive".to_owned());
     }
+    if let Some(prefix) = &server.prefix
+        && !toolmesh_proto::resource::is_prefix(prefix)
+    {
+        return Err(format!(
+            "prefix {prefix:?}: letters, digits and '-' only (a '_' would make names on /mcp ambiguous)"
+        ));
+    }
     Ok(Route {
         name: server.name.clone(),
         label: SharedString::from(Arc::<str>::from(server.name.as_str())),
@@ -262,6 +315,7 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
             identity: m.identity.clone(),
             client: std::sync::OnceLock::new(),
         }),
+        prefix: Arc::from(server.prefix.as_deref().unwrap_or(&server.name)),
         next: AtomicUsize::new(0),
     })
 }
@@ -349,6 +403,7 @@ pub(crate) fn test_route(
             credential,
             timeout_ms: 1000,
             mesh: None,
+            prefix: None,
         }],
         policies: vec![pb::Policy {
             name: "p".into(),
@@ -384,6 +439,7 @@ mod tests {
                 }),
                 timeout_ms: 1000,
                 mesh: None,
+                prefix: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),
@@ -471,6 +527,45 @@ mod tests {
         snap.servers.extend([idle.clone(), idle]);
         let err = Runtime::compile(&snap, None).expect_err("refused");
         assert_eq!(err, "server idle: listed twice");
+    }
+
+    #[test]
+    fn names_on_the_aggregate_resolve_to_one_server() {
+        let mut snap = snapshot("http://127.0.0.1:9/mcp");
+        let rule = snap.policies[0].rules[0].clone();
+        let server = snap.servers[0].clone();
+        for (name, prefix) in [("github", Some("gh")), ("plain", Some(""))] {
+            snap.servers.push(pb::Server {
+                name: name.into(),
+                prefix: prefix.map(str::to_owned),
+                ..server.clone()
+            });
+            snap.policies[0].rules.push(pb::Rule {
+                server: name.into(),
+                ..rule.clone()
+            });
+        }
+        let rt = Runtime::compile(&snap, None).expect("compiles");
+        let resolve = |exposed| rt.resolve(exposed).map(|(r, n)| (r.name.as_str(), n));
+        assert_eq!(resolve("demo__echo"), Some(("demo", "echo")));
+        assert_eq!(resolve("gh__list__all"), Some(("github", "list__all")));
+        assert_eq!(resolve("gh___x"), Some(("github", "_x")));
+        // Not a prefix (the server's name is not its prefix): the unprefixed server's.
+        assert_eq!(resolve("github__x"), Some(("plain", "github__x")));
+        assert_eq!(resolve("echo"), Some(("plain", "echo")));
+        let names: Vec<&str> = rt.aggregated().iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["demo", "github", "plain"]);
+
+        // Two unprefixed servers, or a prefix taken twice: refused (NACK), naming both.
+        snap.servers[1].prefix = Some(String::new());
+        let err = Runtime::compile(&snap, None).expect_err("collision");
+        assert!(err.contains("plain") && err.contains("github"), "{err}");
+        snap.servers[1].prefix = Some("demo".into());
+        let err = Runtime::compile(&snap, None).expect_err("collision");
+        assert!(err.contains("\"demo\""), "{err}");
+        snap.servers[1].prefix = Some("a_b".into());
+        let err = Runtime::compile(&snap, None).expect_err("bad prefix");
+        assert!(err.contains("server github: prefix"), "{err}");
     }
 
     #[test]

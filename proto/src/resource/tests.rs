@@ -358,3 +358,46 @@ fn one_server_side_sidecar_identity_serves_one_server() {
         "{e}"
     );
 }
+
+#[test]
+fn prefixes_on_the_aggregate_never_collide() {
+    let server = |name: &str, prefix: Option<&str>| {
+        let prefix = prefix.map_or(String::new(), |p| format!(", prefix: \"{p}\""));
+        format!(
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: {name}}}\nspec: {{endpoints: [{{url: \"http://{name}:1/mcp\"}}], allowUnauthenticated: true{prefix}}}\n"
+        )
+    };
+    let set_of = |docs: &[String]| {
+        ResourceSet::new(parse_resources(&docs.join("---\n")).expect("each is valid")).expect("set")
+    };
+    // A prefix that is another server's name, and two unprefixed servers.
+    for (docs, named) in [
+        (
+            vec![server("github", None), server("gh", Some("github"))],
+            "already uses the prefix \"github\"",
+        ),
+        (
+            vec![server("a", Some("")), server("b", Some(""))],
+            "unprefixed too",
+        ),
+    ] {
+        let e = validate_set(&set_of(&docs))
+            .expect_err("collision")
+            .to_string();
+        assert!(e.contains("spec.prefix") && e.contains(named), "{e}");
+    }
+    // Distinct prefixes, and one unprefixed server, are fine.
+    validate_set(&set_of(&[
+        server("github", Some("gh")),
+        server("jira", None),
+        server("x", Some("")),
+    ]))
+    .expect("no collision");
+    // A prefix with `_` could end inside another name's `__`: refused, as is anything
+    // that is not letters, digits and '-'.
+    for bad in ["a_b", "a__", "-a", "a-", "a b", "é", &"a".repeat(33)] {
+        let e = err_of(&server("s", Some(bad)));
+        assert!(e.contains("spec.prefix"), "{bad}: {e}");
+    }
+    assert!(is_prefix("") && is_prefix("GitHub-2") && !is_prefix("a_b"));
+}

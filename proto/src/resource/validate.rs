@@ -99,6 +99,16 @@ fn validate_server(server: &McpServer) -> FieldResult {
             }
         }
     }
+    if let Some(prefix) = &spec.prefix
+        && !super::is_prefix(prefix)
+    {
+        return fail(
+            "spec.prefix",
+            format!(
+                "{prefix:?} is not a prefix: empty, or letters, digits and '-' (not first or last), at most 32"
+            ),
+        );
+    }
     if spec.credential.is_none() && spec.mesh.is_none() && !spec.allow_unauthenticated {
         return fail(
             "spec.credential",
@@ -216,6 +226,18 @@ pub fn validate_set(set: &ResourceSet) -> Result<(), ResourceError> {
             });
         }
     }
+    check_prefixes(set.servers.values().map(|s| {
+        (
+            s.metadata.name.as_str(),
+            s.spec.effective_prefix(&s.metadata.name),
+        )
+    }))
+    .map_err(|(name, message)| ResourceError::Field {
+        kind: Kind::McpServer,
+        name: name.to_owned(),
+        field: "spec.prefix".to_owned(),
+        message,
+    })?;
     for server in set.servers.values() {
         let Some(cred) = &server.spec.credential else {
             continue;
@@ -247,6 +269,30 @@ pub fn validate_set(set: &ResourceSet) -> Result<(), ResourceError> {
                     message: format!("McpServer {:?} does not exist", rule.server),
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// Names on the aggregated `/mcp` must not collide: every server's prefix (given as
+/// `(server, effective prefix)`) is unique, and at most one server goes unprefixed.
+/// On a collision, the later server and a message naming the earlier one.
+pub fn check_prefixes<'a>(
+    servers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<(), (&'a str, String)> {
+    let mut seen: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (name, prefix) in servers {
+        if let Some(other) = seen.insert(prefix, name) {
+            let message = if prefix.is_empty() {
+                format!(
+                    "McpServer {other:?} is unprefixed too: the aggregated /mcp can expose only one server's names as they are"
+                )
+            } else {
+                format!(
+                    "McpServer {other:?} already uses the prefix {prefix:?}: their tools and prompts would collide on /mcp"
+                )
+            };
+            return Err((name, message));
         }
     }
     Ok(())
