@@ -315,3 +315,23 @@ mod tests {
         Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
     }
 }
+
+/// A response body fed by a channel; it ends when the sender is dropped.
+#[derive(Debug)]
+pub struct Channel {
+    pub rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl HttpBody for Channel {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}

@@ -54,7 +54,7 @@ pub enum ProxyError {
     HostForbidden(String),
     #[error("unknown MCP server {name:?}; known servers: {known}")]
     UnknownServer { name: String, known: String },
-    #[error("no MCP endpoint at {0:?}; use /mcp/<server>")]
+    #[error("no MCP endpoint at {0:?}; use /mcp or /mcp/<server>")]
     UnknownPath(String),
     #[error("unknown or expired session")]
     UnknownSession,

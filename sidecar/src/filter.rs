@@ -54,6 +54,16 @@ pub enum Lists {
 }
 
 impl Lists {
+    /// The JSON-RPC message `text` filtered; `None` when it cannot be read (it must
+    /// not pass then).
+    pub(crate) fn filter_text(&self, route: &Route, text: &str) -> Option<String> {
+        match self.filter(route, text) {
+            Filtered::Unchanged => Some(text.to_owned()),
+            Filtered::Rewritten(out) => Some(out),
+            Filtered::Unreadable => None,
+        }
+    }
+
     fn filter(&self, route: &Route, text: &str) -> Filtered {
         match self {
             Lists::One(list) => list.filter(route, text),
@@ -248,6 +258,31 @@ impl ListKind {
         rewrite_each(text, self.field, |items| self.filter_items(route, items))
     }
 
+    /// The items of the list result `result` the policy shows, raw, and its
+    /// `nextCursor`; `None` when the result (or its list, given twice or not as an
+    /// array) cannot be read. The aggregated `/mcp` merges lists with it.
+    pub(crate) fn visible_items<'t>(
+        &self,
+        route: &Route,
+        result: &'t str,
+    ) -> Option<(Vec<&'t RawValue>, Option<&'t RawValue>)> {
+        let object: RawObject<'t> = serde_json::from_str(result).ok()?;
+        let mut items = None;
+        let mut cursor = None;
+        for (key, value) in object.0 {
+            if key == self.field {
+                if items.is_some() {
+                    return None;
+                }
+                let all: Vec<&RawValue> = serde_json::from_str(value.get()).ok()?;
+                items = Some(all.into_iter().filter(|i| self.visible(route, i)).collect());
+            } else if key == "nextCursor" {
+                cursor = Some(value);
+            }
+        }
+        Some((items.unwrap_or_default(), cursor))
+    }
+
     /// The list array `text` with only the visible items.
     fn filter_items(&self, route: &Route, text: &str) -> Filtered {
         if !text.starts_with('[') {
@@ -362,7 +397,25 @@ fn rewrite_each(text: &str, key: &str, mut inner: impl FnMut(&str) -> Filtered) 
 /// Re-write the JSON object `text` member by member: `replace(key, raw value, out)`
 /// either writes a new value into `out` and returns true, or returns false to keep
 /// the raw one. `None` when `text` is not an object.
-fn rewrite_members(
+/// The JSON object `text` without its members named in `drop` (the others copied as
+/// raw text, in order); `None` when `text` is not an object.
+pub(crate) fn remove_members(text: &str, drop: &[&str]) -> Option<String> {
+    let object: RawObject<'_> = serde_json::from_str(text).ok()?;
+    let mut out = String::with_capacity(text.len());
+    out.push('{');
+    for (key, value) in object.0.iter().filter(|(k, _)| !drop.contains(&k.as_str())) {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key).ok()?);
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    Some(out)
+}
+
+pub(crate) fn rewrite_members(
     text: &str,
     mut replace: impl FnMut(&str, &str, &mut String) -> bool,
 ) -> Option<String> {
@@ -499,7 +552,7 @@ fn line_end(buf: &[u8]) -> Option<usize> {
 const END_OVERLAP: usize = 3;
 
 /// End of the first complete event in `buf` (after its blank line), if any.
-fn event_end(buf: &[u8]) -> Option<usize> {
+pub(crate) fn event_end(buf: &[u8]) -> Option<usize> {
     let mut i = 0;
     while i < buf.len() {
         if let Some(first) = line_end(&buf[i..]) {
@@ -515,7 +568,7 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// The lines of one event, as the agent's SSE parser splits them.
-fn lines(text: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn lines(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = text;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -530,7 +583,7 @@ fn lines(text: &str) -> impl Iterator<Item = &str> {
 }
 
 /// The value of a `data` field line (`data` alone is one with an empty value).
-fn data_value(line: &str) -> Option<&str> {
+pub(crate) fn data_value(line: &str) -> Option<&str> {
     let value = line.strip_prefix("data")?;
     if value.is_empty() {
         return Some(value);

@@ -19,6 +19,7 @@
 //! logging.
 
 pub mod admin;
+pub mod aggregate;
 pub mod audit;
 pub mod body;
 pub mod config;
@@ -189,6 +190,7 @@ pub async fn serve(
         sessions: session::Sealer::random()?,
         body_read_timeout: config.body_read_timeout,
         in_flight: in_flight.clone(),
+        aggregate: aggregate::Aggregate::default(),
     });
     let asked_to_stop = Arc::new(tokio::sync::Notify::new());
     let admin = Arc::new(admin::Admin {

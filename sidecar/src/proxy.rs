@@ -75,6 +75,8 @@ pub struct Proxy {
     /// How long a request body may take to arrive once its head has.
     pub body_read_timeout: std::time::Duration,
     pub in_flight: Arc<InFlight>,
+    /// What the aggregated `/mcp` remembers between requests.
+    pub aggregate: crate::aggregate::Aggregate,
 }
 
 /// Requests being handled and response bodies being relayed: what the admin port's
@@ -113,22 +115,22 @@ const MAX_AUDIT_ARGUMENTS: usize = 16 * 1024;
 
 /// What is known about a request, filled in as the path learns it; it labels the
 /// metrics and becomes the audit line.
-struct Ctx {
+pub(crate) struct Ctx {
     /// Who is asking: this sidecar's identity, or (server-side mode) the caller.
-    subject: Identity,
-    server: SharedString,
-    method: &'static str,
+    pub(crate) subject: Identity,
+    pub(crate) server: SharedString,
+    pub(crate) method: &'static str,
     /// The JSON-RPC method as sent (bounded), for the audit line.
-    rpc_method: Option<String>,
-    kind: Option<&'static str>,
-    name: Option<String>,
-    decision: Verdict,
-    rule: Option<Arc<str>>,
-    request_id: Option<Box<RawValue>>,
-    session: Option<String>,
-    arguments: Option<Box<RawValue>>,
+    pub(crate) rpc_method: Option<String>,
+    pub(crate) kind: Option<&'static str>,
+    pub(crate) name: Option<String>,
+    pub(crate) decision: Verdict,
+    pub(crate) rule: Option<Arc<str>>,
+    pub(crate) request_id: Option<Box<RawValue>>,
+    pub(crate) session: Option<String>,
+    pub(crate) arguments: Option<Box<RawValue>>,
     /// What the response must be filtered for, if anything.
-    lists: Option<Lists>,
+    pub(crate) lists: Option<Lists>,
 }
 
 impl Ctx {
@@ -311,7 +313,13 @@ impl Proxy {
         if self.loopback_host_only {
             check_loopback_host(&req)?;
         }
-        let server = server_name(req.uri().path())?;
+        let path = req.uri().path();
+        if self.callers.is_none() && (path == "/mcp" || path == "/mcp/") {
+            let runtime = self.active.current().ok_or(ProxyError::NotReady)?;
+            let subject = ctx.subject.clone();
+            return self.aggregate(req, &subject, &runtime, ctx).await;
+        }
+        let server = server_name(path)?;
         let runtime = match &self.callers {
             None => self.active.current().ok_or(ProxyError::NotReady)?,
             Some(callers) => callers.runtime_for(&ctx.subject)?,
@@ -397,7 +405,7 @@ impl Proxy {
         Ok(Response::from_parts(parts, body))
     }
 
-    async fn read_body(
+    pub(crate) async fn read_body(
         &self,
         headers: &http::HeaderMap,
         incoming: Incoming,
@@ -651,7 +659,7 @@ pub fn truncate(text: &str) -> String {
 }
 
 /// Decide one message against the route's policy, recording what was decided.
-fn authorize(
+pub(crate) fn authorize(
     route: &Route,
     subject: &Identity,
     m: &mcp::Message<'_>,
@@ -715,7 +723,7 @@ fn authorize(
 
 /// What the answer to `m` must be filtered for: a list the policy trims, or the
 /// values of a completion on a resource template (they name resources).
-fn response_filter(route: &Route, m: &mcp::Message<'_>) -> Option<Lists> {
+pub(crate) fn response_filter(route: &Route, m: &mcp::Message<'_>) -> Option<Lists> {
     let method = m.rpc?;
     if let Some(list) = method.list() {
         return route.policy.filters(list.kind).then_some(Lists::One(list));
@@ -801,7 +809,7 @@ fn lookup(runtime: &Runtime, server: &str) -> Result<Arc<Route>, ProxyError> {
         })
 }
 
-fn rejection(r: Rejection) -> ProxyError {
+pub(crate) fn rejection(r: Rejection) -> ProxyError {
     match r {
         Rejection::Parse(m) => ProxyError::Parse(m),
         Rejection::Invalid(m) => ProxyError::InvalidRequest(m),

@@ -85,11 +85,9 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -97,7 +95,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method as HttpMethod, Request, Response, StatusCode};
-use http_body::Frame;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -108,7 +105,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::body::{self, Body, BodyError};
+use crate::body::{self, Body};
 use crate::mcp::{self, Envelope, Kind, Method, Rejection};
 
 /// How the bridge runs its child.
@@ -151,7 +148,7 @@ const PIPE_DRAIN: Duration = Duration::from_secs(1);
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
 const HEADER_READ: Duration = Duration::from_secs(10);
 /// `_meta` keys of the 2026-07-28 envelope, removed before a request reaches the child.
-const ENVELOPE_KEYS: [&str; 3] = [
+pub(crate) const ENVELOPE_KEYS: [&str; 3] = [
     mcp::META_PROTOCOL_VERSION,
     "io.modelcontextprotocol/clientInfo",
     "io.modelcontextprotocol/clientCapabilities",
@@ -1110,7 +1107,7 @@ fn progress_event(params: &RawValue, client_token: &RawValue) -> Result<Bytes, S
     Ok(sse_event(&message))
 }
 
-fn sse_event(message: &str) -> Bytes {
+pub(crate) fn sse_event(message: &str) -> Bytes {
     Bytes::from(format!("event: message\ndata: {message}\n\n"))
 }
 
@@ -1157,7 +1154,7 @@ fn cacheable(method: Method) -> bool {
 /// `resultType` "complete", and for cacheable methods `ttlMs` 0 and `cacheScope`
 /// "private". Members the child sent are kept; a result that is not an object is
 /// returned as is.
-fn complete_modern_result(method: Method, result: &str) -> Cow<'_, str> {
+pub(crate) fn complete_modern_result(method: Method, result: &str) -> Cow<'_, str> {
     #[derive(Deserialize)]
     struct Present {
         #[serde(default, rename = "resultType")]
@@ -1220,7 +1217,7 @@ fn initialize_result(init: &Init, version: &str) -> String {
     out
 }
 
-fn supported_versions() -> Vec<&'static str> {
+pub(crate) fn supported_versions() -> Vec<&'static str> {
     let mut versions = LEGACY_VERSIONS.to_vec();
     versions.push(mcp::MODERN_VERSION);
     versions
@@ -1242,7 +1239,7 @@ fn discover_result(init: &Init) -> String {
     out
 }
 
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
@@ -1862,7 +1859,7 @@ impl Stream {
     fn respond(self) -> Response<Body> {
         let (tx, rx) = mpsc::channel::<Bytes>(PROGRESS_QUEUE);
         tokio::spawn(self.relay(tx));
-        let mut resp = Response::new(ChannelBody { rx }.boxed());
+        let mut resp = Response::new(crate::body::Channel { rx }.boxed());
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),
@@ -1910,25 +1907,6 @@ impl Stream {
                 () = tx.closed() => return,
             }
         }
-    }
-}
-
-/// A response body fed by a channel; it ends when the sender is dropped.
-struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
-}
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
     }
 }
 

@@ -22,6 +22,10 @@
 //! - `faults`: faults under load (config swaps, control plane restarts, SIGTERM,
 //!   failing upstreams, dropped connections, slow-loris), each bounded to seconds.
 //! - `operations`: hot reload, admin endpoints, graceful shutdown.
+//! - `aggregate`: the aggregated `/mcp` over three servers (server-everything, the
+//!   rmcp demo server, the TypeScript SDK's server) with the TypeScript and Python SDK
+//!   clients in both generations: prefixes, one decision, server requests from two
+//!   servers in one session, bridging a 2026-07-28 agent to 2025-only servers.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `kubernetes`: the control plane in cluster mode against a stand-in API server:
@@ -34,6 +38,7 @@
 //! - `stdio`: the stdio bridge in front of `server-everything` in stdio mode: both
 //!   SDK clients, both generations, a child killed mid-call, the HTTP edges.
 
+mod aggregate;
 mod conformance;
 mod control;
 mod faults;

@@ -1,0 +1,1665 @@
+//! The aggregated endpoint `/mcp`: one MCP server whose tools, prompts, resources and
+//! templates are those of every server this identity may use, as the policy shows them.
+//!
+//! The sidecar speaks MCP itself here, in both generations, towards the agent:
+//! `initialize` (2025-03-26 … 2025-11-25: a session of the aggregate, sealed like every
+//! session id the agent sees) and `server/discover` (2026-07-28, stateless) are
+//! answered by the sidecar; list requests fan out to every server in parallel, each
+//! within its own timeout, and are merged; `tools/call`, `prompts/get`,
+//! `resources/read` and `completion/complete` go to the one server that owns the name.
+//!
+//! - **Names.** Tools and prompts appear as `<prefix>__<name>` (the server's name unless
+//!   its `McpServer` sets `prefix`; `prefix: ""` keeps one server's names as they are).
+//!   Prefixes hold no `_`, so the first `__` ends one. An unprefixed server's item whose
+//!   name would read as another server's is hidden (logged), never shadowing it.
+//!   Resource URIs are shown as they are: a read goes to the server whose list (or
+//!   template, by its literal start) showed the URI, else to the one server whose
+//!   policy shows it.
+//! - **One decision.** A call's body is rewritten with the real name (every other
+//!   member kept byte for byte), parsed again, and decided by the same function as on
+//!   `/mcp/<server>` ([`crate::proxy`]): what is judged is what is sent.
+//! - **Upstream generations.** Each server's generation is learnt once per snapshot
+//!   (`server/discover`; a server that does not answer it is a 2025-11-25 one). A 2025
+//!   agent's session owns one upstream session per server, opened on first use and
+//!   ended with it. A 2026-07-28 agent reaches a 2026 server statelessly, and a 2025-only
+//!   server through one upstream session the sidecar holds for this identity
+//!   (re-opened when the server loses it), with request ids made unique and the 2026
+//!   `_meta` keys taken out (bridging).
+//! - **Server requests.** Sampling, elicitation and roots requests in a server's stream
+//!   reach a 2025 agent with their id rewritten to `"toolmesh:<server>:<id>"`, so two
+//!   servers' ids never collide; the agent's answer goes back to that server with its
+//!   own id. A 2026 agent cannot take them (its generation has no server requests):
+//!   the server gets an error answer at once.
+//! - **Failures.** A server that fails or times out during a list is left out of the
+//!   merged list (logged, counted in `toolmesh_aggregate_list_failures_total`); the
+//!   others answer.
+//!
+//! Not here (yet): a cursor across servers (lists are collected whole, up to
+//! [`MAX_PAGES`] pages per server, and returned without `nextCursor`), the GET stream
+//! and `list_changed` fan-in (`GET /mcp` answers 405), caching, and a 2025 agent
+//! reaching a server that speaks only 2026-07-28 (a clear error).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method as HttpMethod, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+use crate::filter::{self, Framing};
+use crate::identity::Identity;
+use crate::mcp::{self, Envelope, Kind, Method};
+use crate::snapshot::{Route, Runtime};
+use crate::stdio::{ENVELOPE_KEYS, LEGACY_VERSIONS, complete_modern_result, json_string};
+
+/// The session id's "server" for sessions of the aggregate (no server has this name).
+const AGGREGATE: &str = "/mcp";
+/// The version the sidecar asks 2025-generation servers for.
+const LEGACY_VERSION: &str = "2025-11-25";
+/// Pages of one server's list collected at most.
+pub const MAX_PAGES: usize = 100;
+/// Largest answer read from one server for the sidecar's own requests.
+const MAX_REPLY: usize = filter::MAX_FILTERED_BODY;
+/// Sessions of the aggregate kept at most (the least recently opened go first).
+const MAX_SESSIONS: usize = 4096;
+/// Largest `initialize` params a session of the aggregate keeps.
+const MAX_INIT_PARAMS: usize = 64 * 1024;
+/// Resource URIs whose server is remembered at most.
+const MAX_OWNERS: usize = 100_000;
+/// Prefix of the ids given to server requests on the way to a 2025 agent.
+const SERVER_REQUEST: &str = "toolmesh:";
+
+/// What the aggregate remembers between requests: agents' sessions, the upstream
+/// sessions held for 2026-07-28 agents, servers' generations, resource owners.
+#[derive(Debug, Default)]
+pub struct Aggregate {
+    sessions: Mutex<Sessions>,
+    /// Upstream sessions the sidecar holds for stateless agents, by server.
+    shared: Upstreams,
+    /// Whether a server speaks 2026-07-28, by snapshot version and server.
+    generations: Mutex<HashMap<(String, String), bool>>,
+    /// The server whose list showed a resource URI, and templates' literal starts.
+    owners: Mutex<Owners>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    by_token: HashMap<String, Arc<AgentSession>>,
+    order: std::collections::VecDeque<String>,
+}
+
+#[derive(Debug, Default)]
+struct Owners {
+    uris: HashMap<String, String>,
+    templates: Vec<(String, String)>,
+}
+
+/// A 2025-generation agent's session of the aggregate.
+#[derive(Debug)]
+struct AgentSession {
+    /// The agent's `initialize` params, which open each upstream session.
+    init_params: Box<RawValue>,
+    upstreams: Upstreams,
+    /// Requests in flight, by the agent's id (raw), to the server handling them: where
+    /// a cancellation goes.
+    in_flight: Mutex<HashMap<String, String>>,
+}
+
+/// Upstream sessions by server, each opened once (concurrent first uses wait for it).
+#[derive(Debug, Default)]
+struct Upstreams(Mutex<HashMap<String, Arc<tokio::sync::OnceCell<UpstreamSession>>>>);
+
+#[derive(Debug, Clone)]
+struct UpstreamSession {
+    /// The snapshot version it was opened under (a new snapshot may move the server).
+    version: String,
+    endpoint: usize,
+    id: Option<HeaderValue>,
+}
+
+impl Upstreams {
+    fn cell(&self, server: &str) -> Arc<tokio::sync::OnceCell<UpstreamSession>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(server.to_owned()).or_default().clone()
+    }
+
+    fn forget(&self, server: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(server);
+    }
+
+    fn opened(&self) -> Vec<(String, UpstreamSession)> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.get()?.clone())))
+            .collect()
+    }
+}
+
+/// Who the agent is in this request, as far as the aggregate needs to know.
+struct Agent<'a> {
+    subject: &'a Identity,
+    runtime: &'a Arc<Runtime>,
+    /// 2026-07-28 or later: stateless.
+    modern: bool,
+    session: Option<Arc<AgentSession>>,
+}
+
+/// A JSON-RPC answer of an upstream to one of the sidecar's own requests.
+enum Reply {
+    Result(Box<RawValue>),
+    Error(Box<RawValue>),
+}
+
+impl crate::proxy::Proxy {
+    /// `/mcp`: the aggregate (module docs).
+    pub(crate) async fn aggregate(
+        &self,
+        req: http::Request<Incoming>,
+        subject: &Identity,
+        runtime: &Arc<Runtime>,
+        ctx: &mut crate::proxy::Ctx,
+    ) -> Result<Response<Body>, ProxyError> {
+        ctx.server = metrics::SharedString::const_str("(aggregate)");
+        let (parts, incoming) = req.into_parts();
+        match parts.method {
+            HttpMethod::POST => {}
+            HttpMethod::DELETE => {
+                ctx.decision = crate::audit::Verdict::Plumbing;
+                return self.end_session(subject, runtime, &parts.headers).await;
+            }
+            HttpMethod::GET => {
+                return Err(ProxyError::MethodNotAllowed(
+                    "GET (the aggregate has no server stream yet)".to_owned(),
+                ));
+            }
+            other => return Err(ProxyError::MethodNotAllowed(other.to_string())),
+        }
+        let body = self.read_body(&parts.headers, incoming).await?;
+        let envelope = mcp::parse(&body).map_err(crate::proxy::rejection)?;
+        ctx.request_id = envelope.id().map(|id| id.to_owned());
+        let Envelope::Single(message) = &envelope else {
+            return Err(ProxyError::InvalidRequest(
+                "JSON-RPC batches are not accepted on the aggregated /mcp".to_owned(),
+            ));
+        };
+        ctx.method = message.rpc.map_or("(response)", Method::name);
+        ctx.rpc_method = message.method.as_deref().map(crate::proxy::truncate);
+        let modern =
+            mcp::check_headers(&parts.headers, &envelope).map_err(crate::proxy::rejection)?;
+        ctx.decision = crate::audit::Verdict::Plumbing;
+        let session = if modern || message.rpc == Some(Method::Initialize) {
+            None
+        } else {
+            Some(self.agent_session(subject, &parts.headers)?)
+        };
+        let agent = Agent {
+            subject,
+            runtime,
+            modern,
+            session,
+        };
+        let id = message.id;
+        match (message.kind, message.rpc) {
+            (Kind::Response, _) => self.answer_server(&agent, message, &body).await,
+            (Kind::Notification, rpc) => {
+                self.notification(&agent, rpc, message).await;
+                Ok(accepted())
+            }
+            (Kind::Request, Some(Method::Initialize)) if !modern => {
+                self.initialize(subject, message, id).await
+            }
+            (Kind::Request, Some(Method::Discover)) if modern => {
+                Ok(json_answer(id, &discover_result(), &HeaderMap::new()))
+            }
+            (Kind::Request, Some(Method::Ping)) => Ok(json_answer(id, "{}", &HeaderMap::new())),
+            (Kind::Request, Some(method)) if method.list().is_some() => {
+                self.list(&agent, method, id).await
+            }
+            (Kind::Request, Some(method)) if method.is_gated() => {
+                self.call(&agent, method, message, &parts.headers, &body, ctx)
+                    .await
+            }
+            (Kind::Request, _) => Err(ProxyError::InvalidRequest(format!(
+                "method {:?} is not served by the aggregated /mcp; use /mcp/<server>",
+                message.method.as_deref().unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// The agent's session of the aggregate, from its sealed id.
+    fn agent_session(
+        &self,
+        subject: &Identity,
+        headers: &HeaderMap,
+    ) -> Result<Arc<AgentSession>, ProxyError> {
+        let mut ids = headers.get_all(mcp::HEADER_SESSION).iter();
+        let (Some(sealed), None) = (ids.next(), ids.next()) else {
+            return Err(ProxyError::InvalidRequest(
+                "a session of the aggregate needs exactly one Mcp-Session-Id (send initialize first)"
+                    .to_owned(),
+            ));
+        };
+        let (_, token) = self
+            .sessions
+            .open(subject.as_str(), AGGREGATE, 1, sealed.as_bytes())
+            .ok_or(ProxyError::UnknownSession)?;
+        let token = token.to_str().map_err(|_| ProxyError::UnknownSession)?;
+        let sessions = self
+            .aggregate
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        sessions
+            .by_token
+            .get(token)
+            .cloned()
+            .ok_or(ProxyError::UnknownSession)
+    }
+
+    async fn initialize(
+        &self,
+        subject: &Identity,
+        message: &mcp::Message<'_>,
+        id: Option<&RawValue>,
+    ) -> Result<Response<Body>, ProxyError> {
+        #[derive(Deserialize)]
+        struct Params<'a> {
+            #[serde(borrow, rename = "protocolVersion")]
+            version: Option<Cow<'a, str>>,
+        }
+        let params = message
+            .params
+            .ok_or_else(|| ProxyError::InvalidRequest("initialize without params".to_owned()))?;
+        // Kept for the session's life (each upstream session opens with it): bounded.
+        if params.get().len() > MAX_INIT_PARAMS {
+            return Err(ProxyError::InvalidRequest(format!(
+                "initialize params over {MAX_INIT_PARAMS} bytes"
+            )));
+        }
+        let requested: Params<'_> = serde_json::from_str(params.get())
+            .map_err(|e| ProxyError::InvalidRequest(format!("initialize params: {e}")))?;
+        let version = match requested.version.as_deref() {
+            Some(v) if LEGACY_VERSIONS.contains(&v) => v.to_owned(),
+            _ => LEGACY_VERSION.to_owned(),
+        };
+        let token = random_token()?;
+        let sealed = self
+            .sessions
+            .seal(subject.as_str(), AGGREGATE, 0, token.as_bytes())
+            .ok_or_else(|| ProxyError::Misconfigured("session id too long".to_owned()))?;
+        let session = Arc::new(AgentSession {
+            init_params: params.to_owned(),
+            upstreams: Upstreams::default(),
+            in_flight: Mutex::default(),
+        });
+        {
+            let mut sessions = self
+                .aggregate
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if sessions.by_token.len() >= MAX_SESSIONS
+                && let Some(oldest) = sessions.order.pop_front()
+            {
+                sessions.by_token.remove(&oldest);
+            }
+            sessions.order.push_back(token.clone());
+            sessions.by_token.insert(token, session);
+        }
+        let result = format!(
+            "{{\"protocolVersion\":{},\"capabilities\":{CAPABILITIES},\"serverInfo\":{},\"instructions\":{}}}",
+            json_string(&version),
+            server_info(),
+            json_string(INSTRUCTIONS)
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(mcp::HEADER_SESSION, sealed);
+        Ok(json_answer(id, &result, &headers))
+    }
+
+    async fn end_session(
+        &self,
+        subject: &Identity,
+        runtime: &Arc<Runtime>,
+        headers: &HeaderMap,
+    ) -> Result<Response<Body>, ProxyError> {
+        let session = self.agent_session(subject, headers)?;
+        {
+            let mut sessions = self
+                .aggregate
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            sessions.by_token.retain(|_, s| !Arc::ptr_eq(s, &session));
+        }
+        for (server, upstream) in session.upstreams.opened() {
+            let (Some(route), Some(id)) = (runtime.route(&server), upstream.id) else {
+                continue;
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(mcp::HEADER_SESSION, id);
+            let uri = route.endpoints[upstream.endpoint.min(route.endpoints.len() - 1)]
+                .uri
+                .clone();
+            if let Err(e) = self
+                .upstream
+                .send(route, uri, HttpMethod::DELETE, headers, Bytes::new())
+                .await
+            {
+                tracing::debug!(server = %server, error = %e, "ending an upstream session failed");
+            }
+        }
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = StatusCode::OK;
+        Ok(resp)
+    }
+
+    async fn notification(
+        &self,
+        agent: &Agent<'_>,
+        rpc: Option<Method>,
+        message: &mcp::Message<'_>,
+    ) {
+        let Some(session) = &agent.session else {
+            // Stateless agents cancel by closing their request; nothing else is routed.
+            return;
+        };
+        match rpc {
+            Some(Method::NotificationsCancelled) => {
+                #[derive(Deserialize)]
+                struct Cancelled<'a> {
+                    #[serde(borrow, rename = "requestId")]
+                    request_id: Option<&'a RawValue>,
+                }
+                let Some(target) = message
+                    .params
+                    .and_then(|p| serde_json::from_str::<Cancelled<'_>>(p.get()).ok())
+                    .and_then(|c| c.request_id)
+                else {
+                    return;
+                };
+                let server = session
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(target.get())
+                    .cloned();
+                let Some(route) = server.and_then(|s| agent.runtime.route(&s).cloned()) else {
+                    return;
+                };
+                let text = format!(
+                    "{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{}}}",
+                    message.params.map_or("{}", RawValue::get)
+                );
+                let _ = self.post_session(agent, &route, Bytes::from(text)).await;
+            }
+            Some(Method::NotificationsRootsListChanged) => {
+                for (server, _) in session.upstreams.opened() {
+                    if let Some(route) = agent.runtime.route(&server).cloned() {
+                        let text =
+                            "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/roots/list_changed\"}";
+                        let _ = self
+                            .post_session(agent, &route, Bytes::from_static(text.as_bytes()))
+                            .await;
+                    }
+                }
+            }
+            // `notifications/initialized` and the rest are the aggregate's own business.
+            _ => {}
+        }
+    }
+
+    /// A 2025 agent's answer to a server request: back to the server that asked, with
+    /// that server's id.
+    async fn answer_server(
+        &self,
+        agent: &Agent<'_>,
+        message: &mcp::Message<'_>,
+        body: &Bytes,
+    ) -> Result<Response<Body>, ProxyError> {
+        let unknown =
+            || ProxyError::InvalidRequest("a response to no request of the aggregate".to_owned());
+        let id: Cow<'_, str> = message
+            .id
+            .and_then(|id| serde_json::from_str(id.get()).ok())
+            .ok_or_else(unknown)?;
+        let (server, original) = id
+            .strip_prefix(SERVER_REQUEST)
+            .and_then(|rest| rest.split_once(':'))
+            .ok_or_else(unknown)?;
+        let route = agent.runtime.route(server).cloned().ok_or_else(unknown)?;
+        RawValue::from_string(original.to_owned()).map_err(|_| unknown())?;
+        let text = std::str::from_utf8(body).map_err(|_| unknown())?;
+        let rewritten = filter::rewrite_members(text, |key, _, out| {
+            if key == "id" {
+                out.push_str(original);
+                true
+            } else {
+                false
+            }
+        })
+        .ok_or_else(unknown)?;
+        let resp = self
+            .post_session(agent, &route, Bytes::from(rewritten))
+            .await?;
+        let mut answer = Response::new(body::empty());
+        *answer.status_mut() = if resp.status().is_success() {
+            StatusCode::ACCEPTED
+        } else {
+            resp.status()
+        };
+        Ok(answer)
+    }
+
+    /// A list request, answered with every server's visible items merged.
+    async fn list(
+        &self,
+        agent: &Agent<'_>,
+        method: Method,
+        id: Option<&RawValue>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let Some(kind) = method.list() else {
+            return Err(ProxyError::InvalidRequest("not a list".to_owned()));
+        };
+        let routes = agent.runtime.aggregated();
+        let fetches = routes.iter().map(|route| async move {
+            let items =
+                tokio::time::timeout(route.timeout, self.collect(agent, route, method)).await;
+            (route, items)
+        });
+        let mut merged: Vec<String> = Vec::new();
+        for (route, fetched) in futures_util::future::join_all(fetches).await {
+            let items = match fetched {
+                Ok(Ok(items)) => items,
+                Ok(Err(e)) => {
+                    list_failed(route, method, &e.to_string());
+                    continue;
+                }
+                Err(_) => {
+                    list_failed(route, method, "timed out");
+                    continue;
+                }
+            };
+            for item in items {
+                match self.expose(agent.runtime, route, kind, &item) {
+                    Some(shown) => merged.push(shown),
+                    None => tracing::warn!(
+                        server = %route.name,
+                        "an item of the unprefixed server would read as another server's; hidden on /mcp"
+                    ),
+                }
+            }
+        }
+        let mut result = format!("{{\"{}\":[{}]", kind.field, merged.join(","));
+        if agent.modern {
+            result.push_str(",\"resultType\":\"complete\",\"ttlMs\":0,\"cacheScope\":\"private\"");
+        }
+        result.push('}');
+        Ok(json_answer(id, &result, &HeaderMap::new()))
+    }
+
+    /// One server's list: every page, the items the policy shows.
+    async fn collect(
+        &self,
+        agent: &Agent<'_>,
+        route: &Arc<Route>,
+        method: Method,
+    ) -> Result<Vec<String>, ProxyError> {
+        let Some(kind) = method.list() else {
+            return Ok(Vec::new());
+        };
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let params = cursor
+                .as_deref()
+                .map(|c| format!("{{\"cursor\":{c}}}"))
+                .unwrap_or_else(|| "{}".to_owned());
+            let reply = self.ask(agent, route, method, &params).await?;
+            let result = match reply {
+                Reply::Result(result) => result,
+                Reply::Error(error) => {
+                    return Err(ProxyError::UpstreamFailed {
+                        server: route.name.clone(),
+                        reason: format!(
+                            "{} answered {}",
+                            method.name(),
+                            crate::proxy::truncate(error.get())
+                        ),
+                    });
+                }
+            };
+            let (visible, next) = kind.visible_items(route, result.get()).ok_or_else(|| {
+                ProxyError::UpstreamFailed {
+                    server: route.name.clone(),
+                    reason: format!("its {} result cannot be read", method.name()),
+                }
+            })?;
+            items.extend(visible.into_iter().map(|i| i.get().to_owned()));
+            match next.map(RawValue::get) {
+                Some(next) if next != "null" && cursor.as_deref() != Some(next) => {
+                    cursor = Some(next.to_owned());
+                }
+                _ => break,
+            }
+        }
+        if kind.kind == mcp::TargetKind::Resource {
+            self.remember_owners(route, kind, &items);
+        }
+        Ok(items)
+    }
+
+    /// A list item as the agent sees it on `/mcp` (tools and prompts prefixed), or
+    /// `None` when an unprefixed item would read as another server's.
+    fn expose(
+        &self,
+        runtime: &Runtime,
+        route: &Arc<Route>,
+        kind: filter::ListKind,
+        item: &str,
+    ) -> Option<String> {
+        if kind.kind == mcp::TargetKind::Resource {
+            return Some(item.to_owned());
+        }
+        #[derive(Deserialize)]
+        struct Named<'a> {
+            #[serde(borrow)]
+            name: Cow<'a, str>,
+        }
+        let name = serde_json::from_str::<Named<'_>>(item).ok()?.name;
+        if route.prefix.is_empty() {
+            let owner = runtime.resolve(&name).map(|(r, _)| r.name.as_str());
+            return (owner == Some(route.name.as_str())).then(|| item.to_owned());
+        }
+        let shown = format!("{}__{}", route.prefix, name);
+        filter::rewrite_members(item, |key, _, out| {
+            if key == "name" {
+                out.push_str(&json_string(&shown));
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    fn remember_owners(&self, route: &Route, kind: filter::ListKind, items: &[String]) {
+        #[derive(Deserialize)]
+        struct Located<'a> {
+            #[serde(borrow, default)]
+            uri: Option<Cow<'a, str>>,
+            #[serde(borrow, default, rename = "uriTemplate")]
+            template: Option<Cow<'a, str>>,
+        }
+        let mut owners = self
+            .aggregate
+            .owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if kind.key == "uriTemplate" {
+            owners.templates.retain(|(_, s)| *s != route.name);
+        }
+        for item in items {
+            let Ok(located) = serde_json::from_str::<Located<'_>>(item) else {
+                continue;
+            };
+            if let Some(uri) = located.uri
+                && owners.uris.len() < MAX_OWNERS
+            {
+                owners
+                    .uris
+                    .entry(uri.into_owned())
+                    .or_insert_with(|| route.name.clone());
+            }
+            if let Some(template) = located.template {
+                let literal = template.split('{').next().unwrap_or_default().to_owned();
+                owners.templates.push((literal, route.name.clone()));
+            }
+        }
+    }
+
+    /// The server a resource URI belongs to (module docs).
+    fn owner_of(&self, runtime: &Runtime, uri: &str) -> Option<Arc<Route>> {
+        {
+            let owners = self
+                .aggregate
+                .owners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let named = owners.uris.get(uri).or_else(|| {
+                owners
+                    .templates
+                    .iter()
+                    .filter(|(literal, _)| !literal.is_empty() && uri.starts_with(literal.as_str()))
+                    .max_by_key(|(literal, _)| literal.len())
+                    .map(|(_, server)| server)
+            });
+            if let Some(route) = named.and_then(|s| runtime.route(s)) {
+                return Some(route.clone());
+            }
+        }
+        let mut showing = runtime
+            .aggregated()
+            .iter()
+            .filter(|r| r.policy.visible(mcp::TargetKind::Resource, uri));
+        match (showing.next(), showing.next()) {
+            (Some(only), None) => Some(only.clone()),
+            _ => None,
+        }
+    }
+
+    /// A gated request: to the server that owns its target, decided as on
+    /// `/mcp/<server>`, the answer relayed.
+    async fn call(
+        &self,
+        agent: &Agent<'_>,
+        method: Method,
+        message: &mcp::Message<'_>,
+        headers: &HeaderMap,
+        body: &Bytes,
+        ctx: &mut crate::proxy::Ctx,
+    ) -> Result<Response<Body>, ProxyError> {
+        let target = message
+            .acts_on
+            .as_ref()
+            .map(|t| t.name.clone())
+            .unwrap_or_default();
+        let (route, real): (Arc<Route>, Option<String>) = match method {
+            Method::ToolsCall | Method::PromptsGet => {
+                let (route, real) = agent.runtime.resolve(&target).ok_or_else(|| {
+                    ProxyError::InvalidRequest(format!(
+                        "{} {:?}: no server on /mcp has that prefix",
+                        if method == Method::ToolsCall {
+                            "tool"
+                        } else {
+                            "prompt"
+                        },
+                        crate::proxy::truncate(&target)
+                    ))
+                })?;
+                (route.clone(), Some(real.to_owned()))
+            }
+            Method::CompletionComplete => match message.acts_on.as_ref().map(|t| t.kind) {
+                Some(mcp::TargetKind::Prompt) => {
+                    let (route, real) = agent.runtime.resolve(&target).ok_or_else(|| {
+                        ProxyError::InvalidRequest("completion of an unknown prompt".to_owned())
+                    })?;
+                    (route.clone(), Some(real.to_owned()))
+                }
+                _ => (self.resource_owner(agent, &target)?, None),
+            },
+            _ => (self.resource_owner(agent, &target)?, None),
+        };
+        ctx.server = route.label.clone();
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ProxyError::Parse("the body is not UTF-8".to_owned()))?;
+        let bridged = agent.modern && !self.speaks_modern(agent, &route).await;
+        let upstream_id = if bridged {
+            Some(
+                self.aggregate
+                    .next_id
+                    .fetch_add(1, Ordering::Relaxed)
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        let rewritten = rewrite_request(
+            text,
+            method,
+            real.as_deref(),
+            upstream_id.as_deref(),
+            bridged,
+        )
+        .ok_or_else(|| {
+            ProxyError::InvalidRequest("the request cannot be rewritten for its server".to_owned())
+        })?;
+        // The one decision: the rewritten body, parsed as the per-server path parses it.
+        let forwarded = Bytes::from(rewritten);
+        let envelope = mcp::parse(&forwarded).map_err(crate::proxy::rejection)?;
+        let Envelope::Single(judged) = &envelope else {
+            return Err(ProxyError::InvalidRequest(
+                "not a single request".to_owned(),
+            ));
+        };
+        crate::proxy::authorize(&route, agent.subject, judged, ctx)?;
+        let lists = crate::proxy::response_filter(&route, judged);
+
+        let mut up_headers = HeaderMap::new();
+        if agent.modern && !bridged {
+            for name in [mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_METHOD] {
+                if let Some(v) = headers.get(name) {
+                    up_headers.insert(name, v.clone());
+                }
+            }
+            if let Some(name) = &judged.target {
+                up_headers.insert(mcp::HEADER_NAME, header_value(name));
+            }
+        }
+        let in_flight = agent.session.as_ref().zip(message.id).map(|(s, id)| {
+            s.in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.get().to_owned(), route.name.clone());
+            InFlightGuard {
+                session: s.clone(),
+                id: id.get().to_owned(),
+            }
+        });
+        let resp = self.send_to(agent, &route, up_headers, forwarded).await?;
+        let (mut parts, incoming) = resp.into_parts();
+        crate::upstream::clean_response_headers(&mut parts.headers);
+        parts.headers.remove(mcp::HEADER_SESSION);
+        let framing = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| Framing::of(v.as_bytes()));
+        // Bridged (a 2026 agent, a 2025 server): the agent's id back, the result in
+        // its generation's shape, server requests refused. A 2025 agent: server
+        // requests' ids made the aggregate's. A 2026 server for a 2026 agent: as is.
+        let rewrite = Rewrite {
+            server: route.name.clone(),
+            agent_id: upstream_id.as_ref().and(message.id.map(|i| i.to_owned())),
+            modern: bridged.then_some(method),
+            prefix_requests: !agent.modern,
+            refuse_server_requests: bridged.then(|| {
+                (
+                    self.upstream.clone(),
+                    route.clone(),
+                    self.shared_session(&route),
+                )
+            }),
+        };
+        let relayed = body::relay(incoming, move || drop(in_flight));
+        let body = match framing {
+            Some(Framing::Sse) if rewrite.needed() || lists.is_some() => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                rewrite_stream(relayed, rewrite, route.clone(), lists)
+            }
+            // A JSON answer is one response: no server requests in it.
+            Some(Framing::Json)
+                if rewrite.agent_id.is_some() || rewrite.modern.is_some() || lists.is_some() =>
+            {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                let text = read_all(relayed)
+                    .await
+                    .map_err(|e| ProxyError::UpstreamFailed {
+                        server: route.name.clone(),
+                        reason: e,
+                    })?;
+                let text = String::from_utf8_lossy(&text);
+                let filtered = match &lists {
+                    Some(lists) => lists.filter_text(&route, &text).ok_or_else(|| {
+                        ProxyError::UpstreamFailed {
+                            server: route.name.clone(),
+                            reason: "its answer cannot be read".to_owned(),
+                        }
+                    })?,
+                    None => text.into_owned(),
+                };
+                body::full(rewrite.message(&filtered).unwrap_or(filtered))
+            }
+            _ => relayed,
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    fn resource_owner(&self, agent: &Agent<'_>, uri: &str) -> Result<Arc<Route>, ProxyError> {
+        self.owner_of(agent.runtime, uri).ok_or_else(|| {
+            ProxyError::InvalidRequest(format!(
+                "resource {:?}: no server on /mcp is known to hold it (list resources or templates first)",
+                crate::proxy::truncate(uri)
+            ))
+        })
+    }
+
+    /// Does `route`'s server speak 2026-07-28? Learnt once per snapshot.
+    async fn speaks_modern(&self, agent: &Agent<'_>, route: &Arc<Route>) -> bool {
+        let key = (agent.runtime.version.clone(), route.name.clone());
+        if let Some(known) = self
+            .aggregate
+            .generations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return *known;
+        }
+        let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
+        let text = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"server/discover\",\"params\":{{\"_meta\":{}}}}}",
+            modern_meta()
+        );
+        let mut headers = modern_headers(Method::Discover, None);
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        let uri = route.endpoints[route.pick()].uri.clone();
+        let modern = match self
+            .upstream
+            .send(route, uri, HttpMethod::POST, headers, Bytes::from(text))
+            .await
+        {
+            Ok(resp) if resp.status().is_success() => match read_reply(resp, id).await {
+                Ok(Reply::Result(result)) => result.get().contains(mcp::MODERN_VERSION),
+                _ => false,
+            },
+            Ok(_) => false,
+            // Unreachable now: ask again next time.
+            Err(_) => return false,
+        };
+        let mut generations = self
+            .aggregate
+            .generations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // What was learnt under older snapshots is stale.
+        generations.retain(|(version, _), _| *version == key.0);
+        generations.insert(key, modern);
+        modern
+    }
+
+    /// One of the sidecar's own requests to `route` for this agent; its answer.
+    async fn ask(
+        &self,
+        agent: &Agent<'_>,
+        route: &Arc<Route>,
+        method: Method,
+        params: &str,
+    ) -> Result<Reply, ProxyError> {
+        let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
+        let modern = agent.modern && self.speaks_modern(agent, route).await;
+        let (params, headers) = if modern {
+            let params =
+                filter::rewrite_members(params, |_, _, _| false).unwrap_or_else(|| "{}".to_owned());
+            let with_meta = format!(
+                "{{\"_meta\":{}{}{}",
+                modern_meta(),
+                if params.len() > 2 { "," } else { "" },
+                &params[1..]
+            );
+            (with_meta, modern_headers(method, None))
+        } else {
+            (params.to_owned(), HeaderMap::new())
+        };
+        let text = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":{},\"params\":{params}}}",
+            json_string(method.name())
+        );
+        let resp = if modern {
+            let uri = route.endpoints[route.pick()].uri.clone();
+            let mut headers = headers;
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            self.upstream
+                .send(route, uri, HttpMethod::POST, headers, Bytes::from(text))
+                .await?
+        } else {
+            self.post_session(agent, route, Bytes::from(text)).await?
+        };
+        if !resp.status().is_success() {
+            return Err(ProxyError::UpstreamFailed {
+                server: route.name.clone(),
+                reason: format!("{} answered HTTP {}", method.name(), resp.status()),
+            });
+        }
+        read_reply(resp, id)
+            .await
+            .map_err(|reason| ProxyError::UpstreamFailed {
+                server: route.name.clone(),
+                reason,
+            })
+    }
+
+    /// Send a forwarded request: stateless to a 2026 server for a 2026 agent, else on
+    /// the upstream session for this agent.
+    async fn send_to(
+        &self,
+        agent: &Agent<'_>,
+        route: &Arc<Route>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        if agent.modern && !headers.is_empty() {
+            let uri = route.endpoints[route.pick()].uri.clone();
+            let mut headers = headers;
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return self
+                .upstream
+                .send(route, uri, HttpMethod::POST, headers, body)
+                .await;
+        }
+        self.post_session(agent, route, body).await
+    }
+
+    /// The upstream sessions this agent uses: its own (2025 agent) or the identity's
+    /// shared ones (2026 agent reaching a 2025 server).
+    fn upstreams_of<'a>(&'a self, agent: &'a Agent<'_>) -> (&'a Upstreams, Option<&'a RawValue>) {
+        match &agent.session {
+            Some(s) => (&s.upstreams, Some(&s.init_params)),
+            None => (&self.aggregate.shared, None),
+        }
+    }
+
+    fn shared_session(&self, route: &Route) -> Option<UpstreamSession> {
+        self.aggregate.shared.cell(&route.name).get().cloned()
+    }
+
+    /// POST `body` on this agent's session with `route`, opening it (again) as needed.
+    async fn post_session(
+        &self,
+        agent: &Agent<'_>,
+        route: &Arc<Route>,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let (upstreams, init) = self.upstreams_of(agent);
+        for attempt in 0..2 {
+            let cell = upstreams.cell(&route.name);
+            let session = cell
+                .get_or_try_init(|| self.open_upstream(agent, route, init))
+                .await?
+                .clone();
+            if session.version != agent.runtime.version && attempt == 0 {
+                upstreams.forget(&route.name);
+                continue;
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                mcp::HEADER_PROTOCOL_VERSION,
+                HeaderValue::from_static(LEGACY_VERSION),
+            );
+            if let Some(id) = &session.id {
+                headers.insert(mcp::HEADER_SESSION, id.clone());
+            }
+            let endpoint = session.endpoint.min(route.endpoints.len() - 1);
+            let uri = route.endpoints[endpoint].uri.clone();
+            let resp = self
+                .upstream
+                .send(route, uri, HttpMethod::POST, headers, body.clone())
+                .await?;
+            // The server lost the session (restarted): open a new one, once.
+            if resp.status() == StatusCode::NOT_FOUND && session.id.is_some() && attempt == 0 {
+                upstreams.forget(&route.name);
+                continue;
+            }
+            return Ok(resp);
+        }
+        Err(ProxyError::UpstreamUnavailable {
+            server: route.name.clone(),
+            reason: "its session could not be re-opened".to_owned(),
+        })
+    }
+
+    /// Open a 2025-generation session with `route` (initialize, then initialized).
+    async fn open_upstream(
+        &self,
+        agent: &Agent<'_>,
+        route: &Arc<Route>,
+        init: Option<&RawValue>,
+    ) -> Result<UpstreamSession, ProxyError> {
+        let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
+        let default_params = format!(
+            "{{\"protocolVersion\":\"{LEGACY_VERSION}\",\"capabilities\":{{}},\"clientInfo\":{}}}",
+            server_info()
+        );
+        let params = init.map_or(default_params.as_str(), RawValue::get);
+        let text = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"initialize\",\"params\":{params}}}"
+        );
+        let endpoint = route.pick();
+        let uri = route.endpoints[endpoint].uri.clone();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let resp = self
+            .upstream
+            .send(
+                route,
+                uri.clone(),
+                HttpMethod::POST,
+                headers,
+                Bytes::from(text),
+            )
+            .await?;
+        let failed = |reason: String| ProxyError::UpstreamFailed {
+            server: route.name.clone(),
+            reason,
+        };
+        if !resp.status().is_success() {
+            return Err(failed(format!(
+                "initialize answered HTTP {} (a server that speaks only 2026-07-28 cannot be used from a 2025 session yet)",
+                resp.status()
+            )));
+        }
+        let session_id = resp.headers().get(mcp::HEADER_SESSION).cloned();
+        match read_reply(resp, id).await.map_err(failed)? {
+            Reply::Result(_) => {}
+            Reply::Error(e) => {
+                return Err(failed(format!(
+                    "initialize answered {}",
+                    crate::proxy::truncate(e.get())
+                )));
+            }
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            mcp::HEADER_PROTOCOL_VERSION,
+            HeaderValue::from_static(LEGACY_VERSION),
+        );
+        if let Some(sid) = &session_id {
+            headers.insert(mcp::HEADER_SESSION, sid.clone());
+        }
+        let initialized =
+            Bytes::from_static(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}");
+        self.upstream
+            .send(route, uri, HttpMethod::POST, headers, initialized)
+            .await?;
+        Ok(UpstreamSession {
+            version: agent.runtime.version.clone(),
+            endpoint,
+            id: session_id,
+        })
+    }
+}
+
+/// Removes a request from its session's in-flight table when its answer ends.
+struct InFlightGuard {
+    session: Arc<AgentSession>,
+    id: String,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.session
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+fn list_failed(route: &Route, method: Method, reason: &str) {
+    tracing::warn!(server = %route.name, method = method.name(), reason, "left out of the aggregated list");
+    metrics::counter!(
+        "toolmesh_aggregate_list_failures_total",
+        "server" => route.label.clone(),
+        "method" => method.name()
+    )
+    .increment(1);
+}
+
+/// What the aggregate says it can do: the kinds of items it merges. No list changes,
+/// subscriptions or logging yet (module docs).
+const CAPABILITIES: &str = "{\"tools\":{},\"prompts\":{},\"resources\":{},\"completions\":{}}";
+const INSTRUCTIONS: &str = "Every MCP server this agent may use, through its toolmesh sidecar. Tools and prompts are named <server>__<name>.";
+
+fn server_info() -> String {
+    format!(
+        "{{\"name\":\"toolmesh\",\"version\":{}}}",
+        json_string(env!("CARGO_PKG_VERSION"))
+    )
+}
+
+fn discover_result() -> String {
+    format!(
+        "{{\"resultType\":\"complete\",\"supportedVersions\":{},\"capabilities\":{CAPABILITIES},\"instructions\":{},\"ttlMs\":0,\"cacheScope\":\"private\",\"_meta\":{{\"io.modelcontextprotocol/serverInfo\":{}}}}}",
+        serde_json::Value::from(crate::stdio::supported_versions()),
+        json_string(INSTRUCTIONS),
+        server_info()
+    )
+}
+
+/// The `_meta` of the sidecar's own 2026-07-28 requests.
+fn modern_meta() -> String {
+    format!(
+        "{{\"{}\":\"{}\",\"io.modelcontextprotocol/clientInfo\":{},\"io.modelcontextprotocol/clientCapabilities\":{{}}}}",
+        mcp::META_PROTOCOL_VERSION,
+        mcp::MODERN_VERSION,
+        server_info()
+    )
+}
+
+fn modern_headers(method: Method, name: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        mcp::HEADER_PROTOCOL_VERSION,
+        HeaderValue::from_static(mcp::MODERN_VERSION),
+    );
+    headers.insert(mcp::HEADER_METHOD, HeaderValue::from_static(method.name()));
+    if let Some(name) = name {
+        headers.insert(mcp::HEADER_NAME, header_value(name));
+    }
+    headers
+}
+
+/// A header value for a name from a body: as is when it is visible ASCII, else in the
+/// `=?base64?…?=` form 2026-07-28 defines.
+fn header_value(name: &str) -> HeaderValue {
+    use base64::Engine as _;
+    if name.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !name.starts_with("=?base64?")
+        && let Ok(v) = HeaderValue::from_str(name)
+    {
+        return v;
+    }
+    let encoded = base64::engine::general_purpose::STANDARD.encode(name.as_bytes());
+    HeaderValue::from_str(&format!("=?base64?{encoded}?=")).unwrap_or(HeaderValue::from_static(""))
+}
+
+fn random_token() -> Result<String, ProxyError> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 18];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ProxyError::Misconfigured("no system randomness".to_owned()))?;
+    use base64::Engine as _;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+fn accepted() -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    resp
+}
+
+/// A JSON answer with `result` for the request `id`.
+fn json_answer(id: Option<&RawValue>, result: &str, headers: &HeaderMap) -> Response<Body> {
+    let text = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":{},\"result\":{result}}}",
+        id.map_or("null", RawValue::get)
+    );
+    let mut resp = Response::new(body::full(text));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for (k, v) in headers {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    resp
+}
+
+/// The body for the server: the real name (when given), the upstream id (bridged), and
+/// for a bridged request the 2026 envelope keys out of `params._meta`; every other
+/// member as it came.
+fn rewrite_request(
+    text: &str,
+    method: Method,
+    real: Option<&str>,
+    upstream_id: Option<&str>,
+    bridged: bool,
+) -> Option<String> {
+    let field = method.target_field();
+    let mut bad = false;
+    let out = filter::rewrite_members(text, |key, value, out| match key {
+        "id" => match upstream_id {
+            Some(id) => {
+                out.push_str(id);
+                true
+            }
+            None => false,
+        },
+        "params" => {
+            let rewritten = filter::rewrite_members(value, |pkey, pvalue, pout| {
+                if Some(pkey) == field
+                    && let Some(real) = real
+                {
+                    pout.push_str(&json_string(real));
+                    return true;
+                }
+                if pkey == "ref"
+                    && let Some(real) = real
+                {
+                    // completion/complete on a prompt: its ref names it.
+                    match filter::rewrite_members(pvalue, |rkey, _, rout| {
+                        if rkey == "name" {
+                            rout.push_str(&json_string(real));
+                            true
+                        } else {
+                            false
+                        }
+                    }) {
+                        Some(new) => pout.push_str(&new),
+                        None => bad = true,
+                    }
+                    return true;
+                }
+                if pkey == "_meta" && bridged {
+                    // A 2025 session carries these in its handshake, and dual-era
+                    // servers refuse them on one.
+                    match filter::remove_members(pvalue, &ENVELOPE_KEYS) {
+                        Some(new) => pout.push_str(&new),
+                        None => bad = true,
+                    }
+                    return true;
+                }
+                false
+            });
+            match rewritten {
+                Some(new) => out.push_str(&new),
+                None => bad = true,
+            }
+            true
+        }
+        _ => false,
+    })?;
+    (!bad).then_some(out)
+}
+
+/// What happens to each message of a forwarded request's answer on its way to the agent.
+struct Rewrite {
+    server: String,
+    /// The agent's own id, when the request went upstream with another one.
+    agent_id: Option<Box<RawValue>>,
+    /// A bridged 2026-07-28 agent's method: its final result is completed to that
+    /// generation.
+    modern: Option<Method>,
+    /// A 2025 agent: server requests get ids of the aggregate.
+    prefix_requests: bool,
+    /// A 2026-07-28 agent cannot take server requests: they are refused on this
+    /// client and session.
+    refuse_server_requests: Option<(
+        crate::upstream::Upstream,
+        Arc<Route>,
+        Option<UpstreamSession>,
+    )>,
+}
+
+#[derive(Deserialize)]
+struct Shape<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+}
+
+impl Rewrite {
+    /// Does any message of the answer change?
+    fn needed(&self) -> bool {
+        self.agent_id.is_some()
+            || self.modern.is_some()
+            || self.prefix_requests
+            || self.refuse_server_requests.is_some()
+    }
+
+    /// The message as the agent gets it; `None` to relay it as it is (or, for a
+    /// refused server request, to drop it: see [`Rewrite::drops`]).
+    fn message(&self, text: &str) -> Option<String> {
+        let shape: Shape<'_> = serde_json::from_str(text).ok()?;
+        match (&shape.method, shape.id) {
+            // A server request.
+            (Some(_), Some(_)) if !self.prefix_requests => None,
+            (Some(_), Some(id)) => {
+                let ours = json_string(&format!("{SERVER_REQUEST}{}:{}", self.server, id.get()));
+                filter::rewrite_members(text, |k, _, out| {
+                    if k == "id" {
+                        out.push_str(&ours);
+                        true
+                    } else {
+                        false
+                    }
+                })
+            }
+            // A notification.
+            (Some(_), None) => None,
+            // The answer.
+            (None, _) => {
+                if self.agent_id.is_none() && self.modern.is_none() {
+                    return None;
+                }
+                filter::rewrite_members(text, |k, v, out| match k {
+                    "id" => match &self.agent_id {
+                        Some(id) => {
+                            out.push_str(id.get());
+                            true
+                        }
+                        None => false,
+                    },
+                    "result" => match self.modern {
+                        Some(method) => {
+                            out.push_str(&complete_modern_result(method, v));
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                })
+                .filter(|_| shape.result.is_some() || self.agent_id.is_some())
+            }
+        }
+    }
+
+    /// A server request a 2026 agent cannot take: answered here, and dropped.
+    fn drops(&self, text: &str) -> bool {
+        let Some((upstream, route, session)) = &self.refuse_server_requests else {
+            return false;
+        };
+        let Ok(shape) = serde_json::from_str::<Shape<'_>>(text) else {
+            return false;
+        };
+        let (Some(method), Some(id)) = (shape.method, shape.id) else {
+            return false;
+        };
+        let answer = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{},\"error\":{{\"code\":-32601,\"message\":{}}}}}",
+            id.get(),
+            json_string(&format!(
+                "{method} cannot reach a 2026-07-28 agent through the aggregated /mcp"
+            ))
+        );
+        let (upstream, route, session) = (upstream.clone(), route.clone(), session.clone());
+        tokio::spawn(async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
+            let endpoint = session
+                .as_ref()
+                .map_or(0, |s| s.endpoint)
+                .min(route.endpoints.len() - 1);
+            if let Some(id) = session.and_then(|s| s.id) {
+                headers.insert(mcp::HEADER_SESSION, id);
+                headers.insert(
+                    mcp::HEADER_PROTOCOL_VERSION,
+                    HeaderValue::from_static(LEGACY_VERSION),
+                );
+            }
+            let uri = route.endpoints[endpoint].uri.clone();
+            let _ = upstream
+                .send(&route, uri, HttpMethod::POST, headers, Bytes::from(answer))
+                .await;
+        });
+        true
+    }
+}
+
+/// An SSE answer rewritten event by event as it arrives (server request ids, the
+/// agent's id, lists filtered).
+fn rewrite_stream(
+    body: Body,
+    rewrite: Rewrite,
+    route: Arc<Route>,
+    lists: Option<filter::Lists>,
+) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                () = tx.closed() => return,
+            };
+            let Some(Ok(frame)) = frame else { break };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            if buf.len() > MAX_REPLY {
+                tracing::warn!(server = %route.name, "an event over the size limit; stream cut");
+                return;
+            }
+            while let Some(end) = filter::event_end(&buf) {
+                let event = buf.split_to(end);
+                let text = String::from_utf8_lossy(&event);
+                let mut data = String::new();
+                for (i, value) in filter::lines(&text)
+                    .filter_map(filter::data_value)
+                    .enumerate()
+                {
+                    if i > 0 {
+                        data.push('\n');
+                    }
+                    data.push_str(value);
+                }
+                if data.trim().is_empty() {
+                    continue;
+                }
+                if rewrite.drops(&data) {
+                    continue;
+                }
+                let data = match &lists {
+                    Some(lists) => match lists.filter_text(&route, &data) {
+                        Some(filtered) => filtered,
+                        None => continue,
+                    },
+                    None => data,
+                };
+                let out = rewrite.message(&data).unwrap_or(data);
+                if tx.send(crate::stdio::sse_event(&out)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    body::Channel { rx }.boxed()
+}
+
+async fn read_all(mut body: Body) -> Result<Bytes, String> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_REPLY {
+                return Err(format!("answer larger than {MAX_REPLY} bytes"));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// The answer to the sidecar's request `id`, from a JSON body or an SSE stream.
+async fn read_reply(resp: Response<Incoming>, id: u64) -> Result<Reply, String> {
+    #[derive(Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow, default)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        result: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        error: Option<&'a RawValue>,
+    }
+    let want = id.to_string();
+    let pick = |text: &str| -> Option<Reply> {
+        let answer: Answer<'_> = serde_json::from_str(text).ok()?;
+        if answer.id.map(RawValue::get) != Some(want.as_str()) {
+            return None;
+        }
+        match (answer.result, answer.error) {
+            (Some(r), _) => Some(Reply::Result(r.to_owned())),
+            (None, Some(e)) => Some(Reply::Error(e.to_owned())),
+            _ => None,
+        }
+    };
+    let framing = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| Framing::of(v.as_bytes()));
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > MAX_REPLY {
+            return Err(format!("answer larger than {MAX_REPLY} bytes"));
+        }
+        buf.extend_from_slice(&data);
+        if framing == Some(Framing::Sse) {
+            while let Some(end) = filter::event_end(&buf) {
+                let event = buf.split_to(end);
+                let text = String::from_utf8_lossy(&event);
+                let data: Vec<&str> = filter::lines(&text)
+                    .filter_map(filter::data_value)
+                    .collect();
+                if let Some(reply) = pick(&data.join("\n")) {
+                    return Ok(reply);
+                }
+            }
+        }
+    }
+    if framing == Some(Framing::Json) {
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(reply) = pick(text.strip_prefix('\u{feff}').unwrap_or(&text)) {
+            return Ok(reply);
+        }
+    }
+    Err("no answer to the request in its response".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).expect("JSON")
+    }
+
+    #[test]
+    fn a_call_keeps_every_byte_but_the_name() {
+        let text = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"gh__get","arguments":{"n":12345678901234567890123,"f":1.0e400,"s":"\u00e9"},"_meta":{"progressToken":"p"}}}"#;
+        let out =
+            rewrite_request(text, Method::ToolsCall, Some("get"), None, false).expect("rewritten");
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get","arguments":{"n":12345678901234567890123,"f":1.0e400,"s":"\u00e9"},"_meta":{"progressToken":"p"}}}"#
+        );
+        // Every copy of the name is the real one: a duplicate cannot carry the exposed
+        // name (or anything else) past the decision.
+        let dup = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"gh__a","name":"gh__b"}}"#;
+        let out =
+            rewrite_request(dup, Method::ToolsCall, Some("a"), None, false).expect("rewritten");
+        assert_eq!(out.matches("\"name\":\"a\"").count(), 2, "{out}");
+    }
+
+    #[test]
+    fn a_bridged_call_gets_our_id_and_loses_the_2026_envelope() {
+        let text = r#"{"jsonrpc":"2.0","id":"agent-1","method":"tools/call","params":{"name":"ev__echo","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"x"},"progressToken":3}}}"#;
+        let out = rewrite_request(text, Method::ToolsCall, Some("echo"), Some("42"), true)
+            .expect("rewritten");
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"echo","arguments":{},"_meta":{"progressToken":3}}}"#
+        );
+    }
+
+    #[test]
+    fn a_prompt_completion_names_the_real_prompt() {
+        let text = r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"demo__p"},"argument":{"name":"a","value":"x"}}}"#;
+        let out = rewrite_request(text, Method::CompletionComplete, Some("p"), None, false)
+            .expect("rewritten");
+        assert!(
+            out.contains(r#""ref":{"type":"ref/prompt","name":"p"}"#),
+            "{out}"
+        );
+    }
+
+    fn rewrite(agent_id: Option<&str>, modern: Option<Method>, prefix_requests: bool) -> Rewrite {
+        Rewrite {
+            server: "demo".into(),
+            agent_id: agent_id.map(raw),
+            modern,
+            prefix_requests,
+            refuse_server_requests: None,
+        }
+    }
+
+    #[test]
+    fn server_requests_get_ids_of_the_aggregate_and_answers_get_the_agents_id() {
+        let r = rewrite(None, None, true);
+        let out = r
+            .message(
+                r#"{"jsonrpc":"2.0","id":"a:b","method":"sampling/createMessage","params":{}}"#,
+            )
+            .expect("rewritten");
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":"toolmesh:demo:\"a:b\"","method":"sampling/createMessage","params":{}}"#
+        );
+        // Notifications and a 2025 agent's answer pass as they are.
+        assert_eq!(
+            r.message(r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{}}"#),
+            None
+        );
+        assert_eq!(r.message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#), None);
+
+        let bridged = rewrite(Some(r#""agent-1""#), Some(Method::ToolsCall), false);
+        let out = bridged
+            .message(r#"{"jsonrpc":"2.0","id":42,"result":{"content":[]}}"#)
+            .expect("rewritten");
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":"agent-1","result":{"resultType":"complete","content":[]}}"#
+        );
+        let out = bridged
+            .message(r#"{"jsonrpc":"2.0","id":42,"error":{"code":1,"message":"m"}}"#)
+            .expect("rewritten");
+        assert!(
+            out.starts_with(r#"{"jsonrpc":"2.0","id":"agent-1","error""#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn names_from_bodies_become_header_values() {
+        assert_eq!(header_value("gh__get"), "gh__get");
+        assert_eq!(header_value("é"), "=?base64?w6k=?=");
+        assert_eq!(header_value("=?base64?x?="), "=?base64?PT9iYXNlNjQ/eD89?=");
+    }
+}
