@@ -58,6 +58,8 @@ use crate::filter::{self, Framing};
 use crate::identity::Identity;
 use crate::mcp::{self, Envelope, Kind, Method};
 use crate::snapshot::{Route, Runtime};
+mod notify;
+
 use crate::stdio::{ENVELOPE_KEYS, LEGACY_VERSIONS, complete_modern_result, json_string};
 
 /// The session id's "server" for sessions of the aggregate (no server has this name).
@@ -156,6 +158,26 @@ struct Agent<'a> {
     session: Option<Arc<AgentSession>>,
 }
 
+/// [`Agent`] owned, for tasks that outlive the request (notification streams).
+#[derive(Debug, Clone)]
+struct Owned {
+    subject: Identity,
+    runtime: Arc<Runtime>,
+    modern: bool,
+    session: Option<Arc<AgentSession>>,
+}
+
+impl Owned {
+    fn agent(&self) -> Agent<'_> {
+        Agent {
+            subject: &self.subject,
+            runtime: &self.runtime,
+            modern: self.modern,
+            session: self.session.clone(),
+        }
+    }
+}
+
 /// A JSON-RPC answer of an upstream to one of the sidecar's own requests.
 enum Reply {
     Result(Box<RawValue>),
@@ -165,7 +187,7 @@ enum Reply {
 impl crate::proxy::Proxy {
     /// `/mcp`: the aggregate (module docs).
     pub(crate) async fn aggregate(
-        &self,
+        self: &Arc<Self>,
         req: http::Request<Incoming>,
         subject: &Identity,
         runtime: &Arc<Runtime>,
@@ -180,9 +202,19 @@ impl crate::proxy::Proxy {
                 return self.end_session(subject, runtime, &parts.headers).await;
             }
             HttpMethod::GET => {
-                return Err(ProxyError::MethodNotAllowed(
-                    "GET (the aggregate has no server stream yet)".to_owned(),
-                ));
+                ctx.decision = crate::audit::Verdict::Plumbing;
+                let session = self.agent_session(subject, &parts.headers)?;
+                let agent = Owned {
+                    subject: subject.clone(),
+                    runtime: runtime.clone(),
+                    modern: false,
+                    session: Some(session),
+                };
+                return Ok(notify::stream(self.listen(
+                    agent,
+                    notify::Wanted::ALL,
+                    None,
+                )));
             }
             other => return Err(ProxyError::MethodNotAllowed(other.to_string())),
         }
@@ -222,6 +254,25 @@ impl crate::proxy::Proxy {
             }
             (Kind::Request, Some(Method::Discover)) if modern => {
                 Ok(json_answer(id, &discover_result(), &HeaderMap::new()))
+            }
+            (Kind::Request, Some(Method::SubscriptionsListen)) if modern => {
+                let (wanted, honored) = notify::Wanted::requested(message.params);
+                let Some(id) = id else {
+                    return Err(ProxyError::InvalidRequest(
+                        "subscriptions/listen without an id".to_owned(),
+                    ));
+                };
+                let owned = Owned {
+                    subject: subject.clone(),
+                    runtime: runtime.clone(),
+                    modern: true,
+                    session: None,
+                };
+                Ok(notify::stream(self.listen(
+                    owned,
+                    wanted,
+                    Some((id.to_owned(), honored)),
+                )))
             }
             (Kind::Request, Some(Method::Ping)) => Ok(json_answer(id, "{}", &HeaderMap::new())),
             (Kind::Request, Some(method)) if method.list().is_some() => {
@@ -1137,7 +1188,7 @@ fn list_failed(route: &Route, method: Method, reason: &str) {
 
 /// What the aggregate says it can do: the kinds of items it merges. No list changes,
 /// subscriptions or logging yet (module docs).
-const CAPABILITIES: &str = "{\"tools\":{},\"prompts\":{},\"resources\":{},\"completions\":{}}";
+const CAPABILITIES: &str = "{\"tools\":{\"listChanged\":true},\"prompts\":{\"listChanged\":true},\"resources\":{\"listChanged\":true},\"completions\":{}}";
 const INSTRUCTIONS: &str = "Every MCP server this agent may use, through its toolmesh sidecar. Tools and prompts are named <server>__<name>.";
 
 fn server_info() -> String {
@@ -1454,18 +1505,7 @@ fn rewrite_stream(
                 return;
             }
             while let Some(end) = filter::event_end(&buf) {
-                let event = buf.split_to(end);
-                let text = String::from_utf8_lossy(&event);
-                let mut data = String::new();
-                for (i, value) in filter::lines(&text)
-                    .filter_map(filter::data_value)
-                    .enumerate()
-                {
-                    if i > 0 {
-                        data.push('\n');
-                    }
-                    data.push_str(value);
-                }
+                let data = next_event(&mut buf, end);
                 if data.trim().is_empty() {
                     continue;
                 }
@@ -1487,6 +1527,17 @@ fn rewrite_stream(
         }
     });
     body::Channel { rx }.boxed()
+}
+
+/// The data of the SSE event that ends at `end` of `buf`, taken off `buf`: its `data`
+/// lines joined as the agent's parser joins them.
+fn next_event(buf: &mut BytesMut, end: usize) -> String {
+    let event = buf.split_to(end);
+    let text = String::from_utf8_lossy(&event);
+    let data: Vec<&str> = filter::lines(&text)
+        .filter_map(filter::data_value)
+        .collect();
+    data.join("\n")
 }
 
 async fn read_all(mut body: Body) -> Result<Bytes, String> {
@@ -1543,12 +1594,7 @@ async fn read_reply(resp: Response<Incoming>, id: u64) -> Result<Reply, String> 
         buf.extend_from_slice(&data);
         if framing == Some(Framing::Sse) {
             while let Some(end) = filter::event_end(&buf) {
-                let event = buf.split_to(end);
-                let text = String::from_utf8_lossy(&event);
-                let data: Vec<&str> = filter::lines(&text)
-                    .filter_map(filter::data_value)
-                    .collect();
-                if let Some(reply) = pick(&data.join("\n")) {
+                if let Some(reply) = pick(&next_event(&mut buf, end)) {
                     return Ok(reply);
                 }
             }

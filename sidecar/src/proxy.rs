@@ -296,7 +296,7 @@ impl Proxy {
     }
 
     async fn route_and_forward(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         ctx: &mut Ctx,
     ) -> Result<Response<Body>, ProxyError> {

@@ -147,14 +147,6 @@ impl Runtime {
                 rules.entry(rule.server.as_str()).or_default().push(named);
             }
         }
-        // Names on /mcp must not collide, whether or not this identity may use both.
-        toolmesh_proto::resource::check_prefixes(
-            snapshot
-                .servers
-                .iter()
-                .map(|s| (s.name.as_str(), s.prefix.as_deref().unwrap_or(&s.name))),
-        )
-        .map_err(|(name, message)| format!("server {name}: prefix: {message}"))?;
         let mut seen = HashSet::with_capacity(snapshot.servers.len());
         let mut routes = HashMap::with_capacity(snapshot.servers.len());
         let mut limiters = Vec::new();
@@ -171,6 +163,14 @@ impl Runtime {
                 .map_err(|e| format!("server {}: {e}", server.name))?;
             routes.insert(server.name.clone(), Arc::new(route));
         }
+        // Names on /mcp must not collide, whether or not this identity may use both.
+        toolmesh_proto::resource::check_prefixes(
+            snapshot
+                .servers
+                .iter()
+                .map(|s| (s.name.as_str(), s.prefix.as_deref().unwrap_or(&s.name))),
+        )
+        .map_err(|(name, message)| format!("server {name}: prefix: {message}"))?;
         let mut names: Vec<&str> = routes.keys().map(String::as_str).collect();
         names.sort_unstable();
         let known = if names.is_empty() {

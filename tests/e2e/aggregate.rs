@@ -9,37 +9,37 @@ use toolmesh_tests::{DemoServer, Everything, Sidecar, TsServer};
 use crate::peers::run_client;
 use crate::support::{audit_lines, borrow, eventually, modern_headers, post};
 
+/// One `McpServer` document: `name` at `url`, no credential, with `more` spec fields.
+fn server(name: &str, url: &str, more: &str) -> String {
+    format!(
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: {name}}}\nspec: {{endpoints: [{{url: \"{url}\"}}], allowUnauthenticated: true{more}}}\n---\n"
+    )
+}
+
+/// The tests' `AccessPolicy` with `rules` (YAML flow mappings, one per line).
+fn policy(rules: &[&str]) -> String {
+    let rules: Vec<String> = rules.iter().map(|r| format!("    - {r}\n")).collect();
+    format!(
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: tests}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}]\n  rules:\n{}",
+        rules.concat()
+    )
+}
+
 /// `everything` as `ev__…`, the demo server under its own name, the TypeScript server
 /// unprefixed; everything allowed but `get-sum` and the TypeScript server's secrets.
 fn config(everything: &str, demo: &str, ts: &str) -> String {
-    format!(
-        r#"apiVersion: toolmesh.dev/v1alpha1
-kind: McpServer
-metadata: {{name: everything}}
-spec: {{endpoints: [{{url: "{everything}"}}], allowUnauthenticated: true, timeout: 20s, prefix: ev}}
----
-apiVersion: toolmesh.dev/v1alpha1
-kind: McpServer
-metadata: {{name: demo}}
-spec: {{endpoints: [{{url: "{demo}"}}], allowUnauthenticated: true, timeout: 20s}}
----
-apiVersion: toolmesh.dev/v1alpha1
-kind: McpServer
-metadata: {{name: ts}}
-spec: {{endpoints: [{{url: "{ts}"}}], allowUnauthenticated: true, timeout: 20s, prefix: ""}}
----
-apiVersion: toolmesh.dev/v1alpha1
-kind: AccessPolicy
-metadata: {{name: tests}}
-spec:
-  subjects: [{{identity: "agents/*"}}]
-  rules:
-    - {{server: everything, tools: ["*"], prompts: ["*"], resources: ["*"]}}
-    - {{server: everything, action: deny, tools: [get-sum]}}
-    - {{server: demo, tools: ["*"], prompts: ["*"], resources: ["*"]}}
-    - {{server: ts, tools: [echo], prompts: [public_prompt], resources: ["docs://public/**"]}}
-"#
-    )
+    [
+        server("everything", everything, ", timeout: 20s, prefix: ev"),
+        server("demo", demo, ", timeout: 20s"),
+        server("ts", ts, ", timeout: 20s, prefix: \"\""),
+        policy(&[
+            r#"{server: everything, tools: ["*"], prompts: ["*"], resources: ["*"]}"#,
+            "{server: everything, action: deny, tools: [get-sum]}",
+            r#"{server: demo, tools: ["*"], prompts: ["*"], resources: ["*"]}"#,
+            r#"{server: ts, tools: [echo], prompts: [public_prompt], resources: ["docs://public/**"]}"#,
+        ]),
+    ]
+    .concat()
 }
 
 fn plan() -> Value {
@@ -339,5 +339,282 @@ async fn the_aggregate_decides_on_the_real_server_and_name() -> Result<()> {
         "{}",
         t.ts.logs()
     );
+    Ok(())
+}
+
+/// The data of the next SSE event on `resp` containing `needle`, within `secs`.
+async fn event_with(
+    resp: &mut reqwest::Response,
+    buf: &mut String,
+    needle: &str,
+    secs: u64,
+) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect();
+            let data = data.join("\n");
+            if data.contains(needle) {
+                return serde_json::from_str(&data).ok();
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .ok()?
+            .ok()??;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+fn two_config(demo: &str, ts: &str, demo_allowed: bool) -> String {
+    let mut rules = vec![r#"{server: ts, tools: ["*"]}"#];
+    if demo_allowed {
+        rules.push(r#"{server: demo, tools: ["*"]}"#);
+    }
+    [
+        server("demo", demo, ", timeout: 5s"),
+        server("ts", ts, ", timeout: 5s"),
+        policy(&rules),
+    ]
+    .concat()
+}
+
+const V2025: (&str, &str) = ("mcp-protocol-version", "2025-11-25");
+
+/// A 2025 session of the aggregate: its sealed id.
+async fn initialize(url: &str) -> Result<String> {
+    let r = post(
+        url,
+        &[],
+        r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#,
+    )
+    .await?;
+    assert_eq!(
+        r.message()["result"]["protocolVersion"],
+        "2025-11-25",
+        "{r:?}"
+    );
+    let session = r
+        .headers
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no session id: {r:?}"))?;
+    assert!(session.starts_with("tm1."), "sealed: {session}");
+    let r = post(
+        url,
+        &[V2025, ("mcp-session-id", &session)],
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    )
+    .await?;
+    assert_eq!(r.status, 202, "{r:?}");
+    Ok(session)
+}
+
+async fn tool_names(url: &str, session: &str) -> Result<Vec<String>> {
+    let r = post(
+        url,
+        &[V2025, ("mcp-session-id", session)],
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+    )
+    .await?;
+    let names = r.message()["result"]["tools"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(names)
+}
+
+async fn call(
+    url: &str,
+    session: &str,
+    id: u64,
+    name: &str,
+    arguments: Value,
+) -> Result<crate::support::Reply> {
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": arguments}});
+    post(url, &[V2025, ("mcp-session-id", session)], body.to_string()).await
+}
+
+#[tokio::test]
+async fn a_list_change_on_one_server_reaches_agents_of_both_generations() -> Result<()> {
+    let demo = DemoServer::start(&[]).await?;
+    let ts = TsServer::start().await?;
+    let sidecar = Sidecar::start(&two_config(&demo.url(), &ts.url(), true), &[]).await?;
+    let url = aggregate_url(&sidecar);
+
+    // 2025: the session's GET stream carries what the TypeScript server sends on its own.
+    let session = initialize(&url).await?;
+    let mut stream = reqwest::Client::new()
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("mcp-session-id", &session)
+        .send()
+        .await?;
+    assert_eq!(stream.status(), 200);
+    let mut buf = String::new();
+    let mut changed = None;
+    // The sidecar opens the servers' streams as the agent's opens: retry until one is.
+    for i in 0..20 {
+        let r = call(
+            &url,
+            &session,
+            10 + i,
+            "ts__add_tool",
+            json!({"text": format!("fresh{i}")}),
+        )
+        .await?;
+        assert!(
+            r.message()["result"]["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("added")),
+            "{r:?}"
+        );
+        changed = event_with(&mut stream, &mut buf, "notifications/tools/list_changed", 1).await;
+        if changed.is_some() {
+            break;
+        }
+    }
+    assert!(
+        changed.is_some(),
+        "no list change reached the agent: {}",
+        sidecar.logs()
+    );
+    let names = tool_names(&url, &session).await?;
+    assert!(
+        names.iter().any(|n| n.starts_with("ts__fresh")),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "demo__echo"), "{names:?}");
+
+    // 2026-07-28: subscriptions/listen is acknowledged first, then carries the list
+    // change of the session the sidecar holds with the 2025-only server, tagged.
+    let listen = json!({"jsonrpc": "2.0", "id": "sub-1", "method": "subscriptions/listen", "params": {
+        "notifications": {"toolsListChanged": true, "resourceSubscriptions": ["docs://x"]},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+    let mut sub = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .body(listen.to_string())
+        .send()
+        .await?;
+    let mut buf = String::new();
+    let ack = event_with(&mut sub, &mut buf, "acknowledged", 5).await;
+    let ack = ack.ok_or_else(|| anyhow::anyhow!("no acknowledgement"))?;
+    assert_eq!(
+        ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "sub-1",
+        "{ack}"
+    );
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true}),
+        "only what is honoured: {ack}"
+    );
+    let mut changed = None;
+    for i in 0..20 {
+        let body = json!({"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call", "params": {
+            "name": "ts__add_tool", "arguments": {"text": format!("modern{i}")},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        let h = crate::support::modern_headers("ts__add_tool");
+        let r = post(&url, &borrow(&h), body.to_string()).await?;
+        assert!(
+            r.message()["result"]["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("added")),
+            "{r:?}"
+        );
+        assert_eq!(r.message()["id"], 100 + i, "the agent's own id back: {r:?}");
+        changed = event_with(&mut sub, &mut buf, "notifications/tools/list_changed", 1).await;
+        if changed.is_some() {
+            break;
+        }
+    }
+    let changed = changed
+        .ok_or_else(|| anyhow::anyhow!("no list change on the subscription: {}", sidecar.logs()))?;
+    assert_eq!(
+        changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "sub-1",
+        "{changed}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_server_down_is_left_out_and_comes_back_and_policy_changes_apply_live() -> Result<()> {
+    let demo = DemoServer::start(&[]).await?;
+    let addr = demo.addr;
+    let ts = TsServer::start().await?;
+    let sidecar = Sidecar::start(&two_config(&demo.url(), &ts.url(), true), &[]).await?;
+    let url = aggregate_url(&sidecar);
+    let session = initialize(&url).await?;
+    let r = call(&url, &session, 2, "demo__echo", json!({"text": "before"})).await?;
+    assert_eq!(
+        r.message()["result"]["content"][0]["text"],
+        "before",
+        "{r:?}"
+    );
+
+    // The demo server dies: its tools are left out, the other server still answers,
+    // and a call to it fails fast with the sidecar's error.
+    let mut demo = demo;
+    demo.proc.terminate().await?;
+    let started = std::time::Instant::now();
+    let names = tool_names(&url, &session).await?;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(names.iter().all(|n| !n.starts_with("demo__")), "{names:?}");
+    assert!(names.iter().any(|n| n == "ts__echo"), "{names:?}");
+    let r = call(&url, &session, 3, "demo__echo", json!({"text": "down"})).await?;
+    assert_eq!(r.error_code(), Some(-32085), "{r:?}");
+    let (_, metrics) = crate::support::admin(&sidecar, "/metrics").await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("toolmesh_aggregate_list_failures_total{")
+                && l.contains("server=\"demo\"")),
+        "{metrics}"
+    );
+
+    // It comes back at the same address (a new process: the session is gone): the
+    // same agent session calls it again.
+    let mut cmd = tokio::process::Command::new(toolmesh_tests::binary("toolmesh-demo-server"));
+    cmd.args(["--listen", &addr.to_string()]);
+    let mut again = toolmesh_tests::Proc::spawn("toolmesh-demo-server", cmd)?;
+    again
+        .wait_for("its listening line", toolmesh_tests::listening_on)
+        .await?;
+    let r = call(&url, &session, 4, "demo__echo", json!({"text": "after"})).await?;
+    assert_eq!(
+        r.message()["result"]["content"][0]["text"],
+        "after",
+        "{r:?}"
+    );
+
+    // The policy stops allowing the demo server: its tools vanish from the list live.
+    sidecar.write_config(&two_config(&format!("http://{addr}/mcp"), &ts.url(), false))?;
+    let gone = crate::support::eventually(10, || async {
+        tool_names(&url, &session)
+            .await
+            .is_ok_and(|names| !names.is_empty() && names.iter().all(|n| !n.starts_with("demo__")))
+    })
+    .await;
+    assert!(gone, "{:?}", tool_names(&url, &session).await?);
+    let r = call(&url, &session, 5, "demo__echo", json!({"text": "denied"})).await?;
+    assert!(r.error_code().is_some(), "{r:?}");
     Ok(())
 }

@@ -32,6 +32,18 @@ function build() {
       },
     );
   }
+  // A list change on demand: registering a tool on a connected server makes the SDK
+  // send notifications/tools/list_changed on the session's stream.
+  server.registerTool(
+    "add_tool",
+    { description: "add_tool: registers a tool named by text", inputSchema: { text: z.any().optional() } },
+    async (args) => {
+      const added = String(args.text ?? "added");
+      console.error(`call add_tool ${JSON.stringify(args)}`);
+      server.registerTool(added, { description: "registered at run time" }, async () => text(added));
+      return text(`added ${added}`);
+    },
+  );
   const read = (uri) => {
     console.error(`read ${uri.href}`);
     return { contents: [{ uri: uri.href, text: `contents of ${uri.href}` }] };

@@ -30,6 +30,7 @@ pub enum Method {
     TasksResult,
     TasksCancel,
     TasksUpdate,
+    SubscriptionsListen,
     NotificationsInitialized,
     NotificationsCancelled,
     NotificationsProgress,
@@ -68,6 +69,7 @@ const TABLE: &[(Method, &str)] = &[
     (Method::TasksResult, "tasks/result"),
     (Method::TasksCancel, "tasks/cancel"),
     (Method::TasksUpdate, "tasks/update"),
+    (Method::SubscriptionsListen, "subscriptions/listen"),
     (
         Method::NotificationsInitialized,
         "notifications/initialized",
@@ -178,7 +180,7 @@ mod tests {
         }
         assert_eq!(Method::parse("Tools/Call"), Method::Other);
         assert_eq!(Method::parse(&"x".repeat(10_000)).name(), "other");
-        assert_eq!(TABLE.len(), 23, "every variant but Other is in the table");
+        assert_eq!(TABLE.len(), 24, "every variant but Other is in the table");
     }
 
     #[test]
