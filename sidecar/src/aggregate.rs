@@ -278,7 +278,13 @@ impl crate::proxy::Proxy {
             (Kind::Request, Some(method)) if method.list().is_some() => {
                 self.list(&agent, method, id).await
             }
-            (Kind::Request, Some(method)) if method.is_gated() => {
+            (Kind::Request, Some(Method::LoggingSetLevel)) => {
+                self.set_level(&agent, message.params).await;
+                Ok(json_answer(id, "{}", &HeaderMap::new()))
+            }
+            (Kind::Request, Some(method))
+                if method.is_gated() || method == Method::ResourcesUnsubscribe =>
+            {
                 self.call(&agent, method, message, &parts.headers, &body, ctx)
                     .await
             }
@@ -514,6 +520,23 @@ impl crate::proxy::Proxy {
         Ok(answer)
     }
 
+    /// `logging/setLevel` goes to every server (each answers for itself; one that
+    /// fails is logged, not the agent's problem).
+    async fn set_level(&self, agent: &Agent<'_>, params: Option<&RawValue>) {
+        let params = params.map_or("{}", RawValue::get);
+        let sets = agent.runtime.aggregated().iter().map(|route| async move {
+            let set = tokio::time::timeout(
+                route.timeout,
+                self.ask(agent, route, Method::LoggingSetLevel, params),
+            )
+            .await;
+            if !matches!(set, Ok(Ok(Reply::Result(_)))) {
+                tracing::debug!(server = %route.name, "logging/setLevel not taken");
+            }
+        });
+        futures_util::future::join_all(sets).await;
+    }
+
     /// A list request, answered with every server's visible items merged.
     async fn list(
         &self,
@@ -524,13 +547,33 @@ impl crate::proxy::Proxy {
         let Some(kind) = method.list() else {
             return Err(ProxyError::InvalidRequest("not a list".to_owned()));
         };
-        let routes = agent.runtime.aggregated();
+        let merged = self.merged(agent, method).await;
+        let mut result = format!("{{\"{}\":[{}]", kind.field, merged.join(","));
+        if agent.modern {
+            result.push_str(",\"resultType\":\"complete\",\"ttlMs\":0,\"cacheScope\":\"private\"");
+        }
+        result.push('}');
+        Ok(json_answer(id, &result, &HeaderMap::new()))
+    }
+
+    /// Every server's visible items of one list, as the agent sees them. Servers are
+    /// taken unprefixed first, then by name: a resource (or template) two servers list
+    /// is shown once, and belongs to the first.
+    async fn merged(&self, agent: &Agent<'_>, method: Method) -> Vec<String> {
+        let Some(kind) = method.list() else {
+            return Vec::new();
+        };
+        let mut routes: Vec<&Arc<Route>> = agent.runtime.aggregated().iter().collect();
+        routes.sort_by_key(|r| !r.prefix.is_empty());
         let fetches = routes.iter().map(|route| async move {
             let items =
                 tokio::time::timeout(route.timeout, self.collect(agent, route, method)).await;
-            (route, items)
+            (*route, items)
         });
+        let resources = kind.kind == mcp::TargetKind::Resource;
         let mut merged: Vec<String> = Vec::new();
+        let mut owned: HashMap<String, String> = HashMap::new();
+        let mut answered: Vec<&str> = Vec::new();
         for (route, fetched) in futures_util::future::join_all(fetches).await {
             let items = match fetched {
                 Ok(Ok(items)) => items,
@@ -543,7 +586,20 @@ impl crate::proxy::Proxy {
                     continue;
                 }
             };
+            answered.push(&route.name);
             for item in items {
+                if resources {
+                    let Some(key) = resource_key(kind, &item) else {
+                        continue;
+                    };
+                    if owned.contains_key(&key) {
+                        tracing::debug!(server = %route.name, resource = %key, "listed by an earlier server too; shown once");
+                        continue;
+                    }
+                    owned.insert(key, route.name.clone());
+                    merged.push(item);
+                    continue;
+                }
                 match self.expose(agent.runtime, route, kind, &item) {
                     Some(shown) => merged.push(shown),
                     None => tracing::warn!(
@@ -553,12 +609,10 @@ impl crate::proxy::Proxy {
                 }
             }
         }
-        let mut result = format!("{{\"{}\":[{}]", kind.field, merged.join(","));
-        if agent.modern {
-            result.push_str(",\"resultType\":\"complete\",\"ttlMs\":0,\"cacheScope\":\"private\"");
+        if resources {
+            self.remember_owners(kind, &answered, owned);
         }
-        result.push('}');
-        Ok(json_answer(id, &result, &HeaderMap::new()))
+        merged
     }
 
     /// One server's list: every page, the items the policy shows.
@@ -606,9 +660,6 @@ impl crate::proxy::Proxy {
                 _ => break,
             }
         }
-        if kind.kind == mcp::TargetKind::Resource {
-            self.remember_owners(route, kind, &items);
-        }
         Ok(items)
     }
 
@@ -645,37 +696,34 @@ impl crate::proxy::Proxy {
         })
     }
 
-    fn remember_owners(&self, route: &Route, kind: filter::ListKind, items: &[String]) {
-        #[derive(Deserialize)]
-        struct Located<'a> {
-            #[serde(borrow, default)]
-            uri: Option<Cow<'a, str>>,
-            #[serde(borrow, default, rename = "uriTemplate")]
-            template: Option<Cow<'a, str>>,
-        }
+    /// Record who owns the resources (or templates) of a merged list; servers that
+    /// did not answer keep what they owned.
+    fn remember_owners(
+        &self,
+        kind: filter::ListKind,
+        answered: &[&str],
+        owned: HashMap<String, String>,
+    ) {
         let mut owners = self
             .aggregate
             .owners
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if kind.key == "uriTemplate" {
-            owners.templates.retain(|(_, s)| *s != route.name);
-        }
-        for item in items {
-            let Ok(located) = serde_json::from_str::<Located<'_>>(item) else {
-                continue;
-            };
-            if let Some(uri) = located.uri
-                && owners.uris.len() < MAX_OWNERS
-            {
-                owners
-                    .uris
-                    .entry(uri.into_owned())
-                    .or_insert_with(|| route.name.clone());
-            }
-            if let Some(template) = located.template {
+            owners
+                .templates
+                .retain(|(_, s)| !answered.contains(&s.as_str()));
+            for (template, server) in owned {
                 let literal = template.split('{').next().unwrap_or_default().to_owned();
-                owners.templates.push((literal, route.name.clone()));
+                owners.templates.push((literal, server));
+            }
+        } else {
+            owners.uris.retain(|_, s| !answered.contains(&s.as_str()));
+            for (uri, server) in owned {
+                if owners.uris.len() >= MAX_OWNERS {
+                    break;
+                }
+                owners.uris.insert(uri, server);
             }
         }
     }
@@ -726,6 +774,8 @@ impl crate::proxy::Proxy {
             .as_ref()
             .map(|t| t.name.clone())
             .unwrap_or_default();
+        // Resources belong to a server by the URI as listed: the one sent.
+        let uri = message.target.clone().unwrap_or_default();
         let (route, real): (Arc<Route>, Option<String>) = match method {
             Method::ToolsCall | Method::PromptsGet => {
                 let (route, real) = agent.runtime.resolve(&target).ok_or_else(|| {
@@ -748,9 +798,9 @@ impl crate::proxy::Proxy {
                     })?;
                     (route.clone(), Some(real.to_owned()))
                 }
-                _ => (self.resource_owner(agent, &target)?, None),
+                _ => (self.resource_owner(agent, &target).await?, None),
             },
-            _ => (self.resource_owner(agent, &target)?, None),
+            _ => (self.resource_owner(agent, &uri).await?, None),
         };
         ctx.server = route.label.clone();
         let text = std::str::from_utf8(body)
@@ -866,10 +916,20 @@ impl crate::proxy::Proxy {
         Ok(Response::from_parts(parts, body))
     }
 
-    fn resource_owner(&self, agent: &Agent<'_>, uri: &str) -> Result<Arc<Route>, ProxyError> {
+    /// The server `uri` belongs to; when no list has shown it yet, the resource and
+    /// template lists are fetched once to learn it.
+    async fn resource_owner(&self, agent: &Agent<'_>, uri: &str) -> Result<Arc<Route>, ProxyError> {
+        if let Some(route) = self.owner_of(agent.runtime, uri) {
+            return Ok(route);
+        }
+        futures_util::future::join(
+            self.merged(agent, Method::ResourcesList),
+            self.merged(agent, Method::ResourcesTemplatesList),
+        )
+        .await;
         self.owner_of(agent.runtime, uri).ok_or_else(|| {
             ProxyError::InvalidRequest(format!(
-                "resource {:?}: no server on /mcp is known to hold it (list resources or templates first)",
+                "resource {:?}: no server on /mcp lists it or a template it matches",
                 crate::proxy::truncate(uri)
             ))
         })
@@ -1176,6 +1236,23 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// What names a resource or template item (its `uri` or `uriTemplate`).
+fn resource_key(kind: filter::ListKind, item: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Located<'a> {
+        #[serde(borrow, default)]
+        uri: Option<Cow<'a, str>>,
+        #[serde(borrow, default, rename = "uriTemplate")]
+        template: Option<Cow<'a, str>>,
+    }
+    let located: Located<'_> = serde_json::from_str(item).ok()?;
+    match kind.key {
+        "uri" => located.uri,
+        _ => located.template,
+    }
+    .map(Cow::into_owned)
+}
+
 fn list_failed(route: &Route, method: Method, reason: &str) {
     tracing::warn!(server = %route.name, method = method.name(), reason, "left out of the aggregated list");
     metrics::counter!(
@@ -1188,7 +1265,7 @@ fn list_failed(route: &Route, method: Method, reason: &str) {
 
 /// What the aggregate says it can do: the kinds of items it merges. No list changes,
 /// subscriptions or logging yet (module docs).
-const CAPABILITIES: &str = "{\"tools\":{\"listChanged\":true},\"prompts\":{\"listChanged\":true},\"resources\":{\"listChanged\":true},\"completions\":{}}";
+const CAPABILITIES: &str = "{\"logging\":{},\"tools\":{\"listChanged\":true},\"prompts\":{\"listChanged\":true},\"resources\":{\"listChanged\":true},\"completions\":{}}";
 const INSTRUCTIONS: &str = "Every MCP server this agent may use, through its toolmesh sidecar. Tools and prompts are named <server>__<name>.";
 
 fn server_info() -> String {

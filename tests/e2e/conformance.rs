@@ -43,14 +43,15 @@ async fn suite(url: &str) -> Result<BTreeMap<String, bool>> {
     Ok(results)
 }
 
-#[tokio::test]
-async fn every_scenario_that_passes_direct_passes_through_the_sidecar() -> Result<()> {
-    let server = DemoServer::start(&[]).await?;
-    let sidecar = Sidecar::start(&standalone_config("demo", &server.url()), &[]).await?;
-    let direct = suite(&server.url()).await?;
-    let through = suite(&sidecar.url("demo")).await?;
-
-    let mut table = String::from("| scenario | direct | through the sidecar |\n|---|---|---|\n");
+/// The table of both runs (also written to `target/<file>`), and the scenarios that
+/// pass direct but not `through`.
+fn compare(
+    direct: &BTreeMap<String, bool>,
+    through: &BTreeMap<String, bool>,
+    column: &str,
+    file: &str,
+) -> (String, Vec<String>) {
+    let mut table = format!("| scenario | direct | {column} |\n|---|---|---|\n");
     let mark = |r: Option<&bool>| match r {
         Some(true) => "pass",
         Some(false) => "FAIL",
@@ -67,20 +68,59 @@ async fn every_scenario_that_passes_direct_passes_through_the_sidecar() -> Resul
         );
     }
     println!("{table}");
-    let _ = std::fs::write(workspace_root().join("target/conformance.md"), &table);
-
+    let _ = std::fs::write(workspace_root().join("target").join(file), &table);
     assert!(
         direct.values().filter(|p| **p).count() >= 30,
         "the demo server should pass the suite:\n{table}"
     );
-    let regressions: Vec<&String> = direct
+    let regressions = direct
         .iter()
         .filter(|(name, passed)| **passed && through.get(*name) != Some(&true))
-        .map(|(name, _)| name)
+        .map(|(name, _)| name.clone())
         .collect();
+    (table, regressions)
+}
+
+#[tokio::test]
+async fn every_scenario_that_passes_direct_passes_through_the_sidecar() -> Result<()> {
+    let server = DemoServer::start(&[]).await?;
+    let sidecar = Sidecar::start(&standalone_config("demo", &server.url()), &[]).await?;
+    let direct = suite(&server.url()).await?;
+    let through = suite(&sidecar.url("demo")).await?;
+    let (table, regressions) = compare(&direct, &through, "through the sidecar", "conformance.md");
     assert!(
         regressions.is_empty(),
         "fail only through the sidecar: {regressions:?}\n{table}\n{}",
+        sidecar.logs()
+    );
+    Ok(())
+}
+
+/// The aggregate fronting the demo server unprefixed and a second server under a
+/// prefix: what the suite sees must be the demo server, plus `other__…` names it
+/// never asks for.
+#[tokio::test]
+async fn every_scenario_that_passes_direct_passes_through_the_aggregate() -> Result<()> {
+    let server = DemoServer::start(&[]).await?;
+    let other = DemoServer::start(&[]).await?;
+    let demo = standalone_config("demo", &server.url()).replace(
+        "  allowUnauthenticated: true\n",
+        "  allowUnauthenticated: true\n  prefix: \"\"\n",
+    );
+    let other =
+        standalone_config("other", &other.url()).replace("name: tests", "name: tests-other");
+    let sidecar = Sidecar::start(&format!("{demo}---\n{other}"), &[]).await?;
+    let direct = suite(&server.url()).await?;
+    let through = suite(&format!("http://{}/mcp", sidecar.mcp)).await?;
+    let (table, regressions) = compare(
+        &direct,
+        &through,
+        "through the aggregate",
+        "conformance-aggregate.md",
+    );
+    assert!(
+        regressions.is_empty(),
+        "fail only through the aggregate: {regressions:?}\n{table}\n{}",
         sidecar.logs()
     );
     Ok(())
