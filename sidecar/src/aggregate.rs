@@ -43,6 +43,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -76,6 +77,8 @@ const MAX_SESSIONS: usize = 4096;
 const MAX_INIT_PARAMS: usize = 64 * 1024;
 /// Resource URIs whose server is remembered at most.
 const MAX_OWNERS: usize = 100_000;
+/// Lists cached at most (expired ones are dropped first; beyond, nothing is cached).
+const MAX_CACHED: usize = 4096;
 /// Prefix of the ids given to server requests on the way to a 2025 agent.
 const SERVER_REQUEST: &str = "toolmesh:";
 
@@ -90,6 +93,8 @@ pub struct Aggregate {
     generations: Mutex<HashMap<(String, String), bool>>,
     /// The server whose list showed a resource URI, and templates' literal starts.
     owners: Mutex<Owners>,
+    /// Servers' lists as the agent sees them, for as long as the servers say.
+    cache: Mutex<HashMap<CacheKey, Cached>>,
     next_id: AtomicU64,
 }
 
@@ -97,6 +102,16 @@ pub struct Aggregate {
 struct Sessions {
     by_token: HashMap<String, Arc<AgentSession>>,
     order: std::collections::VecDeque<String>,
+}
+
+/// A cached list: snapshot version, server, list method, and the 2025 session it was
+/// fetched in (`None`: the identity's, for stateless agents).
+type CacheKey = (String, String, Method, Option<String>);
+
+#[derive(Debug)]
+struct Cached {
+    items: Arc<Vec<String>>,
+    expires: tokio::time::Instant,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +123,8 @@ struct Owners {
 /// A 2025-generation agent's session of the aggregate.
 #[derive(Debug)]
 struct AgentSession {
+    /// Its key in [`Sessions`], and its lists' scope in the cache.
+    token: String,
     /// The agent's `initialize` params, which open each upstream session.
     init_params: Box<RawValue>,
     upstreams: Upstreams,
@@ -128,9 +145,22 @@ struct UpstreamSession {
     id: Option<HeaderValue>,
 }
 
+impl Aggregate {
+    /// Forget the cached lists of `server` (it said one changed).
+    fn invalidate(&self, server: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, s, _, _), _| s != server);
+    }
+}
+
 impl Upstreams {
     fn cell(&self, server: &str) -> Arc<tokio::sync::OnceCell<UpstreamSession>> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cell) = map.get(server) {
+            return cell.clone();
+        }
         map.entry(server.to_owned()).or_default().clone()
     }
 
@@ -357,6 +387,7 @@ impl crate::proxy::Proxy {
             .seal(subject.as_str(), AGGREGATE, 0, token.as_bytes())
             .ok_or_else(|| ProxyError::Misconfigured("session id too long".to_owned()))?;
         let session = Arc::new(AgentSession {
+            token: token.clone(),
             init_params: params.to_owned(),
             upstreams: Upstreams::default(),
             in_flight: Mutex::default(),
@@ -547,10 +578,13 @@ impl crate::proxy::Proxy {
         let Some(kind) = method.list() else {
             return Err(ProxyError::InvalidRequest("not a list".to_owned()));
         };
-        let merged = self.merged(agent, method).await;
+        let (merged, ttl) = self.merged(agent, method).await;
         let mut result = format!("{{\"{}\":[{}]", kind.field, merged.join(","));
         if agent.modern {
-            result.push_str(",\"resultType\":\"complete\",\"ttlMs\":0,\"cacheScope\":\"private\"");
+            result.push_str(&format!(
+                ",\"resultType\":\"complete\",\"ttlMs\":{},\"cacheScope\":\"private\"",
+                ttl.as_millis()
+            ));
         }
         result.push('}');
         Ok(json_answer(id, &result, &HeaderMap::new()))
@@ -559,15 +593,19 @@ impl crate::proxy::Proxy {
     /// Every server's visible items of one list, as the agent sees them. Servers are
     /// taken unprefixed first, then by name: a resource (or template) two servers list
     /// is shown once, and belongs to the first.
-    async fn merged(&self, agent: &Agent<'_>, method: Method) -> Vec<String> {
+    ///
+    /// Also how long the merged list may be kept: the shortest time any server's part
+    /// may, and zero when a part may not be kept or a server is missing.
+    async fn merged(&self, agent: &Agent<'_>, method: Method) -> (Vec<String>, Duration) {
         let Some(kind) = method.list() else {
-            return Vec::new();
+            return (Vec::new(), Duration::ZERO);
         };
+        let mut ttl = Duration::MAX;
         let mut routes: Vec<&Arc<Route>> = agent.runtime.aggregated().iter().collect();
         routes.sort_by_key(|r| !r.prefix.is_empty());
         let fetches = routes.iter().map(|route| async move {
             let items =
-                tokio::time::timeout(route.timeout, self.collect(agent, route, method)).await;
+                tokio::time::timeout(route.timeout, self.server_items(agent, route, method)).await;
             (*route, items)
         });
         let resources = kind.kind == mcp::TargetKind::Resource;
@@ -575,21 +613,24 @@ impl crate::proxy::Proxy {
         let mut owned: HashMap<String, String> = HashMap::new();
         let mut answered: Vec<&str> = Vec::new();
         for (route, fetched) in futures_util::future::join_all(fetches).await {
-            let items = match fetched {
-                Ok(Ok(items)) => items,
+            let (items, kept) = match fetched {
+                Ok(Ok(part)) => part,
                 Ok(Err(e)) => {
                     list_failed(route, method, &e.to_string());
+                    ttl = Duration::ZERO;
                     continue;
                 }
                 Err(_) => {
                     list_failed(route, method, "timed out");
+                    ttl = Duration::ZERO;
                     continue;
                 }
             };
+            ttl = ttl.min(kept);
             answered.push(&route.name);
-            for item in items {
+            for item in items.iter() {
                 if resources {
-                    let Some(key) = resource_key(kind, &item) else {
+                    let Some(key) = resource_key(kind, item) else {
                         continue;
                     };
                     if owned.contains_key(&key) {
@@ -597,34 +638,113 @@ impl crate::proxy::Proxy {
                         continue;
                     }
                     owned.insert(key, route.name.clone());
-                    merged.push(item);
-                    continue;
                 }
-                match self.expose(agent.runtime, route, kind, &item) {
-                    Some(shown) => merged.push(shown),
-                    None => tracing::warn!(
-                        server = %route.name,
-                        "an item of the unprefixed server would read as another server's; hidden on /mcp"
-                    ),
-                }
+                merged.push(item.clone());
             }
         }
         if resources {
             self.remember_owners(kind, &answered, owned);
         }
-        merged
+        (
+            merged,
+            if ttl == Duration::MAX {
+                Duration::ZERO
+            } else {
+                ttl
+            },
+        )
     }
 
-    /// One server's list: every page, the items the policy shows.
+    /// One server's part of a merged list, as the agent sees it, from the cache while
+    /// the server's `ttlMs` lasts; and how much longer it may be kept.
+    async fn server_items(
+        &self,
+        agent: &Agent<'_>,
+        route: &Arc<Route>,
+        method: Method,
+    ) -> Result<(Arc<Vec<String>>, Duration), ProxyError> {
+        let scope = agent.session.as_ref().map(|s| s.token.clone());
+        let key: CacheKey = (
+            agent.runtime.version.clone(),
+            route.name.clone(),
+            method,
+            scope,
+        );
+        let now = tokio::time::Instant::now();
+        let hit = {
+            let cache = self
+                .aggregate
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            cache
+                .get(&key)
+                .filter(|c| c.expires > now)
+                .map(|c| (c.items.clone(), c.expires - now))
+        };
+        let result = if hit.is_some() { "hit" } else { "miss" };
+        metrics::counter!("toolmesh_aggregate_list_cache_total", "server" => route.label.clone(), "result" => result)
+            .increment(1);
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        let Some(kind) = method.list() else {
+            return Ok((Arc::default(), Duration::ZERO));
+        };
+        let (items, ttl) = self.collect(agent, route, method).await?;
+        let shown: Vec<String> = if kind.kind == mcp::TargetKind::Resource {
+            items
+        } else {
+            items
+                .iter()
+                .filter_map(|item| {
+                    let shown = self.expose(agent.runtime, route, kind, item);
+                    if shown.is_none() {
+                        tracing::warn!(
+                            server = %route.name,
+                            "an item of the unprefixed server would read as another server's; hidden on /mcp"
+                        );
+                    }
+                    shown
+                })
+                .collect()
+        };
+        let shown = Arc::new(shown);
+        if !ttl.is_zero() {
+            let mut cache = self
+                .aggregate
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= MAX_CACHED {
+                cache.retain(|_, c| c.expires > now);
+            }
+            if cache.len() < MAX_CACHED {
+                cache.insert(
+                    key,
+                    Cached {
+                        items: shown.clone(),
+                        expires: now + ttl,
+                    },
+                );
+            }
+        }
+        Ok((shown, ttl))
+    }
+
+    /// One server's list: every page, the items the policy shows, and how long the
+    /// server says it may be kept (the shortest `ttlMs` of its pages; zero when a page
+    /// gives none).
     async fn collect(
         &self,
         agent: &Agent<'_>,
         route: &Arc<Route>,
         method: Method,
-    ) -> Result<Vec<String>, ProxyError> {
+    ) -> Result<(Vec<String>, Duration), ProxyError> {
         let Some(kind) = method.list() else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Duration::ZERO));
         };
+        let mut ttl = Duration::MAX;
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_PAGES {
@@ -653,6 +773,7 @@ impl crate::proxy::Proxy {
                 }
             })?;
             items.extend(visible.into_iter().map(|i| i.get().to_owned()));
+            ttl = ttl.min(ttl_of(result.get()));
             match next.map(RawValue::get) {
                 Some(next) if next != "null" && cursor.as_deref() != Some(next) => {
                     cursor = Some(next.to_owned());
@@ -660,7 +781,7 @@ impl crate::proxy::Proxy {
                 _ => break,
             }
         }
-        Ok(items)
+        Ok((items, ttl))
     }
 
     /// A list item as the agent sees it on `/mcp` (tools and prompts prefixed), or
@@ -1234,6 +1355,19 @@ impl Drop for InFlightGuard {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
     }
+}
+
+/// A list result's `ttlMs` (zero when absent or not a whole number of milliseconds).
+fn ttl_of(result: &str) -> Duration {
+    #[derive(Deserialize)]
+    struct Hint {
+        #[serde(default, rename = "ttlMs")]
+        ttl_ms: Option<serde_json::Value>,
+    }
+    serde_json::from_str::<Hint>(result)
+        .ok()
+        .and_then(|h| h.ttl_ms?.as_u64())
+        .map_or(Duration::ZERO, Duration::from_millis)
 }
 
 /// What names a resource or template item (its `uri` or `uriTemplate`).

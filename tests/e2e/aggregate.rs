@@ -618,3 +618,113 @@ async fn a_server_down_is_left_out_and_comes_back_and_policy_changes_apply_live(
     assert!(r.error_code().is_some(), "{r:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn lists_are_cached_as_long_as_their_servers_say_and_no_longer() -> Result<()> {
+    // Two servers that say their list keeps for a minute, one that says nothing.
+    let start = |ttl: &'static str| async move {
+        let mut cmd =
+            tokio::process::Command::new(toolmesh_tests::binary("toolmesh-bench-upstream"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tools",
+            "3",
+            "--list-ttl-ms",
+            ttl,
+        ]);
+        let mut proc = toolmesh_tests::Proc::spawn("toolmesh-bench-upstream", cmd)?;
+        let addr = proc
+            .wait_for("its listening line", toolmesh_tests::listening_on)
+            .await?;
+        anyhow::Ok((proc, format!("http://{addr}/mcp")))
+    };
+    let (_kept, kept) = start("60000").await?;
+    let (_fresh, fresh) = start("0").await?;
+    let yaml = |hidden: &str, with_c: bool| {
+        let deny = format!("{{server: a, action: deny, tools: [{hidden}]}}");
+        let mut rules = vec![
+            r#"{server: a, tools: ["*"]}"#,
+            &deny,
+            r#"{server: b, tools: ["*"]}"#,
+        ];
+        let mut docs = vec![server("a", &kept, ""), server("b", &kept, "")];
+        if with_c {
+            rules.push(r#"{server: c, tools: ["*"]}"#);
+            docs.push(server("c", &fresh, ""));
+        }
+        docs.push(policy(&rules));
+        docs.concat()
+    };
+    let sidecar = Sidecar::start(&yaml("t000", true), &[]).await?;
+    let url = aggregate_url(&sidecar);
+    let list = || async {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        let h = [
+            ("mcp-protocol-version", "2026-07-28".to_owned()),
+            ("mcp-method", "tools/list".to_owned()),
+        ];
+        let r = post(&url, &borrow(&h), body.to_string()).await?;
+        anyhow::Ok(r.message()["result"].clone())
+    };
+    let hits = || async {
+        let (_, metrics) = crate::support::admin(&sidecar, "/metrics").await?;
+        let count = |server: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("toolmesh_aggregate_list_cache_total{")
+                        && l.contains(&format!("server=\"{server}\""))
+                        && l.contains("result=\"hit\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        anyhow::Ok((count("a"), count("b"), count("c")))
+    };
+    let first = list().await?;
+    let names = |r: &Value| -> Vec<String> {
+        r["tools"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(!names(&first).contains(&"a__t000".to_owned()), "{first}");
+    assert_eq!(names(&first).len(), 8, "{first}");
+    // One server's list may not be kept: neither may the merged one.
+    assert_eq!(first["ttlMs"], 0, "{first}");
+    assert_eq!(first["cacheScope"], "private", "{first}");
+    let second = list().await?;
+    assert_eq!(names(&second), names(&first));
+    let (a, b, c) = hits().await?;
+    assert!(a >= 1.0 && b >= 1.0 && c == 0.0, "hits a={a} b={b} c={c}");
+
+    // A new snapshot is a new cache: the policy's change shows at once.
+    sidecar.write_config(&yaml("t001", true))?;
+    let changed = crate::support::eventually(10, || async {
+        list().await.is_ok_and(|r| {
+            let n = names(&r);
+            n.contains(&"a__t000".to_owned()) && !n.contains(&"a__t001".to_owned())
+        })
+    })
+    .await;
+    assert!(changed, "{}", list().await?);
+
+    // Without the server that says nothing, the merged list keeps as long as the
+    // shortest of its parts, and says so.
+    sidecar.write_config(&yaml("t001", false))?;
+    let kept = crate::support::eventually(10, || async {
+        list().await.is_ok_and(|r| {
+            r["ttlMs"].as_u64().is_some_and(|t| t > 0 && t <= 60_000)
+                && names(&r).iter().all(|n| !n.starts_with("c__"))
+        })
+    })
+    .await;
+    assert!(kept, "{}", list().await?);
+    Ok(())
+}

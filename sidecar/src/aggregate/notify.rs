@@ -317,6 +317,9 @@ impl Proxy {
             }
             while let Some(end) = filter::event_end(&buf) {
                 let data = super::next_event(&mut buf, end);
+                if data.contains("list_changed") {
+                    self.aggregate.invalidate(&route.name);
+                }
                 let Some(out) = forwarded(&rewrite, &data, wanted, tag) else {
                     continue;
                 };

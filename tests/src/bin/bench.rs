@@ -65,7 +65,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     proxy_workers: usize,
     /// Run only these workloads (repeat the flag): call-paced, call, big, sse, list,
-    /// sessions, sessions-pooled, stateless.
+    /// sessions, sessions-pooled, stateless, aggregate-call-paced, aggregate-call,
+    /// aggregate-list.
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// Leave nginx out (when it is not installed).
@@ -112,6 +113,8 @@ struct Target {
     path: &'static str,
     /// The proxy process (none for direct).
     pid: Option<u32>,
+    /// Put before tool names (the aggregated `/mcp` shows `bench__small`).
+    prefix: &'static str,
 }
 
 #[derive(Debug, Default)]
@@ -139,20 +142,31 @@ impl Outcome {
     }
 }
 
-fn body(call: Call, id: u64, sessions: bool) -> Bytes {
+/// The tool a call names (none for a list).
+fn tool(call: Call) -> Option<&'static str> {
+    match call {
+        Call::List => None,
+        Call::Small => Some("small"),
+        Call::Big => Some("big"),
+        Call::Progress => Some("progress"),
+    }
+}
+
+fn body(call: Call, id: u64, sessions: bool, prefix: &str) -> Bytes {
+    let name = tool(call).map(|t| format!("{prefix}{t}"));
     let (method, params) = match call {
         Call::List => ("tools/list", serde_json::json!({})),
         Call::Small => (
             "tools/call",
-            serde_json::json!({"name": "small", "arguments": {"text": "hello"}}),
+            serde_json::json!({"name": name, "arguments": {"text": "hello"}}),
         ),
         Call::Big => (
             "tools/call",
-            serde_json::json!({"name": "big", "arguments": {}}),
+            serde_json::json!({"name": name, "arguments": {}}),
         ),
         Call::Progress => (
             "tools/call",
-            serde_json::json!({"name": "progress", "arguments": {}, "_meta": {"progressToken": "p"}}),
+            serde_json::json!({"name": name, "arguments": {}, "_meta": {"progressToken": "p"}}),
         ),
     };
     let mut params = params;
@@ -192,15 +206,13 @@ fn request(
                     "tools/call"
                 },
             );
-            match call {
-                Call::List => req,
-                Call::Small => req.header("mcp-name", "small"),
-                Call::Big => req.header("mcp-name", "big"),
-                Call::Progress => req.header("mcp-name", "progress"),
+            match tool(call) {
+                None => req,
+                Some(tool) => req.header("mcp-name", format!("{}{tool}", target.prefix)),
             }
         }
     };
-    Ok(req.body(Full::new(body(call, id, session.is_some())))?)
+    Ok(req.body(Full::new(body(call, id, session.is_some(), target.prefix)))?)
 }
 
 async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>> {
@@ -571,12 +583,14 @@ async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<St
             addr,
             path: "/mcp/hop1",
             pid: Some(pid),
+            prefix: "",
         }),
         Arc::new(Target {
             name: "two hops",
             addr,
             path: "/mcp/hop2",
             pid: Some(pid),
+            prefix: "",
         }),
     ];
     let mut report = format!(
@@ -642,15 +656,232 @@ async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<St
     Ok(report)
 }
 
+/// The best of interleaved rounds: the highest throughput and, separately, the
+/// lowest latency at each percentile (what the path can do, not the machine's noise).
+fn best(rounds: Vec<Outcome>) -> Outcome {
+    let mut out = Outcome::default();
+    let mut best_rps = -1.0;
+    let mut best_p50 = Duration::MAX;
+    for o in rounds {
+        out.failed += o.failed;
+        if out.error.is_none() {
+            out.error.clone_from(&o.error);
+        }
+        if o.p(0.5) < best_p50 {
+            best_p50 = o.p(0.5);
+            out.latencies.clone_from(&o.latencies);
+        }
+        if o.rps() > best_rps {
+            best_rps = o.rps();
+            (out.ok, out.secs) = (o.ok, o.secs);
+            (out.cpu_ms_per_1k, out.peak_rss_kib) = (o.cpu_ms_per_1k, o.peak_rss_kib);
+        }
+    }
+    out
+}
+
+/// Rows of `results`, and `a ÷ b` rows for each pair in `ratios`.
+fn compare_table(title: &str, results: &[(&Target, Outcome)], ratios: &[(&str, &str)]) -> String {
+    let mut t = format!(
+        "### {title}\n\n| path | req/s | p50 | p90 | p99 | failed |\n|---|---:|---:|---:|---:|---:|\n"
+    );
+    for (target, o) in results {
+        let _ = writeln!(
+            t,
+            "| {} | {:.0} | {} | {} | {} | {} |",
+            target.name,
+            o.rps(),
+            us(o.p(0.5)),
+            us(o.p(0.9)),
+            us(o.p(0.99)),
+            o.failed
+        );
+    }
+    let find = |name: &str| results.iter().find(|(t, _)| t.name == name).map(|(_, o)| o);
+    for (a, b) in ratios {
+        let (Some(x), Some(y)) = (find(a), find(b)) else {
+            continue;
+        };
+        let lat = |q| {
+            format!(
+                "{} ({:+.0} µs)",
+                ratio(x.p(q).as_secs_f64(), y.p(q).as_secs_f64()),
+                (x.p(q).as_secs_f64() - y.p(q).as_secs_f64()) * 1e6
+            )
+        };
+        let _ = writeln!(
+            t,
+            "| {a} ÷ {b} | {} | {} | {} | {} | |",
+            ratio(x.rps(), y.rps()),
+            lat(0.5),
+            lat(0.9),
+            lat(0.99)
+        );
+    }
+    for (target, o) in results {
+        if let Some(e) = &o.error {
+            let _ = writeln!(t, "\n{}: {} failed; first: `{e}`", target.name, o.failed);
+        }
+    }
+    t
+}
+
+/// Rounds each comparison of the aggregate runs, interleaved.
+const AGGREGATE_ROUNDS: usize = 2;
+
+/// The aggregated `/mcp` against `/mcp/bench` on one sidecar (2025-11-25 sessions, the
+/// best of interleaved rounds); and `tools/list` of 10 servers × 50 tools through the
+/// aggregate, from its cache (the servers give a `ttlMs`) and without one, against one
+/// such server's list direct.
+async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
+    let mut report = String::from("## The aggregated `/mcp`\n\n");
+    let (mut sidecar, addr) = start_sidecar(args, config, audit).await?;
+    let pid = sidecar.pid().context("sidecar pid")?;
+    let per_server = Arc::new(Target {
+        name: "per-server",
+        addr,
+        path: "/mcp/bench",
+        pid: Some(pid),
+        prefix: "",
+    });
+    let through = Arc::new(Target {
+        name: "aggregate",
+        addr,
+        path: "/mcp",
+        pid: Some(pid),
+        prefix: "bench__",
+    });
+    let calls = [
+        Workload {
+            name: "aggregate-call-paced",
+            what: format!(
+                "small `tools/call` in 2025-11-25 sessions, {} requests/s over 10 connections",
+                args.rate
+            ),
+            call: Call::Small,
+            clients: 10,
+            rate: Some(args.rate),
+            sessions: true,
+            connections: None,
+            secs: args.paced_duration,
+        },
+        Workload {
+            name: "aggregate-call",
+            what: "small `tools/call` in 2025-11-25 sessions, 16 connections, closed loop".into(),
+            call: Call::Small,
+            clients: 16,
+            rate: None,
+            sessions: true,
+            connections: None,
+            secs: args.duration,
+        },
+    ];
+    for w in calls
+        .iter()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
+    {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..AGGREGATE_ROUNDS {
+            a.push(run(per_server.clone(), w).await.context("per-server")?);
+            b.push(run(through.clone(), w).await.context("aggregate")?);
+        }
+        let results = [(per_server.as_ref(), best(a)), (through.as_ref(), best(b))];
+        let t = compare_table(
+            &format!("{} — {}", w.name, w.what),
+            &results,
+            &[("aggregate", "per-server")],
+        );
+        println!("{t}");
+        report.push_str(&t);
+        report.push('\n');
+    }
+    sidecar.terminate().await?;
+
+    let list = Workload {
+        name: "aggregate-list",
+        what: "`tools/list` of 10 servers × 50 tools, 2025-11-25 sessions, 200 requests/s over 4 connections".into(),
+        call: Call::List,
+        clients: 4,
+        rate: Some(200),
+        sessions: true,
+        connections: None,
+        secs: args.duration,
+    };
+    if !(args.workloads.is_empty() || args.workloads.iter().any(|n| n == list.name)) {
+        return Ok(report);
+    }
+    let (_cached_up, cached_addr) =
+        start_upstream(&["--tools", "50", "--list-ttl-ms", "60000"]).await?;
+    let (_fresh_up, fresh_addr) = start_upstream(&["--tools", "50"]).await?;
+    let dir = TempDir::new("bench-aggregate")?;
+    let ten = |upstream: SocketAddr| {
+        let mut yaml = String::new();
+        for i in 0..10 {
+            let _ = write!(
+                yaml,
+                "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: s{i}}}\nspec: {{endpoints: [{{url: \"http://{upstream}/mcp\"}}], allowUnauthenticated: true}}\n---\n"
+            );
+        }
+        yaml.push_str("apiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: all}\nspec:\n  subjects: [{identity: \"agents/*\"}]\n  rules:\n");
+        for i in 0..10 {
+            let _ = writeln!(yaml, "    - {{server: s{i}, tools: [\"*\"]}}");
+        }
+        yaml
+    };
+    let (cached_config, fresh_config) = (dir.0.join("cached.yaml"), dir.0.join("fresh.yaml"));
+    std::fs::write(&cached_config, ten(cached_addr))?;
+    std::fs::write(&fresh_config, ten(fresh_addr))?;
+    let (cached_sidecar, cached) = start_sidecar(args, &cached_config, audit).await?;
+    let (fresh_sidecar, fresh) = start_sidecar(args, &fresh_config, audit).await?;
+    let target = |name, addr, path, pid| {
+        Arc::new(Target {
+            name,
+            addr,
+            path,
+            pid,
+            prefix: "",
+        })
+    };
+    let targets = [
+        target("one server, direct", fresh_addr, "/mcp", None),
+        target("aggregate, cached", cached, "/mcp", cached_sidecar.pid()),
+        target("aggregate, uncached", fresh, "/mcp", fresh_sidecar.pid()),
+    ];
+    let mut rounds: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..AGGREGATE_ROUNDS {
+        for (i, t) in targets.iter().enumerate() {
+            rounds[i].push(run(t.clone(), &list).await.with_context(|| t.name)?);
+        }
+    }
+    let results: Vec<(&Target, Outcome)> = targets
+        .iter()
+        .map(AsRef::as_ref)
+        .zip(rounds.into_iter().map(best))
+        .collect();
+    let t = compare_table(
+        &format!("{} — {}", list.name, list.what),
+        &results,
+        &[
+            ("aggregate, uncached", "aggregate, cached"),
+            ("aggregate, uncached", "one server, direct"),
+        ],
+    );
+    println!("{t}");
+    report.push_str(&t);
+    report.push('\n');
+    Ok(report)
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-async fn start_upstream() -> Result<(Proc, SocketAddr)> {
+async fn start_upstream(extra: &[&str]) -> Result<(Proc, SocketAddr)> {
     let mut cmd = Command::new(sibling("toolmesh-bench-upstream")?);
-    cmd.args(["--listen", "127.0.0.1:0", "--workers", "1"]);
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "1"])
+        .args(extra);
     let mut proc = Proc::spawn("toolmesh-bench-upstream", cmd)?;
     let addr = proc
         .wait_for("its listening line", toolmesh_tests::listening_on)
@@ -1017,7 +1248,7 @@ async fn start_sidecar(args: &Args, config: &Path, audit: &Path) -> Result<(Proc
 
 async fn bench(args: Args) -> Result<()> {
     let dir = TempDir::new("bench")?;
-    let (_upstream, up) = start_upstream().await?;
+    let (_upstream, up) = start_upstream(&[]).await?;
     let upstream_url = format!("http://{up}/mcp");
     let config = dir.0.join("sidecar.yaml");
     std::fs::write(&config, resources(&upstream_url))?;
@@ -1028,6 +1259,7 @@ async fn bench(args: Args) -> Result<()> {
         addr: up,
         path: "/mcp",
         pid: None,
+        prefix: "",
     });
     let nginx_dir = TempDir::new("bench-nginx")?;
     let (_nginx, nginx) = if args.no_nginx {
@@ -1040,6 +1272,7 @@ async fn bench(args: Args) -> Result<()> {
             addr: ([127, 0, 0, 1], port).into(),
             path: "/mcp/bench",
             pid: nginx_worker(master).or(Some(master)),
+            prefix: "",
         });
         (Some(proc), Some(target))
     };
@@ -1065,6 +1298,7 @@ async fn bench(args: Args) -> Result<()> {
                 addr,
                 path: "/mcp/bench",
                 pid: Some(sidecar.pid().context("sidecar pid")?),
+                prefix: "",
             }),
         ];
         targets.extend(nginx.clone());
@@ -1088,6 +1322,9 @@ async fn bench(args: Args) -> Result<()> {
     let line = format!("Audit lines the sidecars wrote: {lines}.\n\n");
     println!("{line}");
     report.push_str(&line);
+
+    let aggregated = aggregate(&args, &config, &audit).await?;
+    report.push_str(&aggregated);
 
     let hops = two_hop(&args, &direct, &upstream_url).await?;
     println!("{hops}");

@@ -5,7 +5,8 @@
 //! spliced in). It speaks just enough MCP for the benchmark's workloads, in both
 //! generations: `initialize` (2025-11-25; answers with an `Mcp-Session-Id`, and later
 //! requests of that generation must carry one), notifications (202), `tools/list`
-//! (500 tools: `t000`..`t499`) and `tools/call` of
+//! (`--tools`, 500 by default: `t000`..`t499`; with `ttlMs` when `--list-ttl-ms` is
+//! set) and `tools/call` of
 //!
 //! - `small`: a one-line text result;
 //! - `big`: a 1 MiB text result;
@@ -41,10 +42,15 @@ struct Args {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Tools in the `tools/list` answer.
+    #[arg(long, default_value_t = 500)]
+    tools: usize,
+    /// `ttlMs` the `tools/list` result carries (how long a client may keep it); none
+    /// when 0.
+    #[arg(long, default_value_t = 0)]
+    list_ttl_ms: u64,
 }
 
-/// Tools in the `tools/list` answer.
-const TOOLS: usize = 500;
 /// Progress events before the result of `progress`.
 const EVENTS: usize = 100;
 /// Size of the text in the `big` result.
@@ -88,8 +94,8 @@ struct Answers {
 }
 
 impl Answers {
-    fn new() -> Answers {
-        let tools: Vec<String> = (0..TOOLS)
+    fn new(args: &Args) -> Answers {
+        let tools: Vec<String> = (0..args.tools)
             .map(|i| {
                 format!(
                     r#"{{"name":"t{i:03}","description":"Benchmark tool number {i}, which does nothing useful","inputSchema":{{"type":"object","properties":{{"text":{{"type":"string"}}}}}}}}"#
@@ -112,7 +118,15 @@ impl Answers {
                 r#"{{"content":[{{"type":"text","text":"{}"}}]}}"#,
                 "x".repeat(BIG)
             )),
-            list: Canned::new(&format!(r#"{{"tools":[{}]}}"#, tools.join(","))),
+            list: Canned::new(&format!(
+                r#"{{"tools":[{}]{}}}"#,
+                tools.join(","),
+                if args.list_ttl_ms > 0 {
+                    format!(r#","ttlMs":{}"#, args.list_ttl_ms)
+                } else {
+                    String::new()
+                }
+            )),
             done: Canned::new(r#"{"content":[{"type":"text","text":"done"}]}"#),
             progress,
             sessions: AtomicU64::new(0),
@@ -226,7 +240,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         println!("listening on http://{}/mcp", listener.local_addr()?);
-        let answers = Arc::new(Answers::new());
+        let answers = Arc::new(Answers::new(&args));
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
