@@ -15,6 +15,8 @@
 //!   process saw one, else it is left out;
 //! - an `McpServer` whose credential Secret or key is missing (or not UTF-8 text) is
 //!   left out: it would be reached without its credential;
+//! - an `McpServer` whose prefix on `/mcp` or server-side identity another one (earlier
+//!   by name) already has is left out (`Conflict`): a set with both could not be served;
 //! - an `AccessPolicy` rule naming an `McpServer` that is not served is dropped from the
 //!   copy served (it could match no call anyway); the policy's other rules apply.
 //!
@@ -47,7 +49,7 @@ pub struct Verdict {
     /// The object's `metadata.generation` this verdict is about.
     pub generation: Option<i64>,
     pub ready: bool,
-    /// `Accepted`, `Invalid`, `SecretMissing`, `ServerMissing`.
+    /// `Accepted`, `Invalid`, `SecretMissing`, `Conflict`, `ServerMissing`.
     pub reason: &'static str,
     pub message: String,
 }
@@ -160,6 +162,54 @@ pub fn build(
             v.ready = false;
             v.reason = "SecretMissing";
             v.message = format!("spec.credential.secretRef: {why}; not served until it does");
+        }
+    }
+
+    // What must be unique across servers (the names on the aggregated /mcp, a
+    // server-side sidecar's identity): a server that takes what one earlier by name has
+    // is not served, so the others still change as they should.
+    let mut prefixes: HashMap<&str, &str> = HashMap::new();
+    let mut identities: HashMap<&str, &str> = HashMap::new();
+    let mut conflicts = Vec::new();
+    for (name, server) in &set.servers {
+        let prefix = server.spec.effective_prefix(name);
+        if let Some(other) = prefixes.get(prefix) {
+            let what = if prefix.is_empty() {
+                format!(
+                    "McpServer {other:?} is unprefixed too: /mcp can show only one server's names as they are"
+                )
+            } else {
+                format!(
+                    "McpServer {other:?} already uses the prefix {prefix:?}: their names would collide on /mcp"
+                )
+            };
+            conflicts.push((name.clone(), format!("spec.prefix: {what}")));
+            continue;
+        }
+        if let Some(mesh) = &server.spec.mesh {
+            if let Some(other) = identities.get(mesh.identity.as_str()) {
+                conflicts.push((
+                    name.clone(),
+                    format!(
+                        "spec.mesh.identity: McpServer {other:?} already runs as {:?}: a server-side sidecar serves one server",
+                        mesh.identity
+                    ),
+                ));
+                continue;
+            }
+            identities.insert(&mesh.identity, name);
+        }
+        prefixes.insert(prefix, name);
+    }
+    for (name, why) in conflicts {
+        set.servers.remove(&name);
+        if let Some(v) = verdicts
+            .iter_mut()
+            .find(|v| v.kind == Kind::McpServer && v.name == name)
+        {
+            v.ready = false;
+            v.reason = "Conflict";
+            v.message = format!("{why}; not served until one of them changes");
         }
     }
 

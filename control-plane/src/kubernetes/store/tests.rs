@@ -213,6 +213,61 @@ fn an_invalid_update_keeps_the_last_valid_version_and_a_new_invalid_object_is_le
     assert!(set.policies.is_empty());
 }
 
+#[test]
+fn a_server_that_takes_another_ones_prefix_or_identity_is_left_out_alone() {
+    let open = |url: &str, more: Value| {
+        let mut spec = json!({"endpoints": [{"url": url}], "allowUnauthenticated": true});
+        if let (Some(spec), Some(more)) = (spec.as_object_mut(), more.as_object()) {
+            spec.extend(more.clone());
+        }
+        spec
+    };
+    let servers = [
+        server("alpha", 1, open("http://a:1/mcp", json!({"prefix": "gh"}))),
+        server("beta", 1, open("http://b:1/mcp", json!({"prefix": "gh"}))),
+        server("gamma", 1, open("http://c:1/mcp", json!({}))),
+        server(
+            "m1",
+            1,
+            open(
+                "https://m:1/mcp/m1",
+                json!({"mesh": {"identity": "tools/x"}}),
+            ),
+        ),
+        server(
+            "m2",
+            1,
+            open(
+                "https://m:1/mcp/m2",
+                json!({"mesh": {"identity": "tools/x"}}),
+            ),
+        ),
+    ];
+    let (set, verdicts) = build(
+        &servers,
+        &[policy("p", 1, allow_all(&["alpha", "beta", "gamma"]))],
+        &[],
+        &mut LastGood::new(),
+    );
+    // The rest is served (and validates): one conflict does not hold everything back.
+    validate_set(&set).expect("what is served is consistent");
+    let served: Vec<&str> = set.servers.keys().map(String::as_str).collect();
+    assert_eq!(served, ["alpha", "gamma", "m1"]);
+    for (name, field, other) in [
+        ("beta", "spec.prefix", "alpha"),
+        ("m2", "spec.mesh.identity", "m1"),
+    ] {
+        let v = verdict(&verdicts, Kind::McpServer, name);
+        assert_eq!((v.ready, v.reason), (false, "Conflict"), "{v:?}");
+        assert!(
+            v.message.contains(field) && v.message.contains(other),
+            "{v:?}"
+        );
+    }
+    let p = verdict(&verdicts, Kind::AccessPolicy, "p");
+    assert_eq!(p.reason, "ServerMissing", "{p:?}");
+}
+
 async fn wait_for(store: &KubeStore, what: &str, done: impl Fn(&ResourceSet) -> bool) {
     let mut changes = store.changes();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
