@@ -33,11 +33,20 @@
 //! - **Failures.** A server that fails or times out during a list is left out of the
 //!   merged list (logged, counted in `toolmesh_aggregate_list_failures_total`); the
 //!   others answer.
+//! - **Notifications** ([`notify`]): a 2025 agent's `GET /mcp` and a 2026 agent's
+//!   `subscriptions/listen` carry what every server sends (list changes, for the
+//!   latter), each server's stream re-opened until the agent goes away.
+//! - **Cache.** Each server's part of a merged list (visible items, prefixed) is kept
+//!   while the server's `ttlMs` lasts, per snapshot and per 2025 session (or per
+//!   identity for stateless agents); a list change heard on a notification stream
+//!   drops it; a server that gives no `ttlMs` is never cached. Merged answers to 2026
+//!   agents carry the shortest remaining `ttlMs` (0 when any part may not be kept).
 //!
 //! Not here (yet): a cursor across servers (lists are collected whole, up to
-//! [`MAX_PAGES`] pages per server, and returned without `nextCursor`), the GET stream
-//! and `list_changed` fan-in (`GET /mcp` answers 405), caching, and a 2025 agent
-//! reaching a server that speaks only 2026-07-28 (a clear error).
+//! [`MAX_PAGES`] pages per server, and returned without `nextCursor`), resource
+//! subscriptions through `subscriptions/listen`, legacy HTTP+SSE (2024-11-05)
+//! upstreams, and a 2025 agent reaching a server that speaks only 2026-07-28 (a clear
+//! error).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -223,7 +232,7 @@ impl crate::proxy::Proxy {
         runtime: &Arc<Runtime>,
         ctx: &mut crate::proxy::Ctx,
     ) -> Result<Response<Body>, ProxyError> {
-        ctx.server = metrics::SharedString::const_str("(aggregate)");
+        ctx.server = crate::telemetry::AGGREGATE_SERVER;
         let (parts, incoming) = req.into_parts();
         match parts.method {
             HttpMethod::POST => {}
@@ -682,9 +691,7 @@ impl crate::proxy::Proxy {
                 .filter(|c| c.expires > now)
                 .map(|c| (c.items.clone(), c.expires - now))
         };
-        let result = if hit.is_some() { "hit" } else { "miss" };
-        metrics::counter!("toolmesh_aggregate_list_cache_total", "server" => route.label.clone(), "result" => result)
-            .increment(1);
+        crate::telemetry::aggregate_list_cache(&route.label, hit.is_some());
         if let Some(hit) = hit {
             return Ok(hit);
         }
@@ -1389,16 +1396,13 @@ fn resource_key(kind: filter::ListKind, item: &str) -> Option<String> {
 
 fn list_failed(route: &Route, method: Method, reason: &str) {
     tracing::warn!(server = %route.name, method = method.name(), reason, "left out of the aggregated list");
-    metrics::counter!(
-        "toolmesh_aggregate_list_failures_total",
-        "server" => route.label.clone(),
-        "method" => method.name()
-    )
-    .increment(1);
+    crate::telemetry::aggregate_list_failed(&route.label, method.name());
 }
 
-/// What the aggregate says it can do: the kinds of items it merges. No list changes,
-/// subscriptions or logging yet (module docs).
+/// What the aggregate says it can do: the kinds of items it merges, their list
+/// changes (fanned in), logging (set on every server) and completions (routed). No
+/// resource subscriptions through the capabilities: `resources/subscribe` is routed to
+/// the owner, but updates reach only a 2025 agent's GET stream.
 const CAPABILITIES: &str = "{\"logging\":{},\"tools\":{\"listChanged\":true},\"prompts\":{\"listChanged\":true},\"resources\":{\"listChanged\":true},\"completions\":{}}";
 const INSTRUCTIONS: &str = "Every MCP server this agent may use, through its toolmesh sidecar. Tools and prompts are named <server>__<name>.";
 

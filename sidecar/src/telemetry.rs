@@ -2,7 +2,8 @@
 //!
 //! Every metric the sidecar exports is named here, so the README's metrics list and
 //! the code cannot drift apart silently. Label values are bounded: the server label is
-//! a configured server name (or `(unknown)`), the method label one of the MCP methods
+//! a configured server name (or `(unknown)`, or `(aggregate)` for what the aggregated
+//! `/mcp` answers itself), the method label one of the MCP methods
 //! in the method table ([`crate::mcp::Method::name`]) or a fixed placeholder, never
 //! free text from the network.
 //!
@@ -32,6 +33,8 @@ pub const MESH_REFUSED: &str = "toolmesh_mesh_connections_refused_total";
 pub const WORKLOAD_CERT_EXPIRY: &str = "toolmesh_workload_certificate_expiry_timestamp_seconds";
 pub const WORKLOAD_CERT_RENEWALS: &str = "toolmesh_workload_certificate_renewals_total";
 pub const UPSTREAM_EXPOSED: &str = "toolmesh_mesh_upstream_exposed";
+pub const AGGREGATE_LIST_FAILURES: &str = "toolmesh_aggregate_list_failures_total";
+pub const AGGREGATE_LIST_CACHE: &str = "toolmesh_aggregate_list_cache_total";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,9 @@ impl Outcome {
 
 /// The server label of requests for a path that names no configured server.
 pub const UNKNOWN_SERVER: SharedString = SharedString::const_str("(unknown)");
+/// The server label of a request on the aggregated `/mcp` that no one server answers
+/// (initialize, lists, discover); calls carry the real server's name.
+pub const AGGREGATE_SERVER: SharedString = SharedString::const_str("(aggregate)");
 
 /// Histogram buckets for request latency, in seconds: from 100µs to 60s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -100,6 +106,14 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         REQUEST_DURATION,
         metrics::Unit::Seconds,
         "Time from request received to response head sent, by server and MCP method"
+    );
+    describe_counter!(
+        AGGREGATE_LIST_FAILURES,
+        "Servers left out of a list on the aggregated /mcp (failed or timed out), by server and list method"
+    );
+    describe_counter!(
+        AGGREGATE_LIST_CACHE,
+        "Server lists the aggregated /mcp took from its cache (hit) or fetched (miss), by server"
     );
     describe_counter!(
         UPSTREAM_ERRORS,
@@ -254,6 +268,17 @@ pub fn request(server: &SharedString, method: &'static str, outcome: Outcome, el
         .increment(1);
     histogram!(REQUEST_DURATION, "server" => server.clone(), "method" => method)
         .record(elapsed.as_secs_f64());
+}
+
+/// A server left out of a merged list on `/mcp`.
+pub fn aggregate_list_failed(server: &SharedString, method: &'static str) {
+    counter!(AGGREGATE_LIST_FAILURES, "server" => server.clone(), "method" => method).increment(1);
+}
+
+/// A server's part of a merged list taken from the cache (`hit`) or fetched.
+pub fn aggregate_list_cache(server: &SharedString, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    counter!(AGGREGATE_LIST_CACHE, "server" => server.clone(), "result" => result).increment(1);
 }
 
 pub fn upstream_error(server: &SharedString, kind: &'static str) {
