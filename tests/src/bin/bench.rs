@@ -566,13 +566,20 @@ async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<St
     .args(["--admin-listen", &format!("127.0.0.1:{server_admin}")])
     .args(["--workers", &args.proxy_workers.to_string()])
     .arg("--token-file")
-    .arg(&server_token);
+    .arg(&server_token)
+    // Audit to files, as in the other workloads: on stdout, every line would also
+    // wake this process (the load generator) through the pipe it reads logs from,
+    // twice per request through two hops and once through one.
+    .arg("--audit-file")
+    .arg(dir.0.join("server-audit.jsonl"));
     let (server, _) = time_to_ready(cmd, server_admin).await?;
     let (mcp, admin) = (free_port()?, free_port()?);
     let mut cmd = sidecar_command(args, mcp, admin)?;
     cmd.args(["--control-plane", &url])
         .arg("--token-file")
-        .arg(&agent_token);
+        .arg(&agent_token)
+        .arg("--audit-file")
+        .arg(dir.0.join("agent-audit.jsonl"));
     let (agent, _) = time_to_ready(cmd, admin).await?;
     let addr: SocketAddr = ([127, 0, 0, 1], mcp).into();
     let pid = agent.pid().context("agent sidecar pid")?;
