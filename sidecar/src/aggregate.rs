@@ -98,8 +98,6 @@ pub struct Aggregate {
     sessions: Mutex<Sessions>,
     /// Upstream sessions the sidecar holds for stateless agents, by server.
     shared: Upstreams,
-    /// Whether a server speaks 2026-07-28, by snapshot version and server.
-    generations: Mutex<HashMap<(String, String), bool>>,
     /// The server whose list showed a resource URI, and templates' literal starts.
     owners: Mutex<Owners>,
     /// Servers' lists as the agent sees them, for as long as the servers say.
@@ -113,9 +111,11 @@ struct Sessions {
     order: std::collections::VecDeque<String>,
 }
 
-/// A cached list: snapshot version, server, list method, and the 2025 session it was
-/// fetched in (`None`: the identity's, for stateless agents).
-type CacheKey = (String, String, Method, Option<String>);
+/// A cached list: snapshot version, server, list method, the 2025 session it was
+/// fetched in (`None`: the identity's, for stateless agents), and whether its names
+/// are prefixed.
+/// Whether the items are prefixed (the aggregate) or as the server names them (bridged).
+type CacheKey = (String, String, Method, Option<String>, bool);
 
 #[derive(Debug)]
 struct Cached {
@@ -152,6 +152,8 @@ struct UpstreamSession {
     version: String,
     endpoint: usize,
     id: Option<HeaderValue>,
+    /// The server's `InitializeResult`, raw.
+    init: Arc<str>,
 }
 
 impl Aggregate {
@@ -160,7 +162,7 @@ impl Aggregate {
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(_, s, _, _), _| s != server);
+            .retain(|(_, s, _, _, _), _| s != server);
     }
 }
 
@@ -195,6 +197,18 @@ struct Agent<'a> {
     /// 2026-07-28 or later: stateless.
     modern: bool,
     session: Option<Arc<AgentSession>>,
+    /// Bridging on `/mcp/<server>`: this server alone, its names as they are.
+    only: Option<&'a Arc<Route>>,
+}
+
+impl Agent<'_> {
+    /// The servers this request is about: the one bridged, or every aggregated one.
+    fn routes(&self) -> Vec<&Arc<Route>> {
+        match self.only {
+            Some(route) => vec![route],
+            None => self.runtime.aggregated().iter().collect(),
+        }
+    }
 }
 
 /// [`Agent`] owned, for tasks that outlive the request (notification streams).
@@ -204,6 +218,7 @@ struct Owned {
     runtime: Arc<Runtime>,
     modern: bool,
     session: Option<Arc<AgentSession>>,
+    only: Option<Arc<Route>>,
 }
 
 impl Owned {
@@ -213,6 +228,7 @@ impl Owned {
             runtime: &self.runtime,
             modern: self.modern,
             session: self.session.clone(),
+            only: self.only.as_ref(),
         }
     }
 }
@@ -248,6 +264,7 @@ impl crate::proxy::Proxy {
                     runtime: runtime.clone(),
                     modern: false,
                     session: Some(session),
+                    only: None,
                 };
                 return Ok(notify::stream(self.listen(
                     agent,
@@ -280,20 +297,78 @@ impl crate::proxy::Proxy {
             runtime,
             modern,
             session,
+            only: None,
         };
+        if message.kind == Kind::Request && message.rpc == Some(Method::Initialize) && !modern {
+            return self.initialize(subject, message, message.id).await;
+        }
+        self.dispatch(&agent, message, &parts.headers, &body, ctx)
+            .await
+    }
+
+    /// A 2026-07-28 request on `/mcp/<server>` for a server that speaks only 2025
+    /// revisions: served as the aggregate serves it, with this server alone and its
+    /// names as they are (bridging). Decided, filtered and audited as on the
+    /// aggregate, by the same functions as the relayed path.
+    pub(crate) async fn bridge(
+        self: &Arc<Self>,
+        runtime: &Arc<Runtime>,
+        route: &Arc<Route>,
+        headers: &HeaderMap,
+        body: &Bytes,
+        ctx: &mut crate::proxy::Ctx,
+    ) -> Result<Response<Body>, ProxyError> {
+        let envelope = mcp::parse(body).map_err(crate::proxy::rejection)?;
+        let Envelope::Single(message) = &envelope else {
+            return Err(ProxyError::InvalidRequest(
+                "not a single message".to_owned(),
+            ));
+        };
+        let subject = ctx.subject.clone();
+        let agent = Agent {
+            subject: &subject,
+            runtime,
+            modern: true,
+            session: None,
+            only: Some(route),
+        };
+        self.dispatch(&agent, message, headers, body, ctx).await
+    }
+
+    /// One message of an agent (its session, if any, already checked).
+    async fn dispatch(
+        self: &Arc<Self>,
+        agent: &Agent<'_>,
+        message: &mcp::Message<'_>,
+        headers: &HeaderMap,
+        body: &Bytes,
+        ctx: &mut crate::proxy::Ctx,
+    ) -> Result<Response<Body>, ProxyError> {
         let id = message.id;
+        let modern = agent.modern;
+        let where_ = if agent.only.is_some() {
+            "bridged to a 2025-11-25 server"
+        } else {
+            "served by the aggregated /mcp; use /mcp/<server>"
+        };
         match (message.kind, message.rpc) {
-            (Kind::Response, _) => self.answer_server(&agent, message, &body).await,
+            (Kind::Response, _) if agent.only.is_none() => {
+                self.answer_server(agent, message, body).await
+            }
+            (Kind::Response, _) => Err(ProxyError::InvalidRequest(
+                "a 2026-07-28 client answers no server requests".to_owned(),
+            )),
             (Kind::Notification, rpc) => {
-                self.notification(&agent, rpc, message).await;
+                self.notification(agent, rpc, message).await;
                 Ok(accepted())
             }
-            (Kind::Request, Some(Method::Initialize)) if !modern => {
-                self.initialize(subject, message, id).await
-            }
-            (Kind::Request, Some(Method::Discover)) if modern => {
-                Ok(json_answer(id, &discover_result(), &HeaderMap::new()))
-            }
+            (Kind::Request, Some(Method::Discover)) if modern => match agent.only {
+                None => Ok(json_answer(id, &discover_result(), &HeaderMap::new())),
+                Some(route) => {
+                    let init = self.server_init(agent, route).await?;
+                    Ok(json_answer(id, &bridged_discover(&init), &HeaderMap::new()))
+                }
+            },
             (Kind::Request, Some(Method::SubscriptionsListen)) if modern => {
                 let (wanted, honored) = notify::Wanted::requested(message.params);
                 let Some(id) = id else {
@@ -302,10 +377,11 @@ impl crate::proxy::Proxy {
                     ));
                 };
                 let owned = Owned {
-                    subject: subject.clone(),
-                    runtime: runtime.clone(),
+                    subject: agent.subject.clone(),
+                    runtime: agent.runtime.clone(),
                     modern: true,
                     session: None,
+                    only: agent.only.cloned(),
                 };
                 Ok(notify::stream(self.listen(
                     owned,
@@ -315,20 +391,19 @@ impl crate::proxy::Proxy {
             }
             (Kind::Request, Some(Method::Ping)) => Ok(json_answer(id, "{}", &HeaderMap::new())),
             (Kind::Request, Some(method)) if method.list().is_some() => {
-                self.list(&agent, method, id).await
+                self.list(agent, method, id).await
             }
             (Kind::Request, Some(Method::LoggingSetLevel)) => {
-                self.set_level(&agent, message.params).await;
+                self.set_level(agent, message.params).await;
                 Ok(json_answer(id, "{}", &HeaderMap::new()))
             }
             (Kind::Request, Some(method))
                 if method.is_gated() || method == Method::ResourcesUnsubscribe =>
             {
-                self.call(&agent, method, message, &parts.headers, &body, ctx)
-                    .await
+                self.call(agent, method, message, headers, body, ctx).await
             }
             (Kind::Request, _) => Err(ProxyError::InvalidRequest(format!(
-                "method {:?} is not served by the aggregated /mcp; use /mcp/<server>",
+                "method {:?} is not {where_}",
                 message.method.as_deref().unwrap_or_default()
             ))),
         }
@@ -564,7 +639,7 @@ impl crate::proxy::Proxy {
     /// fails is logged, not the agent's problem).
     async fn set_level(&self, agent: &Agent<'_>, params: Option<&RawValue>) {
         let params = params.map_or("{}", RawValue::get);
-        let sets = agent.runtime.aggregated().iter().map(|route| async move {
+        let sets = agent.routes().into_iter().map(|route| async move {
             let set = tokio::time::timeout(
                 route.timeout,
                 self.ask(agent, route, Method::LoggingSetLevel, params),
@@ -610,7 +685,7 @@ impl crate::proxy::Proxy {
             return (Vec::new(), Duration::ZERO);
         };
         let mut ttl = Duration::MAX;
-        let mut routes: Vec<&Arc<Route>> = agent.runtime.aggregated().iter().collect();
+        let mut routes = agent.routes();
         routes.sort_by_key(|r| !r.prefix.is_empty());
         let fetches = routes.iter().map(|route| async move {
             let items =
@@ -678,6 +753,7 @@ impl crate::proxy::Proxy {
             route.name.clone(),
             method,
             scope,
+            agent.only.is_none(),
         );
         let now = tokio::time::Instant::now();
         let hit = {
@@ -699,7 +775,7 @@ impl crate::proxy::Proxy {
             return Ok((Arc::default(), Duration::ZERO));
         };
         let (items, ttl) = self.collect(agent, route, method).await?;
-        let shown: Vec<String> = if kind.kind == mcp::TargetKind::Resource {
+        let shown: Vec<String> = if kind.kind == mcp::TargetKind::Resource || agent.only.is_some() {
             items
         } else {
             items
@@ -904,8 +980,9 @@ impl crate::proxy::Proxy {
             .unwrap_or_default();
         // Resources belong to a server by the URI as listed: the one sent.
         let uri = message.target.clone().unwrap_or_default();
-        let (route, real): (Arc<Route>, Option<String>) = match method {
-            Method::ToolsCall | Method::PromptsGet => {
+        let (route, real): (Arc<Route>, Option<String>) = match (agent.only, method) {
+            (Some(route), _) => (route.clone(), None),
+            (None, Method::ToolsCall | Method::PromptsGet) => {
                 let (route, real) = agent.runtime.resolve(&target).ok_or_else(|| {
                     ProxyError::InvalidRequest(format!(
                         "{} {:?}: no server on /mcp has that prefix",
@@ -919,7 +996,7 @@ impl crate::proxy::Proxy {
                 })?;
                 (route.clone(), Some(real.to_owned()))
             }
-            Method::CompletionComplete => match message.acts_on.as_ref().map(|t| t.kind) {
+            (None, Method::CompletionComplete) => match message.acts_on.as_ref().map(|t| t.kind) {
                 Some(mcp::TargetKind::Prompt) => {
                     let (route, real) = agent.runtime.resolve(&target).ok_or_else(|| {
                         ProxyError::InvalidRequest("completion of an unknown prompt".to_owned())
@@ -928,12 +1005,12 @@ impl crate::proxy::Proxy {
                 }
                 _ => (self.resource_owner(agent, &target).await?, None),
             },
-            _ => (self.resource_owner(agent, &uri).await?, None),
+            (None, _) => (self.resource_owner(agent, &uri).await?, None),
         };
         ctx.server = route.label.clone();
         let text = std::str::from_utf8(body)
             .map_err(|_| ProxyError::Parse("the body is not UTF-8".to_owned()))?;
-        let bridged = agent.modern && !self.speaks_modern(agent, &route).await;
+        let bridged = agent.modern && !self.speaks_modern(&route).await;
         let upstream_id = if bridged {
             Some(
                 self.aggregate
@@ -994,13 +1071,15 @@ impl crate::proxy::Proxy {
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| Framing::of(v.as_bytes()));
-        // Bridged (a 2026 agent, a 2025 server): the agent's id back, the result in
-        // its generation's shape, server requests refused. A 2025 agent: server
-        // requests' ids made the aggregate's. A 2026 server for a 2026 agent: as is.
+        // Bridged (a 2026 agent, a 2025 server): the agent's id back and server requests
+        // refused. A 2025 agent: server requests' ids made the aggregate's.
         let rewrite = Rewrite {
             server: route.name.clone(),
             agent_id: upstream_id.as_ref().and(message.id.map(|i| i.to_owned())),
-            modern: bridged.then_some(method),
+            // Every 2026 result the aggregate gives is complete in that generation's
+            // shape, whatever the server left out (rmcp omits `resultType`, which the
+            // Python SDK requires).
+            modern: agent.modern.then_some(method),
             prefix_requests: !agent.modern,
             refuse_server_requests: bridged.then(|| {
                 (
@@ -1063,17 +1142,12 @@ impl crate::proxy::Proxy {
         })
     }
 
-    /// Does `route`'s server speak 2026-07-28? Learnt once per snapshot.
-    async fn speaks_modern(&self, agent: &Agent<'_>, route: &Arc<Route>) -> bool {
-        let key = (agent.runtime.version.clone(), route.name.clone());
-        if let Some(known) = self
-            .aggregate
-            .generations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return *known;
+    /// Does `route`'s server speak 2026-07-28? Learnt once per snapshot (on the route)
+    /// by asking `server/discover`; `None` while the server cannot be asked (it is
+    /// asked again next time).
+    pub(crate) async fn generation(&self, route: &Arc<Route>) -> Option<bool> {
+        if let Some(known) = route.speaks_modern() {
+            return Some(known);
         }
         let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
         let text = format!(
@@ -1085,29 +1159,37 @@ impl crate::proxy::Proxy {
             header::ACCEPT,
             HeaderValue::from_static("application/json, text/event-stream"),
         );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         let uri = route.endpoints[route.pick()].uri.clone();
-        let modern = match self
+        let resp = self
             .upstream
-            .send(route, uri, HttpMethod::POST, headers, Bytes::from(text))
+            .probe(route, uri, headers, Bytes::from(text))
             .await
-        {
-            Ok(resp) if resp.status().is_success() => match read_reply(resp, id).await {
-                Ok(Reply::Result(result)) => result.get().contains(mcp::MODERN_VERSION),
-                _ => false,
-            },
-            Ok(_) => false,
-            // Unreachable now: ask again next time.
-            Err(_) => return false,
+            .ok()?;
+        // Only a clear answer decides: a result naming 2026-07-28 (modern), a JSON-RPC
+        // error or a 4xx refusal (a 2025 server without a session). A 5xx or an answer
+        // that cannot be read decides nothing.
+        let status = resp.status();
+        let modern = if status.is_client_error() {
+            false
+        } else if status.is_success() {
+            match read_reply(resp, id).await.ok()? {
+                Reply::Result(r) => r.get().contains(mcp::MODERN_VERSION),
+                Reply::Error(_) => false,
+            }
+        } else {
+            return None;
         };
-        let mut generations = self
-            .aggregate
-            .generations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        // What was learnt under older snapshots is stale.
-        generations.retain(|(version, _), _| *version == key.0);
-        generations.insert(key, modern);
-        modern
+        route.learn_generation(modern);
+        Some(modern)
+    }
+
+    /// [`Proxy::generation`], a server that cannot be asked taken for a 2025 one.
+    async fn speaks_modern(&self, route: &Arc<Route>) -> bool {
+        self.generation(route).await.unwrap_or(false)
     }
 
     /// One of the sidecar's own requests to `route` for this agent; its answer.
@@ -1119,7 +1201,7 @@ impl crate::proxy::Proxy {
         params: &str,
     ) -> Result<Reply, ProxyError> {
         let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
-        let modern = agent.modern && self.speaks_modern(agent, route).await;
+        let modern = agent.modern && self.speaks_modern(route).await;
         let (params, headers) = if modern {
             let params =
                 filter::rewrite_members(params, |_, _, _| false).unwrap_or_else(|| "{}".to_owned());
@@ -1194,6 +1276,21 @@ impl crate::proxy::Proxy {
                 .await;
         }
         self.post_session(agent, route, body).await
+    }
+
+    /// The `InitializeResult` of `route`'s server, from this agent's upstream session
+    /// (opened for it if need be).
+    async fn server_init(
+        &self,
+        agent: &Agent<'_>,
+        route: &Arc<Route>,
+    ) -> Result<Arc<str>, ProxyError> {
+        let (upstreams, init) = self.upstreams_of(agent);
+        let cell = upstreams.cell(&route.name);
+        let session = cell
+            .get_or_try_init(|| self.open_upstream(agent, route, init))
+            .await?;
+        Ok(session.init.clone())
     }
 
     /// The upstream sessions this agent uses: its own (2025 agent) or the identity's
@@ -1310,15 +1407,15 @@ impl crate::proxy::Proxy {
             )));
         }
         let session_id = resp.headers().get(mcp::HEADER_SESSION).cloned();
-        match read_reply(resp, id).await.map_err(failed)? {
-            Reply::Result(_) => {}
+        let init: Arc<str> = match read_reply(resp, id).await.map_err(failed)? {
+            Reply::Result(result) => Arc::from(result.get()),
             Reply::Error(e) => {
                 return Err(failed(format!(
                     "initialize answered {}",
                     crate::proxy::truncate(e.get())
                 )));
             }
-        }
+        };
         let mut headers = HeaderMap::new();
         headers.insert(
             header::ACCEPT,
@@ -1344,6 +1441,7 @@ impl crate::proxy::Proxy {
             version: agent.runtime.version.clone(),
             endpoint,
             id: session_id,
+            init,
         })
     }
 }
@@ -1419,6 +1517,37 @@ fn discover_result() -> String {
         serde_json::Value::from(crate::stdio::supported_versions()),
         json_string(INSTRUCTIONS),
         server_info()
+    )
+}
+
+/// `server/discover` for a bridged server: its own capabilities, instructions and
+/// `serverInfo` (from its `InitializeResult`), the versions this path takes.
+fn bridged_discover(init: &str) -> String {
+    #[derive(Deserialize)]
+    struct Init<'a> {
+        #[serde(borrow, default)]
+        capabilities: Option<&'a RawValue>,
+        #[serde(borrow, default, rename = "serverInfo")]
+        server_info: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        instructions: Option<&'a RawValue>,
+    }
+    let init: Option<Init<'_>> = serde_json::from_str(init).ok();
+    let raw =
+        |v: Option<&RawValue>, default: &'static str| v.map_or(default, RawValue::get).to_owned();
+    let (capabilities, info, instructions) = match &init {
+        Some(i) => (
+            raw(i.capabilities, "{}"),
+            raw(i.server_info, "{}"),
+            i.instructions
+                .map(|v| format!(",\"instructions\":{}", v.get())),
+        ),
+        None => ("{}".to_owned(), "{}".to_owned(), None),
+    };
+    format!(
+        "{{\"resultType\":\"complete\",\"supportedVersions\":{},\"capabilities\":{capabilities}{},\"ttlMs\":0,\"cacheScope\":\"private\",\"_meta\":{{\"io.modelcontextprotocol/serverInfo\":{info}}}}}",
+        serde_json::Value::from(crate::stdio::supported_versions()),
+        instructions.unwrap_or_default()
     )
 }
 

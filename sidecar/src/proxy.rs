@@ -341,7 +341,20 @@ impl Proxy {
                     }
                     Envelope::Batch(_) => ctx.method = "(batch)",
                 }
-                mcp::check_headers(&parts.headers, &envelope).map_err(rejection)?;
+                let modern = mcp::check_headers(&parts.headers, &envelope).map_err(rejection)?;
+                // A 2026-07-28 request for a server that speaks only 2025 revisions is
+                // bridged (learnt once per snapshot; an atomic load after that).
+                if modern
+                    && self.callers.is_none()
+                    && matches!(envelope, Envelope::Single(_))
+                    // Unknown (the server cannot be asked): relayed, to fail as it fails.
+                    && self.generation(&route).await == Some(false)
+                {
+                    ctx.decision = Verdict::Plumbing;
+                    return self
+                        .bridge(&runtime, &route, &parts.headers, &body, ctx)
+                        .await;
+                }
                 match &envelope {
                     Envelope::Single(m) => {
                         ctx.decision = Verdict::Plumbing;

@@ -87,11 +87,29 @@ pub struct Route {
     /// What the aggregated `/mcp` puts before this server's tool and prompt names
     /// (`<prefix>__<name>`); empty for the one unprefixed server.
     pub prefix: Arc<str>,
+    /// Whether the server speaks 2026-07-28: learnt once per snapshot, on the first
+    /// request that needs to know (0 not yet, 1 it does, 2 only 2025 revisions).
+    generation: std::sync::atomic::AtomicU8,
     /// Round-robin cursor for requests that carry no session.
     next: AtomicUsize,
 }
 
 impl Route {
+    /// Does the server speak 2026-07-28, as far as is known?
+    pub fn speaks_modern(&self) -> Option<bool> {
+        match self.generation.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Remember what the server speaks, for as long as this snapshot is served.
+    pub fn learn_generation(&self, modern: bool) {
+        self.generation
+            .store(if modern { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
     /// The endpoint for a request without session affinity (round-robin).
     pub fn pick(&self) -> usize {
         if self.endpoints.len() <= 1 {
@@ -316,6 +334,7 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
             client: std::sync::OnceLock::new(),
         }),
         prefix: Arc::from(server.prefix.as_deref().unwrap_or(&server.name)),
+        generation: std::sync::atomic::AtomicU8::new(0),
         next: AtomicUsize::new(0),
     })
 }

@@ -172,13 +172,44 @@ impl Upstream {
         agent_headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let sent = self.exchange(route, uri, method, agent_headers, body).await;
+        if let Err(e) = &sent {
+            let kind = match e {
+                ProxyError::UpstreamTimeout { .. } => "timeout",
+                ProxyError::UpstreamFailed { .. } => "failed",
+                _ => "connect",
+            };
+            telemetry::upstream_error(&route.label, kind);
+        }
+        sent
+    }
+
+    /// [`Upstream::send`] for the sidecar's own questions (which generation a server
+    /// speaks): a failure is the caller's to judge, not counted as a failed request.
+    pub async fn probe(
+        &self,
+        route: &Route,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        self.exchange(route, uri, Method::POST, headers, body).await
+    }
+
+    async fn exchange(
+        &self,
+        route: &Route,
+        uri: Uri,
+        method: Method,
+        agent_headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = forward_headers(agent_headers, route);
         let client = self.client_for(route)?;
         if route.mesh.is_some() && !self.workload.has_certificate() {
-            telemetry::upstream_error(&route.label, "connect");
             return Err(ProxyError::UpstreamUnavailable {
                 server: route.name.clone(),
                 reason: "this sidecar has no workload certificate yet (it asks the control plane for one)".to_owned(),
@@ -192,20 +223,15 @@ impl Upstream {
                 let server = route.name.clone();
                 // Only a failed connect proves the request never left.
                 if e.is_connect() {
-                    telemetry::upstream_error(&route.label, "connect");
                     Err(ProxyError::UpstreamUnavailable { server, reason })
                 } else {
-                    telemetry::upstream_error(&route.label, "failed");
                     Err(ProxyError::UpstreamFailed { server, reason })
                 }
             }
-            Err(_) => {
-                telemetry::upstream_error(&route.label, "timeout");
-                Err(ProxyError::UpstreamTimeout {
-                    server: route.name.clone(),
-                    timeout_ms: u64::try_from(route.timeout.as_millis()).unwrap_or(u64::MAX),
-                })
-            }
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                server: route.name.clone(),
+                timeout_ms: u64::try_from(route.timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
         }
     }
 }

@@ -728,3 +728,57 @@ async fn lists_are_cached_as_long_as_their_servers_say_and_no_longer() -> Result
     assert!(kept, "{}", list().await?);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_2026_agent_uses_a_2025_only_server_on_its_own_path_too() -> Result<()> {
+    let t = three().await?;
+    // server-everything speaks only 2025-11-25: the sidecar bridges /mcp/everything.
+    let plan = json!({
+        "echo": ["echo", {"message": "bridged"}],
+        "progress": ["trigger-long-running-operation", {"duration": 1, "steps": 3}],
+    });
+    let report = run_client("python-modern", &t.sidecar.url("everything"), &plan).await?;
+    assert_eq!(report["version"], "2026-07-28", "{report}");
+    assert_eq!(report["steps"]["echo"]["text"], "Echo: bridged", "{report}");
+    assert_eq!(report["seen"]["progress"], 3, "{report}");
+    let tools: Vec<&str> = report["tools"]
+        .as_array()
+        .map(|t| t.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        tools.contains(&"echo") && !tools.contains(&"get-sum"),
+        "{tools:?}"
+    );
+    assert!(
+        tools.iter().all(|t| !t.contains("__")),
+        "names as the server gives them: {tools:?}"
+    );
+    // The same decision as relayed: a denied tool is refused, and never ran.
+    let h = crate::support::modern_headers("get-sum");
+    let body = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+        "name": "get-sum", "arguments": {"a": 1, "b": 2},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+    let r = post(&t.sidecar.url("everything"), &borrow(&h), body.to_string()).await?;
+    assert_eq!(r.error_code(), Some(-32088), "{r:?}");
+    // The dual-era demo server is still relayed as it is: its list result comes back
+    // without the `resultType` a bridge would add (rmcp leaves it out).
+    let h = [
+        ("mcp-protocol-version", "2026-07-28".to_owned()),
+        ("mcp-method", "tools/list".to_owned()),
+    ];
+    let list = json!({"jsonrpc": "2.0", "id": 10, "method": "tools/list", "params": {
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}}}});
+    let r = post(&t.sidecar.url("demo"), &borrow(&h), list.to_string()).await?;
+    let result = &r.message()["result"];
+    assert!(
+        result["tools"].as_array().is_some_and(|t| !t.is_empty()),
+        "{r:?}"
+    );
+    assert!(
+        result.get("resultType").is_none(),
+        "relayed, not bridged: {r:?}"
+    );
+    Ok(())
+}

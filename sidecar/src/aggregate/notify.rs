@@ -147,7 +147,8 @@ impl Proxy {
             // The channel is empty: this cannot fail for want of room.
             let _ = tx.try_send(sse_event(&ack));
         }
-        for route in agent.runtime.aggregated() {
+        let routes: Vec<Arc<Route>> = agent.agent().routes().into_iter().cloned().collect();
+        for route in routes {
             let (proxy, route, tx, agent, tag) = (
                 self.clone(),
                 route.clone(),
@@ -208,7 +209,7 @@ impl Proxy {
         wanted: Wanted,
     ) -> Result<Option<Response<Incoming>>, ProxyError> {
         let accept = HeaderValue::from_static("text/event-stream");
-        if agent.modern && self.speaks_modern(agent, route).await {
+        if agent.modern && self.speaks_modern(route).await {
             let id = self
                 .aggregate
                 .next_id
