@@ -24,7 +24,14 @@
 //!   ended with it. A 2026-07-28 agent reaches a 2026 server statelessly, and a 2025-only
 //!   server through one upstream session the sidecar holds for this identity
 //!   (re-opened when the server loses it), with request ids made unique and the 2026
-//!   `_meta` keys taken out (bridging).
+//!   `_meta` keys taken out (bridging). A 2025 agent reaches a server that refuses its
+//!   session (it speaks only 2026-07-28, learnt once per snapshot from the refusal)
+//!   statelessly, its `input_required` rounds turned into server requests
+//!   ([`rounds`]).
+//! - **Bridging on `/mcp/<server>`.** The same machinery serves one server on its own
+//!   path, names as they are, when the agent's generation is one the server lacks:
+//!   `Proxy::bridge` (2026 agent, 2025-only server) and `Proxy::bridge_legacy`
+//!   (2025 agent, 2026-only server; its session is the sidecar's, bound to that path).
 //! - **Server requests.** Sampling, elicitation and roots requests in a server's stream
 //!   reach a 2025 agent with their id rewritten to `"toolmesh:<server>:<id>"`, so two
 //!   servers' ids never collide; the agent's answer goes back to that server with its
@@ -45,8 +52,8 @@
 //! Not here (yet): a cursor across servers (lists are collected whole, up to
 //! [`MAX_PAGES`] pages per server, and returned without `nextCursor`), resource
 //! subscriptions through `subscriptions/listen`, legacy HTTP+SSE (2024-11-05)
-//! upstreams, and a 2025 agent reaching a server that speaks only 2026-07-28 (a clear
-//! error).
+//! upstreams, and server requests of a 2025 server reaching a 2026 agent as
+//! `input_required` rounds (they are refused at once, with an error to the server).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -69,6 +76,7 @@ use crate::identity::Identity;
 use crate::mcp::{self, Envelope, Kind, Method};
 use crate::snapshot::{Route, Runtime};
 mod notify;
+mod rounds;
 
 use crate::stdio::{ENVELOPE_KEYS, LEGACY_VERSIONS, complete_modern_result, json_string};
 
@@ -134,9 +142,16 @@ struct Owners {
 struct AgentSession {
     /// Its key in [`Sessions`], and its lists' scope in the cache.
     token: String,
+    /// The server whose own path it was opened on (bridged), or `None` for `/mcp`: a
+    /// session is used only where it was opened.
+    only: Option<String>,
     /// The agent's `initialize` params, which open each upstream session.
     init_params: Box<RawValue>,
+    /// Its 2026 `_meta` envelope, for servers that speak only 2026-07-28.
+    envelope: String,
     upstreams: Upstreams,
+    /// Input requests of such servers the agent has yet to answer ([`rounds`]).
+    pending: rounds::Pending,
     /// Requests in flight, by the agent's id (raw), to the server handling them: where
     /// a cancellation goes.
     in_flight: Mutex<HashMap<String, String>>,
@@ -254,11 +269,13 @@ impl crate::proxy::Proxy {
             HttpMethod::POST => {}
             HttpMethod::DELETE => {
                 ctx.decision = crate::audit::Verdict::Plumbing;
-                return self.end_session(subject, runtime, &parts.headers).await;
+                return self
+                    .end_session(subject, runtime, &parts.headers, None)
+                    .await;
             }
             HttpMethod::GET => {
                 ctx.decision = crate::audit::Verdict::Plumbing;
-                let session = self.agent_session(subject, &parts.headers)?;
+                let session = self.agent_session(subject, &parts.headers, None)?;
                 let agent = Owned {
                     subject: subject.clone(),
                     runtime: runtime.clone(),
@@ -290,7 +307,7 @@ impl crate::proxy::Proxy {
         let session = if modern || message.rpc == Some(Method::Initialize) {
             None
         } else {
-            Some(self.agent_session(subject, &parts.headers)?)
+            Some(self.agent_session(subject, &parts.headers, None)?)
         };
         let agent = Agent {
             subject,
@@ -300,7 +317,7 @@ impl crate::proxy::Proxy {
             only: None,
         };
         if message.kind == Kind::Request && message.rpc == Some(Method::Initialize) && !modern {
-            return self.initialize(subject, message, message.id).await;
+            return self.initialize(subject, message, message.id, None).await;
         }
         self.dispatch(&agent, message, &parts.headers, &body, ctx)
             .await
@@ -335,6 +352,65 @@ impl crate::proxy::Proxy {
         self.dispatch(&agent, message, headers, body, ctx).await
     }
 
+    /// A 2025 agent on `/mcp/<server>` for a server that speaks only 2026-07-28: its
+    /// session is the sidecar's (as on the aggregate, with this server alone and its
+    /// names as they are), its requests reach the server statelessly ([`rounds`]).
+    pub(crate) async fn bridge_legacy(
+        self: &Arc<Self>,
+        runtime: &Arc<Runtime>,
+        route: &Arc<Route>,
+        method: &HttpMethod,
+        headers: &HeaderMap,
+        body: &Bytes,
+        ctx: &mut crate::proxy::Ctx,
+    ) -> Result<Response<Body>, ProxyError> {
+        let subject = ctx.subject.clone();
+        match *method {
+            HttpMethod::DELETE => {
+                return self
+                    .end_session(&subject, runtime, headers, Some(route))
+                    .await;
+            }
+            HttpMethod::GET => {
+                let session = self.agent_session(&subject, headers, Some(route))?;
+                let agent = Owned {
+                    subject,
+                    runtime: runtime.clone(),
+                    modern: false,
+                    session: Some(session),
+                    only: Some(route.clone()),
+                };
+                return Ok(notify::stream(self.listen(
+                    agent,
+                    notify::Wanted::ALL,
+                    None,
+                )));
+            }
+            _ => {}
+        }
+        let envelope = mcp::parse(body).map_err(crate::proxy::rejection)?;
+        let Envelope::Single(message) = &envelope else {
+            return Err(ProxyError::InvalidRequest(
+                "JSON-RPC batches cannot be bridged to a server that speaks only 2026-07-28"
+                    .to_owned(),
+            ));
+        };
+        if message.kind == Kind::Request && message.rpc == Some(Method::Initialize) {
+            return self
+                .initialize(&subject, message, message.id, Some((runtime, route)))
+                .await;
+        }
+        let session = self.agent_session(&subject, headers, Some(route))?;
+        let agent = Agent {
+            subject: &subject,
+            runtime,
+            modern: false,
+            session: Some(session),
+            only: Some(route),
+        };
+        self.dispatch(&agent, message, headers, body, ctx).await
+    }
+
     /// One message of an agent (its session, if any, already checked).
     async fn dispatch(
         self: &Arc<Self>,
@@ -347,14 +423,12 @@ impl crate::proxy::Proxy {
         let id = message.id;
         let modern = agent.modern;
         let where_ = if agent.only.is_some() {
-            "bridged to a 2025-11-25 server"
+            "bridged to a server of the other protocol generation"
         } else {
             "served by the aggregated /mcp; use /mcp/<server>"
         };
         match (message.kind, message.rpc) {
-            (Kind::Response, _) if agent.only.is_none() => {
-                self.answer_server(agent, message, body).await
-            }
+            (Kind::Response, _) if !agent.modern => self.answer_server(agent, message, body).await,
             (Kind::Response, _) => Err(ProxyError::InvalidRequest(
                 "a 2026-07-28 client answers no server requests".to_owned(),
             )),
@@ -414,6 +488,7 @@ impl crate::proxy::Proxy {
         &self,
         subject: &Identity,
         headers: &HeaderMap,
+        only: Option<&Route>,
     ) -> Result<Arc<AgentSession>, ProxyError> {
         let mut ids = headers.get_all(mcp::HEADER_SESSION).iter();
         let (Some(sealed), None) = (ids.next(), ids.next()) else {
@@ -435,6 +510,7 @@ impl crate::proxy::Proxy {
         sessions
             .by_token
             .get(token)
+            .filter(|s| s.only.as_deref() == only.map(|r| r.name.as_str()))
             .cloned()
             .ok_or(ProxyError::UnknownSession)
     }
@@ -444,6 +520,7 @@ impl crate::proxy::Proxy {
         subject: &Identity,
         message: &mcp::Message<'_>,
         id: Option<&RawValue>,
+        only: Option<(&Arc<Runtime>, &Arc<Route>)>,
     ) -> Result<Response<Body>, ProxyError> {
         #[derive(Deserialize)]
         struct Params<'a> {
@@ -472,8 +549,11 @@ impl crate::proxy::Proxy {
             .ok_or_else(|| ProxyError::Misconfigured("session id too long".to_owned()))?;
         let session = Arc::new(AgentSession {
             token: token.clone(),
+            only: only.map(|(_, route)| route.name.clone()),
             init_params: params.to_owned(),
+            envelope: rounds::envelope(params),
             upstreams: Upstreams::default(),
+            pending: rounds::Pending::default(),
             in_flight: Mutex::default(),
         });
         {
@@ -488,14 +568,38 @@ impl crate::proxy::Proxy {
                 sessions.by_token.remove(&oldest);
             }
             sessions.order.push_back(token.clone());
-            sessions.by_token.insert(token, session);
+            sessions.by_token.insert(token, session.clone());
         }
-        let result = format!(
-            "{{\"protocolVersion\":{},\"capabilities\":{CAPABILITIES},\"serverInfo\":{},\"instructions\":{}}}",
-            json_string(&version),
-            server_info(),
-            json_string(INSTRUCTIONS)
-        );
+        let result = match only {
+            None => format!(
+                "{{\"protocolVersion\":{},\"capabilities\":{CAPABILITIES},\"serverInfo\":{},\"instructions\":{}}}",
+                json_string(&version),
+                server_info(),
+                json_string(INSTRUCTIONS)
+            ),
+            // The server's own description, from its `server/discover`.
+            Some((runtime, route)) => {
+                let agent = Agent {
+                    subject,
+                    runtime,
+                    modern: false,
+                    session: Some(session),
+                    only: Some(route),
+                };
+                match self.ask(&agent, route, Method::Discover, "{}").await? {
+                    Reply::Result(discovered) => initialize_result(discovered.get(), &version),
+                    Reply::Error(e) => {
+                        return Err(ProxyError::UpstreamFailed {
+                            server: route.name.clone(),
+                            reason: format!(
+                                "server/discover answered {}",
+                                crate::proxy::truncate(e.get())
+                            ),
+                        });
+                    }
+                }
+            }
+        };
         let mut headers = HeaderMap::new();
         headers.insert(mcp::HEADER_SESSION, sealed);
         Ok(json_answer(id, &result, &headers))
@@ -506,8 +610,9 @@ impl crate::proxy::Proxy {
         subject: &Identity,
         runtime: &Arc<Runtime>,
         headers: &HeaderMap,
+        only: Option<&Arc<Route>>,
     ) -> Result<Response<Body>, ProxyError> {
-        let session = self.agent_session(subject, headers)?;
+        let session = self.agent_session(subject, headers, only.map(|r| &**r))?;
         {
             let mut sessions = self
                 .aggregate
@@ -571,6 +676,10 @@ impl crate::proxy::Proxy {
                 let Some(route) = server.and_then(|s| agent.runtime.route(&s).cloned()) else {
                     return;
                 };
+                // No session to carry it (module docs of [`rounds`]).
+                if route.refuses_sessions() {
+                    return;
+                }
                 let text = format!(
                     "{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/cancelled\",\"params\":{}}}",
                     message.params.map_or("{}", RawValue::get)
@@ -607,6 +716,22 @@ impl crate::proxy::Proxy {
             .id
             .and_then(|id| serde_json::from_str(id.get()).ok())
             .ok_or_else(unknown)?;
+        // An input request of a bridged round: the round waits for it here.
+        if let Some(session) = &agent.session
+            && id.contains(":input-")
+        {
+            let answered: rounds::Answered<'_> =
+                serde_json::from_slice(body).map_err(|_| unknown())?;
+            let answer = match (answered.result, answered.error) {
+                (Some(result), _) => Ok(result.to_owned()),
+                (None, Some(error)) => Err(error.to_owned()),
+                (None, None) => return Err(unknown()),
+            };
+            if session.pending.answer(&id, answer) {
+                return Ok(accepted());
+            }
+            return Err(unknown());
+        }
         let (server, original) = id
             .strip_prefix(SERVER_REQUEST)
             .and_then(|rest| rest.split_once(':'))
@@ -965,7 +1090,7 @@ impl crate::proxy::Proxy {
     /// A gated request: to the server that owns its target, decided as on
     /// `/mcp/<server>`, the answer relayed.
     async fn call(
-        &self,
+        self: &Arc<Self>,
         agent: &Agent<'_>,
         method: Method,
         message: &mcp::Message<'_>,
@@ -1011,6 +1136,13 @@ impl crate::proxy::Proxy {
         let text = std::str::from_utf8(body)
             .map_err(|_| ProxyError::Parse("the body is not UTF-8".to_owned()))?;
         let bridged = agent.modern && !self.speaks_modern(&route).await;
+        // A 2025 agent, a server that speaks only 2026-07-28: bridged the other way.
+        let reverse = match &agent.session {
+            Some(session) if !agent.modern && self.modern_only(agent, &route).await => {
+                Some(session.clone())
+            }
+            _ => None,
+        };
         let upstream_id = if bridged {
             Some(
                 self.aggregate
@@ -1028,6 +1160,10 @@ impl crate::proxy::Proxy {
             upstream_id.as_deref(),
             bridged,
         )
+        .and_then(|text| match &reverse {
+            Some(session) => rounds::with_envelope(&text, &session.envelope),
+            None => Some(text),
+        })
         .ok_or_else(|| {
             ProxyError::InvalidRequest("the request cannot be rewritten for its server".to_owned())
         })?;
@@ -1043,7 +1179,11 @@ impl crate::proxy::Proxy {
         let lists = crate::proxy::response_filter(&route, judged);
 
         let mut up_headers = HeaderMap::new();
-        if agent.modern && !bridged {
+        if reverse.is_some() {
+            up_headers = modern_headers(method, judged.target.as_deref());
+            // Kept for the retries of its rounds, which do not pass through send_to.
+            json_post(&mut up_headers);
+        } else if agent.modern && !bridged {
             for name in [mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_METHOD] {
                 if let Some(v) = headers.get(name) {
                     up_headers.insert(name, v.clone());
@@ -1063,7 +1203,26 @@ impl crate::proxy::Proxy {
                 id: id.get().to_owned(),
             }
         });
-        let resp = self.send_to(agent, &route, up_headers, forwarded).await?;
+        let resp = self
+            .send_to(agent, &route, up_headers.clone(), forwarded.clone())
+            .await?;
+        if let Some(session) = reverse {
+            let bridged = rounds::Bridged {
+                route: route.clone(),
+                session,
+                agent_id: message
+                    .id
+                    .ok_or_else(|| {
+                        ProxyError::InvalidRequest("a request without an id".to_owned())
+                    })?
+                    .to_owned(),
+                headers: up_headers,
+                request: String::from_utf8_lossy(&forwarded).into_owned(),
+                lists,
+                _in_flight: in_flight,
+            };
+            return self.rounds(bridged, resp).await;
+        }
         let (mut parts, incoming) = resp.into_parts();
         crate::upstream::clean_response_headers(&mut parts.headers);
         parts.headers.remove(mcp::HEADER_SESSION);
@@ -1155,14 +1314,7 @@ impl crate::proxy::Proxy {
             modern_meta()
         );
         let mut headers = modern_headers(Method::Discover, None);
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        json_post(&mut headers);
         let uri = route.endpoints[route.pick()].uri.clone();
         let resp = self
             .upstream
@@ -1192,6 +1344,35 @@ impl crate::proxy::Proxy {
         self.generation(route).await.unwrap_or(false)
     }
 
+    /// Does this agent reach `route`'s server statelessly (2026-07-28)? A 2026 agent
+    /// when the server speaks it; a 2025 agent when the server speaks nothing else.
+    async fn stateless(&self, agent: &Agent<'_>, route: &Arc<Route>) -> bool {
+        if agent.modern {
+            self.speaks_modern(route).await
+        } else {
+            self.modern_only(agent, route).await
+        }
+    }
+
+    /// Does `route`'s server refuse 2025 sessions? Learnt once per snapshot: when a
+    /// server that speaks 2026-07-28 refuses the first 2025 agent's session (opening
+    /// it, which that agent needs anyway).
+    async fn modern_only(&self, agent: &Agent<'_>, route: &Arc<Route>) -> bool {
+        if route.refuses_sessions() {
+            return true;
+        }
+        if agent.session.is_none() || !self.speaks_modern(route).await {
+            return false;
+        }
+        let (upstreams, init) = self.upstreams_of(agent);
+        let cell = upstreams.cell(&route.name);
+        let failed = cell
+            .get_or_try_init(|| self.open_upstream(agent, route, init))
+            .await
+            .is_err();
+        failed && route.refuses_sessions()
+    }
+
     /// One of the sidecar's own requests to `route` for this agent; its answer.
     async fn ask(
         &self,
@@ -1201,7 +1382,7 @@ impl crate::proxy::Proxy {
         params: &str,
     ) -> Result<Reply, ProxyError> {
         let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
-        let modern = agent.modern && self.speaks_modern(route).await;
+        let modern = self.stateless(agent, route).await;
         let (params, headers) = if modern {
             let params =
                 filter::rewrite_members(params, |_, _, _| false).unwrap_or_else(|| "{}".to_owned());
@@ -1222,14 +1403,7 @@ impl crate::proxy::Proxy {
         let resp = if modern {
             let uri = route.endpoints[route.pick()].uri.clone();
             let mut headers = headers;
-            headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/json, text/event-stream"),
-            );
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            json_post(&mut headers);
             self.upstream
                 .send(route, uri, HttpMethod::POST, headers, Bytes::from(text))
                 .await?
@@ -1250,8 +1424,8 @@ impl crate::proxy::Proxy {
             })
     }
 
-    /// Send a forwarded request: stateless to a 2026 server for a 2026 agent, else on
-    /// the upstream session for this agent.
+    /// Send a forwarded request: stateless when it has 2026 headers, else on the
+    /// upstream session for this agent.
     async fn send_to(
         &self,
         agent: &Agent<'_>,
@@ -1259,17 +1433,11 @@ impl crate::proxy::Proxy {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response<Incoming>, ProxyError> {
-        if agent.modern && !headers.is_empty() {
+        // Only a stateless request has 2026 headers.
+        if !headers.is_empty() {
             let uri = route.endpoints[route.pick()].uri.clone();
             let mut headers = headers;
-            headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/json, text/event-stream"),
-            );
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            json_post(&mut headers);
             return self
                 .upstream
                 .send(route, uri, HttpMethod::POST, headers, body)
@@ -1325,14 +1493,7 @@ impl crate::proxy::Proxy {
                 continue;
             }
             let mut headers = HeaderMap::new();
-            headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/json, text/event-stream"),
-            );
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            json_post(&mut headers);
             headers.insert(
                 mcp::HEADER_PROTOCOL_VERSION,
                 HeaderValue::from_static(LEGACY_VERSION),
@@ -1366,6 +1527,13 @@ impl crate::proxy::Proxy {
         route: &Arc<Route>,
         init: Option<&RawValue>,
     ) -> Result<UpstreamSession, ProxyError> {
+        // Learnt (by a concurrent first use, perhaps): not asked again.
+        if route.refuses_sessions() {
+            return Err(ProxyError::UpstreamFailed {
+                server: route.name.clone(),
+                reason: "it speaks only 2026-07-28 and refuses 2025 sessions".to_owned(),
+            });
+        }
         let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
         let default_params = format!(
             "{{\"protocolVersion\":\"{LEGACY_VERSION}\",\"capabilities\":{{}},\"clientInfo\":{}}}",
@@ -1378,14 +1546,7 @@ impl crate::proxy::Proxy {
         let endpoint = route.pick();
         let uri = route.endpoints[endpoint].uri.clone();
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        json_post(&mut headers);
         let resp = self
             .upstream
             .send(
@@ -1400,9 +1561,18 @@ impl crate::proxy::Proxy {
             server: route.name.clone(),
             reason,
         };
+        // A server that speaks 2026-07-28 and refuses the handshake speaks nothing else.
+        let refused = || {
+            if route.speaks_modern() == Some(true) {
+                route.learn_modern_only();
+            }
+        };
         if !resp.status().is_success() {
+            if resp.status().is_client_error() {
+                refused();
+            }
             return Err(failed(format!(
-                "initialize answered HTTP {} (a server that speaks only 2026-07-28 cannot be used from a 2025 session yet)",
+                "initialize answered HTTP {}",
                 resp.status()
             )));
         }
@@ -1410,6 +1580,7 @@ impl crate::proxy::Proxy {
         let init: Arc<str> = match read_reply(resp, id).await.map_err(failed)? {
             Reply::Result(result) => Arc::from(result.get()),
             Reply::Error(e) => {
+                refused();
                 return Err(failed(format!(
                     "initialize answered {}",
                     crate::proxy::truncate(e.get())
@@ -1417,14 +1588,7 @@ impl crate::proxy::Proxy {
             }
         };
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        json_post(&mut headers);
         headers.insert(
             mcp::HEADER_PROTOCOL_VERSION,
             HeaderValue::from_static(LEGACY_VERSION),
@@ -1551,6 +1715,44 @@ fn bridged_discover(init: &str) -> String {
     )
 }
 
+/// An `InitializeResult` at `version` for a server that speaks only 2026-07-28, from
+/// its `server/discover` result: its capabilities, instructions and `serverInfo`.
+fn initialize_result(discovered: &str, version: &str) -> String {
+    #[derive(Deserialize)]
+    struct Discovered<'a> {
+        #[serde(borrow, default)]
+        capabilities: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        instructions: Option<&'a RawValue>,
+        #[serde(borrow, default, rename = "_meta")]
+        meta: Option<Meta<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow, default, rename = "io.modelcontextprotocol/serverInfo")]
+        server_info: Option<&'a RawValue>,
+    }
+    let d: Option<Discovered<'_>> = serde_json::from_str(discovered).ok();
+    let capabilities = d
+        .as_ref()
+        .and_then(|d| d.capabilities)
+        .map_or("{}", RawValue::get);
+    let info = d
+        .as_ref()
+        .and_then(|d| d.meta.as_ref())
+        .and_then(|m| m.server_info)
+        .map_or_else(server_info, |i| i.get().to_owned());
+    let instructions = d
+        .as_ref()
+        .and_then(|d| d.instructions)
+        .map(|i| format!(",\"instructions\":{}", i.get()))
+        .unwrap_or_default();
+    format!(
+        "{{\"protocolVersion\":{},\"capabilities\":{capabilities},\"serverInfo\":{info}{instructions}}}",
+        json_string(version)
+    )
+}
+
 /// The `_meta` of the sidecar's own 2026-07-28 requests.
 fn modern_meta() -> String {
     format!(
@@ -1559,6 +1761,18 @@ fn modern_meta() -> String {
         mcp::MODERN_VERSION,
         server_info()
     )
+}
+
+/// The headers of a JSON-RPC POST that takes a JSON or an SSE answer.
+fn json_post(headers: &mut HeaderMap) {
+    headers.insert(
+        header::ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
 }
 
 fn modern_headers(method: Method, name: Option<&str>) -> HeaderMap {
@@ -1610,14 +1824,20 @@ fn json_answer(id: Option<&RawValue>, result: &str, headers: &HeaderMap) -> Resp
         "{{\"jsonrpc\":\"2.0\",\"id\":{},\"result\":{result}}}",
         id.map_or("null", RawValue::get)
     );
+    let mut resp = json_message(text);
+    for (k, v) in headers {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    resp
+}
+
+/// One JSON-RPC message as a JSON response.
+fn json_message(text: String) -> Response<Body> {
     let mut resp = Response::new(body::full(text));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    for (k, v) in headers {
-        resp.headers_mut().insert(k.clone(), v.clone());
-    }
     resp
 }
 
@@ -1794,14 +2014,7 @@ impl Rewrite {
         let (upstream, route, session) = (upstream.clone(), route.clone(), session.clone());
         tokio::spawn(async move {
             let mut headers = HeaderMap::new();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/json, text/event-stream"),
-            );
+            json_post(&mut headers);
             let endpoint = session
                 .as_ref()
                 .map_or(0, |s| s.endpoint)

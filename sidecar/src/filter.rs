@@ -394,9 +394,6 @@ fn rewrite_each(text: &str, key: &str, mut inner: impl FnMut(&str) -> Filtered) 
     }
 }
 
-/// Re-write the JSON object `text` member by member: `replace(key, raw value, out)`
-/// either writes a new value into `out` and returns true, or returns false to keep
-/// the raw one. `None` when `text` is not an object.
 /// The JSON object `text` without its members named in `drop` (the others copied as
 /// raw text, in order); `None` when `text` is not an object.
 pub(crate) fn remove_members(text: &str, drop: &[&str]) -> Option<String> {
@@ -415,6 +412,28 @@ pub(crate) fn remove_members(text: &str, drop: &[&str]) -> Option<String> {
     Some(out)
 }
 
+/// The JSON object `text` with the members `set` (name, raw JSON value) in place of
+/// any it had of those names; the others copied as raw text, in order. `None` when
+/// `text` is not an object.
+pub(crate) fn upsert_members(text: &str, set: &[(&str, &str)]) -> Option<String> {
+    let names: Vec<&str> = set.iter().map(|(k, _)| *k).collect();
+    let mut out = remove_members(text, &names)?;
+    out.pop();
+    for (key, value) in set {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key).ok()?);
+        out.push(':');
+        out.push_str(value);
+    }
+    out.push('}');
+    Some(out)
+}
+
+/// Re-write the JSON object `text` member by member: `replace(key, raw value, out)`
+/// either writes a new value into `out` and returns true, or returns false to keep
+/// the raw one. `None` when `text` is not an object.
 pub(crate) fn rewrite_members(
     text: &str,
     mut replace: impl FnMut(&str, &str, &mut String) -> bool,

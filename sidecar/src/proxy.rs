@@ -329,6 +329,8 @@ impl Proxy {
 
         let method = req.method().clone();
         let (parts, incoming) = req.into_parts();
+        // A 2025 agent's handshake, kept in case the server turns out to refuse it.
+        let mut handshake = None;
         let body = match method {
             Method::POST => {
                 let body = self.read_body(&parts.headers, incoming).await?;
@@ -355,6 +357,22 @@ impl Proxy {
                         .bridge(&runtime, &route, &parts.headers, &body, ctx)
                         .await;
                 }
+                // A 2025 request for a server learnt to speak only 2026-07-28: bridged
+                // the other way.
+                if !modern && self.callers.is_none() {
+                    if route.refuses_sessions() {
+                        ctx.decision = Verdict::Plumbing;
+                        return self
+                            .bridge_legacy(&runtime, &route, &method, &parts.headers, &body, ctx)
+                            .await;
+                    }
+                    if let Envelope::Single(m) = &envelope
+                        && m.kind == mcp::Kind::Request
+                        && m.rpc == Some(mcp::Method::Initialize)
+                    {
+                        handshake = Some(body.clone());
+                    }
+                }
                 match &envelope {
                     Envelope::Single(m) => {
                         ctx.decision = Verdict::Plumbing;
@@ -372,6 +390,18 @@ impl Proxy {
             }
             Method::GET | Method::DELETE => {
                 ctx.decision = Verdict::Plumbing;
+                if self.callers.is_none() && route.refuses_sessions() {
+                    return self
+                        .bridge_legacy(
+                            &runtime,
+                            &route,
+                            &method,
+                            &parts.headers,
+                            &Bytes::new(),
+                            ctx,
+                        )
+                        .await;
+                }
                 Bytes::new()
             }
             other => return Err(ProxyError::MethodNotAllowed(other.to_string())),
@@ -385,6 +415,25 @@ impl Proxy {
             .upstream
             .send(&route, uri, method, headers, body)
             .await?;
+        // The server refused a 2025 handshake: if it speaks 2026-07-28, it speaks
+        // nothing else, and the agent's session is the sidecar's (learnt once per
+        // snapshot; a dual-era server's handshake is relayed as it was).
+        if let Some(body) = handshake
+            && upstream_resp.status().is_client_error()
+            && self.generation(&route).await == Some(true)
+        {
+            route.learn_modern_only();
+            return self
+                .bridge_legacy(
+                    &runtime,
+                    &route,
+                    &Method::POST,
+                    &http::HeaderMap::new(),
+                    &body,
+                    ctx,
+                )
+                .await;
+        }
         if upstream_resp.status().is_redirection() {
             return Err(ProxyError::UpstreamFailed {
                 server: route.name.clone(),

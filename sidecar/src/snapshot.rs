@@ -88,7 +88,8 @@ pub struct Route {
     /// (`<prefix>__<name>`); empty for the one unprefixed server.
     pub prefix: Arc<str>,
     /// Whether the server speaks 2026-07-28: learnt once per snapshot, on the first
-    /// request that needs to know (0 not yet, 1 it does, 2 only 2025 revisions).
+    /// request that needs to know (0 not yet, 1 it does, 2 only 2025 revisions, 3 only
+    /// 2026-07-28: it refuses 2025 sessions).
     generation: std::sync::atomic::AtomicU8,
     /// Round-robin cursor for requests that carry no session.
     next: AtomicUsize,
@@ -98,7 +99,7 @@ impl Route {
     /// Does the server speak 2026-07-28, as far as is known?
     pub fn speaks_modern(&self) -> Option<bool> {
         match self.generation.load(Ordering::Relaxed) {
-            1 => Some(true),
+            1 | 3 => Some(true),
             2 => Some(false),
             _ => None,
         }
@@ -108,6 +109,16 @@ impl Route {
     pub fn learn_generation(&self, modern: bool) {
         self.generation
             .store(if modern { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Does the server refuse 2025 sessions (it speaks only 2026-07-28)?
+    pub fn refuses_sessions(&self) -> bool {
+        self.generation.load(Ordering::Relaxed) == 3
+    }
+
+    /// Remember that the server refused a 2025 session though it speaks 2026-07-28.
+    pub fn learn_modern_only(&self) {
+        self.generation.store(3, Ordering::Relaxed);
     }
 
     /// The endpoint for a request without session affinity (round-robin).

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use serde_json::{Value, json};
-use toolmesh_tests::{DemoServer, Everything, Sidecar, TsServer};
+use toolmesh_tests::{DemoServer, Everything, PyServer, Sidecar, TsServer};
 
 use crate::peers::run_client;
 use crate::support::{audit_lines, borrow, eventually, modern_headers, post};
@@ -779,6 +779,85 @@ async fn a_2026_agent_uses_a_2025_only_server_on_its_own_path_too() -> Result<()
     assert!(
         result.get("resultType").is_none(),
         "relayed, not bridged: {r:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_2025_agent_uses_a_2026_only_server_on_both_paths() -> Result<()> {
+    // A server on the Python SDK that refuses the 2025 handshake, beside a 2025 one.
+    let py = PyServer::start().await?;
+    let demo = DemoServer::start(&[]).await?;
+    let yaml = [
+        server("py", &py.url(), ", timeout: 20s"),
+        server("demo", &demo.url(), ", timeout: 20s"),
+        policy(&[
+            r#"{server: py, tools: ["*"], prompts: ["*"], resources: ["*"]}"#,
+            r#"{server: demo, tools: [echo]}"#,
+        ]),
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&yaml, &[]).await?;
+    // Directly, a 2025-only client cannot use the server at all.
+    let direct = run_client("typescript", &py.url(), &json!({})).await;
+    assert!(direct.is_err(), "the server took a 2025 client: {direct:?}");
+    // First the server's own path: the first handshake is relayed, refused, and from
+    // then on the sidecar holds the agents' sessions, names as the server gives them.
+    // Then the aggregate, where the server is known by then.
+    let paths = [
+        (sidecar.url("py"), "", json!(["capital", "echo", "greet"])),
+        (
+            aggregate_url(&sidecar),
+            "py__",
+            json!(["demo__echo", "py__capital", "py__echo", "py__greet"]),
+        ),
+    ];
+    for (url, prefix, tools) in &paths {
+        // The last two are input_required rounds, answered by the agent as server
+        // requests.
+        let plan = json!({
+            "echo": [format!("{prefix}echo"), {"text": "across generations"}],
+            "elicitation": [format!("{prefix}greet"), {}],
+            "sampling": [format!("{prefix}capital"), {"prompt": "Capital of France?"}],
+        });
+        for kind in ["typescript", "python"] {
+            let report = run_client(kind, url, &plan).await?;
+            assert_eq!(&report["tools"], tools, "{kind} {url}: {report}");
+            let steps = &report["steps"];
+            let expected = [
+                ("echo", "across generations"),
+                ("elicitation", "action=decline"),
+                ("sampling", "model said: Paris"),
+            ];
+            for (step, text) in expected {
+                assert_eq!(steps[step]["text"], text, "{kind} {url}: {report}");
+            }
+            assert_eq!(
+                report["seen"],
+                json!({"progress": 0, "sampling": 1, "elicitation": 1}),
+                "{kind} {url}: {report}"
+            );
+        }
+    }
+    // From the server's side: each tool ran with the agent's answers, for all four
+    // agents.
+    let logs = py.logs();
+    assert_eq!(
+        logs.matches("call greet action=decline").count(),
+        4,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("call capital sampled=Paris").count(),
+        4,
+        "{logs}"
+    );
+    // The direct client, and the first agent's relayed handshake: once per snapshot,
+    // not once per agent or use.
+    assert_eq!(
+        logs.matches("refused POST").count(),
+        2,
+        "handshakes: {logs}"
     );
     Ok(())
 }

@@ -775,6 +775,33 @@ impl TsServer {
     }
 }
 
+/// `tests/python/server.py`: an MCP server on the official Python SDK that speaks only
+/// 2026-07-28 (it refuses the 2025 handshake), with tools that ask the client through
+/// `input_required` rounds. It logs every tool run and every refusal.
+#[derive(Debug)]
+pub struct PyServer {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl PyServer {
+    pub async fn start() -> Result<PyServer> {
+        let mut cmd = Command::new(python()?);
+        cmd.arg(workspace_root().join("tests/python/server.py"));
+        let mut proc = Proc::spawn("python-modern-server", cmd)?;
+        let addr = proc.wait_for("its listening line", listening_on).await?;
+        Ok(PyServer { proc, addr })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.proc.output.text()
+    }
+}
+
 /// Helpers the benchmark binaries share: process usage from `/proc`, percentiles,
 /// sibling binaries.
 pub mod measure {

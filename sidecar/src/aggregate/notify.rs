@@ -209,7 +209,7 @@ impl Proxy {
         wanted: Wanted,
     ) -> Result<Option<Response<Incoming>>, ProxyError> {
         let accept = HeaderValue::from_static("text/event-stream");
-        if agent.modern && self.speaks_modern(route).await {
+        if self.stateless(agent, route).await {
             let id = self
                 .aggregate
                 .next_id
