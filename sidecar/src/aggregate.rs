@@ -35,8 +35,10 @@
 //! - **Server requests.** Sampling, elicitation and roots requests in a server's stream
 //!   reach a 2025 agent with their id rewritten to `"toolmesh:<server>:<id>"`, so two
 //!   servers' ids never collide; the agent's answer goes back to that server with its
-//!   own id. A 2026 agent cannot take them (its generation has no server requests):
-//!   the server gets an error answer at once.
+//!   own id. During a bridged 2026 agent's call they end its answer as an
+//!   `input_required` round, the exchange parked until the agent's retry
+//!   ([`parked`]); elsewhere (a 2026 agent's notification stream) the server gets an
+//!   error answer at once.
 //! - **Failures.** A server that fails or times out during a list is left out of the
 //!   merged list (logged, counted in `toolmesh_aggregate_list_failures_total`); the
 //!   others answer.
@@ -52,8 +54,7 @@
 //! Not here (yet): a cursor across servers (lists are collected whole, up to
 //! [`MAX_PAGES`] pages per server, and returned without `nextCursor`), resource
 //! subscriptions through `subscriptions/listen`, legacy HTTP+SSE (2024-11-05)
-//! upstreams, and server requests of a 2025 server reaching a 2026 agent as
-//! `input_required` rounds (they are refused at once, with an error to the server).
+//! upstreams.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -76,6 +77,7 @@ use crate::identity::Identity;
 use crate::mcp::{self, Envelope, Kind, Method};
 use crate::snapshot::{Route, Runtime};
 mod notify;
+mod parked;
 mod rounds;
 
 use crate::stdio::{ENVELOPE_KEYS, LEGACY_VERSIONS, complete_modern_result, json_string};
@@ -98,6 +100,8 @@ const MAX_OWNERS: usize = 100_000;
 const MAX_CACHED: usize = 4096;
 /// Prefix of the ids given to server requests on the way to a 2025 agent.
 const SERVER_REQUEST: &str = "toolmesh:";
+/// The server requests that cross generations (as 2026 input requests and back).
+const INPUT_METHODS: [&str; 3] = ["elicitation/create", "sampling/createMessage", "roots/list"];
 
 /// What the aggregate remembers between requests: agents' sessions, the upstream
 /// sessions held for 2026-07-28 agents, servers' generations, resource owners.
@@ -110,6 +114,8 @@ pub struct Aggregate {
     owners: Mutex<Owners>,
     /// Servers' lists as the agent sees them, for as long as the servers say.
     cache: Mutex<HashMap<CacheKey, Cached>>,
+    /// Bridged calls waiting for their 2026 agents' input ([`parked`]).
+    parked: parked::ParkedCalls,
     next_id: AtomicU64,
 }
 
@@ -214,6 +220,9 @@ struct Agent<'a> {
     session: Option<Arc<AgentSession>>,
     /// Bridging on `/mcp/<server>`: this server alone, its names as they are.
     only: Option<&'a Arc<Route>>,
+    /// The params of the request being served, when a 2026 agent's: its `_meta`
+    /// capabilities open the upstream session it is bridged on.
+    request: Option<&'a RawValue>,
 }
 
 impl Agent<'_> {
@@ -244,6 +253,7 @@ impl Owned {
             modern: self.modern,
             session: self.session.clone(),
             only: self.only.as_ref(),
+            request: None,
         }
     }
 }
@@ -315,6 +325,7 @@ impl crate::proxy::Proxy {
             modern,
             session,
             only: None,
+            request: message.params,
         };
         if message.kind == Kind::Request && message.rpc == Some(Method::Initialize) && !modern {
             return self.initialize(subject, message, message.id, None).await;
@@ -348,6 +359,7 @@ impl crate::proxy::Proxy {
             modern: true,
             session: None,
             only: Some(route),
+            request: message.params,
         };
         self.dispatch(&agent, message, headers, body, ctx).await
     }
@@ -407,6 +419,7 @@ impl crate::proxy::Proxy {
             modern: false,
             session: Some(session),
             only: Some(route),
+            request: None,
         };
         self.dispatch(&agent, message, headers, body, ctx).await
     }
@@ -585,6 +598,7 @@ impl crate::proxy::Proxy {
                     modern: false,
                     session: Some(session),
                     only: Some(route),
+                    request: None,
                 };
                 match self.ask(&agent, route, Method::Discover, "{}").await? {
                     Reply::Result(discovered) => initialize_result(discovered.get(), &version),
@@ -1177,6 +1191,26 @@ impl crate::proxy::Proxy {
         };
         crate::proxy::authorize(&route, agent.subject, judged, ctx)?;
         let lists = crate::proxy::response_filter(&route, judged);
+        let call = |upstream_id: String, lists| -> Result<parked::Call, ProxyError> {
+            Ok(parked::Call {
+                subject: agent.subject.as_str().to_owned(),
+                route: route.clone(),
+                method,
+                target: judged.target.as_deref().unwrap_or_default().to_owned(),
+                upstream_id,
+                agent_id: message
+                    .id
+                    .ok_or_else(|| {
+                        ProxyError::InvalidRequest("a request without an id".to_owned())
+                    })?
+                    .to_owned(),
+                lists,
+            })
+        };
+        // A bridged 2026 agent's retry of a round the server asked for.
+        if bridged && let Some(retry) = parked::Retry::of(judged.params) {
+            return self.resume(agent, call(String::new(), lists)?, retry).await;
+        }
 
         let mut up_headers = HeaderMap::new();
         if reverse.is_some() {
@@ -1249,6 +1283,14 @@ impl crate::proxy::Proxy {
             }),
         };
         let relayed = body::relay(incoming, move || drop(in_flight));
+        // A bridged 2026 agent: the server's requests during the call become rounds.
+        if let (true, Some(Framing::Sse), Some(upstream_id)) = (bridged, framing, &upstream_id) {
+            let stream = parked::Stream {
+                body: relayed,
+                buf: BytesMut::new(),
+            };
+            return Ok(self.relay_bridged(call(upstream_id.clone(), lists)?, stream));
+        }
         let body = match framing {
             Some(Framing::Sse) if rewrite.needed() || lists.is_some() => {
                 parts.headers.remove(header::CONTENT_LENGTH);
@@ -1535,10 +1577,9 @@ impl crate::proxy::Proxy {
             });
         }
         let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
-        let default_params = format!(
-            "{{\"protocolVersion\":\"{LEGACY_VERSION}\",\"capabilities\":{{}},\"clientInfo\":{}}}",
-            server_info()
-        );
+        // A 2026 agent's session (the identity's): opened with the capabilities and
+        // client info its request carries, so that the server asks what it can answer.
+        let default_params = agent_init(agent.request);
         let params = init.map_or(default_params.as_str(), RawValue::get);
         let text = format!(
             "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"initialize\",\"params\":{params}}}"
@@ -1750,6 +1791,37 @@ fn initialize_result(discovered: &str, version: &str) -> String {
     format!(
         "{{\"protocolVersion\":{},\"capabilities\":{capabilities},\"serverInfo\":{info}{instructions}}}",
         json_string(version)
+    )
+}
+
+/// `initialize` params for an upstream session held for 2026 agents: the 2026
+/// envelope's capabilities and client info in `request` (its params), if any.
+fn agent_init(request: Option<&RawValue>) -> String {
+    #[derive(Deserialize)]
+    struct Params<'a> {
+        #[serde(borrow, default, rename = "_meta")]
+        meta: Option<Meta<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow, default, rename = "io.modelcontextprotocol/clientCapabilities")]
+        capabilities: Option<&'a RawValue>,
+        #[serde(borrow, default, rename = "io.modelcontextprotocol/clientInfo")]
+        info: Option<&'a RawValue>,
+    }
+    let meta = request
+        .and_then(|p| serde_json::from_str::<Params<'_>>(p.get()).ok())
+        .and_then(|p| p.meta);
+    let capabilities = meta
+        .as_ref()
+        .and_then(|m| m.capabilities)
+        .map_or("{}", RawValue::get);
+    let info = meta
+        .as_ref()
+        .and_then(|m| m.info)
+        .map_or_else(server_info, |i| i.get().to_owned());
+    format!(
+        "{{\"protocolVersion\":\"{LEGACY_VERSION}\",\"capabilities\":{capabilities},\"clientInfo\":{info}}}"
     )
 }
 

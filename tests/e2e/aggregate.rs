@@ -183,16 +183,34 @@ async fn a_2026_agent_uses_2025_and_2026_servers_through_the_aggregate() -> Resu
     let url = aggregate_url(&t.sidecar);
     // server-everything and the TypeScript server speak only 2025-11-25: bridged. The
     // demo server speaks 2026-07-28: reached statelessly.
+    // The 2025 server's sampling and elicitation requests reach the agent as
+    // input_required rounds; its answers go back to the server that asked.
     let plan = json!({
         "ev-echo": ["ev__echo", {"message": "one endpoint"}],
         "demo-echo": ["demo__echo", {"text": "hi"}],
         "ts-echo": ["echo", {"text": "unprefixed"}],
         "progress": ["ev__trigger-long-running-operation", {"duration": 1, "steps": 3}],
+        "ev-sampling": ["ev__trigger-sampling-request", {"prompt": "Capital of France?"}],
+        "ev-elicitation": ["ev__trigger-elicitation-request", {}],
     });
     let report = run_client("python-modern", &url, &plan).await?;
     assert_eq!(report["version"], "2026-07-28", "{report}");
     check_report("python-modern", &report);
-    assert_eq!(report["seen"]["progress"], 3, "{report}");
+    assert!(
+        report["steps"]["ev-sampling"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Paris")),
+        "{report}"
+    );
+    assert_eq!(
+        report["steps"]["ev-elicitation"]["error"], false,
+        "{report}"
+    );
+    assert_eq!(
+        report["seen"],
+        json!({"progress": 3, "sampling": 1, "elicitation": 1}),
+        "{report}"
+    );
     Ok(())
 }
 
@@ -736,11 +754,22 @@ async fn a_2026_agent_uses_a_2025_only_server_on_its_own_path_too() -> Result<()
     let plan = json!({
         "echo": ["echo", {"message": "bridged"}],
         "progress": ["trigger-long-running-operation", {"duration": 1, "steps": 3}],
+        "sampling": ["trigger-sampling-request", {"prompt": "Capital of France?"}],
     });
     let report = run_client("python-modern", &t.sidecar.url("everything"), &plan).await?;
     assert_eq!(report["version"], "2026-07-28", "{report}");
     assert_eq!(report["steps"]["echo"]["text"], "Echo: bridged", "{report}");
-    assert_eq!(report["seen"]["progress"], 3, "{report}");
+    assert!(
+        report["steps"]["sampling"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Paris")),
+        "{report}"
+    );
+    assert_eq!(
+        report["seen"],
+        json!({"progress": 3, "sampling": 1, "elicitation": 0}),
+        "{report}"
+    );
     let tools: Vec<&str> = report["tools"]
         .as_array()
         .map(|t| t.iter().filter_map(Value::as_str).collect())
@@ -859,5 +888,91 @@ async fn a_2025_agent_uses_a_2026_only_server_on_both_paths() -> Result<()> {
         2,
         "handshakes: {logs}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bridged_round_belongs_to_its_agent_call_and_is_taken_once() -> Result<()> {
+    let t = three().await?;
+    let url = t.sidecar.url("everything");
+    let call = |tool: &str, arguments: Value, retry: Option<(&str, Value)>| {
+        let mut params = json!({
+            "name": tool,
+            "arguments": arguments,
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {"sampling": {}},
+                "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}},
+        });
+        if let Some((state, responses)) = retry {
+            params["requestState"] = state.into();
+            params["inputResponses"] = responses;
+        }
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}).to_string()
+    };
+    let ask = json!({"prompt": "Capital of France?"});
+    let sample = |key: &str| json!({key: {"role": "assistant", "content": {"type": "text", "text": "Paris"}, "model": "m"}});
+    let h = crate::support::modern_headers("trigger-sampling-request");
+    // The sampling call again, with `state` and the agent's answer under `key`.
+    let retry = |state: &str, key: &str| {
+        call(
+            "trigger-sampling-request",
+            ask.clone(),
+            Some((state, sample(key))),
+        )
+    };
+    let send = |h: &[(&'static str, String)], body: String| {
+        let (url, h) = (url.clone(), h.to_vec());
+        async move { post(&url, &borrow(&h), body).await }
+    };
+    let round = |reply: &crate::support::Reply| -> (String, String) {
+        let result = &reply.message()["result"];
+        assert_eq!(result["resultType"], "input_required", "{reply:?}");
+        let requests = result["inputRequests"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let (key, request) = requests.iter().next().expect("an input request");
+        assert_eq!(request["method"], "sampling/createMessage", "{reply:?}");
+        let state = result["requestState"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        (key.clone(), state)
+    };
+
+    // The server's sampling request arrives as a round.
+    let first = send(&h, call("trigger-sampling-request", ask.clone(), None)).await?;
+    let (key, state) = round(&first);
+    // The state cannot be spent on another tool (and is gone once tried).
+    let echo = crate::support::modern_headers("echo");
+    let moved = send(
+        &echo,
+        call(
+            "echo",
+            json!({"message": "x"}),
+            Some((&state, sample(&key))),
+        ),
+    )
+    .await?;
+    assert!(
+        moved.text.contains("belongs to another request"),
+        "{moved:?}"
+    );
+    let replayed = send(&h, retry(&state, &key)).await?;
+    assert!(replayed.text.contains("names no call"), "{replayed:?}");
+    // A state the sidecar did not seal names nothing.
+    let forged = send(&h, retry("tm1.0.x.y", &key)).await?;
+    assert!(forged.text.contains("names no call"), "{forged:?}");
+
+    // A round answered as asked completes the call with the server's result.
+    let first = send(&h, call("trigger-sampling-request", ask.clone(), None)).await?;
+    let (key, state) = round(&first);
+    let done = send(&h, retry(&state, &key)).await?;
+    let result = &done.message()["result"];
+    assert_eq!(result["resultType"], "complete", "{done:?}");
+    assert!(result.to_string().contains("Paris"), "{done:?}");
+    // Taken once: the same retry again is refused.
+    let again = send(&h, retry(&state, &key)).await?;
+    assert!(again.text.contains("names no call"), "{again:?}");
     Ok(())
 }

@@ -28,7 +28,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AgentSession, InFlightGuard, MAX_REPLY, SERVER_REQUEST, Shape, read_all};
+use super::parked::error_message;
+use super::{
+    AgentSession, INPUT_METHODS, InFlightGuard, MAX_REPLY, SERVER_REQUEST, Shape, read_all,
+};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::filter::{self, Framing};
@@ -43,8 +46,6 @@ const MAX_ROUNDS: usize = 16;
 const MAX_INPUTS: usize = 32;
 /// How long the agent has to answer a round's input requests (a person may be asked).
 const INPUT_WAIT: Duration = Duration::from_secs(600);
-/// The input requests a 2025 agent can take as server requests.
-const INPUT_METHODS: [&str; 3] = ["elicitation/create", "sampling/createMessage", "roots/list"];
 
 /// An agent's answer to a server request: its `result`, or its `error`.
 pub(super) type Answer = Result<Box<RawValue>, Box<RawValue>>;
@@ -287,14 +288,7 @@ impl Proxy {
         mut step: Step,
         tx: mpsc::Sender<Bytes>,
     ) {
-        let id = bridged.agent_id.get().to_owned();
-        let fail = |e: ProxyError| {
-            let code = e.code();
-            format!(
-                "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"error\":{{\"code\":{code},\"message\":{}}}}}",
-                json_string(&e.to_string())
-            )
-        };
+        let fail = |e: ProxyError| error_message(&bridged.agent_id, &e);
         for _ in 0..MAX_ROUNDS {
             let answer = match step {
                 Step::Whole(text) => text,
