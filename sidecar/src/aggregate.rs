@@ -51,10 +51,14 @@
 //!   drops it; a server that gives no `ttlMs` is never cached. Merged answers to 2026
 //!   agents carry the shortest remaining `ttlMs` (0 when any part may not be kept).
 //!
-//! Not here (yet): a cursor across servers (lists are collected whole, up to
-//! [`MAX_PAGES`] pages per server, and returned without `nextCursor`), resource
-//! subscriptions through `subscriptions/listen`, legacy HTTP+SSE (2024-11-05)
-//! upstreams.
+//! - **Pages** ([`page`]): each server's list is collected whole (up to [`MAX_PAGES`]
+//!   of its pages) and the merged list is given out in pages of
+//!   [`page::PAGE_ITEMS`], the cursor naming the server and place the next page
+//!   starts at.
+//!
+//! Not here (yet): resource subscriptions through `subscriptions/listen`, and legacy
+//! HTTP+SSE (2024-11-05) upstreams (their `endpoint` event is refused, see
+//! [`crate::filter`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -77,6 +81,7 @@ use crate::identity::Identity;
 use crate::mcp::{self, Envelope, Kind, Method};
 use crate::snapshot::{Route, Runtime};
 mod notify;
+mod page;
 mod parked;
 mod rounds;
 
@@ -478,7 +483,7 @@ impl crate::proxy::Proxy {
             }
             (Kind::Request, Some(Method::Ping)) => Ok(json_answer(id, "{}", &HeaderMap::new())),
             (Kind::Request, Some(method)) if method.list().is_some() => {
-                self.list(agent, method, id).await
+                self.list(agent, method, id, message.params).await
             }
             (Kind::Request, Some(Method::LoggingSetLevel)) => {
                 self.set_level(agent, message.params).await;
@@ -797,12 +802,18 @@ impl crate::proxy::Proxy {
         agent: &Agent<'_>,
         method: Method,
         id: Option<&RawValue>,
+        params: Option<&RawValue>,
     ) -> Result<Response<Body>, ProxyError> {
         let Some(kind) = method.list() else {
             return Err(ProxyError::InvalidRequest("not a list".to_owned()));
         };
+        let cursor = page::requested(params, &agent.runtime.version)?;
         let (merged, ttl) = self.merged(agent, method).await;
-        let mut result = format!("{{\"{}\":[{}]", kind.field, merged.join(","));
+        let (items, next) = page::page(&merged, cursor.as_ref(), &agent.runtime.version);
+        let mut result = format!("{{\"{}\":[{}]", kind.field, items.join(","));
+        if let Some(next) = next {
+            result.push_str(&format!(",\"nextCursor\":{}", json_string(&next)));
+        }
         if agent.modern {
             result.push_str(&format!(
                 ",\"resultType\":\"complete\",\"ttlMs\":{},\"cacheScope\":\"private\"",
@@ -819,20 +830,20 @@ impl crate::proxy::Proxy {
     ///
     /// Also how long the merged list may be kept: the shortest time any server's part
     /// may, and zero when a part may not be kept or a server is missing.
-    async fn merged(&self, agent: &Agent<'_>, method: Method) -> (Vec<String>, Duration) {
+    async fn merged(&self, agent: &Agent<'_>, method: Method) -> (page::Merged, Duration) {
         let Some(kind) = method.list() else {
-            return (Vec::new(), Duration::ZERO);
+            return (page::Merged::default(), Duration::ZERO);
         };
         let mut ttl = Duration::MAX;
         let mut routes = agent.routes();
-        routes.sort_by_key(|r| !r.prefix.is_empty());
+        routes.sort_by(|a, b| page::order(a).cmp(&page::order(b)));
         let fetches = routes.iter().map(|route| async move {
             let items =
                 tokio::time::timeout(route.timeout, self.server_items(agent, route, method)).await;
             (*route, items)
         });
         let resources = kind.kind == mcp::TargetKind::Resource;
-        let mut merged: Vec<String> = Vec::new();
+        let mut merged = page::Merged::default();
         let mut owned: HashMap<String, String> = HashMap::new();
         let mut answered: Vec<&str> = Vec::new();
         for (route, fetched) in futures_util::future::join_all(fetches).await {
@@ -851,6 +862,7 @@ impl crate::proxy::Proxy {
             };
             ttl = ttl.min(kept);
             answered.push(&route.name);
+            merged.start_part(route);
             for item in items.iter() {
                 if resources {
                     let Some(key) = resource_key(kind, item) else {
@@ -862,7 +874,7 @@ impl crate::proxy::Proxy {
                     }
                     owned.insert(key, route.name.clone());
                 }
-                merged.push(item.clone());
+                merged.items.push(item.clone());
             }
         }
         if resources {

@@ -13,12 +13,13 @@ use serde_json::value::RawValue;
 use crate::body::{self, Body};
 use crate::identity::Identity;
 
-/// JSON-RPC error codes. `-32700`/`-32600` are JSON-RPC's, `-32020` is MCP's own
+/// JSON-RPC error codes. `-32700`/`-32600`/`-32602` are JSON-RPC's, `-32020` is MCP's own
 /// header-mismatch code (2026-07-28); `-32080..=-32089` are the sidecar's, chosen clear
 /// of the codes MCP defines. The README's "Error answers" table lists them all.
 pub mod code {
     pub const PARSE_ERROR: i64 = -32700;
     pub const INVALID_REQUEST: i64 = -32600;
+    pub const INVALID_PARAMS: i64 = -32602;
     pub const HEADER_MISMATCH: i64 = -32020;
     pub const ORIGIN_FORBIDDEN: i64 = -32080;
     pub const UNKNOWN_SERVER: i64 = -32081;
@@ -46,6 +47,10 @@ pub enum ProxyError {
     Parse(String),
     #[error("invalid JSON-RPC request: {0}")]
     InvalidRequest(String),
+    /// Params the sidecar answers for itself and cannot take (a list cursor it did
+    /// not give): answered as a server would, with MCP's invalid-params code.
+    #[error("invalid params: {0}")]
+    InvalidParams(String),
     #[error("{0}")]
     HeaderMismatch(String),
     #[error("origin {0:?} is not allowed")]
@@ -121,7 +126,7 @@ impl ProxyError {
             NotReady | Misconfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             UnknownPeer => StatusCode::FORBIDDEN,
             // A JSON-RPC-level refusal, as a server refusing a call would answer.
-            NotPermitted { .. } => StatusCode::OK,
+            NotPermitted { .. } | InvalidParams(_) => StatusCode::OK,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -133,6 +138,7 @@ impl ProxyError {
             InvalidRequest(_) | BodyRead(_) | BodyTimeout(_) | MethodNotAllowed(_) => {
                 code::INVALID_REQUEST
             }
+            InvalidParams(_) => code::INVALID_PARAMS,
             HeaderMismatch(_) => code::HEADER_MISMATCH,
             OriginForbidden(_) | HostForbidden(_) => code::ORIGIN_FORBIDDEN,
             UnknownServer { .. } | UnknownPath(_) => code::UNKNOWN_SERVER,

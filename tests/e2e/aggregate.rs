@@ -976,3 +976,70 @@ async fn a_bridged_round_belongs_to_its_agent_call_and_is_taken_once() -> Result
     assert!(again.text.contains("names no call"), "{again:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_long_merged_list_comes_in_pages_that_cover_it_once() -> Result<()> {
+    // Two servers of 600 tools: 1,200 on /mcp, more than one page holds.
+    let mut procs = Vec::new();
+    let mut docs = Vec::new();
+    for name in ["a", "b"] {
+        let mut cmd =
+            tokio::process::Command::new(toolmesh_tests::binary("toolmesh-bench-upstream"));
+        cmd.args(["--listen", "127.0.0.1:0", "--tools", "600"]);
+        let mut proc = toolmesh_tests::Proc::spawn("toolmesh-bench-upstream", cmd)?;
+        let addr = proc
+            .wait_for("its listening line", toolmesh_tests::listening_on)
+            .await?;
+        docs.push(server(name, &format!("http://{addr}/mcp"), ""));
+        procs.push(proc);
+    }
+    docs.push(policy(&[
+        r#"{server: a, tools: ["*"]}"#,
+        r#"{server: b, tools: ["*"]}"#,
+    ]));
+    let sidecar = Sidecar::start(&docs.concat(), &[]).await?;
+    let url = aggregate_url(&sidecar);
+    let h = [
+        ("mcp-protocol-version", "2026-07-28".to_owned()),
+        ("mcp-method", "tools/list".to_owned()),
+    ];
+    let page = |cursor: Option<String>| {
+        let (url, h) = (url.clone(), h.clone());
+        async move {
+            let mut params =
+                json!({"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}});
+            if let Some(cursor) = cursor {
+                params["cursor"] = cursor.into();
+            }
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": params});
+            post(&url, &borrow(&h), body.to_string()).await
+        }
+    };
+    let (mut names, mut pages, mut cursor) = (Vec::new(), 0, None);
+    loop {
+        let r = page(cursor.take()).await?;
+        let result = r.message()["result"].clone();
+        let tools = result["tools"].as_array().cloned().unwrap_or_default();
+        assert!(!tools.is_empty() && tools.len() <= 1000, "{r:?}");
+        names.extend(
+            tools
+                .iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned)),
+        );
+        pages += 1;
+        match result["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+        assert!(pages < 5, "pages never end");
+    }
+    assert_eq!(pages, 2);
+    let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+    assert_eq!((names.len(), unique.len()), (1200, 1200));
+    assert!(names.contains(&"a__t000".to_owned()) && names.contains(&"b__t599".to_owned()));
+    // A cursor the sidecar did not give is invalid params, as a server would say.
+    let r = page(Some("bm90IG91cnM".to_owned())).await?;
+    assert_eq!(r.message()["error"]["code"], -32602, "{r:?}");
+    drop(procs);
+    Ok(())
+}
