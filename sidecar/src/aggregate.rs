@@ -166,6 +166,9 @@ struct AgentSession {
     /// Requests in flight, by the agent's id (raw), to the server handling them: where
     /// a cancellation goes.
     in_flight: Mutex<HashMap<String, String>>,
+    /// Bridged requests to servers that speak only 2026-07-28, by the agent's id: a
+    /// cancellation ends them (which cancels a stateless request upstream).
+    cancels: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// Upstream sessions by server, each opened once (concurrent first uses wait for it).
@@ -573,6 +576,7 @@ impl crate::proxy::Proxy {
             upstreams: Upstreams::default(),
             pending: rounds::Pending::default(),
             in_flight: Mutex::default(),
+            cancels: Mutex::default(),
         });
         {
             let mut sessions = self
@@ -695,8 +699,17 @@ impl crate::proxy::Proxy {
                 let Some(route) = server.and_then(|s| agent.runtime.route(&s).cloned()) else {
                     return;
                 };
-                // No session to carry it (module docs of [`rounds`]).
+                // No session to carry it: the bridged request is ended instead, which
+                // cancels it upstream ([`rounds`]).
                 if route.refuses_sessions() {
+                    let cancel = session
+                        .cancels
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(target.get());
+                    if let Some(cancel) = cancel {
+                        let _ = cancel.send(());
+                    }
                     return;
                 }
                 let text = format!(
@@ -1249,11 +1262,31 @@ impl crate::proxy::Proxy {
                 id: id.get().to_owned(),
             }
         });
-        let resp = self
-            .send_to(agent, &route, up_headers.clone(), forwarded.clone())
-            .await?;
+        // A request bridged to a 2026-only server can be cancelled while it waits.
+        let mut cancelled = reverse.as_ref().zip(message.id).map(|(session, id)| {
+            let (cancel, cancelled) = tokio::sync::oneshot::channel();
+            session
+                .cancels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.get().to_owned(), cancel);
+            cancelled
+        });
+        let sent = self.send_to(agent, &route, up_headers.clone(), forwarded.clone());
+        let resp = match &mut cancelled {
+            None => sent.await?,
+            Some(cancelled) => tokio::select! {
+                resp = sent => resp?,
+                Ok(()) = cancelled => return Err(ProxyError::UpstreamFailed {
+                    server: route.name.clone(),
+                    reason: "the agent cancelled the request".to_owned(),
+                }),
+            },
+        };
         if let Some(session) = reverse {
+            let cancelled = cancelled.unwrap_or_else(|| tokio::sync::oneshot::channel().1);
             let bridged = rounds::Bridged {
+                cancelled,
                 route: route.clone(),
                 session,
                 agent_id: message
@@ -1673,6 +1706,11 @@ impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.session
             .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        self.session
+            .cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);

@@ -1043,3 +1043,44 @@ async fn a_long_merged_list_comes_in_pages_that_cover_it_once() -> Result<()> {
     drop(procs);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_2025_agent_cancels_a_call_bridged_to_a_2026_only_server() -> Result<()> {
+    let py = PyServer::start().await?;
+    let yaml = [
+        server("py", &py.url(), ", timeout: 20s"),
+        policy(&[r#"{server: py, tools: ["*"]}"#]),
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&yaml, &[]).await?;
+    let url = aggregate_url(&sidecar);
+    let session = initialize(&url).await?;
+    let started = std::time::Instant::now();
+    let slow = tokio::spawn({
+        let (url, session) = (url.clone(), session.clone());
+        async move { call(&url, &session, 7, "py__sleep", json!({"seconds": 5})).await }
+    });
+    let ran = eventually(10, || async { py.logs().contains("call sleep start") }).await;
+    assert!(ran, "{}", py.logs());
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 7, "reason": "the user moved on"}});
+    let r = post(
+        &url,
+        &[V2025, ("mcp-session-id", &session)],
+        cancel.to_string(),
+    )
+    .await?;
+    assert_eq!(r.status, 202, "{r:?}");
+    // The agent's request ends at once, and the server's tool is cancelled: it never
+    // finishes its sleep.
+    let answered = slow.await??;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "the call outlived its cancellation: {answered:?}"
+    );
+    let cancelled = eventually(10, || async { py.logs().contains("call sleep cancelled") }).await;
+    assert!(cancelled, "{}", py.logs());
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(!py.logs().contains("call sleep done"), "{}", py.logs());
+    Ok(())
+}

@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Annotated
 
+import anyio
 import uvicorn
 from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import MCPServer
@@ -70,6 +71,19 @@ def capital(prompt: str, sampled: Annotated[object, Resolve(ask_capital)]) -> st
     text = getattr(sampled.content, "text", "")
     log(f"call capital sampled={text}")
     return f"model said: {text}"
+
+
+@server.tool()
+async def sleep(seconds: float) -> str:
+    """Sleeps, saying when it starts and whether it finished or was cancelled."""
+    log("call sleep start")
+    try:
+        await anyio.sleep(seconds)
+    except BaseException:
+        log("call sleep cancelled")
+        raise
+    log("call sleep done")
+    return "slept"
 
 
 @server.prompt()

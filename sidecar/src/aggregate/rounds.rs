@@ -11,9 +11,11 @@
 //! the sidecar), until the server answers for good. Progress the server streams on the
 //! way reaches the agent as it comes.
 //!
-//! Not here: a cancellation from the agent does not reach the server (a stateless
-//! request is cancelled by closing it; the answer is dropped when the agent has gone),
-//! and input requests other than elicitation, sampling and roots are refused.
+//! The agent's `notifications/cancelled` for such a request ends it: the rounds stop
+//! and the request upstream is closed, which is how a stateless request is cancelled
+//! (before the server's first answer arrives, it is only dropped once it does).
+//!
+//! Not here: input requests other than elicitation, sampling and roots are refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -211,6 +213,8 @@ pub(super) struct Bridged {
     /// The request as sent the first time (agent's id, 2026 envelope).
     pub request: String,
     pub lists: Option<filter::Lists>,
+    /// Fires when the agent cancels the request.
+    pub cancelled: oneshot::Receiver<()>,
     /// Held until the rounds end: where the agent's cancellation would look.
     pub _in_flight: Option<InFlightGuard>,
 }
@@ -220,7 +224,7 @@ impl Proxy {
     /// the server answers at once, else a stream of the rounds (module docs).
     pub(super) async fn rounds(
         self: &Arc<Self>,
-        bridged: Bridged,
+        mut bridged: Bridged,
         first: Response<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
         let step = match self.step(&bridged.route, &bridged.agent_id, first).await? {
@@ -237,7 +241,15 @@ impl Proxy {
         };
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let proxy = self.clone();
-        tokio::spawn(async move { proxy.run_rounds(bridged, step, tx).await });
+        // The agent's cancellation drops the rounds, and with them the request upstream
+        // (closing a stateless request is how it is cancelled).
+        let cancelled = std::mem::replace(&mut bridged.cancelled, oneshot::channel().1);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = proxy.run_rounds(bridged, step, tx) => {}
+                Ok(()) = cancelled => tracing::debug!("a bridged request was cancelled by its agent"),
+            }
+        });
         Ok(super::notify::stream(body::Channel { rx }.boxed()))
     }
 
