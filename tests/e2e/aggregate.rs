@@ -834,11 +834,21 @@ async fn a_2025_agent_uses_a_2026_only_server_on_both_paths() -> Result<()> {
     // then on the sidecar holds the agents' sessions, names as the server gives them.
     // Then the aggregate, where the server is known by then.
     let paths = [
-        (sidecar.url("py"), "", json!(["capital", "echo", "greet"])),
+        (
+            sidecar.url("py"),
+            "",
+            json!(["capital", "echo", "greet", "sleep"]),
+        ),
         (
             aggregate_url(&sidecar),
             "py__",
-            json!(["demo__echo", "py__capital", "py__echo", "py__greet"]),
+            json!([
+                "demo__echo",
+                "py__capital",
+                "py__echo",
+                "py__greet",
+                "py__sleep"
+            ]),
         ),
     ];
     for (url, prefix, tools) in &paths {
