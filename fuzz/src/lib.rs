@@ -39,6 +39,7 @@ pub fn route() -> Arc<Route> {
                 timeout_ms: 1000,
                 mesh: None,
                 prefix: None,
+                transport: 0,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),

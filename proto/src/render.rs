@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::glob;
 use crate::resource::{
     ActionSpec, DEFAULT_SERVER_TIMEOUT, McpServer, RateLimitScope, ResourceError, ResourceSet,
-    RuleSpec, parse_duration, validate_set,
+    RuleSpec, Transport, parse_duration, validate_set,
 };
 use crate::v1alpha1 as pb;
 
@@ -171,6 +171,11 @@ fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
             identity: m.identity.clone(),
         }),
         prefix: spec.prefix.clone(),
+        transport: match spec.transport {
+            Transport::StreamableHttp => pb::Transport::StreamableHttp,
+            Transport::Sse => pb::Transport::Sse,
+        }
+        .into(),
     }
 }
 

@@ -197,6 +197,31 @@ pub struct McpServerSpec {
     #[cfg_attr(feature = "kube", schemars(regex(pattern = PREFIX_PATTERN)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// How the endpoints speak MCP: `streamable-http` (the default: 2025-03-26 and
+    /// later, 2026-07-28) or `sse`, the legacy HTTP+SSE transport of 2024-11-05, where
+    /// each endpoint URL is the server's GET stream (often `…/sse`) and the stream
+    /// announces where to POST. The sidecar holds that stream and serves agents of
+    /// both generations in front of it; agents never learn the server's address.
+    #[serde(default, skip_serializing_if = "Transport::is_default")]
+    pub transport: Transport,
+}
+
+/// `McpServer.spec.transport`.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// One POST endpoint (MCP 2025-03-26 and later).
+    #[default]
+    StreamableHttp,
+    /// A GET stream announcing a POST endpoint (MCP 2024-11-05).
+    Sse,
+}
+
+impl Transport {
+    fn is_default(&self) -> bool {
+        *self == Transport::StreamableHttp
+    }
 }
 
 impl McpServerSpec {

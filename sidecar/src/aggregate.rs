@@ -56,9 +56,11 @@
 //!   [`page::PAGE_ITEMS`], the cursor naming the server and place the next page
 //!   starts at.
 //!
-//! Not here (yet): resource subscriptions through `subscriptions/listen`, and legacy
-//! HTTP+SSE (2024-11-05) upstreams (their `endpoint` event is refused, see
-//! [`crate::filter`]).
+//! - **Legacy HTTP+SSE upstreams** ([`sse`]): a server declared `transport: sse` is
+//!   never relayed; its upstream sessions are streams the sidecar holds, and agents of
+//!   both generations reach it as they reach a 2025-11-25 server.
+//!
+//! Not here (yet): resource subscriptions through `subscriptions/listen`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -84,6 +86,7 @@ mod notify;
 mod page;
 mod parked;
 mod rounds;
+mod sse;
 
 use crate::stdio::{ENVELOPE_KEYS, LEGACY_VERSIONS, complete_modern_result, json_string};
 
@@ -183,6 +186,8 @@ struct UpstreamSession {
     id: Option<HeaderValue>,
     /// The server's `InitializeResult`, raw.
     init: Arc<str>,
+    /// A legacy HTTP+SSE server's stream, which carries this session ([`sse`]).
+    legacy: Option<Arc<sse::Channel>>,
 }
 
 impl Aggregate {
@@ -410,10 +415,15 @@ impl crate::proxy::Proxy {
         }
         let envelope = mcp::parse(body).map_err(crate::proxy::rejection)?;
         let Envelope::Single(message) = &envelope else {
-            return Err(ProxyError::InvalidRequest(
-                "JSON-RPC batches cannot be bridged to a server that speaks only 2026-07-28"
-                    .to_owned(),
-            ));
+            return Err(ProxyError::InvalidRequest(format!(
+                "JSON-RPC batches cannot reach server {}: {}",
+                route.name,
+                if route.sse {
+                    "it speaks the legacy HTTP+SSE transport"
+                } else {
+                    "it speaks only 2026-07-28"
+                }
+            )));
         };
         if message.kind == Kind::Request && message.rpc == Some(Method::Initialize) {
             return self
@@ -599,7 +609,7 @@ impl crate::proxy::Proxy {
                 server_info(),
                 json_string(INSTRUCTIONS)
             ),
-            // The server's own description, from its `server/discover`.
+            // The server's own description.
             Some((runtime, route)) => {
                 let agent = Agent {
                     subject,
@@ -609,16 +619,24 @@ impl crate::proxy::Proxy {
                     only: Some(route),
                     request: None,
                 };
-                match self.ask(&agent, route, Method::Discover, "{}").await? {
-                    Reply::Result(discovered) => initialize_result(discovered.get(), &version),
-                    Reply::Error(e) => {
-                        return Err(ProxyError::UpstreamFailed {
-                            server: route.name.clone(),
-                            reason: format!(
-                                "server/discover answered {}",
-                                crate::proxy::truncate(e.get())
-                            ),
-                        });
+                // A legacy HTTP+SSE server's from the session this one opens with it,
+                // at once (the agent keeps the version agreed here).
+                if route.sse {
+                    let init = self.server_init(&agent, route).await?;
+                    initialize_result(&bridged_discover(&init), &version)
+                } else {
+                    // A 2026-only server's, from its `server/discover`.
+                    match self.ask(&agent, route, Method::Discover, "{}").await? {
+                        Reply::Result(discovered) => initialize_result(discovered.get(), &version),
+                        Reply::Error(e) => {
+                            return Err(ProxyError::UpstreamFailed {
+                                server: route.name.clone(),
+                                reason: format!(
+                                    "server/discover answered {}",
+                                    crate::proxy::truncate(e.get())
+                                ),
+                            });
+                        }
                     }
                 }
             }
@@ -1415,7 +1433,7 @@ impl crate::proxy::Proxy {
         let modern = if status.is_client_error() {
             false
         } else if status.is_success() {
-            match read_reply(resp, id).await.ok()? {
+            match read_reply(resp.map(body::incoming), id).await.ok()? {
                 Reply::Result(r) => r.get().contains(mcp::MODERN_VERSION),
                 Reply::Error(_) => false,
             }
@@ -1494,6 +1512,7 @@ impl crate::proxy::Proxy {
             self.upstream
                 .send(route, uri, HttpMethod::POST, headers, Bytes::from(text))
                 .await?
+                .map(body::incoming)
         } else {
             self.post_session(agent, route, Bytes::from(text)).await?
         };
@@ -1519,16 +1538,17 @@ impl crate::proxy::Proxy {
         route: &Arc<Route>,
         headers: HeaderMap,
         body: Bytes,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         // Only a stateless request has 2026 headers.
         if !headers.is_empty() {
             let uri = route.endpoints[route.pick()].uri.clone();
             let mut headers = headers;
             json_post(&mut headers);
-            return self
+            return Ok(self
                 .upstream
                 .send(route, uri, HttpMethod::POST, headers, body)
-                .await;
+                .await?
+                .map(body::incoming));
         }
         self.post_session(agent, route, body).await
     }
@@ -1567,7 +1587,7 @@ impl crate::proxy::Proxy {
         agent: &Agent<'_>,
         route: &Arc<Route>,
         body: Bytes,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let (upstreams, init) = self.upstreams_of(agent);
         for attempt in 0..2 {
             let cell = upstreams.cell(&route.name);
@@ -1575,9 +1595,19 @@ impl crate::proxy::Proxy {
                 .get_or_try_init(|| self.open_upstream(agent, route, init))
                 .await?
                 .clone();
-            if session.version != agent.runtime.version && attempt == 0 {
+            let lost = session.legacy.as_ref().is_some_and(|c| c.is_closed());
+            if (session.version != agent.runtime.version || lost) && attempt == 0 {
                 upstreams.forget(&route.name);
                 continue;
+            }
+            if let Some(channel) = &session.legacy {
+                let resp = channel.send(body.clone()).await?;
+                // The server forgot the session: open a new one, once.
+                if resp.status() == StatusCode::NOT_FOUND && attempt == 0 {
+                    upstreams.forget(&route.name);
+                    continue;
+                }
+                return Ok(resp);
             }
             let mut headers = HeaderMap::new();
             json_post(&mut headers);
@@ -1599,7 +1629,7 @@ impl crate::proxy::Proxy {
                 upstreams.forget(&route.name);
                 continue;
             }
-            return Ok(resp);
+            return Ok(resp.map(body::incoming));
         }
         Err(ProxyError::UpstreamUnavailable {
             server: route.name.clone(),
@@ -1631,18 +1661,29 @@ impl crate::proxy::Proxy {
         );
         let endpoint = route.pick();
         let uri = route.endpoints[endpoint].uri.clone();
-        let mut headers = HeaderMap::new();
-        json_post(&mut headers);
-        let resp = self
-            .upstream
-            .send(
-                route,
-                uri.clone(),
-                HttpMethod::POST,
-                headers,
-                Bytes::from(text),
-            )
-            .await?;
+        let legacy = match route.sse {
+            true => Some(Arc::new(
+                sse::Channel::open(&self.upstream, route, endpoint).await?,
+            )),
+            false => None,
+        };
+        let resp = match &legacy {
+            Some(channel) => channel.send(Bytes::from(text)).await?,
+            None => {
+                let mut headers = HeaderMap::new();
+                json_post(&mut headers);
+                self.upstream
+                    .send(
+                        route,
+                        uri.clone(),
+                        HttpMethod::POST,
+                        headers,
+                        Bytes::from(text),
+                    )
+                    .await?
+                    .map(body::incoming)
+            }
+        };
         let failed = |reason: String| ProxyError::UpstreamFailed {
             server: route.name.clone(),
             reason,
@@ -1684,14 +1725,20 @@ impl crate::proxy::Proxy {
         }
         let initialized =
             Bytes::from_static(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}");
-        self.upstream
-            .send(route, uri, HttpMethod::POST, headers, initialized)
-            .await?;
+        match &legacy {
+            Some(channel) => drop(channel.send(initialized).await?),
+            None => drop(
+                self.upstream
+                    .send(route, uri, HttpMethod::POST, headers, initialized)
+                    .await?,
+            ),
+        }
         Ok(UpstreamSession {
             version: agent.runtime.version.clone(),
             endpoint,
             id: session_id,
             init,
+            legacy,
         })
     }
 }
@@ -2135,6 +2182,10 @@ impl Rewrite {
         );
         let (upstream, route, session) = (upstream.clone(), route.clone(), session.clone());
         tokio::spawn(async move {
+            if let Some(channel) = session.as_ref().and_then(|s| s.legacy.as_ref()) {
+                let _ = channel.send(Bytes::from(answer)).await;
+                return;
+            }
             let mut headers = HeaderMap::new();
             json_post(&mut headers);
             let endpoint = session
@@ -2234,7 +2285,7 @@ async fn read_all(mut body: Body) -> Result<Bytes, String> {
 }
 
 /// The answer to the sidecar's request `id`, from a JSON body or an SSE stream.
-async fn read_reply(resp: Response<Incoming>, id: u64) -> Result<Reply, String> {
+async fn read_reply(resp: Response<Body>, id: u64) -> Result<Reply, String> {
     #[derive(Deserialize)]
     struct Answer<'a> {
         #[serde(borrow, default)]

@@ -46,8 +46,17 @@ const YIELDS: u8 = 3;
 /// its connection task, so before handing on, the relay yields a few turns ([`YIELDS`]):
 /// frames the connection has already read (an SSE burst) then join in a single write
 /// to the agent. Bytes are copied only when two or more frames merge.
-pub fn relay(inner: Incoming, on_end: impl FnOnce() + Send + Sync + 'static) -> Body {
+pub fn relay<B>(inner: B, on_end: impl FnOnce() + Send + Sync + 'static) -> Body
+where
+    B: HttpBody<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<BodyError>,
+{
     Relay::new(inner, on_end).boxed()
+}
+
+/// An upstream body as it is, boxed.
+pub fn incoming(inner: Incoming) -> Body {
+    inner.map_err(BodyError::from).boxed()
 }
 
 struct Relay<B> {

@@ -675,7 +675,7 @@ impl SseFilter {
 }
 
 /// The value of an `event` field line.
-fn event_type(line: &str) -> Option<&str> {
+pub(crate) fn event_type(line: &str) -> Option<&str> {
     let value = line.strip_prefix("event")?;
     let value = value.strip_prefix(':')?;
     Some(value.strip_prefix(' ').unwrap_or(value))
@@ -683,7 +683,7 @@ fn event_type(line: &str) -> Option<&str> {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the upstream speaks the legacy HTTP+SSE transport (2024-11-05): its endpoint event would send the agent's requests around the sidecar, so the stream is refused"
+    "the upstream speaks the legacy HTTP+SSE transport (2024-11-05): its endpoint event would send the agent's requests around the sidecar, so the stream is refused; declare the server with spec.transport: sse"
 )]
 struct LegacyEndpoint;
 

@@ -360,7 +360,7 @@ impl Proxy {
                 // A 2025 request for a server learnt to speak only 2026-07-28: bridged
                 // the other way.
                 if !modern && self.callers.is_none() {
-                    if route.refuses_sessions() {
+                    if route.holds_sessions() {
                         ctx.decision = Verdict::Plumbing;
                         return self
                             .bridge_legacy(&runtime, &route, &method, &parts.headers, &body, ctx)
@@ -390,7 +390,7 @@ impl Proxy {
             }
             Method::GET | Method::DELETE => {
                 ctx.decision = Verdict::Plumbing;
-                if self.callers.is_none() && route.refuses_sessions() {
+                if self.callers.is_none() && route.holds_sessions() {
                     return self
                         .bridge_legacy(
                             &runtime,
@@ -407,6 +407,14 @@ impl Proxy {
             other => return Err(ProxyError::MethodNotAllowed(other.to_string())),
         };
 
+        // What is left (a 2026 agent's batch) cannot reach a server only the sidecar's
+        // stream speaks to.
+        if route.sse {
+            return Err(ProxyError::InvalidRequest(format!(
+                "server {} speaks the legacy HTTP+SSE transport; send one message per request",
+                route.name
+            )));
+        }
         let mut headers = parts.headers;
         let endpoint = self.open_session(&ctx.subject, &route, &mut headers)?;
         let uri = route.endpoints[endpoint].uri.clone();

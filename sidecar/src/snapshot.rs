@@ -87,6 +87,9 @@ pub struct Route {
     /// What the aggregated `/mcp` puts before this server's tool and prompt names
     /// (`<prefix>__<name>`); empty for the one unprefixed server.
     pub prefix: Arc<str>,
+    /// The server speaks the legacy HTTP+SSE transport (2024-11-05): never relayed,
+    /// always served through a stream the sidecar holds ([`crate::aggregate`]).
+    pub sse: bool,
     /// Whether the server speaks 2026-07-28: learnt once per snapshot, on the first
     /// request that needs to know (0 not yet, 1 it does, 2 only 2025 revisions, 3 only
     /// 2026-07-28: it refuses 2025 sessions).
@@ -114,6 +117,12 @@ impl Route {
     /// Does the server refuse 2025 sessions (it speaks only 2026-07-28)?
     pub fn refuses_sessions(&self) -> bool {
         self.generation.load(Ordering::Relaxed) == 3
+    }
+
+    /// Are a 2025 agent's sessions on this server's own path the sidecar's, never
+    /// relayed? For a legacy HTTP+SSE server, and one that refuses 2025 sessions.
+    pub fn holds_sessions(&self) -> bool {
+        self.sse || self.refuses_sessions()
     }
 
     /// Remember that the server refused a 2025 session though it speaks 2026-07-28.
@@ -256,6 +265,7 @@ impl Runtime {
                 timeout_ms: served.timeout_ms,
                 mesh: None,
                 prefix: None,
+                transport: 0,
             }],
             policies: served
                 .policies
@@ -333,6 +343,14 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
             "prefix {prefix:?}: letters, digits and '-' only (a '_' would make names on /mcp ambiguous)"
         ));
     }
+    let sse = match pb::Transport::try_from(server.transport) {
+        Ok(pb::Transport::StreamableHttp) => false,
+        Ok(pb::Transport::Sse) => true,
+        Err(_) => return Err(format!("transport {} is not known", server.transport)),
+    };
+    if sse && server.mesh.is_some() {
+        return Err("transport SSE cannot be combined with mesh".to_owned());
+    }
     Ok(Route {
         name: server.name.clone(),
         label: SharedString::from(Arc::<str>::from(server.name.as_str())),
@@ -345,7 +363,9 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
             client: std::sync::OnceLock::new(),
         }),
         prefix: Arc::from(server.prefix.as_deref().unwrap_or(&server.name)),
-        generation: std::sync::atomic::AtomicU8::new(0),
+        sse,
+        // A legacy server speaks no 2026-07-28: known without asking.
+        generation: std::sync::atomic::AtomicU8::new(if sse { 2 } else { 0 }),
         next: AtomicUsize::new(0),
     })
 }
@@ -434,6 +454,7 @@ pub(crate) fn test_route(
             timeout_ms: 1000,
             mesh: None,
             prefix: None,
+            transport: 0,
         }],
         policies: vec![pb::Policy {
             name: "p".into(),
@@ -470,6 +491,7 @@ mod tests {
                 timeout_ms: 1000,
                 mesh: None,
                 prefix: None,
+                transport: 0,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),
@@ -481,6 +503,22 @@ mod tests {
             }],
             served: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_legacy_sse_server_is_never_relayed_and_an_unknown_transport_is_refused() {
+        let mut snap = snapshot("http://127.0.0.1:1/sse");
+        snap.servers[0].transport = pb::Transport::Sse as i32;
+        let runtime = Runtime::compile(&snap, None).expect("compiles");
+        let route = runtime.route("demo").expect("routed");
+        assert!(route.sse && route.holds_sessions());
+        assert_eq!(route.speaks_modern(), Some(false), "known without asking");
+        snap.servers[0].transport = 7;
+        let e = Runtime::compile(&snap, None).expect_err("unknown transport");
+        assert!(
+            e.contains("server demo") && e.contains("transport 7"),
+            "{e}"
+        );
     }
 
     #[test]

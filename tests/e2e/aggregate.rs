@@ -389,6 +389,53 @@ async fn event_with(
     }
 }
 
+/// A 2025 session's GET stream on `url`.
+async fn get_stream(url: &str, session: &str) -> Result<reqwest::Response> {
+    let stream = reqwest::Client::new()
+        .get(url)
+        .header("accept", "text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("mcp-session-id", session)
+        .send()
+        .await?;
+    assert_eq!(stream.status(), 200);
+    Ok(stream)
+}
+
+/// Call the TypeScript server's `add_tool` (exposed as `tool`) with new names starting
+/// `name` until a list change reaches the agent's `stream`: the sidecar opens the
+/// servers' streams as the agent's opens, so the first calls may come before.
+async fn add_until_changed(
+    url: &str,
+    session: &str,
+    tool: &str,
+    name: &str,
+    stream: &mut reqwest::Response,
+    buf: &mut String,
+) -> Result<Option<Value>> {
+    for i in 0..20 {
+        let r = call(
+            url,
+            session,
+            10 + i,
+            tool,
+            json!({"text": format!("{name}{i}")}),
+        )
+        .await?;
+        assert!(
+            r.message()["result"]["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("added")),
+            "{r:?}"
+        );
+        let changed = event_with(stream, buf, "notifications/tools/list_changed", 1).await;
+        if changed.is_some() {
+            return Ok(changed);
+        }
+    }
+    Ok(None)
+}
+
 fn two_config(demo: &str, ts: &str, demo_allowed: bool) -> String {
     let mut rules = vec![r#"{server: ts, tools: ["*"]}"#];
     if demo_allowed {
@@ -472,37 +519,17 @@ async fn a_list_change_on_one_server_reaches_agents_of_both_generations() -> Res
 
     // 2025: the session's GET stream carries what the TypeScript server sends on its own.
     let session = initialize(&url).await?;
-    let mut stream = reqwest::Client::new()
-        .get(&url)
-        .header("accept", "text/event-stream")
-        .header("mcp-protocol-version", "2025-11-25")
-        .header("mcp-session-id", &session)
-        .send()
-        .await?;
-    assert_eq!(stream.status(), 200);
+    let mut stream = get_stream(&url, &session).await?;
     let mut buf = String::new();
-    let mut changed = None;
-    // The sidecar opens the servers' streams as the agent's opens: retry until one is.
-    for i in 0..20 {
-        let r = call(
-            &url,
-            &session,
-            10 + i,
-            "ts__add_tool",
-            json!({"text": format!("fresh{i}")}),
-        )
-        .await?;
-        assert!(
-            r.message()["result"]["content"][0]["text"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("added")),
-            "{r:?}"
-        );
-        changed = event_with(&mut stream, &mut buf, "notifications/tools/list_changed", 1).await;
-        if changed.is_some() {
-            break;
-        }
-    }
+    let changed = add_until_changed(
+        &url,
+        &session,
+        "ts__add_tool",
+        "fresh",
+        &mut stream,
+        &mut buf,
+    )
+    .await?;
     assert!(
         changed.is_some(),
         "no list change reached the agent: {}",
@@ -1092,5 +1119,125 @@ async fn a_2025_agent_cancels_a_call_bridged_to_a_2026_only_server() -> Result<(
     assert!(cancelled, "{}", py.logs());
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert!(!py.logs().contains("call sleep done"), "{}", py.logs());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_legacy_sse_server_serves_agents_of_both_generations() -> Result<()> {
+    // The TypeScript SDK's server on its HTTP+SSE endpoint (2024-11-05 transport),
+    // declared as such, beside a Streamable HTTP server.
+    let ts = TsServer::start().await?;
+    let demo = DemoServer::start(&[]).await?;
+    let yaml = [
+        server("old", &ts.legacy_url(), ", timeout: 20s, transport: sse"),
+        server("demo", &demo.url(), ", timeout: 20s"),
+        policy(&[
+            r#"{server: old, tools: [echo, add_tool, write_file, "late*"], prompts: [public_prompt], resources: ["docs://public/**"]}"#,
+            "{server: old, action: deny, tools: [write_file]}",
+            "{server: demo, tools: [echo]}",
+        ]),
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&yaml, &[]).await?;
+    let url = aggregate_url(&sidecar);
+
+    // SDK clients of both generations, on the server's own path and on the aggregate.
+    let paths = [
+        (sidecar.url("old"), "", json!(["add_tool", "echo"])),
+        (
+            url.clone(),
+            "old__",
+            json!(["demo__echo", "old__add_tool", "old__echo"]),
+        ),
+    ];
+    for (path, prefix, tools) in &paths {
+        let plan = json!({"echo": [format!("{prefix}echo"), {"text": "over the old transport"}]});
+        for kind in ["typescript", "python", "python-modern"] {
+            let report = run_client(kind, path, &plan).await?;
+            assert_eq!(&report["tools"], tools, "{kind} {path}: {report}");
+            assert_eq!(
+                report["steps"]["echo"]["text"], "over the old transport",
+                "{kind} {path}: {report}"
+            );
+        }
+    }
+    let logs = ts.logs();
+    assert_eq!(
+        logs.matches("call echo {\"text\":\"over the old transport\"}")
+            .count(),
+        6,
+        "{logs}"
+    );
+
+    // A raw 2025 session on the server's own path: the sidecar's, as on the aggregate.
+    let own = sidecar.url("old");
+    let session = initialize(&own).await?;
+    let r = call(&own, &session, 2, "write_file", json!({"path": "/tmp/x"})).await?;
+    assert_eq!(r.error_code(), Some(-32088), "denied: {r:?}");
+    let read = |id: u64, uri: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "resources/read", "params": {"uri": uri}})
+            .to_string()
+    };
+    let h = [V2025, ("mcp-session-id", session.as_str())];
+    let r = post(&own, &h, read(3, "docs://public/readme")).await?;
+    assert_eq!(
+        r.message()["result"]["contents"][0]["text"],
+        "contents of docs://public/readme",
+        "{r:?}"
+    );
+    let r = post(&own, &h, read(4, "docs://secret/keys")).await?;
+    assert!(r.error_code().is_some(), "a hidden resource: {r:?}");
+    let prompt = json!({"jsonrpc": "2.0", "id": 5, "method": "prompts/get", "params": {"name": "public_prompt"}});
+    let r = post(&own, &h, prompt.to_string()).await?;
+    assert_eq!(
+        r.message()["result"]["messages"][0]["content"]["text"],
+        "public_prompt",
+        "{r:?}"
+    );
+    let logs = ts.logs();
+    assert!(
+        !logs.contains("call write_file"),
+        "a denied tool ran: {logs}"
+    );
+    assert!(
+        !logs.contains("read docs://secret"),
+        "a hidden resource was read: {logs}"
+    );
+
+    // A list change the server sends on its stream reaches a 2025 agent's GET stream.
+    let session = initialize(&url).await?;
+    let mut stream = get_stream(&url, &session).await?;
+    let mut buf = String::new();
+    let changed = add_until_changed(
+        &url,
+        &session,
+        "old__add_tool",
+        "late",
+        &mut stream,
+        &mut buf,
+    )
+    .await?;
+    assert!(changed.is_some(), "no list change: {}", sidecar.logs());
+    let names = tool_names(&url, &session).await?;
+    assert!(
+        names.iter().any(|n| n.starts_with("old__late")),
+        "{names:?}"
+    );
+
+    // Nothing the agents got names the server's address or its POST endpoint.
+    let r = post(
+        &url,
+        &[V2025, ("mcp-session-id", &session)],
+        r#"{"jsonrpc":"2.0","id":40,"method":"tools/list"}"#,
+    )
+    .await?;
+    assert!(
+        !r.text.contains("/messages") && !r.text.contains(&ts.addr.to_string()),
+        "{r:?}"
+    );
+    assert!(
+        !buf.contains("/messages") && !buf.contains("endpoint"),
+        "{buf}"
+    );
     Ok(())
 }

@@ -401,3 +401,37 @@ fn prefixes_on_the_aggregate_never_collide() {
     }
     assert!(is_prefix("") && is_prefix("GitHub-2") && !is_prefix("a_b"));
 }
+
+#[test]
+fn a_legacy_sse_server_is_declared_and_rendered() {
+    let yaml = |more: &str| {
+        format!(
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: old}}\nspec:\n  endpoints: [{{url: \"http://old:1/sse\"}}]\n  allowUnauthenticated: true\n{more}---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: p}}\nspec:\n  subjects: [{{identity: \"agents/a\"}}]\n  rules: [{{server: old, tools: [\"*\"]}}]\n"
+        )
+    };
+    let rendered = |more: &str| {
+        let set = ResourceSet::new(parse_resources(&yaml(more)).expect("parses")).expect("set");
+        crate::render::render(&set, "agents/a")
+            .expect("renders")
+            .servers[0]
+            .transport
+    };
+    assert_eq!(
+        rendered(""),
+        crate::v1alpha1::Transport::StreamableHttp as i32
+    );
+    assert_eq!(
+        rendered("  transport: streamable-http\n"),
+        crate::v1alpha1::Transport::StreamableHttp as i32
+    );
+    assert_eq!(
+        rendered("  transport: sse\n"),
+        crate::v1alpha1::Transport::Sse as i32
+    );
+    let e = err_of(&yaml("  transport: websocket\n"));
+    assert!(e.contains("spec.transport"), "{e}");
+    // A server-side sidecar serves Streamable HTTP: the two do not mix.
+    let meshed = "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {name: old}\nspec:\n  endpoints: [{url: \"https://old:1/mcp/old\"}]\n  mesh: {identity: tools/old}\n  transport: sse\n";
+    let e = err_of(meshed);
+    assert!(e.contains("spec.transport") && e.contains("mesh"), "{e}");
+}

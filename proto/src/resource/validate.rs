@@ -99,6 +99,12 @@ fn validate_server(server: &McpServer) -> FieldResult {
             }
         }
     }
+    if spec.mesh.is_some() && spec.transport == super::Transport::Sse {
+        return fail(
+            "spec.transport",
+            "sse cannot be combined with spec.mesh: a server-side sidecar serves Streamable HTTP",
+        );
+    }
     if let Some(prefix) = &spec.prefix
         && !super::is_prefix(prefix)
     {

@@ -22,7 +22,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method as HttpMethod, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -207,7 +206,7 @@ impl Proxy {
         agent: &Agent<'_>,
         route: &Arc<Route>,
         wanted: Wanted,
-    ) -> Result<Option<Response<Incoming>>, ProxyError> {
+    ) -> Result<Option<Response<Body>>, ProxyError> {
         let accept = HeaderValue::from_static("text/event-stream");
         if self.stateless(agent, route).await {
             let id = self
@@ -230,7 +229,7 @@ impl Proxy {
                 .upstream
                 .send(route, uri, HttpMethod::POST, headers, Bytes::from(text))
                 .await?;
-            return Ok(resp.status().is_success().then_some(resp));
+            return Ok(resp.status().is_success().then(|| resp.map(body::incoming)));
         }
         let (upstreams, init) = self.upstreams_of(agent);
         let session = upstreams
@@ -238,6 +237,18 @@ impl Proxy {
             .get_or_try_init(|| self.open_upstream(agent, route, init))
             .await?
             .clone();
+        if let Some(channel) = &session.legacy {
+            return match channel.listen() {
+                Some(resp) => Ok(Some(resp)),
+                None => {
+                    upstreams.forget(&route.name);
+                    Err(ProxyError::UpstreamFailed {
+                        server: route.name.clone(),
+                        reason: "its SSE stream ended".to_owned(),
+                    })
+                }
+            };
+        }
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, accept);
         headers.insert(
@@ -264,7 +275,7 @@ impl Proxy {
                     reason: "its session is gone".to_owned(),
                 })
             }
-            status if status.is_success() => Ok(Some(resp)),
+            status if status.is_success() => Ok(Some(resp.map(body::incoming))),
             status => Err(ProxyError::UpstreamFailed {
                 server: route.name.clone(),
                 reason: format!("its stream answered HTTP {status}"),
@@ -278,7 +289,7 @@ impl Proxy {
         &self,
         agent: &Agent<'_>,
         route: &Arc<Route>,
-        resp: Response<Incoming>,
+        resp: Response<Body>,
         wanted: Wanted,
         tag: Option<&RawValue>,
         tx: &mpsc::Sender<Bytes>,

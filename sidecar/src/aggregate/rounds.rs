@@ -25,7 +25,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method as HttpMethod, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
@@ -200,7 +199,7 @@ fn input_required(answer: &str) -> Option<InputRequired<'_>> {
 /// How one round's answer arrived: whole, or as a stream still to be read.
 enum Step {
     Whole(String),
-    Stream(Incoming),
+    Stream(Body),
 }
 
 /// One bridged request, for the task that runs its rounds.
@@ -225,7 +224,7 @@ impl Proxy {
     pub(super) async fn rounds(
         self: &Arc<Self>,
         mut bridged: Bridged,
-        first: Response<Incoming>,
+        first: Response<Body>,
     ) -> Result<Response<Body>, ProxyError> {
         let step = match self.step(&bridged.route, &bridged.agent_id, first).await? {
             Step::Whole(text) if input_required(&text).is_none() => {
@@ -259,7 +258,7 @@ impl Proxy {
         &self,
         route: &Arc<Route>,
         id: &RawValue,
-        resp: Response<Incoming>,
+        resp: Response<Body>,
     ) -> Result<Step, ProxyError> {
         let framing = resp
             .headers()
@@ -269,12 +268,13 @@ impl Proxy {
         if status.is_success() && framing == Some(Framing::Sse) {
             return Ok(Step::Stream(resp.into_body()));
         }
-        let text = read_all(body::relay(resp.into_body(), || {}))
-            .await
-            .map_err(|reason| ProxyError::UpstreamFailed {
-                server: route.name.clone(),
-                reason,
-            })?;
+        let text =
+            read_all(resp.into_body())
+                .await
+                .map_err(|reason| ProxyError::UpstreamFailed {
+                    server: route.name.clone(),
+                    reason,
+                })?;
         let text = String::from_utf8_lossy(&text);
         let answered = serde_json::from_str::<Answered<'_>>(&text).ok();
         let readable = answered
@@ -346,7 +346,10 @@ impl Proxy {
                 )
                 .await;
             step = match sent {
-                Ok(resp) => match self.step(route, &bridged.agent_id, resp).await {
+                Ok(resp) => match self
+                    .step(route, &bridged.agent_id, resp.map(body::incoming))
+                    .await
+                {
                     Ok(step) => step,
                     Err(e) => {
                         let _ = tx.send(sse_event(&fail(e))).await;
@@ -462,7 +465,7 @@ fn unreadable(route: &Route) -> ProxyError {
 /// they come, server requests (which a stateless exchange cannot carry) are dropped,
 /// and the answer is returned, not sent. `None` when the stream ends without one.
 async fn relay_until_answer(
-    mut body: Incoming,
+    mut body: Body,
     tx: &mpsc::Sender<Bytes>,
     route: &Route,
 ) -> Option<String> {
