@@ -50,6 +50,7 @@
 //!   identity for stateless agents); a list change heard on a notification stream
 //!   drops it; a server that gives no `ttlMs` is never cached. Merged answers to 2026
 //!   agents carry the shortest remaining `ttlMs` (0 when any part may not be kept).
+//!   Resource reads a 2026 server marks cacheable are kept too ([`reads`]).
 //!
 //! - **Pages** ([`page`]): each server's list is collected whole (up to [`MAX_PAGES`]
 //!   of its pages) and the merged list is given out in pages of
@@ -85,6 +86,7 @@ use crate::snapshot::{Route, Runtime};
 mod notify;
 mod page;
 mod parked;
+mod reads;
 mod rounds;
 mod sse;
 
@@ -124,6 +126,8 @@ pub struct Aggregate {
     cache: Mutex<HashMap<CacheKey, Cached>>,
     /// Bridged calls waiting for their 2026 agents' input ([`parked`]).
     parked: parked::ParkedCalls,
+    /// Resource reads servers mark cacheable ([`reads`]).
+    reads: reads::Reads,
     next_id: AtomicU64,
 }
 
@@ -191,12 +195,13 @@ struct UpstreamSession {
 }
 
 impl Aggregate {
-    /// Forget the cached lists of `server` (it said one changed).
+    /// Forget the cached lists and reads of `server` (it said a list changed).
     fn invalidate(&self, server: &str) {
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(_, s, _, _, _), _| s != server);
+        self.reads.forget(server);
     }
 }
 
@@ -949,7 +954,11 @@ impl crate::proxy::Proxy {
                 .filter(|c| c.expires > now)
                 .map(|c| (c.items.clone(), c.expires - now))
         };
-        crate::telemetry::aggregate_list_cache(&route.label, hit.is_some());
+        crate::telemetry::aggregate_cache(
+            crate::telemetry::AGGREGATE_LIST_CACHE,
+            &route.label,
+            hit.is_some(),
+        );
         if let Some(hit) = hit {
             return Ok(hit);
         }
@@ -1254,6 +1263,29 @@ impl crate::proxy::Proxy {
         if bridged && let Some(retry) = parked::Retry::of(judged.params) {
             return self.resume(agent, call(String::new(), lists)?, retry).await;
         }
+        // A 2026 agent's read of a 2026 server's resource, perhaps kept ([`reads`]).
+        let read_key = (method == Method::ResourcesRead
+            && agent.modern
+            && !bridged
+            && reads::fresh_request(judged.params))
+        .then(|| {
+            (
+                agent.runtime.version.clone(),
+                route.name.clone(),
+                uri.to_string(),
+            )
+        });
+        if let Some(key) = &read_key {
+            let kept = self.aggregate.reads.get(key);
+            crate::telemetry::aggregate_cache(
+                crate::telemetry::AGGREGATE_READ_CACHE,
+                &route.label,
+                kept.is_some(),
+            );
+            if let Some(result) = kept {
+                return Ok(json_answer(message.id, &result, &HeaderMap::new()));
+            }
+        }
 
         let mut up_headers = HeaderMap::new();
         if reverse.is_some() {
@@ -1380,7 +1412,13 @@ impl crate::proxy::Proxy {
                     })?,
                     None => text.into_owned(),
                 };
-                body::full(rewrite.message(&filtered).unwrap_or(filtered))
+                let answer = rewrite.message(&filtered).unwrap_or(filtered);
+                if let Some(key) = read_key
+                    && parts.status.is_success()
+                {
+                    self.aggregate.reads.put(key, &answer);
+                }
+                body::full(answer)
             }
             _ => relayed,
         };

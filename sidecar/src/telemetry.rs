@@ -35,6 +35,7 @@ pub const WORKLOAD_CERT_RENEWALS: &str = "toolmesh_workload_certificate_renewals
 pub const UPSTREAM_EXPOSED: &str = "toolmesh_mesh_upstream_exposed";
 pub const AGGREGATE_LIST_FAILURES: &str = "toolmesh_aggregate_list_failures_total";
 pub const AGGREGATE_LIST_CACHE: &str = "toolmesh_aggregate_list_cache_total";
+pub const AGGREGATE_READ_CACHE: &str = "toolmesh_aggregate_read_cache_total";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +115,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     describe_counter!(
         AGGREGATE_LIST_CACHE,
         "Server lists the aggregated /mcp took from its cache (hit) or fetched (miss), by server"
+    );
+    describe_counter!(
+        AGGREGATE_READ_CACHE,
+        "Resource reads the aggregated /mcp answered from its cache (hit) or sent to a 2026-07-28 server (miss), by server"
     );
     describe_counter!(
         UPSTREAM_ERRORS,
@@ -276,9 +281,11 @@ pub fn aggregate_list_failed(server: &SharedString, method: &'static str) {
 }
 
 /// A server's part of a merged list taken from the cache (`hit`) or fetched.
-pub fn aggregate_list_cache(server: &SharedString, hit: bool) {
+/// A hit or miss of one of the aggregate's caches (`AGGREGATE_LIST_CACHE` or
+/// `AGGREGATE_READ_CACHE`).
+pub fn aggregate_cache(metric: &'static str, server: &SharedString, hit: bool) {
     let result = if hit { "hit" } else { "miss" };
-    counter!(AGGREGATE_LIST_CACHE, "server" => server.clone(), "result" => result).increment(1);
+    counter!(metric, "server" => server.clone(), "result" => result).increment(1);
 }
 
 pub fn upstream_error(server: &SharedString, kind: &'static str) {

@@ -389,6 +389,21 @@ async fn event_with(
     }
 }
 
+/// `toolmesh_aggregate_<cache>_cache_total` for `server` and `result` in a `/metrics`
+/// text.
+fn cache_count(metrics: &str, cache: &str, server: &str, result: &str) -> f64 {
+    let name = format!("toolmesh_aggregate_{cache}_cache_total{{");
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(&name)
+                && l.contains(&format!("server=\"{server}\""))
+                && l.contains(&format!("result=\"{result}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A 2025 session's GET stream on `url`.
 async fn get_stream(url: &str, session: &str) -> Result<reqwest::Response> {
     let stream = reqwest::Client::new()
@@ -715,17 +730,7 @@ async fn lists_are_cached_as_long_as_their_servers_say_and_no_longer() -> Result
     };
     let hits = || async {
         let (_, metrics) = crate::support::admin(&sidecar, "/metrics").await?;
-        let count = |server: &str| -> f64 {
-            metrics
-                .lines()
-                .filter(|l| {
-                    l.starts_with("toolmesh_aggregate_list_cache_total{")
-                        && l.contains(&format!("server=\"{server}\""))
-                        && l.contains("result=\"hit\"")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let count = |server| cache_count(&metrics, "list", server, "hit");
         anyhow::Ok((count("a"), count("b"), count("c")))
     };
     let first = list().await?;
@@ -1239,5 +1244,57 @@ async fn a_legacy_sse_server_serves_agents_of_both_generations() -> Result<()> {
         !buf.contains("/messages") && !buf.contains("endpoint"),
         "{buf}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_read_the_server_marks_cacheable_is_kept_for_its_ttl() -> Result<()> {
+    // The Python SDK server marks its reads `ttlMs` 60000, `cacheScope` private.
+    let py = PyServer::start().await?;
+    let yaml = [
+        server("py", &py.url(), ", timeout: 20s"),
+        policy(&[r#"{server: py, tools: ["*"], resources: ["*"]}"#]),
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&yaml, &[]).await?;
+    let url = aggregate_url(&sidecar);
+    let read = |params: Value| {
+        let url = url.clone();
+        async move {
+            let mut params = params;
+            params["uri"] = json!("note://python/readme");
+            params["_meta"] = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}});
+            let body =
+                json!({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": params});
+            let h = [
+                ("mcp-protocol-version", "2026-07-28".to_owned()),
+                ("mcp-method", "resources/read".to_owned()),
+                ("mcp-name", "note://python/readme".to_owned()),
+            ];
+            let r = post(&url, &borrow(&h), body.to_string()).await?;
+            let result = r.message()["result"].clone();
+            anyhow::ensure!(result.is_object(), "no result: {r:?}");
+            anyhow::Ok(result)
+        }
+    };
+    let reads = || py.logs().matches("read note://python/readme").count();
+    let first = read(json!({})).await?;
+    assert_eq!(first["contents"][0]["text"], "hello from python", "{first}");
+    assert_eq!(first["ttlMs"], 60000, "{first}");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let second = read(json!({})).await?;
+    assert_eq!(second["contents"], first["contents"], "{second}");
+    let left = second["ttlMs"].as_u64().unwrap_or_default();
+    assert!((1..60000).contains(&left), "what remains: {second}");
+    assert_eq!(reads(), 1, "answered from the cache: {}", py.logs());
+    // A retry carrying input responses is its own exchange: never answered from the
+    // cache.
+    let _ = read(json!({"inputResponses": {}})).await?;
+    assert_eq!(reads(), 2, "{}", py.logs());
+    let (_, metrics) = crate::support::admin(&sidecar, "/metrics").await?;
+    let count = |result| cache_count(&metrics, "read", "py", result);
+    assert_eq!((count("hit"), count("miss")), (1.0, 1.0), "{metrics}");
     Ok(())
 }

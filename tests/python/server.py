@@ -9,8 +9,9 @@ with the SDK's "unsupported protocol version" error. Interactive tools ask the c
 through `input_required` rounds (elicitation, sampling).
 
 It prints `listening on http://ADDR/mcp` once it accepts connections, and one line per
-tool run (`call NAME ARGS`, with what the client answered), so tests can prove from the
-server's side what ran.
+tool run (`call NAME ARGS`, with what the client answered) and resource read (`read
+URI`), so tests can prove from the server's side what ran. Resource reads carry
+`ttlMs` 60000 (`cacheScope` private).
 """
 
 import json
@@ -20,6 +21,7 @@ from typing import Annotated
 
 import anyio
 import uvicorn
+from mcp.server.caching import CacheHint
 from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
@@ -29,7 +31,11 @@ from pydantic import BaseModel
 MODERN = "2026-07-28"
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 
-server = MCPServer("toolmesh-e2e-python-modern")
+# Resource reads may be kept for a minute (ttlMs), by this identity only.
+server = MCPServer(
+    "toolmesh-e2e-python-modern",
+    cache_hints={"resources/read": CacheHint(ttl_ms=60_000, scope="private")},
+)
 
 
 def log(line: str) -> None:
@@ -95,6 +101,7 @@ def haiku(topic: str) -> str:
 @server.resource("note://python/readme")
 def readme() -> str:
     """A note."""
+    log("read note://python/readme")
     return "hello from python"
 
 

@@ -331,6 +331,8 @@ impl Proxy {
                 let data = super::next_event(&mut buf, end);
                 if data.contains("list_changed") {
                     self.aggregate.invalidate(&route.name);
+                } else if data.contains("notifications/resources/updated") {
+                    self.aggregate.reads.forget(&route.name);
                 }
                 let Some(out) = forwarded(&rewrite, &data, wanted, tag) else {
                     continue;
