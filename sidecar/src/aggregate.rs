@@ -43,8 +43,9 @@
 //!   merged list (logged, counted in `toolmesh_aggregate_list_failures_total`); the
 //!   others answer.
 //! - **Notifications** ([`notify`]): a 2025 agent's `GET /mcp` and a 2026 agent's
-//!   `subscriptions/listen` carry what every server sends (list changes, for the
-//!   latter), each server's stream re-opened until the agent goes away.
+//!   `subscriptions/listen` carry what every server sends (list changes and the
+//!   updates of subscribed resources, for the latter), each server's stream re-opened
+//!   until the agent goes away.
 //! - **Cache.** Each server's part of a merged list (visible items, prefixed) is kept
 //!   while the server's `ttlMs` lasts, per snapshot and per 2025 session (or per
 //!   identity for stateless agents); a list change heard on a notification stream
@@ -60,8 +61,6 @@
 //! - **Legacy HTTP+SSE upstreams** ([`sse`]): a server declared `transport: sse` is
 //!   never relayed; its upstream sessions are streams the sidecar holds, and agents of
 //!   both generations reach it as they reach a 2025-11-25 server.
-//!
-//! Not here (yet): resource subscriptions through `subscriptions/listen`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -315,6 +314,7 @@ impl crate::proxy::Proxy {
                     agent,
                     notify::Wanted::ALL,
                     None,
+                    HashMap::new(),
                 )));
             }
             other => return Err(ProxyError::MethodNotAllowed(other.to_string())),
@@ -414,6 +414,7 @@ impl crate::proxy::Proxy {
                     agent,
                     notify::Wanted::ALL,
                     None,
+                    HashMap::new(),
                 )));
             }
             _ => {}
@@ -480,12 +481,16 @@ impl crate::proxy::Proxy {
                 }
             },
             (Kind::Request, Some(Method::SubscriptionsListen)) if modern => {
-                let (wanted, honored) = notify::Wanted::requested(message.params);
+                let (wanted, asked) = notify::Wanted::requested(message.params);
                 let Some(id) = id else {
                     return Err(ProxyError::InvalidRequest(
                         "subscriptions/listen without an id".to_owned(),
                     ));
                 };
+                let subscribed = self.subscribed(agent, asked).await;
+                let honored = wanted
+                    .with_uris(subscribed.values().flatten().cloned().collect())
+                    .filter();
                 let owned = Owned {
                     subject: agent.subject.clone(),
                     runtime: agent.runtime.clone(),
@@ -497,6 +502,7 @@ impl crate::proxy::Proxy {
                     owned,
                     wanted,
                     Some((id.to_owned(), honored)),
+                    subscribed,
                 )))
             }
             (Kind::Request, Some(Method::Ping)) => Ok(json_answer(id, "{}", &HeaderMap::new())),
@@ -1423,6 +1429,34 @@ impl crate::proxy::Proxy {
             _ => relayed,
         };
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// The resources among `uris` a 2026 agent's `subscriptions/listen` may subscribe
+    /// to, by the server each belongs to: a URI servers read as it is sent
+    /// ([`crate::uri`]), whose server's policy shows it. Others are not honoured (left
+    /// out of the acknowledgement).
+    async fn subscribed(
+        &self,
+        agent: &Agent<'_>,
+        uris: Vec<String>,
+    ) -> HashMap<String, Vec<String>> {
+        let mut by_server: HashMap<String, Vec<String>> = HashMap::new();
+        for uri in uris {
+            let Ok(meaning) = crate::uri::canonical(&uri) else {
+                continue;
+            };
+            let route = match agent.only {
+                Some(route) => route.clone(),
+                None => match self.resource_owner(agent, &uri).await {
+                    Ok(route) => route,
+                    Err(_) => continue,
+                },
+            };
+            if route.policy.visible(mcp::TargetKind::Resource, &meaning) {
+                by_server.entry(route.name.clone()).or_default().push(uri);
+            }
+        }
+        by_server
     }
 
     /// The server `uri` belongs to; when no list has shown it yet, the resource and

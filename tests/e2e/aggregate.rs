@@ -2,7 +2,7 @@
 //! rmcp demo server, the TypeScript SDK's server) behind one endpoint, used by the
 //! official TypeScript and Python SDK clients in both generations.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use toolmesh_tests::{DemoServer, Everything, PyServer, Sidecar, TsServer};
 
@@ -404,6 +404,40 @@ fn cache_count(metrics: &str, cache: &str, server: &str, result: &str) -> f64 {
         .sum()
 }
 
+/// A 2026-07-28 `resources/read` of `uri` on `url`, with more `params`: its result.
+async fn modern_read(url: &str, uri: &str, params: Value) -> Result<Value> {
+    let mut params = params;
+    params["uri"] = json!(uri);
+    params["_meta"] = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}});
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": params});
+    let h = [
+        ("mcp-protocol-version", "2026-07-28".to_owned()),
+        ("mcp-method", "resources/read".to_owned()),
+        ("mcp-name", uri.to_owned()),
+    ];
+    let r = post(url, &borrow(&h), body.to_string()).await?;
+    let result = r.message()["result"].clone();
+    anyhow::ensure!(result.is_object(), "no result: {r:?}");
+    Ok(result)
+}
+
+/// A 2026-07-28 `subscriptions/listen` (`body`) on `url`: its stream.
+async fn subscriptions_listen(url: &str, body: &Value) -> Result<reqwest::Response> {
+    let stream = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .body(body.to_string())
+        .send()
+        .await?;
+    assert_eq!(stream.status(), 200);
+    Ok(stream)
+}
+
 /// A 2025 session's GET stream on `url`.
 async fn get_stream(url: &str, session: &str) -> Result<reqwest::Response> {
     let stream = reqwest::Client::new()
@@ -562,15 +596,7 @@ async fn a_list_change_on_one_server_reaches_agents_of_both_generations() -> Res
     let listen = json!({"jsonrpc": "2.0", "id": "sub-1", "method": "subscriptions/listen", "params": {
         "notifications": {"toolsListChanged": true, "resourceSubscriptions": ["docs://x"]},
         "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
-    let mut sub = reqwest::Client::new()
-        .post(&url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "subscriptions/listen")
-        .body(listen.to_string())
-        .send()
-        .await?;
+    let mut sub = subscriptions_listen(&url, &listen).await?;
     let mut buf = String::new();
     let ack = event_with(&mut sub, &mut buf, "acknowledged", 5).await;
     let ack = ack.ok_or_else(|| anyhow::anyhow!("no acknowledgement"))?;
@@ -869,7 +895,7 @@ async fn a_2025_agent_uses_a_2026_only_server_on_both_paths() -> Result<()> {
         (
             sidecar.url("py"),
             "",
-            json!(["capital", "echo", "greet", "sleep"]),
+            json!(["capital", "echo", "greet", "sleep", "touch"]),
         ),
         (
             aggregate_url(&sidecar),
@@ -879,7 +905,8 @@ async fn a_2025_agent_uses_a_2026_only_server_on_both_paths() -> Result<()> {
                 "py__capital",
                 "py__echo",
                 "py__greet",
-                "py__sleep"
+                "py__sleep",
+                "py__touch"
             ]),
         ),
     ];
@@ -1258,27 +1285,7 @@ async fn a_read_the_server_marks_cacheable_is_kept_for_its_ttl() -> Result<()> {
     .concat();
     let sidecar = Sidecar::start(&yaml, &[]).await?;
     let url = aggregate_url(&sidecar);
-    let read = |params: Value| {
-        let url = url.clone();
-        async move {
-            let mut params = params;
-            params["uri"] = json!("note://python/readme");
-            params["_meta"] = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                "io.modelcontextprotocol/clientCapabilities": {},
-                "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}});
-            let body =
-                json!({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": params});
-            let h = [
-                ("mcp-protocol-version", "2026-07-28".to_owned()),
-                ("mcp-method", "resources/read".to_owned()),
-                ("mcp-name", "note://python/readme".to_owned()),
-            ];
-            let r = post(&url, &borrow(&h), body.to_string()).await?;
-            let result = r.message()["result"].clone();
-            anyhow::ensure!(result.is_object(), "no result: {r:?}");
-            anyhow::Ok(result)
-        }
-    };
+    let read = |params: Value| modern_read(&url, "note://python/readme", params);
     let reads = || py.logs().matches("read note://python/readme").count();
     let first = read(json!({})).await?;
     assert_eq!(first["contents"][0]["text"], "hello from python", "{first}");
@@ -1296,5 +1303,80 @@ async fn a_read_the_server_marks_cacheable_is_kept_for_its_ttl() -> Result<()> {
     let (_, metrics) = crate::support::admin(&sidecar, "/metrics").await?;
     let count = |result| cache_count(&metrics, "read", "py", result);
     assert_eq!((count("hit"), count("miss")), (1.0, 1.0), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_2026_agent_subscribes_to_resources_through_the_aggregate() -> Result<()> {
+    // The Python SDK server announces resource updates to subscriptions/listen streams
+    // (its `touch` tool); the policy shows one of its resources.
+    let py = PyServer::start().await?;
+    let yaml = [
+        server("py", &py.url(), ", timeout: 20s"),
+        policy(&[r#"{server: py, tools: ["*"], resources: ["note://python/readme"]}"#]),
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&yaml, &[]).await?;
+    let url = aggregate_url(&sidecar);
+    let listen = json!({"jsonrpc": "2.0", "id": "sub-9", "method": "subscriptions/listen", "params": {
+        "notifications": {"resourceSubscriptions": [
+            "note://python/readme", "note://python/secret", "NOTE://python/readme"]},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}}}});
+    let mut stream = subscriptions_listen(&url, &listen).await?;
+    let mut buf = String::new();
+    // Only what the policy shows, in the form servers read, is honoured.
+    let ack = event_with(&mut stream, &mut buf, "acknowledged", 10)
+        .await
+        .context("no acknowledgement")?;
+    assert_eq!(
+        ack["params"]["notifications"]["resourceSubscriptions"],
+        json!(["note://python/readme"]),
+        "{ack}"
+    );
+    let touch = |id: u64, uri: &str| {
+        let url = url.clone();
+        let body = crate::support::modern_call(id, "py__touch", json!({"uri": uri}));
+        async move {
+            let h = modern_headers("py__touch");
+            let r = post(&url, &borrow(&h), body).await?;
+            anyhow::ensure!(
+                r.message()["result"]["content"][0]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("touched")),
+                "{r:?}"
+            );
+            anyhow::Ok(())
+        }
+    };
+    // The sidecar opens the server's stream as the agent's opens: touch until the
+    // update arrives. A resource not subscribed to never comes through.
+    // A read the server lets the sidecar keep, kept until the server says it changed.
+    let reads = || py.logs().matches("read note://python/readme").count();
+    modern_read(&url, "note://python/readme", json!({})).await?;
+    modern_read(&url, "note://python/readme", json!({})).await?;
+    assert_eq!(reads(), 1, "{}", py.logs());
+    let mut updated = None;
+    for i in 0..20 {
+        touch(100 + i, "note://python/secret").await?;
+        touch(200 + i, "note://python/readme").await?;
+        updated = event_with(&mut stream, &mut buf, "resources/updated", 1).await;
+        if updated.is_some() {
+            break;
+        }
+    }
+    let updated = updated.context("no update reached the agent")?;
+    assert_eq!(
+        updated["params"]["uri"], "note://python/readme",
+        "{updated}"
+    );
+    assert_eq!(
+        updated["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "sub-9",
+        "{updated}"
+    );
+    assert!(!buf.contains("secret"), "{buf}");
+    modern_read(&url, "note://python/readme", json!({})).await?;
+    assert_eq!(reads(), 2, "read again after the update: {}", py.logs());
     Ok(())
 }

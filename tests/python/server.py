@@ -23,7 +23,7 @@ import anyio
 import uvicorn
 from mcp.server.caching import CacheHint
 from mcp.server.elicitation import ElicitationResult
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
 from mcp_types import SamplingMessage, TextContent
 from pydantic import BaseModel
@@ -96,6 +96,14 @@ async def sleep(seconds: float) -> str:
 def haiku(topic: str) -> str:
     """A haiku about a topic."""
     return f"Write a haiku about {topic}."
+
+
+@server.tool()
+async def touch(uri: str, ctx: Context) -> str:
+    """Announces that the resource at uri changed (to subscriptions/listen streams)."""
+    log(f"call touch {json.dumps({'uri': uri})}")
+    await ctx.notify_resource_updated(uri)
+    return f"touched {uri}"
 
 
 @server.resource("note://python/readme")

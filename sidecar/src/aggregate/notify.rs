@@ -3,18 +3,21 @@
 //! A 2025 agent's `GET /mcp` opens (or reuses) its upstream session with every
 //! server and listens on each server's GET stream; a 2026-07-28 agent's
 //! `subscriptions/listen` is acknowledged at once (list changes of the kinds it asked
-//! for: resource subscriptions and tasks are not honoured through the aggregate) and
-//! listens with `subscriptions/listen` on 2026 servers, and on the GET stream of the
-//! session the sidecar holds with 2025 ones. Each server's stream is re-opened, with
+//! for, and updates of the resources it subscribed to that servers read as sent and
+//! policy shows; tasks are not honoured through the aggregate) and listens with
+//! `subscriptions/listen` on 2026 servers (asking each for its resources), and on the
+//! GET stream of the session the sidecar holds with 2025 ones (sending that session
+//! `resources/subscribe`). Each server's stream is re-opened, with
 //! backoff from 250 ms to 30 s, when it ends or fails (its session too, when the server
 //! lost it), until the agent goes away; a server that offers no stream (405) is left
 //! out.
 //!
 //! What passes: to a 2025 agent every notification, and server requests with ids of
 //! the aggregate (as on a call's stream); to a 2026 agent the list changes it asked
-//! for, tagged with its subscription's id, while server requests get an error answer
-//! at once. Nothing here is buffered beyond one event per server and a bounded channel.
+//! for and the updates of its resources, tagged with its subscription's id, while
+//! server requests get an error answer at once. Nothing here is buffered beyond one event per server and a bounded channel.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,14 +44,20 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 const LAST_RETRY: Duration = Duration::from_secs(30);
 
 /// Which notifications a stream carries.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Wanted {
     tools: bool,
     prompts: bool,
     resources: bool,
     /// A 2025 agent's GET stream: every notification.
     all: bool,
+    /// Resources whose `notifications/resources/updated` pass (one server's, on the
+    /// way to it; every server's in the acknowledgement).
+    uris: Option<Arc<[String]>>,
 }
+
+/// Resource subscriptions one `subscriptions/listen` may ask for.
+pub(super) const MAX_SUBSCRIPTIONS: usize = 256;
 
 impl Wanted {
     pub(super) const ALL: Wanted = Wanted {
@@ -56,11 +65,12 @@ impl Wanted {
         prompts: true,
         resources: true,
         all: true,
+        uris: None,
     };
 
-    /// What a `subscriptions/listen` asks for, and the acknowledgement's
-    /// `notifications`: the list kinds it asked for, nothing else.
-    pub(super) fn requested(params: Option<&RawValue>) -> (Wanted, String) {
+    /// What a `subscriptions/listen` asks for: the list kinds, and the resource URIs
+    /// to decide (at most [`MAX_SUBSCRIPTIONS`]; beyond, not honoured).
+    pub(super) fn requested(params: Option<&RawValue>) -> (Wanted, Vec<String>) {
         #[derive(Deserialize, Default)]
         struct Params {
             #[serde(default)]
@@ -74,6 +84,8 @@ impl Wanted {
             prompts: bool,
             #[serde(default, rename = "resourcesListChanged")]
             resources: bool,
+            #[serde(default, rename = "resourceSubscriptions")]
+            uris: Vec<serde_json::Value>,
         }
         let filter = params
             .and_then(|p| serde_json::from_str::<Params>(p.get()).ok())
@@ -84,12 +96,34 @@ impl Wanted {
             prompts: filter.prompts,
             resources: filter.resources,
             all: false,
+            uris: None,
         };
-        (wanted, wanted.filter())
+        let uris = filter
+            .uris
+            .into_iter()
+            .filter_map(|u| match u {
+                serde_json::Value::String(s) => Some(s),
+                _ => None,
+            })
+            .take(MAX_SUBSCRIPTIONS)
+            .collect();
+        (wanted, uris)
     }
 
-    /// The filter as `subscriptions/listen` params carry it.
-    fn filter(self) -> String {
+    /// These kinds, with `uris` subscribed.
+    pub(super) fn with_uris(&self, uris: Vec<String>) -> Wanted {
+        Wanted {
+            uris: (!uris.is_empty()).then(|| Arc::from(uris)),
+            ..self.clone()
+        }
+    }
+
+    fn uris(&self) -> &[String] {
+        self.uris.as_deref().unwrap_or_default()
+    }
+
+    /// The filter as `subscriptions/listen` params (and its acknowledgement) carry it.
+    pub(super) fn filter(&self) -> String {
         let mut members = Vec::new();
         for (on, key) in [
             (self.tools, "toolsListChanged"),
@@ -100,16 +134,25 @@ impl Wanted {
                 members.push(format!("\"{key}\":true"));
             }
         }
+        if !self.uris().is_empty() {
+            members.push(format!(
+                "\"resourceSubscriptions\":{}",
+                serde_json::Value::from(self.uris())
+            ));
+        }
         format!("{{{}}}", members.join(","))
     }
 
-    /// Does a notification named `method` go to the agent?
-    fn passes(self, method: &str) -> bool {
+    /// Does a notification named `method` (about resource `uri`) go to the agent?
+    fn passes(&self, method: &str, uri: Option<&str>) -> bool {
         match method {
             "notifications/subscriptions/acknowledged" => false,
             "notifications/tools/list_changed" => self.tools,
             "notifications/prompts/list_changed" => self.prompts,
             "notifications/resources/list_changed" => self.resources,
+            "notifications/resources/updated" if !self.all => {
+                uri.is_some_and(|u| self.uris().iter().any(|s| s == u))
+            }
             _ => self.all,
         }
     }
@@ -129,12 +172,14 @@ pub(super) fn stream(body: Body) -> Response<Body> {
 
 impl Proxy {
     /// Listen on every server for `agent`; `subscription` is a 2026 agent's request id
-    /// and the acknowledgement's `notifications`, sent first.
+    /// and the acknowledgement's `notifications`, sent first; `subscribed` the resource
+    /// URIs it subscribed to, by server.
     pub(super) fn listen(
         self: &Arc<Self>,
         agent: Owned,
         wanted: Wanted,
         subscription: Option<(Box<RawValue>, String)>,
+        subscribed: HashMap<String, Vec<String>>,
     ) -> Body {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let tag: Option<Arc<RawValue>> = subscription.as_ref().map(|(id, _)| Arc::from(id.clone()));
@@ -147,7 +192,9 @@ impl Proxy {
             let _ = tx.try_send(sse_event(&ack));
         }
         let routes: Vec<Arc<Route>> = agent.agent().routes().into_iter().cloned().collect();
+        let mut subscribed = subscribed;
         for route in routes {
+            let wanted = wanted.with_uris(subscribed.remove(&route.name).unwrap_or_default());
             let (proxy, route, tx, agent, tag) = (
                 self.clone(),
                 route.clone(),
@@ -172,13 +219,13 @@ impl Proxy {
         let mut retry = FIRST_RETRY;
         loop {
             let opened = tokio::select! {
-                opened = self.open_stream(&agent, &route, wanted) => opened,
+                opened = self.open_stream(&agent, &route, &wanted) => opened,
                 () = tx.closed() => return,
             };
             match opened {
                 Ok(Some(resp)) => {
                     if self
-                        .pump(&agent, &route, resp, wanted, tag.as_deref(), &tx)
+                        .pump(&agent, &route, resp, &wanted, tag.as_deref(), &tx)
                         .await
                     {
                         retry = FIRST_RETRY;
@@ -205,7 +252,7 @@ impl Proxy {
         &self,
         agent: &Agent<'_>,
         route: &Arc<Route>,
-        wanted: Wanted,
+        wanted: &Wanted,
     ) -> Result<Option<Response<Body>>, ProxyError> {
         let accept = HeaderValue::from_static("text/event-stream");
         if self.stateless(agent, route).await {
@@ -219,7 +266,11 @@ impl Proxy {
                 modern_meta()
             );
             let mut headers = modern_headers(Method::SubscriptionsListen, None);
-            headers.insert(header::ACCEPT, accept);
+            // A POST accepts both (Streamable HTTP): a server may refuse one that does not.
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
             headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -239,7 +290,10 @@ impl Proxy {
             .clone();
         if let Some(channel) = &session.legacy {
             return match channel.listen() {
-                Some(resp) => Ok(Some(resp)),
+                Some(resp) => {
+                    self.subscribe(agent, route, wanted).await;
+                    Ok(Some(resp))
+                }
                 None => {
                     upstreams.forget(&route.name);
                     Err(ProxyError::UpstreamFailed {
@@ -275,11 +329,35 @@ impl Proxy {
                     reason: "its session is gone".to_owned(),
                 })
             }
-            status if status.is_success() => Ok(Some(resp.map(body::incoming))),
+            status if status.is_success() => {
+                self.subscribe(agent, route, wanted).await;
+                Ok(Some(resp.map(body::incoming)))
+            }
             status => Err(ProxyError::UpstreamFailed {
                 server: route.name.clone(),
                 reason: format!("its stream answered HTTP {status}"),
             }),
+        }
+    }
+
+    /// Subscribe the session the sidecar holds with a 2025 server to the resources a
+    /// 2026 agent's `subscriptions/listen` asked for (its stream is open). Kept until
+    /// that session ends: another listener may want the same resource.
+    async fn subscribe(&self, agent: &Agent<'_>, route: &Arc<Route>, wanted: &Wanted) {
+        for uri in wanted.uris() {
+            let params = format!("{{\"uri\":{}}}", json_string(uri));
+            match self
+                .ask(agent, route, Method::ResourcesSubscribe, &params)
+                .await
+            {
+                Ok(super::Reply::Result(_)) => {}
+                Ok(super::Reply::Error(e)) => {
+                    tracing::debug!(server = %route.name, %uri, error = %e.get(), "resources/subscribe refused");
+                }
+                Err(e) => {
+                    tracing::debug!(server = %route.name, %uri, error = %e, "resources/subscribe failed");
+                }
+            }
         }
     }
 
@@ -290,7 +368,7 @@ impl Proxy {
         agent: &Agent<'_>,
         route: &Arc<Route>,
         resp: Response<Body>,
-        wanted: Wanted,
+        wanted: &Wanted,
         tag: Option<&RawValue>,
         tx: &mpsc::Sender<Bytes>,
     ) -> bool {
@@ -349,9 +427,19 @@ impl Proxy {
 fn forwarded(
     rewrite: &Rewrite,
     text: &str,
-    wanted: Wanted,
+    wanted: &Wanted,
     tag: Option<&RawValue>,
 ) -> Option<String> {
+    #[derive(Deserialize)]
+    struct About<'a> {
+        #[serde(borrow, default)]
+        params: Option<Uri<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Uri<'a> {
+        #[serde(borrow, default)]
+        uri: Option<std::borrow::Cow<'a, str>>,
+    }
     let shape: Shape<'_> = serde_json::from_str(text).ok()?;
     let method = shape.method.as_deref()?;
     if shape.id.is_some() {
@@ -361,14 +449,19 @@ fn forwarded(
         }
         return Some(rewrite.message(text).unwrap_or_else(|| text.to_owned()));
     }
-    if !wanted.passes(method) {
+    let about = (method == "notifications/resources/updated")
+        .then(|| serde_json::from_str::<About<'_>>(text).ok())
+        .flatten()
+        .and_then(|a| a.params?.uri);
+    if !wanted.passes(method, about.as_deref()) {
         return None;
     }
     match tag {
         None => Some(text.to_owned()),
         Some(id) => Some(format!(
-            "{{\"jsonrpc\":\"2.0\",\"method\":{},\"params\":{{\"_meta\":{{\"{SUBSCRIPTION_ID}\":{}}}}}}}",
+            "{{\"jsonrpc\":\"2.0\",\"method\":{},\"params\":{{{}\"_meta\":{{\"{SUBSCRIPTION_ID}\":{}}}}}}}",
             json_string(method),
+            about.map_or_else(String::new, |u| format!("\"uri\":{},", json_string(&u))),
             id.get()
         )),
     }
@@ -395,12 +488,13 @@ mod tests {
                 .to_owned(),
         )
         .expect("JSON");
-        let (wanted, honored) = Wanted::requested(Some(&params));
-        assert_eq!(honored, r#"{"toolsListChanged":true}"#);
+        let (wanted, asked) = Wanted::requested(Some(&params));
+        assert_eq!(wanted.filter(), r#"{"toolsListChanged":true}"#);
+        assert_eq!(asked, ["x://y"]);
         let id = RawValue::from_string("\"sub-1\"".to_owned()).expect("JSON");
         let tools = r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed","params":{"_meta":{"io.modelcontextprotocol/subscriptionId":99}}}"#;
         assert_eq!(
-            forwarded(&rewrite(false), tools, wanted, Some(&id)).as_deref(),
+            forwarded(&rewrite(false), tools, &wanted, Some(&id)).as_deref(),
             Some(
                 r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed","params":{"_meta":{"io.modelcontextprotocol/subscriptionId":"sub-1"}}}"#
             )
@@ -412,7 +506,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":5,"result":{}}"#,
         ] {
             assert_eq!(
-                forwarded(&rewrite(false), other, wanted, Some(&id)),
+                forwarded(&rewrite(false), other, &wanted, Some(&id)),
                 None,
                 "{other}"
             );
@@ -420,15 +514,43 @@ mod tests {
     }
 
     #[test]
+    fn a_subscription_gets_updates_of_the_resources_it_subscribed_to_only() {
+        let (wanted, _) = Wanted::requested(None);
+        let wanted = wanted.with_uris(vec!["docs://a".to_owned()]);
+        assert_eq!(wanted.filter(), r#"{"resourceSubscriptions":["docs://a"]}"#);
+        let id = RawValue::from_string("7".to_owned()).expect("JSON");
+        let update = |uri: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{{"uri":"{uri}","_meta":{{"io.modelcontextprotocol/subscriptionId":1}}}}}}"#
+            )
+        };
+        assert_eq!(
+            forwarded(&rewrite(false), &update("docs://a"), &wanted, Some(&id)).as_deref(),
+            Some(
+                r#"{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"docs://a","_meta":{"io.modelcontextprotocol/subscriptionId":7}}}"#
+            )
+        );
+        for other in ["docs://b", "docs://a/", "DOCS://a"] {
+            assert_eq!(
+                forwarded(&rewrite(false), &update(other), &wanted, Some(&id)),
+                None,
+                "{other}"
+            );
+        }
+        // A 2025 agent's GET stream carries every update its own subscriptions cause.
+        assert!(forwarded(&rewrite(true), &update("docs://b"), &Wanted::ALL, None).is_some());
+    }
+
+    #[test]
     fn a_2025_stream_gets_every_notification_and_server_requests_with_our_ids() {
         let log = r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"x"}}"#;
         assert_eq!(
-            forwarded(&rewrite(true), log, Wanted::ALL, None).as_deref(),
+            forwarded(&rewrite(true), log, &Wanted::ALL, None).as_deref(),
             Some(log)
         );
         let ask = r#"{"jsonrpc":"2.0","id":0,"method":"roots/list"}"#;
         assert_eq!(
-            forwarded(&rewrite(true), ask, Wanted::ALL, None).as_deref(),
+            forwarded(&rewrite(true), ask, &Wanted::ALL, None).as_deref(),
             Some(r#"{"jsonrpc":"2.0","id":"toolmesh:ts:0","method":"roots/list"}"#)
         );
     }
