@@ -115,6 +115,9 @@ struct Target {
     pid: Option<u32>,
     /// Put before tool names (the aggregated `/mcp` shows `bench__small`).
     prefix: &'static str,
+    /// Requests sent at once, each on its own connection (and session), counted as one
+    /// that ends with the last answer: the direct equivalent of the aggregate's fan-out.
+    fan_out: usize,
 }
 
 #[derive(Debug, Default)]
@@ -300,37 +303,20 @@ async fn client(
     ready: Arc<Barrier>,
     mut go: watch::Receiver<Option<Instant>>,
 ) -> Result<(Vec<Duration>, u64, Option<String>)> {
-    let mut send = match &pool {
-        Some(pool) => Conn::Shared(pool[index % pool.len()].clone()),
-        None => Conn::Own(connect(target.addr).await?),
-    };
-    let session = if w.sessions {
-        let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "toolmesh-bench", "version": "0"}}});
-        let req = Request::post(target.path)
-            .header(header::HOST, target.addr.to_string())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json, text/event-stream")
-            .body(Full::new(Bytes::from(init.to_string())))?;
-        let session = send
-            .exchange(req)
-            .await?
-            .context("initialize answered without a session id")?;
-        let note = Request::post(target.path)
-            .header(header::HOST, target.addr.to_string())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json, text/event-stream")
-            .header("mcp-protocol-version", "2025-11-25")
-            .header("mcp-session-id", &session)
-            .body(Full::new(Bytes::from_static(
-                br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
-            )))?;
-        send.exchange(note).await?;
-        Some(session)
-    } else {
-        None
-    };
+    let mut sends = Vec::with_capacity(target.fan_out);
+    let mut sessions = Vec::with_capacity(target.fan_out);
+    for _ in 0..target.fan_out.max(1) {
+        let mut send = match &pool {
+            Some(pool) => Conn::Shared(pool[index % pool.len()].clone()),
+            None => Conn::Own(connect(target.addr).await?),
+        };
+        sessions.push(if w.sessions {
+            Some(open_session(&mut send, &target).await?)
+        } else {
+            None
+        });
+        sends.push(send);
+    }
     ready.wait().await;
     let start = loop {
         if let Some(at) = *go.borrow_and_update() {
@@ -358,18 +344,58 @@ async fn client(
             break;
         }
         id += 1;
-        let req = request(&target, w.call, id, session.as_deref())?;
+        let reqs = sessions
+            .iter()
+            .map(|session| request(&target, w.call, id, session.as_deref()))
+            .collect::<Result<Vec<_>>>()?;
         let sent = Instant::now();
-        match send.exchange(req).await {
-            Ok(_) => latencies.push(sent.elapsed()),
-            Err(e) => {
+        let answers = futures::future::join_all(
+            sends
+                .iter_mut()
+                .zip(reqs)
+                .map(|(send, req)| send.exchange(req)),
+        )
+        .await;
+        let elapsed = sent.elapsed();
+        match answers.into_iter().find_map(Result::err) {
+            None => latencies.push(elapsed),
+            Some(e) => {
                 failed += 1;
                 error.get_or_insert_with(|| e.to_string());
-                send.reconnect(target.addr).await?;
+                for send in &mut sends {
+                    send.reconnect(target.addr).await?;
+                }
             }
         }
     }
     Ok((latencies, failed, error))
+}
+
+/// Open a 2025-11-25 session on `send`: its id.
+async fn open_session(send: &mut Conn, target: &Target) -> Result<String> {
+    let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "toolmesh-bench", "version": "0"}}});
+    let req = Request::post(target.path)
+        .header(header::HOST, target.addr.to_string())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(init.to_string())))?;
+    let session = send
+        .exchange(req)
+        .await?
+        .context("initialize answered without a session id")?;
+    let note = Request::post(target.path)
+        .header(header::HOST, target.addr.to_string())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("mcp-session-id", &session)
+        .body(Full::new(Bytes::from_static(
+            br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        )))?;
+    send.exchange(note).await?;
+    Ok(session)
 }
 
 /// Sample a process's RSS every 10 ms until `stop`; the peak in KiB.
@@ -591,6 +617,7 @@ async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<St
             path: "/mcp/hop1",
             pid: Some(pid),
             prefix: "",
+            fan_out: 1,
         }),
         Arc::new(Target {
             name: "two hops",
@@ -598,6 +625,7 @@ async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<St
             path: "/mcp/hop2",
             pid: Some(pid),
             prefix: "",
+            fan_out: 1,
         }),
     ];
     let mut report = format!(
@@ -750,6 +778,7 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
         path: "/mcp/bench",
         pid: Some(pid),
         prefix: "",
+        fan_out: 1,
     });
     let through = Arc::new(Target {
         name: "aggregate",
@@ -757,6 +786,7 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
         path: "/mcp",
         pid: Some(pid),
         prefix: "bench__",
+        fan_out: 1,
     });
     let calls = [
         Workload {
@@ -840,19 +870,23 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
     std::fs::write(&fresh_config, ten(fresh_addr))?;
     let (cached_sidecar, cached) = start_sidecar(args, &cached_config, audit).await?;
     let (fresh_sidecar, fresh) = start_sidecar(args, &fresh_config, audit).await?;
-    let target = |name, addr, path, pid| {
+    let target = |name, addr, pid, fan_out| {
         Arc::new(Target {
             name,
             addr,
-            path,
+            path: "/mcp",
             pid,
             prefix: "",
+            fan_out,
         })
     };
+    // The aggregate asks its ten servers at once: the time the slowest of them takes
+    // then is the ten lists sent directly at once, until the last answer.
     let targets = [
-        target("one server, direct", fresh_addr, "/mcp", None),
-        target("aggregate, cached", cached, "/mcp", cached_sidecar.pid()),
-        target("aggregate, uncached", fresh, "/mcp", fresh_sidecar.pid()),
+        target("one server, direct", fresh_addr, None, 1),
+        target("ten lists at once, direct", fresh_addr, None, 10),
+        target("aggregate, cached", cached, cached_sidecar.pid(), 1),
+        target("aggregate, uncached", fresh, fresh_sidecar.pid(), 1),
     ];
     let mut rounds: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
     for _ in 0..AGGREGATE_ROUNDS {
@@ -871,6 +905,7 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
         &[
             ("aggregate, uncached", "aggregate, cached"),
             ("aggregate, uncached", "one server, direct"),
+            ("aggregate, uncached", "ten lists at once, direct"),
         ],
     );
     println!("{t}");
@@ -1267,6 +1302,7 @@ async fn bench(args: Args) -> Result<()> {
         path: "/mcp",
         pid: None,
         prefix: "",
+        fan_out: 1,
     });
     let nginx_dir = TempDir::new("bench-nginx")?;
     let (_nginx, nginx) = if args.no_nginx {
@@ -1280,6 +1316,7 @@ async fn bench(args: Args) -> Result<()> {
             path: "/mcp/bench",
             pid: nginx_worker(master).or(Some(master)),
             prefix: "",
+            fan_out: 1,
         });
         (Some(proc), Some(target))
     };
@@ -1306,6 +1343,7 @@ async fn bench(args: Args) -> Result<()> {
                 path: "/mcp/bench",
                 pid: Some(sidecar.pid().context("sidecar pid")?),
                 prefix: "",
+                fan_out: 1,
             }),
         ];
         targets.extend(nginx.clone());
