@@ -1076,25 +1076,30 @@ impl crate::proxy::Proxy {
         if kind.kind == mcp::TargetKind::Resource {
             return Some(item.to_owned());
         }
-        #[derive(Deserialize)]
-        struct Named<'a> {
-            #[serde(borrow)]
-            name: Cow<'a, str>,
-        }
-        let name = serde_json::from_str::<Named<'_>>(item).ok()?.name;
         if route.prefix.is_empty() {
+            #[derive(Deserialize)]
+            struct Named<'a> {
+                #[serde(borrow)]
+                name: Cow<'a, str>,
+            }
+            let name = serde_json::from_str::<Named<'_>>(item).ok()?.name;
             let owner = runtime.resolve(&name).map(|(r, _)| r.name.as_str());
             return (owner == Some(route.name.as_str())).then(|| item.to_owned());
         }
-        let shown = format!("{}__{}", route.prefix, name);
-        filter::rewrite_members(item, |key, _, out| {
-            if key == "name" {
-                out.push_str(&json_string(&shown));
-                true
-            } else {
-                false
+        // One pass: the name is read where it is rewritten.
+        let mut named = false;
+        let shown = filter::rewrite_members(item, |key, raw, out| {
+            if key != "name" {
+                return false;
             }
-        })
+            let Ok(name) = serde_json::from_str::<Cow<'_, str>>(raw) else {
+                return false;
+            };
+            named = true;
+            out.push_str(&json_string(&format!("{}__{}", route.prefix, name)));
+            true
+        })?;
+        named.then_some(shown)
     }
 
     /// Record who owns the resources (or templates) of a merged list; servers that
@@ -2403,7 +2408,11 @@ async fn read_reply(resp: Response<Body>, id: u64) -> Result<Reply, String> {
         }
     }
     if framing == Some(Framing::Json) {
-        let text = String::from_utf8_lossy(&buf);
+        // Read as the agent's parser reads it; no copy when it is UTF-8 already.
+        let text = match std::str::from_utf8(&buf) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(&buf),
+        };
         if let Some(reply) = pick(text.strip_prefix('\u{feff}').unwrap_or(&text)) {
             return Ok(reply);
         }
