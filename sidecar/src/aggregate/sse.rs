@@ -28,7 +28,9 @@
 //! - **Bounds.** One event at most [`MAX_REPLY`] bytes (larger: the stream is cut);
 //!   a waiting request holds at most [`WAITING_EVENTS`] progress events (later ones
 //!   are dropped until the agent reads); listeners lag behind by at most
-//!   [`LISTEN_BACKLOG`] messages, then lose the oldest (logged).
+//!   [`LISTEN_BACKLOG`] messages, then lose the oldest (logged); at most
+//!   [`ANSWERS_QUEUED`] answers to the server's own requests wait to be POSTed, one at
+//!   a time (beyond, a request goes unanswered).
 //!
 //! Not here: the 2024-11-05 handshake itself (the aggregate sends `initialize` as
 //! for any 2025 server, and the server answers with the version it speaks), and
@@ -60,12 +62,16 @@ use crate::upstream::Upstream;
 pub(super) const WAITING_EVENTS: usize = 16;
 /// Messages a listener may lag behind before it loses the oldest.
 pub(super) const LISTEN_BACKLOG: usize = 256;
+/// Answers to the server's requests waiting to be POSTed (beyond: not answered).
+const ANSWERS_QUEUED: usize = 64;
 
 /// One session with a legacy HTTP+SSE server: its stream, read by a task of its own.
 #[derive(Debug)]
 pub(super) struct Channel {
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
+    /// POSTs the answers to the server's own requests, one at a time.
+    answerer: tokio::task::JoinHandle<()>,
     upstream: Upstream,
     route: Arc<Route>,
     /// Where messages are POSTed (the stream's `endpoint` event).
@@ -75,6 +81,7 @@ pub(super) struct Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         self.reader.abort();
+        self.answerer.abort();
         self.shared.close();
     }
 }
@@ -86,8 +93,9 @@ struct Shared {
     waiting: Mutex<Waiting>,
     /// What no request waits for; `None` once the stream ended.
     others: Mutex<Option<broadcast::Sender<Arc<str>>>>,
-    /// Server requests are answered through this (ping, or nobody to ask).
-    answers: mpsc::UnboundedSender<String>,
+    /// Server requests are answered through this (ping, or nobody to ask); one the
+    /// queue has no room for goes unanswered.
+    answers: mpsc::Sender<String>,
 }
 
 #[derive(Debug, Default)]
@@ -200,7 +208,7 @@ impl Channel {
         .map_err(&failed)?;
         let post = same_origin(&base, announced.trim()).map_err(&failed)?;
         let (others, _) = broadcast::channel(LISTEN_BACKLOG);
-        let (answers, answer_rx) = mpsc::unbounded_channel();
+        let (answers, answer_rx) = mpsc::channel(ANSWERS_QUEUED);
         let shared = Arc::new(Shared {
             server: route.name.clone(),
             closed: AtomicBool::new(false),
@@ -208,10 +216,8 @@ impl Channel {
             others: Mutex::new(Some(others)),
             answers,
         });
-        let reader = tokio::spawn(read_stream(
-            shared.clone(),
-            body,
-            buf,
+        let reader = tokio::spawn(read_stream(shared.clone(), body, buf, route.name.clone()));
+        let answerer = tokio::spawn(answer_server(
             answer_rx,
             upstream.clone(),
             route.clone(),
@@ -221,6 +227,7 @@ impl Channel {
         Ok(Channel {
             shared,
             reader,
+            answerer,
             upstream: upstream.clone(),
             route: route.clone(),
             post,
@@ -408,14 +415,14 @@ impl Shared {
                 }
             }
             (Some(id), Some("ping")) => {
-                let _ = self.answers.send(format!(
+                let _ = self.answers.try_send(format!(
                     "{{\"jsonrpc\":\"2.0\",\"id\":{},\"result\":{{}}}}",
                     id.get()
                 ));
             }
             (Some(id), Some(method)) => {
                 if !self.broadcast(text) {
-                    let _ = self.answers.send(format!(
+                    let _ = self.answers.try_send(format!(
                         "{{\"jsonrpc\":\"2.0\",\"id\":{},\"error\":{{\"code\":-32601,\"message\":{}}}}}",
                         id.get(),
                         json_string(&format!("{method}: no agent stream is open to take it"))
@@ -477,16 +484,8 @@ impl http_body::Body for Answer {
 }
 
 /// Read the server's stream until it ends, the channel is dropped (the task is
-/// aborted) or an event is too large; answer the server's requests meanwhile.
-async fn read_stream(
-    shared: Arc<Shared>,
-    mut body: Body,
-    mut buf: BytesMut,
-    mut answers: mpsc::UnboundedReceiver<String>,
-    upstream: Upstream,
-    route: Arc<Route>,
-    post_uri: Uri,
-) {
+/// aborted) or an event is too large.
+async fn read_stream(shared: Arc<Shared>, mut body: Body, mut buf: BytesMut, server: String) {
     let reason = loop {
         while let Some(end) = filter::event_end(&buf) {
             let (event, data) = next_event(&mut buf, end);
@@ -494,29 +493,35 @@ async fn read_stream(
                 shared.dispatch(&data);
             }
         }
-        tokio::select! {
-            frame = body.frame() => match frame {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        buf.extend_from_slice(&data);
-                    }
-                    if buf.len() > MAX_REPLY {
-                        break "an event over the size limit".to_owned();
-                    }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
                 }
-                Some(Err(e)) => break e.to_string(),
-                None => break "the server ended it".to_owned(),
-            },
-            Some(answer) = answers.recv() => {
-                let (upstream, route, uri) = (upstream.clone(), route.clone(), post_uri.clone());
-                tokio::spawn(async move {
-                    let _ = post(&upstream, &route, &uri, Bytes::from(answer)).await;
-                });
+                if buf.len() > MAX_REPLY {
+                    break "an event over the size limit".to_owned();
+                }
             }
+            Some(Err(e)) => break e.to_string(),
+            None => break "the server ended it".to_owned(),
         }
     };
-    tracing::info!(server = %route.name, %reason, "legacy SSE stream closed; the next request opens another session");
+    tracing::info!(%server, %reason, "legacy SSE stream closed; the next request opens another session");
     shared.close();
+}
+
+/// POST the answers to the server's own requests, in order, until the channel goes.
+async fn answer_server(
+    mut answers: mpsc::Receiver<String>,
+    upstream: Upstream,
+    route: Arc<Route>,
+    uri: Uri,
+) {
+    while let Some(answer) = answers.recv().await {
+        if let Err(e) = post(&upstream, &route, &uri, Bytes::from(answer)).await {
+            tracing::debug!(server = %route.name, error = %e, "answering the server's request failed");
+        }
+    }
 }
 
 /// POST one message to the announced URL; the status the server answered.
