@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Quickstart: the whole local shape of toolmesh on one machine.
 #
-#   demo MCP server        127.0.0.1:3001   (toolmesh-demo-server, ships with the repo)
+#   demo MCP servers       127.0.0.1:3001 (demo) and 127.0.0.1:3002 (calc): both
+#                          toolmesh-demo-server, which ships with the repo
 #   control plane          127.0.0.1:16010  gRPC (plaintext: --dev), admin 127.0.0.1:16014
 #                          embedded store in .cache/quickstart/store, seeded from
 #                          deploy/examples/resources/, tokens from deploy/examples/tokens.yaml
 #   sidecar (agents/demo)  127.0.0.1:16001  MCP for the agent, admin 127.0.0.1:16020
 #                          connected to the control plane, state in .cache/quickstart/sidecar
 #
-# Point any MCP client at http://127.0.0.1:16001/mcp/demo; change what it may call with
+# Point any MCP client at http://127.0.0.1:16001/mcp (both servers, tools named
+# demo__echo, calc__add, ...) or http://127.0.0.1:16001/mcp/demo; change what it may call with
 # toolmeshctl (printed below). Ctrl-C stops everything.
 #
 # MODE=standalone runs the sidecar from deploy/examples/resources/demo.yaml instead,
@@ -39,6 +41,8 @@ wait_ready() { # url what
 
 "$bin/toolmesh-demo-server" --listen 127.0.0.1:3001 &
 pids+=($!)
+"$bin/toolmesh-demo-server" --listen 127.0.0.1:3002 --json-response &
+pids+=($!)
 
 if [ "$MODE" = standalone ]; then
   "$bin/toolmesh-sidecar" --config deploy/examples/resources/demo.yaml --identity "$IDENTITY" \
@@ -65,7 +69,8 @@ call='curl -s http://127.0.0.1:16001/mcp/demo -H "content-type: application/json
 cat <<MSG
 
 toolmesh is up ($MODE mode).
-  MCP endpoint for your agent:  http://127.0.0.1:16001/mcp/demo
+  MCP endpoint for your agent:  http://127.0.0.1:16001/mcp       (demo__*, calc__add)
+  one server on its own:        http://127.0.0.1:16001/mcp/demo
   sidecar admin:                http://127.0.0.1:16020/ready  /metrics  /config
 
 Call a tool through the sidecar (the demo server's "add"):

@@ -314,11 +314,17 @@ async fn sidecars_fail_static_when_the_control_plane_is_away() -> Result<()> {
 #[tokio::test]
 async fn the_quickstart_examples_change_what_the_agent_may_call() -> Result<()> {
     let server = DemoServer::start(&[]).await?;
+    let calc = DemoServer::start(&["--json-response"]).await?;
     let examples = toolmesh_tests::workspace_root().join("deploy/examples");
     let demo = std::fs::read_to_string(examples.join("resources/demo.yaml"))?;
-    // The example names the quickstart's fixed port; the test's server has its own.
-    let seed = demo.replace("http://127.0.0.1:3001/mcp", &server.url());
-    assert_ne!(seed, demo, "the example's endpoint moved: update this test");
+    // The example names the quickstart's fixed ports; the test's servers have their own.
+    let seed = demo
+        .replace("http://127.0.0.1:3001/mcp", &server.url())
+        .replace("http://127.0.0.1:3002/mcp", &calc.url());
+    assert!(
+        !seed.contains("127.0.0.1:300"),
+        "the example's endpoints moved: update this test"
+    );
     let dir = TempDir::new("cp")?;
     let cp = ControlPlane::start(&dir.0, 0, &seed).await?; // agents/* covers IDENTITY
     let sidecar = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
@@ -330,6 +336,33 @@ async fn the_quickstart_examples_change_what_the_agent_may_call() -> Result<()> 
         "{}",
         sidecar.logs()
     );
+    // The README's aggregate example: both servers through /mcp, calc showing `add`
+    // only, each call run by its own server.
+    let report = crate::peers::run_client(
+        "python",
+        &format!("http://{}/mcp", sidecar.mcp),
+        &serde_json::json!({
+            "hello": ["demo__echo", {"text": "hello through /mcp"}],
+            "sum": ["calc__add", {"a": 2, "b": 3}],
+        }),
+    )
+    .await?;
+    let tools = &report["tools"];
+    for (shown, yes) in [
+        ("calc__add", true),
+        ("demo__echo", true),
+        ("calc__echo", false),
+    ] {
+        let listed = tools
+            .as_array()
+            .is_some_and(|t| t.iter().any(|n| n == shown));
+        assert_eq!(listed, yes, "{shown}: {report}");
+    }
+    assert_eq!(
+        report["steps"]["hello"]["text"], "hello through /mcp",
+        "{report}"
+    );
+    assert_eq!(report["steps"]["sum"]["text"], "5", "{report}");
 
     let change = examples.join("changes/echo-only.yaml");
     let (ok, out, err) = cp
