@@ -63,9 +63,13 @@ mod tests {
     #[test]
     fn the_shipped_example_is_valid_and_renders_redacted() {
         let summary = check(&[example()], None).expect("example validates");
-        assert!(summary.starts_with("ok: 3 resources"), "{summary}");
+        assert!(
+            summary.starts_with("ok: 4 resources (2 McpServer"),
+            "{summary}"
+        );
         let snapshot = check(&[example()], Some("agents/demo")).expect("renders");
         assert!(snapshot.contains("\"name\": \"demo\"") && snapshot.contains("<redacted>"));
+        assert!(snapshot.contains("\"name\": \"calc\""), "{snapshot}");
         assert!(!snapshot.contains("not-a-real-token"), "{snapshot}");
     }
 

@@ -1679,12 +1679,12 @@ impl crate::proxy::Proxy {
             }
             if let Some(channel) = &session.legacy {
                 let resp = channel.send(body.clone()).await?;
-                // The server forgot the session: open a new one, once.
-                if resp.status() == StatusCode::NOT_FOUND && attempt == 0 {
-                    upstreams.forget(&route.name);
-                    continue;
+                if resp.status() != StatusCode::NOT_FOUND {
+                    return Ok(resp);
                 }
-                return Ok(resp);
+                // The server forgot the session: open a new one, once.
+                upstreams.forget(&route.name);
+                continue;
             }
             let mut headers = HeaderMap::new();
             json_post(&mut headers);

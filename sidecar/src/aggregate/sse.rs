@@ -23,8 +23,8 @@
 //! - **Ending.** When the stream ends or fails, every waiting request gets a
 //!   JSON-RPC error and the channel is closed; the next use opens another session
 //!   (as for a Streamable HTTP server that lost its session). A POST the server
-//!   answers `404` (it forgot the session) closes it too. Dropping the last handle
-//!   to a channel closes its stream.
+//!   answers `404` (it forgot the session) closes it too; another error status is
+//!   the caller's `502`. Dropping the last handle to a channel closes its stream.
 //! - **Bounds.** One event at most [`MAX_REPLY`] bytes (larger: the stream is cut);
 //!   a waiting request holds at most [`WAITING_EVENTS`] progress events (later ones
 //!   are dropped until the agent reads); listeners lag behind by at most
@@ -253,14 +253,20 @@ impl Channel {
         };
         // A failed POST drops the waiter, which takes the request off the list.
         let status = post(&self.upstream, &self.route, &self.post, body).await?;
-        if !status.is_success() {
-            if status == StatusCode::NOT_FOUND {
-                self.shared.close();
-            }
+        // The server forgot the session: the caller opens another and sends again
+        // (nothing ran).
+        if status == StatusCode::NOT_FOUND {
+            self.shared.close();
             return Ok(Response::builder()
                 .status(status)
                 .body(body::empty())
                 .unwrap_or_else(|_| Response::new(body::empty())));
+        }
+        if !status.is_success() {
+            return Err(ProxyError::UpstreamFailed {
+                server: self.route.name.clone(),
+                reason: format!("its message endpoint answered HTTP {status}"),
+            });
         }
         let Some((rx, guard)) = waiter else {
             return Ok(accepted());
