@@ -1738,11 +1738,12 @@ impl crate::proxy::Proxy {
         );
         let endpoint = route.pick();
         let uri = route.endpoints[endpoint].uri.clone();
-        let legacy = match route.sse {
-            true => Some(Arc::new(
+        let legacy = if route.sse {
+            Some(Arc::new(
                 sse::Channel::open(&self.upstream, route, endpoint).await?,
-            )),
-            false => None,
+            ))
+        } else {
+            None
         };
         let resp = match &legacy {
             Some(channel) => channel.send(Bytes::from(text)).await?,
@@ -2250,12 +2251,10 @@ impl Rewrite {
         let (Some(method), Some(id)) = (shape.method, shape.id) else {
             return false;
         };
-        let answer = format!(
-            "{{\"jsonrpc\":\"2.0\",\"id\":{},\"error\":{{\"code\":-32601,\"message\":{}}}}}",
+        let answer = crate::stdio::error_answer(
             id.get(),
-            json_string(&format!(
-                "{method} cannot reach a 2026-07-28 agent through the aggregated /mcp"
-            ))
+            -32601,
+            &format!("{method} cannot reach a 2026-07-28 agent through the aggregated /mcp"),
         );
         let (upstream, route, session) = (upstream.clone(), route.clone(), session.clone());
         tokio::spawn(async move {

@@ -1394,10 +1394,18 @@ fn error_text(id: Option<&RawValue>, code: i64, message: &str) -> String {
 }
 
 fn error_text_with(id: Option<&RawValue>, code: i64, message: &str, data: Option<&str>) -> String {
+    error_answer_with(id.map_or("null", RawValue::get), code, message, data)
+}
+
+/// A JSON-RPC error answer to the request whose id is `id` (raw JSON text).
+pub(crate) fn error_answer(id: &str, code: i64, message: &str) -> String {
+    error_answer_with(id, code, message, None)
+}
+
+fn error_answer_with(id: &str, code: i64, message: &str, data: Option<&str>) -> String {
     let data = data.map(|d| format!(",\"data\":{d}")).unwrap_or_default();
     format!(
-        "{{\"jsonrpc\":\"2.0\",\"id\":{},\"error\":{{\"code\":{code},\"message\":{}{data}}}}}",
-        id.map_or("null", RawValue::get),
+        "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"error\":{{\"code\":{code},\"message\":{}{data}}}}}",
         json_string(message)
     )
 }

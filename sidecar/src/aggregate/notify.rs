@@ -7,15 +7,15 @@
 //! policy shows; tasks are not honoured through the aggregate) and listens with
 //! `subscriptions/listen` on 2026 servers (asking each for its resources), and on the
 //! GET stream of the session the sidecar holds with 2025 ones (sending that session
-//! `resources/subscribe`). Each server's stream is re-opened, with
-//! backoff from 250 ms to 30 s, when it ends or fails (its session too, when the server
-//! lost it), until the agent goes away; a server that offers no stream (405) is left
-//! out.
+//! `resources/subscribe`). Each server's stream is re-opened, with backoff from 250 ms
+//! to 30 s, when it ends or fails (its session too, when the server lost it), until the
+//! agent goes away; a server that offers no stream (405) is left out.
 //!
 //! What passes: to a 2025 agent every notification, and server requests with ids of
 //! the aggregate (as on a call's stream); to a 2026 agent the list changes it asked
 //! for and the updates of its resources, tagged with its subscription's id, while
-//! server requests get an error answer at once. Nothing here is buffered beyond one event per server and a bounded channel.
+//! server requests get an error answer at once. Nothing here is buffered beyond one
+//! event per server and a bounded channel.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -179,7 +179,7 @@ impl Proxy {
         agent: Owned,
         wanted: Wanted,
         subscription: Option<(Box<RawValue>, String)>,
-        subscribed: HashMap<String, Vec<String>>,
+        mut subscribed: HashMap<String, Vec<String>>,
     ) -> Body {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let tag: Option<Arc<RawValue>> = subscription.as_ref().map(|(id, _)| Arc::from(id.clone()));
@@ -192,7 +192,6 @@ impl Proxy {
             let _ = tx.try_send(sse_event(&ack));
         }
         let routes: Vec<Arc<Route>> = agent.agent().routes().into_iter().cloned().collect();
-        let mut subscribed = subscribed;
         for route in routes {
             let wanted = wanted.with_uris(subscribed.remove(&route.name).unwrap_or_default());
             let (proxy, route, tx, agent, tag) = (

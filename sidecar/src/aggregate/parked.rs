@@ -326,10 +326,5 @@ impl Proxy {
 
 /// A JSON-RPC error answer to `id` with `e`'s code and message.
 pub(super) fn error_message(id: &RawValue, e: &ProxyError) -> String {
-    format!(
-        "{{\"jsonrpc\":\"2.0\",\"id\":{},\"error\":{{\"code\":{},\"message\":{}}}}}",
-        id.get(),
-        e.code(),
-        json_string(&e.to_string())
-    )
+    crate::stdio::error_answer(id.get(), e.code(), &e.to_string())
 }

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -109,11 +108,9 @@ impl Reads {
             result: Option<&'a RawValue>,
         }
         #[derive(Deserialize)]
-        struct Hint<'a> {
+        struct Kind<'a> {
             #[serde(default, rename = "resultType")]
             result_type: Option<&'a str>,
-            #[serde(default, rename = "ttlMs")]
-            ttl_ms: Option<serde_json::Value>,
         }
         let Some(result) = serde_json::from_str::<Answer<'_>>(answer)
             .ok()
@@ -121,14 +118,12 @@ impl Reads {
         else {
             return;
         };
-        let Ok(hint) = serde_json::from_str::<Hint<'_>>(result.get()) else {
+        let Ok(kind) = serde_json::from_str::<Kind<'_>>(result.get()) else {
             return;
         };
-        let ttl = hint
-            .ttl_ms
-            .and_then(|t| t.as_u64())
-            .map_or(Duration::ZERO, Duration::from_millis);
-        let complete = hint.result_type.is_none_or(|t| t == "complete");
+        // `ttlMs` read as for lists.
+        let ttl = super::ttl_of(result.get());
+        let complete = kind.result_type.is_none_or(|t| t == "complete");
         let size = result.get().len();
         if !complete || ttl.is_zero() || size > MAX_ENTRY {
             return;
@@ -174,6 +169,8 @@ pub(super) fn fresh_request(params: Option<&RawValue>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn key(uri: &str) -> Key {

@@ -55,7 +55,7 @@ use crate::body::{self, Body, BodyError};
 use crate::error::ProxyError;
 use crate::filter;
 use crate::snapshot::Route;
-use crate::stdio::{json_string, sse_event};
+use crate::stdio::{error_answer, sse_event};
 use crate::upstream::Upstream;
 
 /// Progress events a waiting request holds before later ones are dropped.
@@ -370,12 +370,13 @@ impl Shared {
             waiting.by_id.drain().collect()
         };
         for (id, waiter) in waiters {
-            let error = format!(
-                "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"error\":{{\"code\":-32603,\"message\":{}}}}}",
-                json_string(&format!(
+            let error = error_answer(
+                &id,
+                -32603,
+                &format!(
                     "the SSE stream of server {} ended before it answered; retry",
                     self.server
-                ))
+                ),
             );
             let _ = waiter.tx.try_send(sse_event(&error));
         }
@@ -428,10 +429,10 @@ impl Shared {
             }
             (Some(id), Some(method)) => {
                 if !self.broadcast(text) {
-                    let _ = self.answers.try_send(format!(
-                        "{{\"jsonrpc\":\"2.0\",\"id\":{},\"error\":{{\"code\":-32601,\"message\":{}}}}}",
+                    let _ = self.answers.try_send(error_answer(
                         id.get(),
-                        json_string(&format!("{method}: no agent stream is open to take it"))
+                        -32601,
+                        &format!("{method}: no agent stream is open to take it"),
                     ));
                 }
             }
