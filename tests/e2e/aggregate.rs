@@ -1380,3 +1380,33 @@ async fn a_2026_agent_subscribes_to_resources_through_the_aggregate() -> Result<
     assert_eq!(reads(), 2, "read again after the update: {}", py.logs());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_legacy_server_cannot_point_the_sidecar_at_another_origin() -> Result<()> {
+    // Its stream's endpoint event names another port of the same host (a trap that
+    // logs whatever reaches it, credential included).
+    let hostile = PyServer::start_script("hostile_sse.py").await?;
+    let yaml = format!(
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: old}}\nspec:\n  endpoints: [{{url: \"http://{}/sse\"}}]\n  transport: sse\n  timeout: 5s\n  credential: {{header: Authorization, secretRef: {{name: old-token, key: token}}, prefix: \"Bearer \"}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {{name: old-token}}\ndata: {{token: \"trap-me-not\"}}\n---\n{}",
+        hostile.addr,
+        policy(&[r#"{server: old, tools: ["*"]}"#])
+    );
+    let sidecar = Sidecar::start(&yaml, &[]).await?;
+    // A 2025 agent on the server's own path: its session cannot be opened.
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#;
+    let r = post(&sidecar.url("old"), &[], init).await?;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.error_code(), Some(-32085), "{r:?}");
+    assert!(r.text.contains("another origin"), "{r:?}");
+    // A 2026-07-28 agent's call through the aggregate fails the same way.
+    let h = modern_headers("old__echo");
+    let call = crate::support::modern_call(1, "old__echo", json!({"text": "x"}));
+    let r = post(&aggregate_url(&sidecar), &borrow(&h), call).await?;
+    assert_eq!(r.error_code(), Some(-32085), "{r:?}");
+    // From the server's side: the stream was opened, and
+    // nothing ever reached the trap.
+    let logs = hostile.logs();
+    assert!(logs.contains("stream GET /sse"), "{logs}");
+    assert!(!logs.contains("trap"), "{logs}");
+    Ok(())
+}

@@ -786,9 +786,15 @@ pub struct PyServer {
 
 impl PyServer {
     pub async fn start() -> Result<PyServer> {
+        Self::start_script("server.py").await
+    }
+
+    /// Another server of `tests/python/` (`script`), one that prints the same
+    /// listening line.
+    pub async fn start_script(script: &str) -> Result<PyServer> {
         let mut cmd = Command::new(python()?);
-        cmd.arg(workspace_root().join("tests/python/server.py"));
-        let mut proc = Proc::spawn("python-modern-server", cmd)?;
+        cmd.arg(workspace_root().join("tests/python").join(script));
+        let mut proc = Proc::spawn(&format!("python {script}"), cmd)?;
         let addr = proc.wait_for("its listening line", listening_on).await?;
         Ok(PyServer { proc, addr })
     }
