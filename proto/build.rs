@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "toolmesh.v1alpha1.Rule.action",
         "#[serde(serialize_with = \"crate::render::action_name\")]",
     );
+    // Maps as BTreeMaps: encoded in key order, so a snapshot's content hash (its
+    // version) does not depend on a HashMap's random order.
+    config.btree_map(["."]);
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -10,10 +10,9 @@
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::glob;
 use crate::resource::{
     ActionSpec, DEFAULT_SERVER_TIMEOUT, McpServer, RateLimitScope, ResourceError, ResourceSet,
-    RuleSpec, Transport, parse_duration, validate_set,
+    RuleSpec, SubjectSpec, Transport, parse_duration, validate_set,
 };
 use crate::v1alpha1 as pb;
 
@@ -23,28 +22,14 @@ pub fn render(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot, Resourc
     let policies: Vec<pb::Policy> = set
         .policies
         .values()
-        .filter(|p| {
-            p.spec
-                .subjects
-                .iter()
-                .any(|s| glob::matches(&s.identity, identity))
-        })
+        .filter(|p| p.spec.subjects.iter().any(|s| s.matches_workload(identity)))
         .map(|p| pb::Policy {
             name: p.metadata.name.clone(),
             rules: p.spec.rules.iter().map(render_rule).collect(),
+            subjects: Vec::new(),
         })
         .collect();
-    let mut names: Vec<&str> = policies
-        .iter()
-        .flat_map(|p| p.rules.iter().map(|r| r.server.as_str()))
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    let servers = names
-        .into_iter()
-        .filter_map(|n| set.servers.get(n))
-        .map(|s| render_server(set, s))
-        .collect();
+    let servers = named_servers(set, &policies);
     let served = set
         .servers
         .values()
@@ -62,6 +47,57 @@ pub fn render(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot, Resourc
     Ok(snapshot)
 }
 
+/// Render the snapshot of a gateway running as `identity`: every policy with a token
+/// subject (`user`, `issuer`, `clientId`, `scopes`, `claims`), carrying those subjects
+/// alone, which the gateway matches per request; the servers they name, with their
+/// credentials. Workload subjects stay out: a gateway never acts for a sidecar.
+pub fn render_gateway(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot, ResourceError> {
+    validate_set(set)?;
+    let policies: Vec<pb::Policy> = set
+        .policies
+        .values()
+        .filter_map(|p| {
+            let subjects: Vec<pb::Subject> = p
+                .spec
+                .subjects
+                .iter()
+                .filter(|s| s.is_token())
+                .map(render_subject)
+                .collect();
+            (!subjects.is_empty()).then(|| pb::Policy {
+                name: p.metadata.name.clone(),
+                rules: p.spec.rules.iter().map(render_rule).collect(),
+                subjects,
+            })
+        })
+        .collect();
+    let servers = named_servers(set, &policies);
+    let mut snapshot = pb::Snapshot {
+        version: String::new(),
+        identity: identity.to_owned(),
+        servers,
+        policies,
+        served: Vec::new(),
+    };
+    snapshot.version = content_version(&snapshot);
+    Ok(snapshot)
+}
+
+/// The servers `policies` name, rendered, in name order.
+fn named_servers(set: &ResourceSet, policies: &[pb::Policy]) -> Vec<pb::Server> {
+    let mut names: Vec<&str> = policies
+        .iter()
+        .flat_map(|p| p.rules.iter().map(|r| r.server.as_str()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|n| set.servers.get(n))
+        .map(|s| render_server(set, s))
+        .collect()
+}
+
 /// The encoded size of the largest snapshot `set` can render: one for an identity
 /// every policy names, holding every policy and every server they name. Subjects are
 /// globs, so the identities that will connect cannot be listed; every real snapshot
@@ -73,6 +109,8 @@ pub fn largest_snapshot_bytes(set: &ResourceSet) -> usize {
         .map(|p| pb::Policy {
             name: p.metadata.name.clone(),
             rules: p.spec.rules.iter().map(render_rule).collect(),
+            // A gateway's snapshot carries token subjects too.
+            subjects: p.spec.subjects.iter().map(render_subject).collect(),
         })
         .collect();
     let named: std::collections::BTreeSet<&str> = policies
@@ -119,7 +157,14 @@ fn render_served(set: &ResourceSet, server: &McpServer) -> pb::Served {
         .values()
         .filter(|p| p.spec.rules.iter().any(|r| r.server == name))
         .map(|p| pb::SubjectPolicy {
-            subjects: p.spec.subjects.iter().map(|s| s.identity.clone()).collect(),
+            // Callers here are workloads (their certificates name them).
+            subjects: p
+                .spec
+                .subjects
+                .iter()
+                .filter(|s| !s.is_token())
+                .map(|s| s.identity.clone())
+                .collect(),
             policy: Some(pb::Policy {
                 name: p.metadata.name.clone(),
                 rules: p
@@ -129,6 +174,7 @@ fn render_served(set: &ResourceSet, server: &McpServer) -> pb::Served {
                     .filter(|r| r.server == name)
                     .map(render_rule)
                     .collect(),
+                subjects: Vec::new(),
             }),
         })
         .collect();
@@ -193,6 +239,17 @@ fn render_credential(set: &ResourceSet, server: &McpServer) -> Option<pb::Creden
             source: format!("{}/{}", c.secret_ref.name, c.secret_ref.key),
         })
     })
+}
+
+fn render_subject(s: &SubjectSpec) -> pb::Subject {
+    pb::Subject {
+        identity: s.identity.clone(),
+        user: s.user.clone(),
+        issuer: s.issuer.clone(),
+        client_id: s.client_id.clone(),
+        scopes: s.scopes.clone(),
+        claims: s.claims.clone(),
+    }
 }
 
 fn render_rule(rule: &RuleSpec) -> pb::Rule {

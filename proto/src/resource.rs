@@ -381,9 +381,50 @@ pub struct AccessPolicySpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SubjectSpec {
-    /// Identity glob, e.g. `agents/triage` or `agents/*`.
-    #[cfg_attr(feature = "kube", schemars(length(min = 1)))]
+    /// Identity glob, e.g. `agents/triage` or `agents/*`. Alone, it names workloads
+    /// (sidecars, by their `--identity` or certificate). Beside `issuer`, it names the
+    /// Kubernetes service accounts whose tokens that issuer signs, as
+    /// `<namespace>/<serviceaccount>` (gateway mode).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub identity: String,
+    /// Gateway mode: the token's `sub` (the user), a glob.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    /// Gateway mode: the token's issuer (`iss`), exactly; one of the gateway's
+    /// `--issuer`s.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub issuer: String,
+    /// Gateway mode: the OAuth client the token was issued to (`client_id`, else
+    /// `azp`), a glob.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_id: String,
+    /// Gateway mode: scopes the token must all carry (`scope`, space-separated, or
+    /// `scp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Gateway mode: claims the token must carry, each matching its glob (a string as
+    /// written, a number or boolean as JSON writes it, an array when any element does).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub claims: std::collections::BTreeMap<String, String>,
+}
+
+impl SubjectSpec {
+    /// Whether this subject is about callers presenting a token (gateway mode): it
+    /// sets any matcher besides `identity`. Such a subject never matches a workload.
+    pub fn is_token(&self) -> bool {
+        !(self.user.is_empty()
+            && self.issuer.is_empty()
+            && self.client_id.is_empty()
+            && self.scopes.is_empty()
+            && self.claims.is_empty())
+    }
+
+    /// Whether this subject names the workload `identity` (a sidecar).
+    pub fn matches_workload(&self, identity: &str) -> bool {
+        !self.is_token()
+            && !self.identity.is_empty()
+            && crate::glob::matches(&self.identity, identity)
+    }
 }
 
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]

@@ -532,6 +532,7 @@ mod tests {
                         tools: vec!["*".into()],
                         ..Default::default()
                     }],
+                    ..Default::default()
                 },
                 pb::Policy {
                     name: "deny".into(),
@@ -541,6 +542,7 @@ mod tests {
                         action: pb::Action::Deny as i32,
                         ..Default::default()
                     }],
+                    ..Default::default()
                 },
             ],
             ..Default::default()

@@ -462,6 +462,7 @@ pub(crate) fn test_route(
                 server: "s".into(),
                 ..rule
             }],
+            ..Default::default()
         }],
         served: Vec::new(),
     };
@@ -500,6 +501,7 @@ mod tests {
                     tools: vec!["*".into()],
                     ..Default::default()
                 }],
+                ..Default::default()
             }],
             served: Vec::new(),
         }

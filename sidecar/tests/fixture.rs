@@ -42,6 +42,7 @@ pub fn policies() -> Vec<pb::Policy> {
                     ]
                 })
                 .collect(),
+            subjects: Vec::new(),
         })
         .collect()
 }

@@ -158,3 +158,50 @@ fn a_server_side_identity_gets_every_callers_rules_for_its_server_only() {
     assert_eq!(policy.rules[0].server, "files");
     assert!(largest_snapshot_bytes(&set) >= prost::Message::encoded_len(&server));
 }
+
+const TOKEN_POLICY: &str = r#"
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: developers}
+spec:
+  subjects:
+    - {user: "*@example.com", issuer: "https://idp.example.com", scopes: [mcp]}
+    - {identity: "agents/finance"}
+  rules:
+    - server: payroll
+      tools: ["read_*"]
+"#;
+
+fn set_with_tokens() -> ResourceSet {
+    let text = format!("{RESOURCES}{TOKEN_POLICY}");
+    ResourceSet::new(parse_resources(&text).expect("valid")).expect("set")
+}
+
+#[test]
+fn a_gateway_gets_token_policies_with_their_token_subjects_only() {
+    let snap = render_gateway(&set_with_tokens(), "toolmesh/gateway").expect("render");
+    let names: Vec<_> = snap.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["developers"], "workload-only policies stay out");
+    let subjects = &snap.policies[0].subjects;
+    assert_eq!(subjects.len(), 1, "the workload subject is not a gateway's");
+    assert_eq!(subjects[0].user, "*@example.com");
+    assert_eq!(subjects[0].scopes, ["mcp"]);
+    let servers: Vec<_> = snap.servers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(servers, ["payroll"]);
+    assert!(format!("{snap:?}").contains("payroll-secret"));
+    assert!(!format!("{snap:?}").contains("gh-secret"));
+}
+
+#[test]
+fn a_token_subject_never_matches_a_workload() {
+    // agents/finance gets the developers policy through its identity subject, and no
+    // subjects travel to a sidecar.
+    let finance = render(&set_with_tokens(), "agents/finance").expect("render");
+    let names: Vec<_> = finance.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["developers", "finance", "triage"]);
+    assert!(finance.policies.iter().all(|p| p.subjects.is_empty()));
+    // A user glob that would match the identity's text does not make it a user.
+    let other = render(&set_with_tokens(), "alice@example.com").expect("render");
+    assert!(other.policies.is_empty());
+}

@@ -435,3 +435,34 @@ fn a_legacy_sse_server_is_declared_and_rendered() {
     let e = err_of(meshed);
     assert!(e.contains("spec.transport") && e.contains("mesh"), "{e}");
 }
+
+#[test]
+fn subjects_name_someone_and_say_it_plainly() {
+    let bad = |subject: &str, field: &str| {
+        let text = format!(
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: p}}\nspec:\n  subjects: [{subject}]\n  rules: [{{server: s, tools: [\"*\"]}}]\n"
+        );
+        let err = parse_resources(&text).expect_err(subject);
+        let shown = err.to_string();
+        assert!(shown.contains(field), "{subject}: {shown}");
+    };
+    bad("{}", "spec.subjects[0]");
+    bad("{identity: a/b, user: alice}", "spec.subjects[0].identity");
+    bad("{issuer: \"idp.example.com\"}", "spec.subjects[0].issuer");
+    bad(
+        "{user: alice, scopes: [\"a b\"]}",
+        "spec.subjects[0].scopes[0]",
+    );
+    bad(
+        "{user: alice, claims: {sub: x}}",
+        "spec.subjects[0].claims.sub",
+    );
+    bad(
+        "{user: alice, claims: {groups: \"\"}}",
+        "spec.subjects[0].claims.groups",
+    );
+    bad("{user: \"a\\u0000b\"}", "spec.subjects[0].user");
+    bad("{usr: alice}", "usr");
+    let good = "apiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: p}\nspec:\n  subjects:\n    - {identity: \"ci/*\", issuer: \"https://kubernetes.default.svc\"}\n    - {user: \"*\", clientId: ide, scopes: [mcp], claims: {groups: platform}}\n  rules: [{server: s, tools: [\"*\"]}]\n";
+    parse_resources(good).expect("valid subjects");
+}

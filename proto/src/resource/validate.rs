@@ -3,8 +3,8 @@
 //! Errors are `(field path, message)` pairs; the caller adds kind and name.
 
 use super::{
-    AccessPolicy, Kind, McpServer, Resource, ResourceError, ResourceSet, Secret, is_dns_label,
-    parse_duration,
+    AccessPolicy, Kind, McpServer, Resource, ResourceError, ResourceSet, Secret, SubjectSpec,
+    is_dns_label, parse_duration,
 };
 
 type FieldResult = Result<(), (String, String)>;
@@ -153,9 +153,8 @@ fn validate_policy(policy: &AccessPolicy) -> FieldResult {
         return fail("spec.subjects", "at least one subject is required");
     }
     for (i, s) in spec.subjects.iter().enumerate() {
-        if s.identity.is_empty() {
-            return fail(format!("spec.subjects[{i}].identity"), "must not be empty");
-        }
+        validate_subject(s)
+            .map_err(|(field, message)| (format!("spec.subjects[{i}]{field}"), message))?;
     }
     if spec.rules.is_empty() {
         return fail("spec.rules", "at least one rule is required");
@@ -194,6 +193,83 @@ fn validate_policy(policy: &AccessPolicy) -> FieldResult {
     }
     Ok(())
 }
+
+/// One subject; the field named is relative to it (`.user`, `.claims.groups`).
+fn validate_subject(s: &SubjectSpec) -> FieldResult {
+    if s.identity.is_empty() && !s.is_token() {
+        return fail(
+            "",
+            "names nobody: give identity, or a token matcher (user, issuer, clientId, scopes, claims)",
+        );
+    }
+    if !s.identity.is_empty() && s.is_token() && s.issuer.is_empty() {
+        return fail(
+            ".identity",
+            "beside token matchers, identity names service accounts and needs issuer (the cluster's)",
+        );
+    }
+    for (field, text) in [
+        (".identity", &s.identity),
+        (".user", &s.user),
+        (".issuer", &s.issuer),
+        (".clientId", &s.client_id),
+    ] {
+        if text.len() > MAX_SUBJECT_TEXT || text.chars().any(char::is_control) {
+            return fail(
+                field,
+                "must be at most 1024 bytes, without control characters",
+            );
+        }
+    }
+    if !s.issuer.is_empty()
+        && !(s.issuer.starts_with("https://") || s.issuer.starts_with("http://"))
+    {
+        return fail(".issuer", format!("{:?} is not an issuer URL", s.issuer));
+    }
+    if let Some(j) = s
+        .scopes
+        .iter()
+        .position(|x| x.is_empty() || x.contains(char::is_whitespace))
+    {
+        return fail(
+            format!(".scopes[{j}]"),
+            "must be one scope: not empty, no spaces",
+        );
+    }
+    for (claim, glob) in &s.claims {
+        if claim.is_empty() || glob.is_empty() {
+            return fail(
+                format!(".claims.{claim}"),
+                "neither the claim nor its glob may be empty",
+            );
+        }
+        if RESERVED_CLAIMS.contains(&claim.as_str()) {
+            return fail(
+                format!(".claims.{claim}"),
+                "is matched by its own field (user, issuer, clientId, scopes) or is not for matching",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Longest identity, user, issuer or client id a subject may hold.
+const MAX_SUBJECT_TEXT: usize = 1024;
+/// Claims a subject may not match under `claims`: each has its own field, or says
+/// nothing about who the caller is.
+const RESERVED_CLAIMS: &[&str] = &[
+    "sub",
+    "iss",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    "scope",
+    "scp",
+    "client_id",
+    "azp",
+];
 
 fn validate_secret(secret: &Secret) -> FieldResult {
     for (key, value) in &secret.data {

@@ -33,6 +33,7 @@ fn policy(rules: Vec<pb::Rule>) -> Vec<pb::Policy> {
     vec![pb::Policy {
         name: "triage".into(),
         rules,
+        subjects: Vec::new(),
     }]
 }
 
