@@ -117,8 +117,10 @@ const INPUT_METHODS: [&str; 3] = ["elicitation/create", "sampling/createMessage"
 #[derive(Debug, Default)]
 pub struct Aggregate {
     sessions: Mutex<Sessions>,
-    /// Upstream sessions the sidecar holds for stateless agents, by server.
-    shared: Upstreams,
+    /// Upstream sessions the sidecar holds for stateless agents, by subject (a sidecar
+    /// has one; a gateway one per user, the least recently added dropped beyond
+    /// [`MAX_SHARED_SUBJECTS`]), then by server.
+    shared: Mutex<SharedUpstreams>,
     /// The server whose list showed a resource URI, and templates' literal starts.
     owners: Mutex<Owners>,
     /// Servers' lists as the agent sees them, for as long as the servers say.
@@ -136,11 +138,17 @@ struct Sessions {
     order: std::collections::VecDeque<String>,
 }
 
-/// A cached list: snapshot version, server, list method, the 2025 session it was
-/// fetched in (`None`: the identity's, for stateless agents), and whether its names
-/// are prefixed.
-/// Whether the items are prefixed (the aggregate) or as the server names them (bridged).
-type CacheKey = (String, String, Method, Option<String>, bool);
+/// A cached list: snapshot version, server, list method, whose it is (the 2025
+/// session it was fetched in, or the subject for stateless agents), and whether its
+/// names are prefixed (the aggregate) or as the server names them (bridged).
+type CacheKey = (String, String, Method, Scope, bool);
+
+/// Whose a cached list is: lists are filtered by the caller's policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Scope {
+    Session(String),
+    Subject(Identity),
+}
 
 #[derive(Debug)]
 struct Cached {
@@ -166,7 +174,7 @@ struct AgentSession {
     init_params: Box<RawValue>,
     /// Its 2026 `_meta` envelope, for servers that speak only 2026-07-28.
     envelope: String,
-    upstreams: Upstreams,
+    upstreams: Arc<Upstreams>,
     /// Input requests of such servers the agent has yet to answer ([`rounds`]).
     pending: rounds::Pending,
     /// Requests in flight, by the agent's id (raw), to the server handling them: where
@@ -193,7 +201,36 @@ struct UpstreamSession {
     legacy: Option<Arc<sse::Channel>>,
 }
 
+/// Upstream sessions held for stateless agents, per subject.
+#[derive(Debug, Default)]
+struct SharedUpstreams {
+    by_subject: HashMap<Identity, Arc<Upstreams>>,
+    order: std::collections::VecDeque<Identity>,
+}
+
+/// Subjects whose upstream sessions are held at most (a gateway's users).
+const MAX_SHARED_SUBJECTS: usize = 1024;
+
 impl Aggregate {
+    /// The upstream sessions held for `subject`'s stateless requests.
+    fn shared_of(&self, subject: &Identity) -> Arc<Upstreams> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(upstreams) = shared.by_subject.get(subject) {
+            return upstreams.clone();
+        }
+        if shared.order.len() >= MAX_SHARED_SUBJECTS
+            && let Some(oldest) = shared.order.pop_front()
+        {
+            shared.by_subject.remove(&oldest);
+        }
+        shared.order.push_back(subject.clone());
+        shared
+            .by_subject
+            .entry(subject.clone())
+            .or_default()
+            .clone()
+    }
+
     /// Forget the cached lists and reads of `server` (it said a list changed).
     fn invalidate(&self, server: &str) {
         self.cache
@@ -594,7 +631,7 @@ impl crate::proxy::Proxy {
             only: only.map(|(_, route)| route.name.clone()),
             init_params: params.to_owned(),
             envelope: rounds::envelope(params),
-            upstreams: Upstreams::default(),
+            upstreams: Arc::default(),
             pending: rounds::Pending::default(),
             in_flight: Mutex::default(),
             cancels: Mutex::default(),
@@ -940,7 +977,10 @@ impl crate::proxy::Proxy {
         route: &Arc<Route>,
         method: Method,
     ) -> Result<(Arc<Vec<String>>, Duration), ProxyError> {
-        let scope = agent.session.as_ref().map(|s| s.token.clone());
+        let scope = match &agent.session {
+            Some(s) => Scope::Session(s.token.clone()),
+            None => Scope::Subject(agent.subject.clone()),
+        };
         let key: CacheKey = (
             agent.runtime.version.clone(),
             route.name.clone(),
@@ -1282,6 +1322,7 @@ impl crate::proxy::Proxy {
         .then(|| {
             (
                 agent.runtime.version.clone(),
+                agent.subject.as_str().to_owned(),
                 route.name.clone(),
                 uri.to_string(),
             )
@@ -1384,7 +1425,7 @@ impl crate::proxy::Proxy {
                 (
                     self.upstream.clone(),
                     route.clone(),
-                    self.shared_session(&route),
+                    self.shared_session(agent.subject, &route),
                 )
             }),
         };
@@ -1647,15 +1688,19 @@ impl crate::proxy::Proxy {
 
     /// The upstream sessions this agent uses: its own (2025 agent) or the identity's
     /// shared ones (2026 agent reaching a 2025 server).
-    fn upstreams_of<'a>(&'a self, agent: &'a Agent<'_>) -> (&'a Upstreams, Option<&'a RawValue>) {
+    fn upstreams_of<'a>(&self, agent: &'a Agent<'_>) -> (Arc<Upstreams>, Option<&'a RawValue>) {
         match &agent.session {
-            Some(s) => (&s.upstreams, Some(&s.init_params)),
-            None => (&self.aggregate.shared, None),
+            Some(s) => (s.upstreams.clone(), Some(&s.init_params)),
+            None => (self.aggregate.shared_of(agent.subject), None),
         }
     }
 
-    fn shared_session(&self, route: &Route) -> Option<UpstreamSession> {
-        self.aggregate.shared.cell(&route.name).get().cloned()
+    fn shared_session(&self, subject: &Identity, route: &Route) -> Option<UpstreamSession> {
+        self.aggregate
+            .shared_of(subject)
+            .cell(&route.name)
+            .get()
+            .cloned()
     }
 
     /// POST `body` on this agent's session with `route`, opening it (again) as needed.

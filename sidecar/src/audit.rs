@@ -67,6 +67,13 @@ const SCRATCH_KEEP: usize = 64 * 1024;
 pub struct Record<'a> {
     pub time: String,
     pub subject: &'a str,
+    /// Gateway mode: the token's `sub`, client and issuer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<&'a str>,
     pub server: &'a str,
     /// HTTP method for GET/DELETE, otherwise the JSON-RPC method (or `(response)`,
     /// `(batch)`).
@@ -244,6 +251,9 @@ mod tests {
         Record {
             time: "2026-11-25T00:00:00Z".into(),
             subject: "agents/test",
+            user: None,
+            client_id: None,
+            issuer: None,
             server,
             method: "tools/call",
             kind: Some("tool"),

@@ -38,7 +38,16 @@ pub enum Mode {
     /// (--mesh-listen), decides again for the caller the certificate names, and
     /// forwards to the server on loopback (--upstream) or to a child process (--stdio).
     Server,
+    /// In front of servers for developers and external clients: serves every address
+    /// (--listen), authenticates each request's bearer token (--issuer, --resource) and
+    /// decides for its user by the policies with token subjects.
+    Gateway,
 }
+
+/// Gateway mode: the longest --clock-skew taken.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+/// Gateway mode: how far a token's exp/nbf may be off by default.
+pub const DEFAULT_CLOCK_SKEW: &str = "60s";
 
 /// toolmesh-sidecar: enforces MCP policy next to an agent.
 ///
@@ -144,6 +153,43 @@ pub struct Config {
     #[arg(long, env = "TOOLMESH_IDENTITY", value_name = "NAME")]
     pub identity: String,
 
+    /// Gateway mode: an OAuth 2.1 / OpenID issuer whose access tokens (JWTs) are
+    /// accepted, e.g. https://idp.example.com; repeat (or comma-separate) for several.
+    /// Its keys are found by discovery and refreshed as they rotate.
+    #[arg(
+        long = "issuer",
+        env = "TOOLMESH_ISSUERS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub issuers: Vec<String>,
+
+    /// Gateway mode: this gateway's resource URI as clients reach it (an origin, e.g.
+    /// https://mcp.example.com). Tokens must name it, or the URI of the MCP path asked
+    /// for, in `aud` (RFC 8707); the protected-resource metadata names it.
+    #[arg(long, env = "TOOLMESH_RESOURCE", value_name = "URL")]
+    pub resource: Option<String>,
+
+    /// Gateway mode: a scope every token must carry (else 403 insufficient_scope);
+    /// repeat or comma-separate. Listed in the metadata and challenges.
+    #[arg(
+        long = "required-scope",
+        env = "TOOLMESH_REQUIRED_SCOPES",
+        value_delimiter = ',',
+        value_name = "SCOPE"
+    )]
+    pub required_scopes: Vec<String>,
+
+    /// Gateway mode: how far a token's exp and nbf may be off (at most 5m).
+    #[arg(long, env = "TOOLMESH_CLOCK_SKEW", default_value = DEFAULT_CLOCK_SKEW, value_parser = parse_duration, value_name = "DURATION")]
+    pub clock_skew: Duration,
+
+    /// Gateway mode: the issuer (one of --issuer) that is the cluster's, whose
+    /// service-account tokens (`sub` system:serviceaccount:<ns>:<sa>) subjects match as
+    /// `identity: <ns>/<sa>` beside `issuer`.
+    #[arg(long, env = "TOOLMESH_KUBERNETES_ISSUER", value_name = "URL")]
+    pub kubernetes_issuer: Option<String>,
+
     /// Address for agent MCP traffic.
     #[arg(long, env = "TOOLMESH_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR")]
     pub listen: SocketAddr,
@@ -231,7 +277,95 @@ fn loopback_http_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A gateway's own URL flag (`--resource`, `--issuer`): https, or http on loopback (for
+/// trying it out); no user info, query or fragment; and, for `origin_only`, no path.
+fn gateway_url(flag: &str, url: &str, origin_only: bool) -> Result<(), String> {
+    let rest = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+        (Some(rest), _) => rest,
+        (None, Some(rest)) => {
+            let authority = rest.split('/').next().unwrap_or_default();
+            if !crate::proxy::is_loopback_authority(authority) {
+                return Err(format!(
+                    "{flag}: {url:?} must be https:// (http:// only on loopback)"
+                ));
+            }
+            rest
+        }
+        _ => return Err(format!("{flag}: {url:?} must be an https:// URL")),
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if authority.is_empty()
+        || authority.contains('@')
+        || rest.contains(['?', '#', '"', '\\'])
+        || rest.bytes().any(|b| b <= b' ' || b >= 0x7f)
+    {
+        return Err(format!(
+            "{flag}: {url:?} must be a plain URL (a host; no user info, query, fragment, quotes or spaces)"
+        ));
+    }
+    if origin_only && !path.is_empty() {
+        return Err(format!(
+            "{flag}: {url:?} must be an origin (scheme://host[:port]), without a path"
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
+    /// Gateway mode's own checks.
+    fn check_gateway(&self, problems: &mut Vec<String>) {
+        if self.control_plane.is_some() {
+            problems.push(
+                "--mode gateway: reads its servers and policies from --config for now (the control plane does not yet serve gateway snapshots)"
+                    .to_owned(),
+            );
+        }
+        if self.upstream.is_some() || self.stdio {
+            problems.push("--upstream and --stdio: only with --mode server".to_owned());
+        }
+        if self.issuers.is_empty() {
+            problems.push("--mode gateway: at least one --issuer is required".to_owned());
+        }
+        for issuer in &self.issuers {
+            if let Err(e) = gateway_url("--issuer", issuer, false) {
+                problems.push(e);
+            }
+        }
+        match &self.resource {
+            None => problems.push(
+                "--mode gateway: --resource is required (the URI clients reach this gateway at)"
+                    .to_owned(),
+            ),
+            Some(url) => {
+                if let Err(e) = gateway_url("--resource", url, true) {
+                    problems.push(e);
+                }
+            }
+        }
+        if let Some(k) = &self.kubernetes_issuer
+            && !self
+                .issuers
+                .iter()
+                .any(|i| i.trim_end_matches('/') == k.trim_end_matches('/'))
+        {
+            problems.push(format!(
+                "--kubernetes-issuer: {k:?} must also be given as an --issuer"
+            ));
+        }
+        for scope in &self.required_scopes {
+            if scope.is_empty()
+                || !scope
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            {
+                problems.push(format!("--required-scope: {scope:?} is not a scope"));
+            }
+        }
+        if self.clock_skew > MAX_CLOCK_SKEW {
+            problems.push("--clock-skew: must be at most 5m".to_owned());
+        }
+    }
+
     /// Checks clap cannot express. Returns every problem, not just the first.
     pub fn check(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
@@ -270,6 +404,18 @@ impl Config {
             }
         } else if self.upstream.is_some() || self.stdio {
             problems.push("--upstream and --stdio: only with --mode server".to_owned());
+        }
+        if self.mode == Mode::Gateway {
+            self.check_gateway(&mut problems);
+        } else if !self.issuers.is_empty()
+            || self.resource.is_some()
+            || !self.required_scopes.is_empty()
+            || self.kubernetes_issuer.is_some()
+        {
+            problems.push(
+                "--issuer, --resource, --required-scope, --kubernetes-issuer: only with --mode gateway"
+                    .to_owned(),
+            );
         }
         if self.stdio && self.command.is_empty() {
             problems.push("--stdio: give the server's command after `--`".to_owned());

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 /// This sidecar's identity (`--identity`, e.g. `agents/triage`). Cheap to clone.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Identity(Arc<str>);
 
 impl Identity {

@@ -11,7 +11,8 @@
 //! metric; [`error`] every answer the sidecar gives on its own; [`config`] every flag.
 //! Server-side mode (`--mode server`): [`workload`] holds the certificate for mutual
 //! TLS, [`mesh`] decides for the caller the certificate names, [`stdio`] runs a stdio
-//! server as a child process.
+//! server as a child process. Gateway mode (`--mode gateway`): [`gateway`]
+//! authenticates each request's bearer token and decides for its user.
 //!
 //! [`serve`] wires them together on listeners it is given and stops when its shutdown
 //! future resolves, owning every task it starts; [`run`] binds, installs the metrics
@@ -26,6 +27,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod filter;
+pub mod gateway;
 pub mod identity;
 pub mod listener;
 pub mod mcp;
@@ -65,7 +67,9 @@ impl Listeners {
     /// naming the flag in an error.
     pub async fn bind(config: &Config) -> Result<Listeners, String> {
         let mcp = match config.mode {
-            config::Mode::Agent => listener::bind("--listen", config.listen).await?,
+            config::Mode::Agent | config::Mode::Gateway => {
+                listener::bind("--listen", config.listen).await?
+            }
             config::Mode::Server => listener::bind("--mesh-listen", config.mesh_listen).await?,
         };
         Ok(Listeners {
@@ -112,6 +116,9 @@ pub async fn serve(
         (Some(file), _) => {
             let mut watcher =
                 standalone::Watcher::new(file.clone(), config.identity.clone(), active.clone());
+            if config.mode == config::Mode::Gateway {
+                watcher = watcher.for_gateway();
+            }
             // A bad file at startup is logged; the sidecar serves (not ready) and keeps looking.
             let _ = watcher.check();
             Source::File(watcher)
@@ -143,7 +150,7 @@ pub async fn serve(
     let mut bridge = None;
     let (mut exposure, mut exposure_task) = (None, None);
     let (callers, tls) = match config.mode {
-        config::Mode::Agent => (None, None),
+        config::Mode::Agent | config::Mode::Gateway => (None, None),
         config::Mode::Server => {
             let local = match &config.upstream {
                 Some(url) => url.clone(),
@@ -171,12 +178,31 @@ pub async fn serve(
             (Some(Arc::new(callers)), Some(workload.server_config()?))
         }
     };
+    let upstream = upstream::Upstream::new(config.connect_timeout, workload.clone());
+    let gateway = (config.mode == config::Mode::Gateway).then(|| {
+        let verifier = gateway::tokens::Verifier::new(
+            gateway::tokens::Settings {
+                issuers: config.issuers.clone(),
+                resource: config.resource.clone().unwrap_or_default(),
+                skew: config.clock_skew,
+                required_scopes: config.required_scopes.clone(),
+                kubernetes_issuer: config.kubernetes_issuer.clone(),
+            },
+            upstream.clone(),
+        );
+        Arc::new(gateway::Gateway::new(
+            Arc::new(verifier),
+            config.resource.as_deref().unwrap_or_default(),
+            config.required_scopes.clone(),
+            active.clone(),
+        ))
+    });
     let (audit, audit_writer) = audit::Audit::start(config.audit_file.as_deref())?;
     let draining = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(proxy::InFlight::default());
     let proxy = Arc::new(proxy::Proxy {
         active: active.clone(),
-        upstream: upstream::Upstream::new(config.connect_timeout, workload.clone()),
+        upstream,
         allowed_origins: config
             .allowed_origins
             .iter()
@@ -187,6 +213,7 @@ pub async fn serve(
         audit,
         identity: identity::Identity::new(&config.identity),
         callers,
+        gateway: gateway.clone(),
         sessions: session::Sealer::random()?,
         body_read_timeout: config.body_read_timeout,
         in_flight: in_flight.clone(),
@@ -244,6 +271,9 @@ pub async fn serve(
         Source::ControlPlane(discovery) => {
             background.spawn(discovery.run());
         }
+    }
+    if let Some(gateway) = &gateway {
+        background.spawn(gateway.tokens.clone().keep_keys_fresh());
     }
     if let Some((watch, ip, port)) = exposure_task {
         background.spawn(watch.watch(ip, port));

@@ -44,6 +44,7 @@ use crate::audit::{Audit, Record, Verdict};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::filter::{self, Framing, Lists};
+use crate::gateway::tokens::{Principal, Refusal};
 use crate::identity::Identity;
 use crate::mcp::{self, Envelope, Rejection, TargetKind};
 use crate::policy::Decision;
@@ -70,6 +71,9 @@ pub struct Proxy {
     /// Server-side mode: the caller a request's peer certificate names is the subject,
     /// decided on by its own runtime.
     pub callers: Option<Arc<crate::mesh::Callers>>,
+    /// Gateway mode: each request's bearer token names the subject, decided on by the
+    /// runtime of the policies that match it.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// Seals the session ids agents see.
     pub sessions: Sealer,
     /// How long a request body may take to arrive once its head has.
@@ -105,6 +109,9 @@ impl Drop for Flying {
     }
 }
 
+/// The audit subject of a gateway request whose token was refused.
+const UNAUTHENTICATED: &str = "(unauthenticated)";
+
 /// Request bodies over the limit are still read (and discarded) up to this many
 /// bytes, so the client, still uploading, gets to read its 413 instead of a reset.
 pub const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
@@ -116,8 +123,11 @@ const MAX_AUDIT_ARGUMENTS: usize = 16 * 1024;
 /// What is known about a request, filled in as the path learns it; it labels the
 /// metrics and becomes the audit line.
 pub(crate) struct Ctx {
-    /// Who is asking: this sidecar's identity, or (server-side mode) the caller.
+    /// Who is asking: this sidecar's identity, or (server-side mode) the caller, or
+    /// (gateway mode) the token's `<issuer>#<sub>`.
     pub(crate) subject: Identity,
+    /// Gateway mode: the caller's checked token.
+    pub(crate) principal: Option<Arc<Principal>>,
     pub(crate) server: SharedString,
     pub(crate) method: &'static str,
     /// The JSON-RPC method as sent (bounded), for the audit line.
@@ -137,6 +147,7 @@ impl Ctx {
     fn new(req: &Request<Incoming>, subject: Identity) -> Ctx {
         Ctx {
             subject,
+            principal: None,
             server: telemetry::UNKNOWN_SERVER,
             method: match *req.method() {
                 Method::GET => "(get)",
@@ -192,6 +203,9 @@ impl Pending<'_> {
         self.proxy.audit.record(&Record {
             time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
             subject: ctx.subject.as_str(),
+            user: ctx.principal.as_ref().map(|p| &*p.user),
+            client_id: ctx.principal.as_ref().and_then(|p| p.client_id.as_deref()),
+            issuer: ctx.principal.as_ref().map(|p| &*p.issuer),
             server: &server,
             method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
             kind: ctx.kind,
@@ -255,6 +269,9 @@ impl Proxy {
         peer: Option<&crate::listener::PeerTls>,
     ) -> Result<Response<Body>, Infallible> {
         let _flying = self.in_flight.start();
+        if let Some(gateway) = &self.gateway {
+            return Ok(self.handle_gateway(gateway, req).await);
+        }
         // Server-side mode: the caller its certificate names; a peer that names none is
         // refused (and audited under this sidecar's identity).
         let (subject, caller_known) = match self.callers.as_ref().map(|c| c.identify(peer)) {
@@ -265,16 +282,72 @@ impl Proxy {
                 (self.identity.clone(), false)
             }
         };
+        let ctx = Ctx::new(&req, subject);
+        let result = if caller_known {
+            Ok(req)
+        } else {
+            Err(ProxyError::UnknownPeer)
+        };
+        Ok(self.serve_as(ctx, result).await)
+    }
+
+    /// Gateway mode: the metadata document, or the request served for the caller its
+    /// token names, or the token refused (401/403, audited, counted).
+    async fn handle_gateway(
+        self: &Arc<Self>,
+        gateway: &crate::gateway::Gateway,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let path = req.uri().path();
+        if path.starts_with(crate::gateway::METADATA_PATH) {
+            return match (req.method(), gateway.metadata(path)) {
+                (&Method::GET, Some(document)) => document,
+                (&Method::GET, None) => ProxyError::UnknownPath(truncate(path)).into_response(None),
+                (other, _) => ProxyError::MethodNotAllowed(other.to_string()).into_response(None),
+            };
+        }
+        match gateway.tokens.authenticate(req.headers(), path).await {
+            Ok(principal) => {
+                telemetry::gateway_auth("accepted");
+                let mut ctx = Ctx::new(&req, principal.subject.clone());
+                ctx.principal = Some(principal);
+                self.serve_as(ctx, Ok(req)).await
+            }
+            Err(refusal) => {
+                telemetry::gateway_auth(match refusal {
+                    Refusal::Missing => "missing",
+                    Refusal::Invalid(_) => "invalid",
+                    Refusal::InsufficientScope => "insufficient_scope",
+                });
+                let response = gateway.refuse(&refusal, path);
+                let mut pending = Pending {
+                    proxy: self,
+                    ctx: Ctx::new(&req, Identity::new(UNAUTHENTICATED)),
+                    started: Instant::now(),
+                    finished: false,
+                };
+                pending.finish(response.status().as_u16(), None, Outcome::Rejected);
+                response
+            }
+        }
+    }
+
+    /// Serve `req` (or answer the refusal already reached) for `ctx`'s subject; one
+    /// audit line and the request metrics, whatever happens.
+    async fn serve_as(
+        self: &Arc<Self>,
+        ctx: Ctx,
+        req: Result<Request<Incoming>, ProxyError>,
+    ) -> Response<Body> {
         let mut pending = Pending {
-            proxy: &self,
-            ctx: Ctx::new(&req, subject),
+            proxy: self,
+            ctx,
             started: Instant::now(),
             finished: false,
         };
-        let result = if caller_known {
-            self.route_and_forward(req, &mut pending.ctx).await
-        } else {
-            Err(ProxyError::UnknownPeer)
+        let result = match req {
+            Ok(req) => self.route_and_forward(req, &mut pending.ctx).await,
+            Err(e) => Err(e),
         };
         let (response, error_code, outcome) = match result {
             Ok(resp) => {
@@ -292,7 +365,7 @@ impl Proxy {
             }
         };
         pending.finish(response.status().as_u16(), error_code, outcome);
-        Ok(response)
+        response
     }
 
     async fn route_and_forward(
@@ -314,16 +387,18 @@ impl Proxy {
             check_loopback_host(&req)?;
         }
         let path = req.uri().path();
+        let runtime = match (&self.callers, &self.gateway, &ctx.principal) {
+            (Some(callers), _, _) => callers.runtime_for(&ctx.subject)?,
+            (None, Some(gateway), Some(principal)) => gateway.runtime_for(principal)?,
+            // A gateway decides for a caller only.
+            (None, Some(_), None) => return Err(ProxyError::NotReady),
+            (None, None, _) => self.active.current().ok_or(ProxyError::NotReady)?,
+        };
         if self.callers.is_none() && (path == "/mcp" || path == "/mcp/") {
-            let runtime = self.active.current().ok_or(ProxyError::NotReady)?;
             let subject = ctx.subject.clone();
             return self.aggregate(req, &subject, &runtime, ctx).await;
         }
         let server = server_name(path)?;
-        let runtime = match &self.callers {
-            None => self.active.current().ok_or(ProxyError::NotReady)?,
-            Some(callers) => callers.runtime_for(&ctx.subject)?,
-        };
         let route = lookup(&runtime, server)?;
         ctx.server = route.label.clone();
 
@@ -771,7 +846,7 @@ pub(crate) fn authorize(
                 ctx.arguments = m.arguments.map(|a| a.to_owned());
             }
             if let Some(limiter) = &rule.limiter
-                && let Err(wait) = limiter.acquire(&target.name)
+                && let Err(wait) = limiter.acquire(subject.as_str(), &target.name)
             {
                 telemetry::decision(&route.label, label, Verdict::RateLimited);
                 telemetry::rate_limited(&route.label, SharedString::from(rule.id.clone()));

@@ -161,6 +161,9 @@ pub struct Runtime {
     prefixes: HashMap<Arc<str>, Arc<Route>>,
     /// The route whose names `/mcp` shows as they are, if any.
     unprefixed: Option<Arc<Route>>,
+    /// A gateway's snapshot (its policies carry token subjects): the servers and
+    /// policies each caller's runtime is narrowed from ([`crate::gateway`]).
+    gateway: Option<Box<(Vec<pb::Server>, Vec<pb::Policy>)>>,
 }
 
 impl LimiterSource for Option<&Runtime> {
@@ -176,6 +179,14 @@ impl Runtime {
     /// `previous` is the runtime being replaced: rate limiters of unchanged rules are
     /// taken over from it. Servers this identity has no allow rule for are not routed.
     pub fn compile(snapshot: &pb::Snapshot, previous: Option<&Runtime>) -> Result<Self, String> {
+        Runtime::compile_with(snapshot, &previous)
+    }
+
+    /// [`Runtime::compile`], rate limiters of unchanged rules taken from `previous`.
+    pub fn compile_with(
+        snapshot: &pb::Snapshot,
+        previous: &dyn LimiterSource,
+    ) -> Result<Self, String> {
         // Each rule is filed under its server once: matching every server against every
         // rule would make compiling quadratic in the size of the snapshot.
         let mut rules: HashMap<&str, Vec<(&str, usize, &pb::Rule)>> = HashMap::new();
@@ -193,7 +204,7 @@ impl Runtime {
                 return Err(format!("server {}: listed twice", server.name));
             }
             let own = rules.get(server.name.as_str()).into_iter().flatten();
-            let policy = ServerPolicy::compile_rules(own.copied(), &previous, &mut limiters);
+            let policy = ServerPolicy::compile_rules(own.copied(), previous, &mut limiters);
             if !policy.usable() {
                 continue;
             }
@@ -238,7 +249,44 @@ impl Runtime {
             config_json: Bytes::from(config_json),
             limiters: limiters.into_iter().collect(),
             served: snapshot.served.clone(),
+            gateway: snapshot
+                .policies
+                .iter()
+                .any(|p| !p.subjects.is_empty())
+                .then(|| Box::new((snapshot.servers.clone(), snapshot.policies.clone()))),
         })
+    }
+
+    /// Gateway mode: the snapshot's policies, each with its token subjects (empty for
+    /// any other snapshot).
+    pub fn policies(&self) -> &[pb::Policy] {
+        self.gateway.as_ref().map_or(&[], |g| &g.1)
+    }
+
+    /// Gateway mode: the runtime of a caller whom `policies` (some of this snapshot's)
+    /// are about: this snapshot's servers, those rules. Its rate limiters come from
+    /// `limiters` when the rule is unchanged, and are all added to `made`.
+    pub fn narrowed(
+        &self,
+        policies: Vec<pb::Policy>,
+        limiters: &dyn LimiterSource,
+        made: &mut Vec<(Vec<u8>, Arc<Limiter>)>,
+    ) -> Result<Runtime, String> {
+        let snapshot = pb::Snapshot {
+            version: self.version.clone(),
+            identity: self.identity.clone(),
+            servers: self
+                .gateway
+                .as_ref()
+                .map(|g| g.0.clone())
+                .unwrap_or_default(),
+            policies,
+            served: Vec::new(),
+        };
+        let mut runtime = Runtime::compile_with(&snapshot, limiters)?;
+        runtime.gateway = None;
+        made.extend(runtime.limiters.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(runtime)
     }
 
     /// Server-side mode: the runtime that decides for `caller`, whose peer certificate

@@ -25,13 +25,19 @@ use crate::telemetry;
 /// Read, validate and render the file at `path` for `identity`.
 pub fn load(path: &Path, identity: &str) -> Result<pb::Snapshot, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    render(&text, identity)
+    render(&text, identity, false)
 }
 
-fn render(text: &str, identity: &str) -> Result<pb::Snapshot, String> {
+/// Render for a sidecar `identity`, or (`gateway`) for a gateway running as it.
+fn render(text: &str, identity: &str, gateway: bool) -> Result<pb::Snapshot, String> {
     let resources = toolmesh_proto::parse_resources(text).map_err(|e| e.to_string())?;
     let set = ResourceSet::new(resources).map_err(|e| e.to_string())?;
-    toolmesh_proto::render(&set, identity).map_err(|e| e.to_string())
+    let rendered = if gateway {
+        toolmesh_proto::render::render_gateway(&set, identity)
+    } else {
+        toolmesh_proto::render(&set, identity)
+    };
+    rendered.map_err(|e| e.to_string())
 }
 
 /// Watches one file and keeps `active` in step with it.
@@ -39,6 +45,8 @@ fn render(text: &str, identity: &str) -> Result<pb::Snapshot, String> {
 pub struct Watcher {
     path: PathBuf,
     identity: String,
+    /// Gateway mode: render the gateway's snapshot (token policies) instead.
+    gateway: bool,
     active: Arc<Active>,
     /// Hash of the bytes last looked at, valid or not: an unchanged bad file is
     /// reported once, not every interval.
@@ -50,9 +58,16 @@ impl Watcher {
         Watcher {
             path,
             identity,
+            gateway: false,
             active,
             seen: None,
         }
+    }
+
+    /// Render the gateway's snapshot from the file ([`toolmesh_proto::render::render_gateway`]).
+    pub fn for_gateway(mut self) -> Self {
+        self.gateway = true;
+        self
     }
 
     /// Look at the file once; apply it if its bytes changed. Returns an error (already
@@ -78,7 +93,7 @@ impl Watcher {
         self.seen = Some(hash);
         let result = std::str::from_utf8(&bytes)
             .map_err(|_| format!("{}: not UTF-8", self.path.display()))
-            .and_then(|text| render(text, &self.identity))
+            .and_then(|text| render(text, &self.identity, self.gateway))
             .and_then(|snapshot| {
                 self.active
                     .apply(&snapshot)

@@ -36,6 +36,7 @@ pub const UPSTREAM_EXPOSED: &str = "toolmesh_mesh_upstream_exposed";
 pub const AGGREGATE_LIST_FAILURES: &str = "toolmesh_aggregate_list_failures_total";
 pub const AGGREGATE_LIST_CACHE: &str = "toolmesh_aggregate_list_cache_total";
 pub const AGGREGATE_READ_CACHE: &str = "toolmesh_aggregate_read_cache_total";
+pub const GATEWAY_AUTH: &str = "toolmesh_gateway_authentications_total";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +116,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     describe_counter!(
         AGGREGATE_LIST_CACHE,
         "Server lists the aggregated /mcp took from its cache (hit) or fetched (miss), by server"
+    );
+    describe_counter!(
+        GATEWAY_AUTH,
+        "Gateway mode: requests by what their bearer token came to (accepted, missing, invalid, insufficient_scope)"
     );
     describe_counter!(
         AGGREGATE_READ_CACHE,
@@ -286,6 +291,11 @@ pub fn aggregate_list_failed(server: &SharedString, method: &'static str) {
 pub fn aggregate_cache(metric: &'static str, server: &SharedString, hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     counter!(metric, "server" => server.clone(), "result" => result).increment(1);
+}
+
+/// Gateway mode: one request's authentication `result`.
+pub fn gateway_auth(result: &'static str) {
+    counter!(GATEWAY_AUTH, "result" => result).increment(1);
 }
 
 pub fn upstream_error(server: &SharedString, kind: &'static str) {

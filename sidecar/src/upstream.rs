@@ -184,6 +184,38 @@ impl Upstream {
         sent
     }
 
+    /// GET `url` for the sidecar itself (gateway mode: an issuer's metadata and keys):
+    /// a 200 body of at most `limit` bytes, within `timeout`; redirects are not
+    /// followed. The error names the URL and what went wrong.
+    pub async fn fetch(&self, url: &str, limit: usize, timeout: Duration) -> Result<Bytes, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(
+            header::ACCEPT,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let fetched = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| toolmesh_proto::error_chain(&e))?;
+            if resp.status() != http::StatusCode::OK {
+                return Err(format!("answered {}", resp.status()));
+            }
+            let limited = http_body_util::Limited::new(resp.into_body(), limit);
+            http_body_util::BodyExt::collect(limited)
+                .await
+                .map(|c| c.to_bytes())
+                .map_err(|e| format!("reading the body: {e}"))
+        };
+        match tokio::time::timeout(timeout, fetched).await {
+            Ok(result) => result.map_err(|e| format!("{url}: {e}")),
+            Err(_) => Err(format!("{url}: no answer within {timeout:?}")),
+        }
+    }
+
     /// [`Upstream::send`] for the sidecar's own questions (which generation a server
     /// speaks): a failure is the caller's to judge, not counted as a failed request.
     pub async fn probe(

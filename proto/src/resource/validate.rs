@@ -221,9 +221,8 @@ fn validate_subject(s: &SubjectSpec) -> FieldResult {
             );
         }
     }
-    if !s.issuer.is_empty()
-        && !(s.issuer.starts_with("https://") || s.issuer.starts_with("http://"))
-    {
+    let url = |t: &str| t.starts_with("https://") || t.starts_with("http://");
+    if !(s.issuer.is_empty() || url(&s.issuer)) {
         return fail(".issuer", format!("{:?} is not an issuer URL", s.issuer));
     }
     if let Some(j) = s

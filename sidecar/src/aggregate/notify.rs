@@ -380,7 +380,7 @@ impl Proxy {
                 (
                     self.upstream.clone(),
                     route.clone(),
-                    self.shared_session(route),
+                    self.shared_session(agent.subject, route),
                 )
             }),
         };

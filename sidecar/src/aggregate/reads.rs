@@ -26,8 +26,9 @@ pub(super) const MAX_ENTRY: usize = 256 * 1024;
 /// Bytes of results kept at most.
 pub(super) const MAX_BYTES: usize = 16 * 1024 * 1024;
 
-/// Snapshot version, server, URI as sent.
-pub(super) type Key = (String, String, String);
+/// Snapshot version, caller (a gateway keeps each user's reads apart), server, URI as
+/// sent.
+pub(super) type Key = (String, String, String, String);
 
 #[derive(Debug, Default)]
 pub(super) struct Reads(Mutex<Held>);
@@ -148,7 +149,7 @@ impl Reads {
 
     /// Drop every read of `server` (it said something changed).
     pub(super) fn forget(&self, server: &str) {
-        self.lock().retain(|(_, s, _), _| s != server);
+        self.lock().retain(|(_, _, s, _), _| s != server);
     }
 }
 
@@ -174,7 +175,12 @@ mod tests {
     use super::*;
 
     fn key(uri: &str) -> Key {
-        ("v1".to_owned(), "py".to_owned(), uri.to_owned())
+        (
+            "v1".to_owned(),
+            "me".to_owned(),
+            "py".to_owned(),
+            uri.to_owned(),
+        )
     }
 
     fn answer(result: &str) -> String {
@@ -226,7 +232,12 @@ mod tests {
         let reads = Reads::default();
         let result = r#"{"contents":[],"ttlMs":60000}"#;
         reads.put(key("a://x"), &answer(result));
-        let other = ("v1".to_owned(), "ts".to_owned(), "a://x".to_owned());
+        let other = (
+            "v1".to_owned(),
+            "me".to_owned(),
+            "ts".to_owned(),
+            "a://x".to_owned(),
+        );
         reads.put(other.clone(), &answer(result));
         reads.forget("py");
         assert!(reads.get(&key("a://x")).is_none());

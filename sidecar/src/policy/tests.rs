@@ -302,7 +302,7 @@ fn limiters_survive_when_the_rule_is_unchanged() {
         r.limiter
             .as_ref()
             .expect("limited")
-            .acquire("get_issue")
+            .acquire("me", "get_issue")
             .is_ok()
     );
 
@@ -315,7 +315,7 @@ fn limiters_survive_when_the_rule_is_unchanged() {
         r.limiter
             .as_ref()
             .expect("limited")
-            .acquire("get_issue")
+            .acquire("me", "get_issue")
             .is_err(),
         "budget kept"
     );
@@ -334,7 +334,7 @@ fn limiters_survive_when_the_rule_is_unchanged() {
         r.limiter
             .as_ref()
             .expect("limited")
-            .acquire("get_issue")
+            .acquire("me", "get_issue")
             .is_ok(),
         "a changed rule starts fresh"
     );
@@ -352,7 +352,10 @@ fn a_rule_inserted_above_a_limited_one_does_not_reset_its_buckets() {
         let Decision::Allow(r) = p.decide(TargetKind::Tool, "get_issue", None) else {
             panic!("allowed")
         };
-        r.limiter.as_ref().expect("limited").acquire("get_issue")
+        r.limiter
+            .as_ref()
+            .expect("limited")
+            .acquire("me", "get_issue")
     };
     let mut first = Vec::new();
     let p1 = ServerPolicy::compile(
