@@ -26,6 +26,9 @@
 //!   rmcp demo server, the TypeScript SDK's server) with the TypeScript and Python SDK
 //!   clients in both generations: prefixes, one decision, server requests from two
 //!   servers in one session, bridging a 2026-07-28 agent to 2025-only servers.
+//! - `gateway`: gateway mode behind a real authorization server (`oauth2-mock-server`):
+//!   discovery from the 401, per-user decisions, sessions and rate limits, hostile
+//!   tokens, key rotation, client credentials, and the TypeScript SDK's own OAuth flow.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `kubernetes`: the control plane in cluster mode against a stand-in API server:
@@ -42,6 +45,7 @@ mod aggregate;
 mod conformance;
 mod control;
 mod faults;
+mod gateway;
 mod generations;
 mod holes;
 mod hostile;

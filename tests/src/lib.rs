@@ -225,6 +225,8 @@ pub struct Sidecar {
 
 /// The identity the tests' sidecars run as.
 pub const IDENTITY: &str = "agents/test";
+/// The identity the tests' gateways run as.
+pub const GATEWAY_IDENTITY: &str = "toolmesh/gateway";
 
 impl Sidecar {
     /// Start with `yaml` as the config file and extra flags.
@@ -247,6 +249,29 @@ impl Sidecar {
                 "--config-poll-interval",
                 "100ms",
             ])
+            .args(extra);
+        Self::launch(cmd, config, dir).await
+    }
+
+    /// A gateway (`--mode gateway`, identity [`GATEWAY_IDENTITY`]) with `yaml` as its
+    /// config file, trusting `issuer`; its `--resource` is the origin it listens on (a
+    /// free port picked first), as clients reach it.
+    pub async fn start_gateway(yaml: &str, issuer: &str, extra: &[&str]) -> Result<Sidecar> {
+        let dir = TempDir::new("gateway")?;
+        let config = dir.0.join("config.yaml");
+        std::fs::write(&config, yaml)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut cmd = Command::new(binary("toolmesh-sidecar"));
+        cmd.args(["--mode", "gateway", "--identity", GATEWAY_IDENTITY])
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--config-poll-interval", "100ms"])
+            .args(["--issuer", issuer])
+            .args(["--resource", &format!("http://127.0.0.1:{port}")])
             .args(extra);
         Self::launch(cmd, config, dir).await
     }
@@ -642,6 +667,83 @@ impl Everything {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+}
+
+/// `tests/js/authz.mjs`: a real OAuth 2.0 / OpenID authorization server
+/// (`oauth2-mock-server`) and the tests' handle on it (minting tokens of any shape,
+/// rotating its key).
+#[derive(Debug)]
+pub struct Authz {
+    pub proc: Proc,
+    /// The issuer URL (`iss`), where discovery and the token endpoint are.
+    pub issuer: String,
+    admin: String,
+}
+
+impl Authz {
+    pub async fn start() -> Result<Authz> {
+        let mut cmd = Command::new(node22()?);
+        cmd.arg(js_dir().join("authz.mjs"));
+        let mut proc = Proc::spawn("authz", cmd)?;
+        let (issuer, admin) = proc
+            .wait_for("its address line", |line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                Some((
+                    v["issuer"].as_str()?.to_owned(),
+                    v["admin"].as_str()?.to_owned(),
+                ))
+            })
+            .await?;
+        Ok(Authz {
+            proc,
+            issuer,
+            admin,
+        })
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let resp = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.admin))
+            .json(&body)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("authz {path}: {} {}", resp.status(), resp.text().await?);
+        }
+        Ok(resp.json().await?)
+    }
+
+    /// A token with these claims (`sub`, `aud`, `scope`, `client_id`, `claims`,
+    /// `expiresIn`, `iss`, `foreign`: see `tests/js/authz.mjs`).
+    pub async fn mint(&self, spec: serde_json::Value) -> Result<String> {
+        let v = self.admin(reqwest::Method::POST, "/mint", spec).await?;
+        v["token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no token in {v}"))
+    }
+
+    /// Publish a new signing key and sign with it from now on; its kid.
+    pub async fn rotate(&self) -> Result<String> {
+        let v = self
+            .admin(reqwest::Method::POST, "/rotate", serde_json::Value::Null)
+            .await?;
+        v["kid"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no kid in {v}"))
+    }
+
+    /// The first signing key's public JWK.
+    pub async fn public_key(&self) -> Result<serde_json::Value> {
+        self.admin(reqwest::Method::GET, "/public", serde_json::Value::Null)
+            .await
     }
 }
 

@@ -1,0 +1,110 @@
+// A real OAuth 2.0 / OpenID authorization server for the gateway's end-to-end tests:
+// `oauth2-mock-server` (discovery, JWKS, client credentials, authorization code with
+// PKCE), with the RFC 8707 `resource` parameter turned into the token's audience, the
+// client id into its subject for client credentials, and the scope asked for at
+// /authorize granted with the code. A second port is the tests'
+// handle on it (never exposed to the gateway):
+//
+//   POST /mint   {sub, aud, scope, client_id, claims, expiresIn, iss, foreign}
+//                -> {token}: a token signed by the issuer's current key (or, with
+//                `foreign`, by a key it never published; with `iss`, naming another
+//                issuer)
+//   POST /rotate -> {kid}: a new signing key, published and used from now on
+//   GET  /public -> the first key's public JWK (for key-confusion attacks)
+//
+// Prints one line: {"issuer": URL, "admin": URL}. Runs on Node >= 22.
+
+import http from "node:http";
+import { OAuth2Server } from "oauth2-mock-server";
+import { SignJWT, generateKeyPair } from "jose";
+
+const server = new OAuth2Server();
+const first = await server.issuer.keys.generate("RS256");
+let current = first.kid;
+await server.start(0, "127.0.0.1");
+const issuer = server.issuer.url;
+
+// The scope asked for at /authorize, by code: granted with the token the code buys
+// (the mock alone would grant "dummy").
+const granted = new Map();
+server.service.on("beforeAuthorizeRedirect", (redirect, req) => {
+  const code = redirect.url.searchParams.get("code");
+  if (code && typeof req.query.scope === "string") granted.set(code, req.query.scope);
+});
+
+server.service.on("beforeTokenSigning", (token, req) => {
+  const body = req.body ?? {};
+  if (typeof body.resource === "string") token.payload.aud = body.resource;
+  if (body.grant_type === "authorization_code" && granted.has(body.code)) {
+    token.payload.scope = granted.get(body.code);
+  }
+  if (body.grant_type === "client_credentials") {
+    const basic = (req.headers.authorization ?? "").replace(/^Basic /i, "");
+    const client = basic
+      ? Buffer.from(basic, "base64").toString().split(":")[0]
+      : body.client_id;
+    token.payload.sub = client;
+    token.payload.client_id = client;
+  }
+});
+
+const foreign = await generateKeyPair("RS256", { extractable: true });
+
+async function mint(spec) {
+  const now = Math.floor(Date.now() / 1000);
+  const payload = {
+    iss: spec.iss ?? issuer,
+    sub: spec.sub,
+    aud: spec.aud,
+    iat: now,
+    nbf: now - 10,
+    exp: now + (spec.expiresIn ?? 3600),
+    ...(spec.scope ? { scope: spec.scope } : {}),
+    ...(spec.client_id ? { client_id: spec.client_id } : {}),
+    ...(spec.claims ?? {}),
+  };
+  if (spec.foreign) {
+    return new SignJWT(payload)
+      .setProtectedHeader({ alg: "RS256", kid: "never-published", typ: "JWT" })
+      .sign(foreign.privateKey);
+  }
+  // The mock's own signing path, with this key (its store rotates keys round-robin
+  // otherwise).
+  return server.issuer.buildToken({
+    kid: current,
+    expiresIn: spec.expiresIn ?? 3600,
+    scopesOrTransform: (_header, claims) => {
+      for (const k of Object.keys(claims)) delete claims[k];
+      Object.assign(claims, payload);
+    },
+  });
+}
+
+const admin = http.createServer(async (req, res) => {
+  try {
+    let body = "";
+    for await (const chunk of req) body += chunk;
+    const spec = body ? JSON.parse(body) : {};
+    let answer;
+    if (req.method === "POST" && req.url === "/mint") {
+      answer = { token: await mint(spec) };
+    } else if (req.method === "POST" && req.url === "/rotate") {
+      const key = await server.issuer.keys.generate("RS256");
+      current = key.kid;
+      answer = { kid: current };
+    } else if (req.method === "GET" && req.url === "/public") {
+      const published = server.issuer.keys.toJSON();
+      answer = (Array.isArray(published) ? published : published.keys).find((k) => k.kid === first.kid);
+    } else {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(answer));
+  } catch (e) {
+    res.writeHead(500).end(String(e));
+  }
+});
+admin.listen(0, "127.0.0.1", () => {
+  const { port } = admin.address();
+  console.log(JSON.stringify({ issuer, admin: `http://127.0.0.1:${port}` }));
+});
