@@ -12,7 +12,7 @@
 //! - [`check`]: offline validation of resource files, with the sidecar's own code.
 
 pub mod auth;
-pub mod certs;
+pub use toolmesh_proto::certs;
 pub mod conn;
 pub mod fleet;
 pub mod inject;

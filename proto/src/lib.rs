@@ -10,10 +10,15 @@
 //! - [`workload`]: identities as SPIFFE IDs, the names in workload certificates.
 //! - [`crd`] (feature `kube`): `McpServer` and `AccessPolicy` as Kubernetes custom
 //!   resources, derived from the same spec types.
+//! - `certs` (feature `certs`): serving certificates read from files and reloaded when
+//!   they change, for every TLS port either binary terminates.
 //!
-//! This crate does no I/O and holds no runtime state: it parses, validates and renders.
+//! Besides `certs`, this crate does no I/O and holds no runtime state: it parses,
+//! validates and renders.
 //! Compiling a snapshot into lookup tables for the request path is the sidecar's job.
 
+#[cfg(feature = "certs")]
+pub mod certs;
 pub mod codec;
 #[cfg(feature = "kube")]
 pub mod crd;

@@ -190,6 +190,28 @@ pub struct Config {
     #[arg(long, env = "TOOLMESH_KUBERNETES_ISSUER", value_name = "URL")]
     pub kubernetes_issuer: Option<String>,
 
+    /// Gateway mode: PEM certificate chain to serve TLS with on --listen (with
+    /// --tls-key). Both files are looked at again every 30s and a renewed pair is
+    /// served from the next handshake (a pair that does not load is logged; the
+    /// previous one keeps serving). Without them the gateway speaks plain HTTP, for a
+    /// TLS-terminating load balancer in front.
+    #[arg(
+        long,
+        env = "TOOLMESH_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Gateway mode: the PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "TOOLMESH_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
     /// Address for agent MCP traffic.
     #[arg(long, env = "TOOLMESH_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR")]
     pub listen: SocketAddr,
@@ -409,11 +431,12 @@ impl Config {
             self.check_gateway(&mut problems);
         } else if !self.issuers.is_empty()
             || self.resource.is_some()
+            || self.tls_cert.is_some()
             || !self.required_scopes.is_empty()
             || self.kubernetes_issuer.is_some()
         {
             problems.push(
-                "--issuer, --resource, --required-scope, --kubernetes-issuer: only with --mode gateway"
+                "--issuer, --resource, --required-scope, --kubernetes-issuer, --tls-cert: only with --mode gateway"
                     .to_owned(),
             );
         }

@@ -150,7 +150,19 @@ pub async fn serve(
     let mut bridge = None;
     let (mut exposure, mut exposure_task) = (None, None);
     let (callers, tls) = match config.mode {
-        config::Mode::Agent | config::Mode::Gateway => (None, None),
+        config::Mode::Agent => (None, None),
+        config::Mode::Gateway => match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let source = toolmesh_proto::certs::Source::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                let tls = toolmesh_proto::certs::Reloading::new(source, "gateway")?
+                    .server_config(&[b"h2", b"http/1.1"])?;
+                (None, Some(tls))
+            }
+            _ => (None, None),
+        },
         config::Mode::Server => {
             let local = match &config.upstream {
                 Some(url) => url.clone(),

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use serde_json::{Value, json};
-use toolmesh_tests::{Authz, DemoServer, Sidecar};
+use toolmesh_tests::{Authz, DemoServer, Sidecar, TempDir, TestPki};
 
 use crate::support::{Reply, audit_lines, borrow, eventually, modern_call, modern_headers, post};
 
@@ -52,7 +52,10 @@ apiVersion: toolmesh.dev/v1alpha1
 kind: AccessPolicy
 metadata: {{name: ide-clients}}
 spec:
-  subjects: [{{clientId: ide, scopes: [tools.echo]}}, {{user: johndoe, claims: {{amr: pwd}}}}]
+  subjects:
+    - {{clientId: ide, scopes: [tools.echo]}}
+    - {{user: johndoe, claims: {{amr: pwd}}}}
+    - {{issuer: "{issuer}", identity: "ci/*"}}
   rules:
     - server: demo
       tools: ["echo"]
@@ -551,5 +554,117 @@ async fn the_typescript_sdk_client_finds_the_issuer_and_gets_through() -> Result
         eventually(5, || async { johndoes() }).await,
         "no audit line for johndoe's call"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_account_token_is_matched_as_namespace_and_name() -> Result<()> {
+    let authz = Authz::start().await?;
+    let demo = DemoServer::start(&[]).await?;
+    let gateway = Sidecar::start_gateway(
+        &config(&demo, &authz.issuer),
+        &authz.issuer,
+        &["--kubernetes-issuer", &authz.issuer],
+    )
+    .await?;
+    let origin = format!("http://{}", gateway.mcp);
+    let call = |sub: &'static str| {
+        let (authz, url, origin) = (&authz, gateway.url("demo"), origin.clone());
+        async move {
+            let token = authz.mint(json!({"sub": sub, "aud": origin})).await?;
+            let mut headers = modern_headers("echo");
+            headers.push(("authorization", format!("Bearer {token}")));
+            post(
+                &url,
+                &borrow(&headers),
+                modern_call(1, "echo", json!({"text": "sa"})),
+            )
+            .await
+        }
+    };
+    let ok = eventually(10, || async {
+        call("system:serviceaccount:ci:deployer")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    assert!(ok, "ci/deployer refused:\n{}", gateway.logs());
+    // Another namespace, and a user who only looks like a service account's ns/sa.
+    assert_eq!(
+        call("system:serviceaccount:prod:deployer").await?.status,
+        404
+    );
+    assert_eq!(call("ci/deployer").await?.status, 404);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_gateway_serves_tls_from_certificate_files() -> Result<()> {
+    let authz = Authz::start().await?;
+    let demo = DemoServer::start(&[]).await?;
+    let dir = TempDir::new("gateway-tls")?;
+    let pki = TestPki::new(&dir.0)?;
+    let (cert, key) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let gateway = Sidecar::start_gateway_at(
+        "https",
+        &config(&demo, &authz.issuer),
+        &authz.issuer,
+        &["--tls-cert", &cert, "--tls-key", &key],
+    )
+    .await?;
+    let origin = format!("https://{}", gateway.mcp);
+    let ca = &pki.ca;
+    let curl = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(ca)
+            .args(args)
+            .output()
+            .await
+            .context("running curl")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        anyhow::Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let doc: Value = serde_json::from_str(
+        &curl(vec![format!(
+            "{origin}/.well-known/oauth-protected-resource/mcp/demo"
+        )])
+        .await?,
+    )?;
+    assert_eq!(doc["resource"], format!("{origin}/mcp/demo"));
+    let token = authz.mint(json!({"sub": "alice", "aud": origin})).await?;
+    let answer = curl(vec![
+        "-H".into(),
+        format!("authorization: Bearer {token}"),
+        "-H".into(),
+        "content-type: application/json".into(),
+        "-H".into(),
+        "accept: application/json, text/event-stream".into(),
+        "-H".into(),
+        "mcp-protocol-version: 2026-07-28".into(),
+        "-H".into(),
+        "mcp-method: tools/call".into(),
+        "-H".into(),
+        "mcp-name: echo".into(),
+        "--data-binary".into(),
+        modern_call(1, "echo", json!({"text": "over tls"})),
+        format!("{origin}/mcp/demo"),
+    ])
+    .await?;
+    assert!(answer.contains("over tls"), "{answer}");
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = reqwest::get(format!(
+        "http://{}/.well-known/oauth-protected-resource",
+        gateway.mcp
+    ))
+    .await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
     Ok(())
 }

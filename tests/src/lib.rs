@@ -257,6 +257,17 @@ impl Sidecar {
     /// config file, trusting `issuer`; its `--resource` is the origin it listens on (a
     /// free port picked first), as clients reach it.
     pub async fn start_gateway(yaml: &str, issuer: &str, extra: &[&str]) -> Result<Sidecar> {
+        Self::start_gateway_at("http", yaml, issuer, extra).await
+    }
+
+    /// [`Sidecar::start_gateway`] with its resource URI in `scheme` (`https` for a
+    /// gateway given --tls-cert and --tls-key in `extra`).
+    pub async fn start_gateway_at(
+        scheme: &str,
+        yaml: &str,
+        issuer: &str,
+        extra: &[&str],
+    ) -> Result<Sidecar> {
         let dir = TempDir::new("gateway")?;
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml)?;
@@ -271,7 +282,7 @@ impl Sidecar {
             .args(["--admin-listen", "127.0.0.1:0"])
             .args(["--config-poll-interval", "100ms"])
             .args(["--issuer", issuer])
-            .args(["--resource", &format!("http://127.0.0.1:{port}")])
+            .args(["--resource", &format!("{scheme}://127.0.0.1:{port}")])
             .args(extra);
         Self::launch(cmd, config, dir).await
     }
