@@ -83,7 +83,7 @@ impl Fleet {
 
     /// Connection `conn` of (identity, node) is up. What it already had is not
     /// believed: the control plane pushes its snapshot once per connection.
-    pub fn connect(&self, identity: &str, node: &str, conn: u64) {
+    pub fn connect(&self, identity: &str, node: &str, conn: u64, gateway: bool) {
         let mut inner = self.lock();
         inner.sweep(self.expiry, now());
         let (owner, status) = inner
@@ -98,6 +98,7 @@ impl Fleet {
                 (conn, status)
             });
         *owner = conn;
+        status.gateway = gateway;
         let was = std::mem::replace(&mut status.connected, true);
         status.acked_version.clear();
         status.last_seen = now();
@@ -213,9 +214,9 @@ mod tests {
     #[test]
     fn a_late_disconnect_does_not_hide_the_reconnected_sidecar() {
         let fleet = Fleet::default();
-        fleet.connect("ns/a", "pod", 1);
+        fleet.connect("ns/a", "pod", 1, false);
         fleet.update("ns/a", "pod", 1, |s| s.acked_version = "v1".into());
-        fleet.connect("ns/a", "pod", 2);
+        fleet.connect("ns/a", "pod", 2, false);
         fleet.update("ns/a", "pod", 2, |s| s.acked_version = "v1".into());
         fleet.disconnect("ns/a", "pod", 1);
         fleet.update("ns/a", "pod", 1, |s| s.acked_version = "stale".into());
@@ -234,10 +235,10 @@ mod tests {
         let fleet = Fleet::new(Duration::from_secs(60));
         for pod in 0..10_000u64 {
             let node = format!("pod-{pod}");
-            fleet.connect("ns/agent", &node, pod);
+            fleet.connect("ns/agent", &node, pod, false);
             fleet.disconnect("ns/agent", &node, pod);
         }
-        fleet.connect("ns/agent", "alive", 20_000);
+        fleet.connect("ns/agent", "alive", 20_000, false);
         assert_eq!(fleet.lock().connected, 1);
         // Expiry is judged on the clock: pretend an hour passed.
         let mut inner = fleet.lock();
@@ -252,7 +253,7 @@ mod tests {
         let fleet = Fleet::default();
         for i in 0..25u64 {
             let identity = if i % 2 == 0 { "team-a/x" } else { "team-b/y" };
-            fleet.connect(identity, &format!("pod-{i:02}"), i);
+            fleet.connect(identity, &format!("pod-{i:02}"), i, false);
             if i % 5 == 0 {
                 fleet.disconnect(identity, &format!("pod-{i:02}"), i);
             }

@@ -71,6 +71,17 @@ pub struct ServeArgs {
     /// forgotten (pod churn would otherwise grow the fleet without bound).
     #[arg(long, env = "TOOLMESH_CP_FLEET_EXPIRY", default_value = "1h", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
     pub fleet_expiry: std::time::Duration,
+    /// An identity glob (repeatable, or comma-separated) that may connect as a gateway
+    /// (`toolmesh-sidecar --mode gateway`) and receive gateway snapshots: every policy
+    /// with a token subject and the credentials of the servers they name. None by
+    /// default: no identity may.
+    #[arg(
+        long = "gateway-identity",
+        env = "TOOLMESH_CP_GATEWAY_IDENTITIES",
+        value_delimiter = ',',
+        value_name = "GLOB"
+    )]
+    pub gateway_identities: Vec<String>,
     /// Time a new gRPC connection has to send its first bytes; silent ones are closed.
     #[arg(long, env = "TOOLMESH_CP_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
     pub first_bytes_timeout: std::time::Duration,
@@ -435,7 +446,14 @@ pub async fn serve(
     }
     metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
     let ca = workload_ca(&args, managed.as_ref())?;
-    let cp = ControlPlane::new(store, tokens, reviewer, args.fleet_expiry, ca);
+    let cp = ControlPlane::new(
+        store,
+        tokens,
+        reviewer,
+        args.fleet_expiry,
+        ca,
+        args.gateway_identities.clone(),
+    );
     // Every task started here is owned here: the servers drain, the rest are ended.
     let mut servers = tokio::task::JoinSet::new();
     let mut background = tokio::task::JoinSet::new();

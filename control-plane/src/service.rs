@@ -41,6 +41,8 @@ pub struct ControlPlane {
     pub fleet: Fleet,
     /// Signs sidecars' workload certificates; `None`: none are issued.
     pub ca: Option<crate::workload::Ca>,
+    /// Identity globs that may receive gateway snapshots (`--gateway-identity`).
+    gateways: Vec<String>,
     next_conn: AtomicU64,
     /// Flipped once on shutdown: every open stream ends with UNAVAILABLE so that the
     /// server's graceful shutdown is not held open by streams that never finish.
@@ -62,6 +64,7 @@ impl ControlPlane {
         reviewer: Option<TokenReviewer>,
         fleet_expiry: Duration,
         ca: Option<crate::workload::Ca>,
+        gateways: Vec<String>,
     ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
@@ -69,6 +72,7 @@ impl ControlPlane {
             reviewer,
             fleet: Fleet::new(fleet_expiry),
             ca,
+            gateways,
             next_conn: AtomicU64::new(1),
             stopping: watch::channel(false).0,
         })
@@ -90,9 +94,23 @@ impl ControlPlane {
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
-    fn render(&self, identity: &str) -> Result<pb::Snapshot, Status> {
-        toolmesh_proto::render(&self.store.resources(), identity)
-            .map_err(|e| Status::internal(format!("rendering {identity}: {e}")))
+    /// The snapshot of `identity`: a sidecar's, or (`gateway`) a gateway's.
+    fn render(&self, identity: &str, gateway: bool) -> Result<pb::Snapshot, Status> {
+        let resources = self.store.resources();
+        let rendered = if gateway {
+            toolmesh_proto::render::render_gateway(&resources, identity)
+        } else {
+            toolmesh_proto::render(&resources, identity)
+        };
+        rendered.map_err(|e| Status::internal(format!("rendering {identity}: {e}")))
+    }
+
+    /// Whether `identity` may receive gateway snapshots (every policy with a token
+    /// subject, and the credentials of the servers they name).
+    fn may_be_gateway(&self, identity: &str) -> bool {
+        self.gateways
+            .iter()
+            .any(|g| toolmesh_proto::glob::matches(g, identity))
     }
 }
 
@@ -129,20 +147,27 @@ impl SnapshotService for Snapshots {
                 hello.identity
             )));
         }
+        if hello.gateway && !self.0.may_be_gateway(&identity) {
+            tracing::warn!(%identity, "refused a gateway snapshot to an identity --gateway-identity does not name");
+            return Err(Status::permission_denied(format!(
+                "identity {identity:?} may not receive gateway snapshots (the control plane's --gateway-identity does not name it)"
+            )));
+        }
         let node = if hello.node.is_empty() {
             "(unnamed)".to_owned()
         } else {
             hello.node.clone()
         };
         let conn = self.0.next_conn.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%identity, %node, version = %hello.version, "sidecar connected");
-        self.0.fleet.connect(&identity, &node, conn);
+        tracing::info!(%identity, %node, version = %hello.version, gateway = hello.gateway, "sidecar connected");
+        self.0.fleet.connect(&identity, &node, conn, hello.gateway);
         let session = Session {
             changes: self.0.store.changes(),
             cp: self.0.clone(),
             identity,
             node,
             conn,
+            gateway: hello.gateway,
             // What the sidecar says it has is not believed (its state file may be
             // damaged, or older than it thinks): every connection gets a push.
             has: String::new(),
@@ -169,6 +194,8 @@ struct Session {
     identity: String,
     node: String,
     conn: u64,
+    /// A gateway's stream: it gets the gateway snapshot.
+    gateway: bool,
     /// The version the sidecar has (or was last sent).
     has: String,
     pushes: u64,
@@ -231,7 +258,7 @@ impl Session {
                     s.delivery_error = why;
                 });
         };
-        let snapshot = match self.cp.render(&self.identity) {
+        let snapshot = match self.cp.render(&self.identity, self.gateway) {
             Ok(snapshot) => snapshot,
             Err(status) => {
                 undeliverable(status.message().to_owned());

@@ -336,12 +336,6 @@ fn gateway_url(flag: &str, url: &str, origin_only: bool) -> Result<(), String> {
 impl Config {
     /// Gateway mode's own checks.
     fn check_gateway(&self, problems: &mut Vec<String>) {
-        if self.control_plane.is_some() {
-            problems.push(
-                "--mode gateway: reads its servers and policies from --config for now (the control plane does not yet serve gateway snapshots)"
-                    .to_owned(),
-            );
-        }
         if self.upstream.is_some() || self.stdio {
             problems.push("--upstream and --stdio: only with --mode server".to_owned());
         }

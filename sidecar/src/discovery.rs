@@ -101,6 +101,9 @@ pub struct Discovery {
     pub workload: Arc<Workload>,
     /// Server-side mode: a certificate is needed whatever the snapshot says.
     pub always_certify: bool,
+    /// Gateway mode: ask for the gateway snapshot (the control plane must allow this
+    /// identity to be a gateway).
+    pub gateway: bool,
 }
 
 /// Where a workload certificate request stands on one stream.
@@ -381,6 +384,7 @@ impl Discovery {
             identity: self.identity.clone(),
             node: self.node.clone(),
             version: has,
+            gateway: self.gateway,
         };
         send(&tx, Msg::Hello(hello)).await?;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -581,6 +585,7 @@ mod tests {
             active: Arc::new(Active::default()),
             workload: Workload::new("agents/a"),
             always_certify: false,
+            gateway: false,
         };
         let snapshot = pb::Snapshot {
             version: "v1".into(),

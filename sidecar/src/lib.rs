@@ -136,6 +136,7 @@ pub async fn serve(
                 active: active.clone(),
                 workload: workload.clone(),
                 always_certify: config.mode == config::Mode::Server,
+                gateway: config.mode == config::Mode::Gateway,
             };
             discovery.load_persisted();
             Source::ControlPlane(discovery)

@@ -8,7 +8,10 @@
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use serde_json::{Value, json};
-use toolmesh_tests::{Authz, DemoServer, Sidecar, TempDir, TestPki};
+use toolmesh_tests::{
+    Authz, ControlPlane, DemoServer, IDENTITY, OTHER_TOKEN, SIDECAR_TOKEN, Sidecar, TempDir,
+    TestPki,
+};
 
 use crate::support::{Reply, audit_lines, borrow, eventually, modern_call, modern_headers, post};
 
@@ -666,5 +669,68 @@ async fn the_gateway_serves_tls_from_certificate_files() -> Result<()> {
     ))
     .await;
     assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_gateway_gets_its_snapshot_from_the_control_plane_and_only_if_named() -> Result<()> {
+    let authz = Authz::start().await?;
+    let demo = DemoServer::start(&[]).await?;
+    let dir = TempDir::new("cp-gateway")?;
+    let cp = ControlPlane::start_with(
+        &dir.0,
+        &config(&demo, &authz.issuer),
+        &["--gateway-identity", IDENTITY],
+    )
+    .await?;
+    let gateway =
+        Sidecar::connect_gateway(&cp.url(), SIDECAR_TOKEN, IDENTITY, &authz.issuer).await?;
+    let origin = format!("http://{}", gateway.mcp);
+    let token = authz.mint(json!({"sub": "alice", "aud": origin})).await?;
+    let mut headers = modern_headers("add");
+    headers.push(("authorization", format!("Bearer {token}")));
+    let served = eventually(10, || async {
+        post(
+            &gateway.url("demo"),
+            &borrow(&headers),
+            modern_call(1, "add", json!({"a": 2, "b": 3})),
+        )
+        .await
+        .is_ok_and(|r| r.status == 200 && r.text.contains('5'))
+    })
+    .await;
+    assert!(served, "alice not served:\n{}", gateway.logs());
+    // The snapshot it got is a gateway's: token policies only (the workload policy
+    // stays with sidecars), the upstream credential, redacted in /config.
+    let config: Value = reqwest::get(gateway.admin_url("/config"))
+        .await?
+        .json()
+        .await?;
+    let names: Vec<&str> = config["policies"]
+        .as_array()
+        .context("policies")?
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["alice", "ide-clients", "limited"], "{config}");
+    assert!(!config.to_string().contains("upstream-secret"));
+    let (ok, out, _) = cp.ctl(&["status"], None).await?;
+    assert!(ok);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(IDENTITY))
+        .context("status line")?;
+    assert!(line.contains("gateway"), "{out}");
+
+    // An identity the control plane does not name may not be a gateway.
+    let other =
+        Sidecar::connect_gateway(&cp.url(), OTHER_TOKEN, "other/agent", &authz.issuer).await?;
+    let refused = eventually(10, || async {
+        other.logs().contains("may not receive gateway snapshots")
+    })
+    .await;
+    assert!(refused, "{}", other.logs());
+    let ready = reqwest::get(other.admin_url("/ready")).await?.status();
+    assert_eq!(ready, 503, "a refused gateway has nothing to serve");
     Ok(())
 }

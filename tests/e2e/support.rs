@@ -202,6 +202,7 @@ pub async fn snapshot_stream(
             identity: identity.into(),
             node: node.into(),
             version: String::new(),
+            gateway: false,
         })),
     })
     .await?;

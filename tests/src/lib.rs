@@ -366,6 +366,40 @@ impl Sidecar {
         identity: &str,
         extra: &[&str],
     ) -> Result<Sidecar> {
+        let (mut cmd, token_file) = Self::control_plane_command(&dir, url, token, identity)?;
+        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(extra);
+        Self::launch(cmd, token_file, dir).await
+    }
+
+    /// A gateway in control-plane mode as `identity`, trusting `issuer`, its resource
+    /// the origin it listens on.
+    pub async fn connect_gateway(
+        url: &str,
+        token: &str,
+        identity: &str,
+        issuer: &str,
+    ) -> Result<Sidecar> {
+        let dir = TempDir::new("gateway-cp")?;
+        let (mut cmd, token_file) = Self::control_plane_command(&dir, url, token, identity)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        cmd.args(["--mode", "gateway", "--issuer", issuer])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--resource", &format!("http://127.0.0.1:{port}")])
+            .args(["--admin-listen", "127.0.0.1:0"]);
+        Self::launch(cmd, token_file, dir).await
+    }
+
+    /// The command line of a sidecar in control-plane mode (no listeners yet), and
+    /// the token file it reads.
+    fn control_plane_command(
+        dir: &TempDir,
+        url: &str,
+        token: &str,
+        identity: &str,
+    ) -> Result<(Command, PathBuf)> {
         let token_file = dir.0.join("token");
         std::fs::write(&token_file, token)?;
         let mut cmd = Command::new(binary("toolmesh-sidecar"));
@@ -380,10 +414,8 @@ impl Sidecar {
         .arg("--token-file")
         .arg(&token_file)
         .arg("--state-dir")
-        .arg(dir.0.join("state"))
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(extra);
-        Self::launch(cmd, token_file, dir).await
+        .arg(dir.0.join("state"));
+        Ok((cmd, token_file))
     }
 
     /// Stop the process and hand back its directory (state dir inside) for a restart.

@@ -203,8 +203,8 @@ fn status_table(sidecars: &[pb::SidecarStatus]) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut out = format!(
-        "{:<28} {:<24} {:<10} {:<18} {:<18} {:<9} {}\n",
-        "IDENTITY", "NODE", "CONNECTED", "SENT", "ACKED", "CERT", "PROBLEM"
+        "{:<28} {:<24} {:<8} {:<10} {:<18} {:<18} {:<9} {}\n",
+        "IDENTITY", "NODE", "KIND", "CONNECTED", "SENT", "ACKED", "CERT", "PROBLEM"
     );
     for s in sidecars {
         let nack = if !s.delivery_error.is_empty() {
@@ -215,9 +215,10 @@ fn status_table(sidecars: &[pb::SidecarStatus]) -> String {
             format!("{}: {}", s.nacked_version, s.nack_reason)
         };
         out += &format!(
-            "{:<28} {:<24} {:<10} {:<18} {:<18} {:<9} {}\n",
+            "{:<28} {:<24} {:<8} {:<10} {:<18} {:<18} {:<9} {}\n",
             s.identity,
             s.node,
+            if s.gateway { "gateway" } else { "sidecar" },
             if s.connected { "yes" } else { "no" },
             if s.sent_version.is_empty() {
                 "-"

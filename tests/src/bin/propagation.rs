@@ -94,6 +94,7 @@ async fn sidecar(
         identity: identity(i),
         node: format!("node-{i}"),
         version: String::new(),
+        gateway: false,
     };
     tx.send(pb::SidecarMessage {
         kind: Some(Msg::Hello(hello)),
