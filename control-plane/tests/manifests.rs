@@ -13,6 +13,7 @@ const THIRD_PARTY: &[&str] = &[
     "kustomize.config.k8s.io/v1beta1", // kustomization.yaml
     "cert-manager.io/v1",              // deploy/kubernetes/cert-manager
     "monitoring.coreos.com/v1",        // deploy/kubernetes/monitoring
+    "gateway.networking.k8s.io/v1",    // deploy/kubernetes/gateway/httproute.yaml
     "toolmesh.dev/v1alpha1",           // ours: checked against crds.yaml below
 ];
 
@@ -65,9 +66,10 @@ fn every_manifest_is_valid_for_kubernetes_1_33_and_1_37() {
         }
     }
     // CRDs (2), Namespace, ServiceAccount, RBAC (6), Deployment, PDB, Service, webhook;
-    // the examples' Namespace, ServiceAccount, Deployment, Secret.
+    // the examples' Namespace, ServiceAccount, Deployment, Secret; the gateway's
+    // ServiceAccount, Deployment, Service, PDB, HPA, Ingress.
     assert!(
-        validated >= 2 * 18,
+        validated >= 2 * 24,
         "only {validated} resources validated:\n{files:?}"
     );
 }
@@ -133,14 +135,17 @@ fn example_resources_pass_the_crd_schemas_and_the_control_planes_validation() {
     let root = common::workspace_root();
     let example = root.join("deploy/kubernetes/examples/resources.yaml");
     let mesh = root.join("deploy/kubernetes/examples/mesh-server.yaml");
-    let (ok, text) = check_against_crds(&[example.clone(), mesh.clone()]);
+    let developers = root.join("deploy/kubernetes/examples/developers.yaml");
+    let (ok, text) = check_against_crds(&[example.clone(), mesh.clone(), developers.clone()]);
     assert!(ok, "{text}");
-    assert!(text.contains("4 checked, 0 failed"), "{text}");
+    assert!(text.contains("6 checked, 0 failed"), "{text}");
 
     // The same objects pass the control plane's own validation (what `status` reports).
     let yaml = std::fs::read_to_string(&example).expect("example")
         + "\n---\n"
-        + &std::fs::read_to_string(&mesh).expect("example");
+        + &std::fs::read_to_string(&mesh).expect("example")
+        + "\n---\n"
+        + &std::fs::read_to_string(&developers).expect("example");
     let mut ours = String::new();
     for doc in yaml.split("\n---\n") {
         if doc.contains("apiVersion: toolmesh.dev/") {
