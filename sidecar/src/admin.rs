@@ -47,6 +47,8 @@ pub struct Admin {
     pub draining: Arc<AtomicBool>,
     /// Notified by `POST /shutdown`: the sidecar drains and exits as on SIGTERM.
     pub shutdown: Arc<tokio::sync::Notify>,
+    /// Gateway mode: not ready until every issuer's keys were asked for once.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 impl Admin {
@@ -139,6 +141,19 @@ impl Admin {
                         "the MCP server also answers on {at}: agents can reach it around this sidecar; make it listen on 127.0.0.1 only\n"
                     ),
                 ),
+                None if let Some(pending) = self
+                    .gateway
+                    .as_ref()
+                    .and_then(|g| g.tokens.first_fetch_pending()) =>
+                {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "config {}: the keys of issuer {pending} are being fetched\n",
+                            runtime.version
+                        ),
+                    )
+                }
                 Some(_) if runtime.served.is_empty() => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(

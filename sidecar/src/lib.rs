@@ -241,6 +241,7 @@ pub async fn serve(
         in_flight,
         draining: draining.clone(),
         shutdown: asked_to_stop.clone(),
+        gateway: gateway.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

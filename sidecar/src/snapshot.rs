@@ -179,13 +179,16 @@ impl Runtime {
     /// `previous` is the runtime being replaced: rate limiters of unchanged rules are
     /// taken over from it. Servers this identity has no allow rule for are not routed.
     pub fn compile(snapshot: &pb::Snapshot, previous: Option<&Runtime>) -> Result<Self, String> {
-        Runtime::compile_with(snapshot, &previous)
+        Runtime::compile_with(snapshot, &previous, true)
     }
 
-    /// [`Runtime::compile`], rate limiters of unchanged rules taken from `previous`.
+    /// [`Runtime::compile`], rate limiters of unchanged rules taken from `previous`;
+    /// the redacted `/config` document made only when `dump` (a gateway's per-caller
+    /// runtimes have none: `/config` shows the snapshot they were narrowed from).
     pub fn compile_with(
         snapshot: &pb::Snapshot,
         previous: &dyn LimiterSource,
+        dump: bool,
     ) -> Result<Self, String> {
         // Each rule is filed under its server once: matching every server against every
         // rule would make compiling quadratic in the size of the snapshot.
@@ -227,8 +230,12 @@ impl Runtime {
         } else {
             names.join(", ")
         };
-        let config_json = serde_json::to_vec_pretty(&redacted(snapshot))
-            .map_err(|e| format!("snapshot does not serialize: {e}"))?;
+        let config_json = if dump {
+            serde_json::to_vec_pretty(&redacted(snapshot))
+                .map_err(|e| format!("snapshot does not serialize: {e}"))?
+        } else {
+            Vec::new()
+        };
         let mut aggregated: Vec<Arc<Route>> = routes.values().cloned().collect();
         aggregated.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let prefixes = aggregated
@@ -283,7 +290,7 @@ impl Runtime {
             policies,
             served: Vec::new(),
         };
-        let mut runtime = Runtime::compile_with(&snapshot, limiters)?;
+        let mut runtime = Runtime::compile_with(&snapshot, limiters, false)?;
         runtime.gateway = None;
         made.extend(runtime.limiters.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(runtime)

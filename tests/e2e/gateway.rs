@@ -2,11 +2,10 @@
 //! the tests) and the rmcp demo server: tokens by client credentials, by the
 //! authorization-code flow with PKCE (the TypeScript SDK client's own OAuth support,
 //! discovering the issuer from our 401 and metadata), and minted in every hostile
-//! shape. Each refusal is checked from the upstream's side too: the demo server logs
-//! every call it runs (`call <tool>`), and never ran one a refused token asked for.
+//! shape (those are the bad-input corpus's, `hostile.rs`). Refusals are checked from
+//! the upstream's side too: the demo server logs every call it runs (`call <tool>`).
 
 use anyhow::{Context, Result};
-use base64::Engine as _;
 use serde_json::{Value, json};
 use toolmesh_tests::{
     Authz, ControlPlane, DemoServer, IDENTITY, OTHER_TOKEN, SIDECAR_TOKEN, Sidecar, TempDir,
@@ -14,8 +13,6 @@ use toolmesh_tests::{
 };
 
 use crate::support::{Reply, audit_lines, borrow, eventually, modern_call, modern_headers, post};
-
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// The demo server (with an upstream credential of its own) and who may use it.
 fn config(demo: &DemoServer, issuer: &str) -> String {
@@ -76,16 +73,18 @@ spec:
     )
 }
 
-struct Stack {
-    authz: Authz,
-    demo: DemoServer,
-    gateway: Sidecar,
+/// An authorization server, the demo server, and a gateway in front of it trusting
+/// that issuer, requiring the scope `mcp` (also the bad-input corpus's, `hostile.rs`).
+pub struct Stack {
+    pub authz: Authz,
+    pub demo: DemoServer,
+    pub gateway: Sidecar,
     /// The gateway's origin (its `--resource`).
-    origin: String,
+    pub origin: String,
 }
 
 impl Stack {
-    async fn start() -> Result<Stack> {
+    pub async fn start() -> Result<Stack> {
         let authz = Authz::start().await?;
         let demo = DemoServer::start(&[]).await?;
         let gateway = Sidecar::start_gateway(
@@ -112,7 +111,7 @@ impl Stack {
     }
 
     /// A token for `sub` naming this gateway, with the required scope.
-    async fn token(&self, sub: &str) -> Result<String> {
+    pub async fn token(&self, sub: &str) -> Result<String> {
         self.authz
             .mint(json!({"sub": sub, "aud": self.origin, "scope": "mcp"}))
             .await
@@ -160,7 +159,7 @@ impl Stack {
     }
 
     /// How many times the demo server ran `tool`.
-    fn ran(&self, tool: &str) -> usize {
+    pub fn ran(&self, tool: &str) -> usize {
         let line = format!("call {tool}");
         self.demo
             .proc
@@ -299,93 +298,6 @@ async fn each_user_is_decided_for_and_audited_as_themselves() -> Result<()> {
     for token in [&alice, &bob] {
         assert!(!logs.contains(token.as_str()), "a token reached the logs");
     }
-    Ok(())
-}
-
-#[tokio::test]
-async fn hostile_tokens_are_refused_with_the_documented_answer() -> Result<()> {
-    let s = Stack::start().await?;
-    let good = s.token("alice").await?;
-    let expired = s
-        .authz
-        .mint(json!({"sub": "alice", "aud": s.origin, "scope": "mcp", "expiresIn": -600}))
-        .await?;
-    let wrong_audience = s
-        .authz
-        .mint(json!({"sub": "alice", "aud": "https://other.example.com", "scope": "mcp"}))
-        .await?;
-    let wrong_issuer = s
-        .authz
-        .mint(json!({"sub": "alice", "aud": s.origin, "scope": "mcp", "iss": "https://evil.example.com"}))
-        .await?;
-    let unknown_kid = s
-        .authz
-        .mint(json!({"sub": "alice", "aud": s.origin, "scope": "mcp", "foreign": true}))
-        .await?;
-    let parts: Vec<&str> = good.split('.').collect();
-    let claims: Value = serde_json::from_slice(&B64.decode(parts[1])?)?;
-    // alg none: the claims as they are, no signature.
-    let none = format!(
-        "{}.{}.",
-        B64.encode(r#"{"alg":"none","typ":"JWT"}"#),
-        parts[1]
-    );
-    // HS256 signed with the issuer's public key as the shared secret.
-    let public = s.authz.public_key().await?;
-    let kid = public["kid"].as_str().context("kid")?;
-    let header = B64.encode(json!({"alg": "HS256", "typ": "JWT", "kid": kid}).to_string());
-    let signing = format!("{header}.{}", parts[1]);
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, public.to_string().as_bytes());
-    let confused = format!(
-        "{signing}.{}",
-        B64.encode(ring::hmac::sign(&key, signing.as_bytes()))
-    );
-    // Tampered: another user's name under alice's signature.
-    let mut other = claims.clone();
-    other["sub"] = json!("mallory");
-    let tampered = format!(
-        "{}.{}.{}",
-        parts[0],
-        B64.encode(other.to_string()),
-        parts[2]
-    );
-    let cases = [
-        (&expired, "the token has expired"),
-        (&wrong_audience, "the token's audience is not this resource"),
-        (&wrong_issuer, "the token's issuer is not trusted"),
-        (&unknown_kid, "no key of the issuer matches the token"),
-        (&none, "not a signed JWT"),
-        (&confused, "the token's signature algorithm is not accepted"),
-        (&tampered, "the token's signature does not verify"),
-    ];
-    for (token, why) in cases {
-        let reply = s
-            .call(Some(token), "echo", json!({"text": "hostile"}))
-            .await?;
-        assert_eq!(reply.status, 401, "{why}: {}", reply.text);
-        assert_eq!(
-            challenge(&reply),
-            format!(
-                "Bearer error=\"invalid_token\", error_description=\"{why}\", scope=\"mcp\", resource_metadata=\"{}/.well-known/oauth-protected-resource/mcp/demo\"",
-                s.origin
-            )
-        );
-        assert_eq!(reply.json()["error"], "invalid_token");
-        assert!(!reply.text.contains(token.as_str()));
-    }
-    assert_eq!(s.ran("echo"), 0, "no hostile token's call ran");
-    // The positive control.
-    let reply = s.call(Some(&good), "echo", json!({"text": "fine"})).await?;
-    assert_eq!(reply.status, 200, "{}", reply.text);
-    assert_eq!(s.ran("echo"), 1);
-    let refused = || {
-        audit_lines(&s.gateway)
-            .iter()
-            .filter(|l| l["subject"] == "(unauthenticated)" && l["status"] == 401)
-            .count()
-    };
-    eventually(5, || async { refused() >= cases.len() }).await;
-    assert_eq!(refused(), cases.len(), "one audit line per refused token");
     Ok(())
 }
 

@@ -1,4 +1,5 @@
 //! The bad-input corpus: malformed and hostile requests, each with its documented answer.
+//! Second corpus: hostile bearer tokens at a gateway (`every_hostile_token_…`).
 //!
 //! Every case is sent as raw bytes over its own TCP connection (so that requests a
 //! well-behaved HTTP client refuses to send, such as CR in a header value or two
@@ -779,5 +780,285 @@ async fn every_hostile_request_gets_its_documented_answer() -> Result<()> {
         cases.len(),
         ran.len()
     );
+    Ok(())
+}
+
+/// One hostile token case: the `Authorization` header lines sent (none, one, two),
+/// and the answer: status, the `error` of the body, and its `error_description`.
+struct TokenCase {
+    name: &'static str,
+    authorization: Vec<String>,
+    status: u16,
+    error: &'static str,
+    description: &'static str,
+}
+
+#[tokio::test]
+async fn every_hostile_token_gets_its_documented_answer() -> Result<()> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let s = crate::gateway::Stack::start().await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mint = |claims: Value| {
+        let authz = &s.authz;
+        let mut spec = serde_json::json!({"sub": "alice", "aud": s.origin, "scope": "mcp"});
+        if let (Some(spec), Some(more)) = (spec.as_object_mut(), claims.as_object()) {
+            spec.extend(more.clone());
+        }
+        async move { authz.mint(spec).await }
+    };
+    let good = s.token("alice").await?;
+    let parts: Vec<&str> = good.split('.').collect();
+    let claims: Value = serde_json::from_slice(&b64.decode(parts[1])?)?;
+    let public = s.authz.public_key().await?;
+    let kid = public["kid"].as_str().context("kid")?;
+    // HS256 keyed with the issuer's public key (as JWK text, and as its modulus).
+    let hmac = |secret: &[u8]| {
+        let header =
+            b64.encode(serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": kid}).to_string());
+        let signing = format!("{header}.{}", parts[1]);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        format!(
+            "{signing}.{}",
+            b64.encode(ring::hmac::sign(&key, signing.as_bytes()))
+        )
+    };
+    let modulus = b64.decode(public["n"].as_str().context("n")?)?;
+    let with_claims = |changed: Value| {
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            b64.encode(changed.to_string()),
+            parts[2]
+        )
+    };
+    let mut mallory = claims.clone();
+    mallory["sub"] = "mallory".into();
+    let mut longer = claims.clone();
+    longer["exp"] = (now + 10 * 365 * 86_400).into();
+    let none = |alg: &str| {
+        format!(
+            "{}.{}.",
+            b64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#)),
+            parts[1]
+        )
+    };
+    let bearer = |t: &str| vec![format!("Bearer {t}")];
+    let invalid = |name, authorization, description| TokenCase {
+        name,
+        authorization,
+        status: 401,
+        error: "invalid_token",
+        description,
+    };
+    let cases = vec![
+        TokenCase {
+            name: "no Authorization",
+            authorization: vec![],
+            status: 401,
+            error: "invalid_request",
+            description: "a bearer token is required",
+        },
+        TokenCase {
+            name: "Basic credentials",
+            authorization: vec!["Basic YWxpY2U6c2VjcmV0".into()],
+            status: 401,
+            error: "invalid_request",
+            description: "a bearer token is required",
+        },
+        invalid(
+            "an empty bearer token",
+            vec!["Bearer ".into()],
+            "the bearer token is empty or too long",
+        ),
+        invalid(
+            "a 9 KiB token",
+            bearer(&"a".repeat(9 * 1024)),
+            "the bearer token is empty or too long",
+        ),
+        invalid(
+            "a token with a space",
+            vec![format!("Bearer {} x", good)],
+            "the bearer token has characters a token cannot hold",
+        ),
+        invalid(
+            "two Authorization headers, both good",
+            vec![format!("Bearer {good}"), format!("Bearer {good}")],
+            "more than one Authorization header",
+        ),
+        invalid(
+            "two parts",
+            bearer(&format!("{}.{}", parts[0], parts[1])),
+            "not a signed JWT",
+        ),
+        invalid(
+            "a trailing dot",
+            bearer(&format!("{good}.")),
+            "not a signed JWT",
+        ),
+        invalid("alg none", bearer(&none("none")), "not a signed JWT"),
+        invalid("alg None", bearer(&none("None")), "not a signed JWT"),
+        invalid(
+            "HS256 keyed with the public JWK",
+            bearer(&hmac(public.to_string().as_bytes())),
+            "the token's signature algorithm is not accepted",
+        ),
+        invalid(
+            "HS256 keyed with the modulus",
+            bearer(&hmac(&modulus)),
+            "the token's signature algorithm is not accepted",
+        ),
+        invalid(
+            "another user under alice's signature",
+            bearer(&with_claims(mallory)),
+            "the token's signature does not verify",
+        ),
+        invalid(
+            "a later exp under the same signature",
+            bearer(&with_claims(longer)),
+            "the token's signature does not verify",
+        ),
+        invalid(
+            "signature of another token",
+            bearer(&format!(
+                "{}.{}.{}",
+                parts[0],
+                parts[1],
+                s.token("bob").await?.rsplit('.').next().unwrap_or_default()
+            )),
+            "the token's signature does not verify",
+        ),
+        invalid(
+            "expired ten minutes ago",
+            bearer(&mint(serde_json::json!({"expiresIn": -600})).await?),
+            "the token has expired",
+        ),
+        invalid(
+            "not valid for an hour (nbf)",
+            bearer(&mint(serde_json::json!({"claims": {"nbf": now + 3600}})).await?),
+            "the token is not valid yet (nbf)",
+        ),
+        invalid(
+            "an untrusted issuer",
+            bearer(&mint(serde_json::json!({"iss": "https://evil.example.com"})).await?),
+            "the token's issuer is not trusted",
+        ),
+        invalid(
+            "the issuer with a path appended",
+            bearer(&mint(serde_json::json!({"iss": format!("{}/evil", s.authz.issuer)})).await?),
+            "the token's issuer is not trusted",
+        ),
+        invalid(
+            "a key never published",
+            bearer(&mint(serde_json::json!({"foreign": true})).await?),
+            "no key of the issuer matches the token",
+        ),
+        invalid(
+            "no sub",
+            bearer(&mint(serde_json::json!({"sub": null})).await?),
+            "the token's sub is missing or not a string",
+        ),
+        invalid(
+            "sub a number",
+            bearer(&mint(serde_json::json!({"claims": {"sub": 42}})).await?),
+            "the token's sub is missing or not a string",
+        ),
+        invalid(
+            "no aud",
+            bearer(&mint(serde_json::json!({"aud": null})).await?),
+            "the token has no aud",
+        ),
+        invalid(
+            "no exp",
+            bearer(&mint(serde_json::json!({"claims": {"exp": null}})).await?),
+            "the token has no exp",
+        ),
+        invalid(
+            "another resource's aud",
+            bearer(&mint(serde_json::json!({"aud": "https://other.example.com"})).await?),
+            "the token's audience is not this resource",
+        ),
+        invalid(
+            "an aud that only starts like ours",
+            bearer(&mint(serde_json::json!({"aud": format!("{}.evil.example", s.origin)})).await?),
+            "the token's audience is not this resource",
+        ),
+        invalid(
+            "another path's aud",
+            bearer(&mint(serde_json::json!({"aud": format!("{}/mcp/other", s.origin)})).await?),
+            "the token's audience is not this resource",
+        ),
+        TokenCase {
+            name: "no required scope",
+            authorization: bearer(&mint(serde_json::json!({"scope": "read write"})).await?),
+            status: 403,
+            error: "insufficient_scope",
+            description: "the token lacks a scope this gateway requires",
+        },
+    ];
+    let host = s.gateway.mcp.to_string();
+    let body = call("echo");
+    let mut wrong = Vec::new();
+    for case in &cases {
+        let mut request = format!(
+            "POST /mcp/demo HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: {MODERN}\r\nmcp-method: tools/call\r\nmcp-name: echo\r\nconnection: close\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        for line in &case.authorization {
+            request.push_str(&format!("authorization: {line}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(&body);
+        let (status, answer) = send(s.gateway.mcp, request.as_bytes()).await?;
+        let text = String::from_utf8_lossy(&answer);
+        let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let tokens_echoed = case.authorization.iter().any(|line| {
+            let token = line
+                .trim_start_matches("Bearer ")
+                .trim_start_matches("Basic ");
+            token.len() > 8 && text.contains(token)
+        });
+        if status != case.status
+            || json["error"] != case.error
+            || json["error_description"] != case.description
+            || tokens_echoed
+        {
+            wrong.push(format!(
+                "{}: expected {} {} {:?}, got {status} {text}",
+                case.name, case.status, case.error, case.description
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} token cases answered otherwise:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(s.ran("echo"), 0, "a hostile token's call ran upstream");
+    // The positive control, and no token in the gateway's logs.
+    let mut headers = crate::support::modern_headers("echo");
+    headers.push(("authorization", format!("Bearer {good}")));
+    let reply = crate::support::post(
+        &s.gateway.url("demo"),
+        &crate::support::borrow(&headers),
+        call("echo"),
+    )
+    .await?;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(s.ran("echo"), 1);
+    assert!(!s.gateway.logs().contains(&good));
+    let refused = || {
+        crate::support::audit_lines(&s.gateway)
+            .iter()
+            .filter(|l| l["subject"] == "(unauthenticated)")
+            .count()
+    };
+    crate::support::eventually(5, || async { refused() >= cases.len() }).await;
+    assert_eq!(refused(), cases.len(), "one audit line per refused token");
+    println!("{} hostile tokens answered as documented", cases.len());
     Ok(())
 }

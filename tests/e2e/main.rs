@@ -8,8 +8,9 @@
 //!   `input_required` rounds).
 //! - `wire`: raw HTTP for what SDK clients never send: header/body mismatches, bad
 //!   input, resumption with `Last-Event-ID`, credential hygiene.
-//! - `hostile`: the bad-input corpus, 71 malformed or hostile requests, each with its
-//!   documented answer, and proof the upstream only ran what policy allows.
+//! - `hostile`: the bad-input corpus, malformed or hostile requests and hostile bearer
+//!   tokens at a gateway, each with its documented answer, and proof the upstream only
+//!   ran what policy allows.
 //! - `holes`: policy holes tried against the TypeScript SDK's server and rmcp's:
 //!   values by meaning, URIs as servers resolve them, lists on every path, sessions
 //!   bound to their identity, what is forwarded, audit of abandoned calls, limits.
@@ -27,8 +28,9 @@
 //!   clients in both generations: prefixes, one decision, server requests from two
 //!   servers in one session, bridging a 2026-07-28 agent to 2025-only servers.
 //! - `gateway`: gateway mode behind a real authorization server (`oauth2-mock-server`):
-//!   discovery from the 401, per-user decisions, sessions and rate limits, hostile
-//!   tokens, key rotation, client credentials, and the TypeScript SDK's own OAuth flow.
+//!   discovery from the 401, per-user decisions, sessions and rate limits, key
+//!   rotation, client credentials, service-account tokens, TLS, the control plane's
+//!   gateway snapshots, and the TypeScript SDK's own OAuth flow.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `kubernetes`: the control plane in cluster mode against a stand-in API server:

@@ -63,6 +63,10 @@ async function mint(spec) {
     ...(spec.client_id ? { client_id: spec.client_id } : {}),
     ...(spec.claims ?? {}),
   };
+  // A claim given as null is left out (a token without `sub`, without `aud`).
+  for (const k of Object.keys(payload)) {
+    if (payload[k] === null || payload[k] === undefined) delete payload[k];
+  }
   if (spec.foreign) {
     return new SignJWT(payload)
       .setProtectedHeader({ alg: "RS256", kid: "never-published", typ: "JWT" })

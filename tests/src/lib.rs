@@ -13,6 +13,7 @@
 //! Every child is killed when its handle drops; their output is kept for assertions
 //! and printed when a test fails.
 
+pub mod issuer;
 pub mod kube_api;
 
 use std::net::SocketAddr;

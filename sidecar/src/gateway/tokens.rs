@@ -59,11 +59,13 @@ pub const KEYS_REFRESH_EVERY: Duration = Duration::from_secs(300);
 pub const UNKNOWN_KID_REFRESH: Duration = Duration::from_secs(5);
 /// Checked tokens kept at most; beyond, expired ones go, then new ones are checked
 /// each time (still correct, only slower).
-pub const MAX_CACHED_TOKENS: usize = 20_000;
+pub const MAX_CACHED_TOKENS: usize = 10_000;
 /// Largest discovery document or key set read.
 const MAX_DOCUMENT: usize = 1024 * 1024;
 /// Time allowed for one discovery or key-set fetch.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The refusal of a token whose `sub` is missing or not a string.
+const SUB_NOT_TEXT: &str = "the token's sub is missing or not a string";
 /// The `sub` prefix of Kubernetes service-account tokens.
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:";
 
@@ -134,6 +136,8 @@ struct Issuer {
     keys: ArcSwap<Keys>,
     /// When the keys were last fetched for an unknown key id.
     asked: Mutex<Option<Instant>>,
+    /// Whether a first fetch of its keys has ended (well or not).
+    tried: std::sync::atomic::AtomicBool,
     /// One fetch at a time.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -181,6 +185,7 @@ impl Verifier {
                         url: url.trim_end_matches('/').into(),
                         keys: ArcSwap::default(),
                         asked: Mutex::new(None),
+                        tried: std::sync::atomic::AtomicBool::new(false),
                         fetching: tokio::sync::Mutex::new(()),
                     })
                 })
@@ -201,6 +206,16 @@ impl Verifier {
         self.issuers.iter().map(|i| &*i.url)
     }
 
+    /// An issuer whose keys have not been asked for yet, if any: the gateway is not
+    /// ready before (tokens would be refused for want of keys). An issuer that could not
+    /// be reached does not hold readiness back: it was asked.
+    pub fn first_fetch_pending(&self) -> Option<&str> {
+        self.issuers
+            .iter()
+            .find(|i| !i.tried.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|i| &*i.url)
+    }
+
     /// Fetch every issuer's keys now and every [`KEYS_REFRESH_EVERY`] (a task that runs
     /// until aborted). A failed fetch keeps the keys held and is logged.
     pub async fn keep_keys_fresh(self: Arc<Self>) {
@@ -211,6 +226,9 @@ impl Verifier {
                 if let Err(e) = self.refresh(issuer).await {
                     tracing::warn!(issuer = %issuer.url, error = %e, "cannot fetch the issuer's keys");
                 }
+                issuer
+                    .tried
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -267,8 +285,19 @@ impl Verifier {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Check `token` fully: header, issuer, key, signature, claims.
+    /// Check `token` fully, fetching the issuer's keys again first if the token names
+    /// a key not held.
     async fn verify(&self, token: &str, now: u64) -> Result<Principal, Refusal> {
+        let (header, issuer) = self.issuer_of(token)?;
+        if !issuer.has_key(header.kid.as_deref()) {
+            issuer.refresh_for_unknown_kid(self).await;
+        }
+        self.check(token, now)
+    }
+
+    /// The token's header, once its algorithm is one accepted, and the trusted issuer
+    /// it claims (read before the signature is checked only to pick whose keys check it).
+    fn issuer_of(&self, token: &str) -> Result<(jsonwebtoken::Header, &Arc<Issuer>), Refusal> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid("not a signed JWT"))?;
         if !ALLOWED.contains(&header.alg) {
@@ -276,19 +305,23 @@ impl Verifier {
                 "the token's signature algorithm is not accepted",
             ));
         }
-        let claimed_issuer = unverified_issuer(token)?;
+        let claimed = unverified_issuer(token)?;
         let issuer = self
             .issuers
             .iter()
-            .find(|i| *i.url == *claimed_issuer.trim_end_matches('/'))
+            .find(|i| *i.url == *claimed.trim_end_matches('/'))
             .ok_or(Refusal::Invalid("the token's issuer is not trusted"))?;
-        let kid = header.kid.as_deref();
-        if !issuer.has_key(kid) {
-            issuer.refresh_for_unknown_kid(self).await;
-        }
+        Ok((header, issuer))
+    }
+
+    /// Check `token` with the keys held now (`now`: seconds since the epoch): header,
+    /// issuer, key, signature, claims. What [`Verifier::authenticate`] does on a token
+    /// it has not seen, without fetching keys or looking at the audience's path.
+    pub fn check(&self, token: &str, now: u64) -> Result<Principal, Refusal> {
+        let (header, issuer) = self.issuer_of(token)?;
         let keys = issuer.keys.load();
         let key = keys
-            .find(kid)
+            .find(header.kid.as_deref())
             .ok_or(Refusal::Invalid("no key of the issuer matches the token"))?;
         if key.alg.is_some_and(|alg| alg != header.alg) {
             return Err(Refusal::Invalid("the key is not for the token's algorithm"));
@@ -298,13 +331,25 @@ impl Verifier {
         validation.leeway = self.skew.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        // The audience is checked per request path, below and in `authenticate`.
+        // The audience is checked here against the gateway, per path in `authenticate`.
         validation.validate_aud = false;
-        validation.set_issuer(&[claimed_issuer.as_str()]);
+        validation.set_issuer(&[&*issuer.url]);
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation)
             .map_err(|e| Refusal::Invalid(reason(&e)))?;
         self.principal(issuer, data.claims, now)
+    }
+
+    /// Hold `jwks` (a key set document) as `issuer`'s keys, as a fetch would; for
+    /// tests and fuzzing, which have no issuer to fetch from.
+    pub fn hold_keys(&self, issuer: &str, jwks: &[u8]) -> Result<(), String> {
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| *i.url == *issuer.trim_end_matches('/'))
+            .ok_or_else(|| format!("{issuer} is not an --issuer"))?;
+        issuer.keys.store(Arc::new(parse_keys(jwks)?));
+        Ok(())
     }
 
     fn principal(
@@ -314,7 +359,7 @@ impl Verifier {
         now: u64,
     ) -> Result<Principal, Refusal> {
         let Some(Value::String(user)) = claims.remove("sub") else {
-            return Err(Refusal::Invalid("the token's sub is not a string"));
+            return Err(Refusal::Invalid(SUB_NOT_TEXT));
         };
         let expires = claims
             .get("exp")
@@ -433,14 +478,20 @@ impl Issuer {
     }
 
     /// Fetch the keys again for a token naming a key not held, unless that was done
-    /// less than [`UNKNOWN_KID_REFRESH`] ago.
+    /// less than [`UNKNOWN_KID_REFRESH`] ago; then only wait for a fetch under way (the
+    /// requests arriving while the keys are fetched get the new keys too).
     async fn refresh_for_unknown_kid(&self, verifier: &Verifier) {
-        {
+        let fetch = {
             let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
-            if asked.is_some_and(|at| at.elapsed() < UNKNOWN_KID_REFRESH) {
-                return;
+            let recent = asked.is_some_and(|at| at.elapsed() < UNKNOWN_KID_REFRESH);
+            if !recent {
+                *asked = Some(Instant::now());
             }
-            *asked = Some(Instant::now());
+            !recent
+        };
+        if !fetch {
+            drop(self.fetching.lock().await);
+            return;
         }
         if let Err(e) = verifier.refresh(self).await {
             tracing::warn!(issuer = %self.url, error = %e, "cannot fetch the issuer's keys");
@@ -562,7 +613,12 @@ fn reason(e: &jsonwebtoken::errors::Error) -> &'static str {
         ErrorKind::InvalidSignature => "the token's signature does not verify",
         ErrorKind::InvalidIssuer => "the token's issuer is not trusted",
         ErrorKind::InvalidAlgorithm => "the key is not for the token's algorithm",
-        ErrorKind::MissingRequiredClaim(_) => "the token lacks exp, iss, sub or aud",
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "sub" => SUB_NOT_TEXT,
+            "exp" => "the token has no exp",
+            "iss" => "the token has no iss",
+            _ => "the token has no aud",
+        },
         _ => "the token is malformed",
     }
 }
@@ -582,7 +638,8 @@ fn split_origin(url: &str) -> (&str, &str) {
     }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

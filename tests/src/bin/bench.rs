@@ -21,7 +21,9 @@
 //! and against nginx. Also: the sidecar's idle RSS and its start-to-ready time from a
 //! persisted snapshot (control plane down) and from a config file; and the second hop
 //! (agent sidecar → server-side sidecar over mutual TLS → server) against the first,
-//! for the paced and unpaced small calls.
+//! for the paced and unpaced small calls; and gateway mode (a bearer JWT on every
+//! request, policies matched per user) against the sidecar path, with 10,000 distinct
+//! users' tokens in a minute for its memory.
 //!
 //! Build and run with `make bench` (release binaries; installs nginx if missing).
 //! It measures; it asserts nothing but that answers are correct.
@@ -66,7 +68,7 @@ struct Args {
     proxy_workers: usize,
     /// Run only these workloads (repeat the flag): call-paced, call, big, sse, list,
     /// sessions, sessions-pooled, stateless, aggregate-call-paced, aggregate-call,
-    /// aggregate-list.
+    /// aggregate-list, gateway-call, gateway-call-paced, gateway-users.
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// Leave nginx out (when it is not installed).
@@ -118,6 +120,33 @@ struct Target {
     /// Requests sent at once, each on its own connection (and session), counted as one
     /// that ends with the last answer: the direct equivalent of the aggregate's fan-out.
     fan_out: usize,
+    /// Bearer tokens sent (gateway mode).
+    users: Users,
+}
+
+/// Which bearer token a request carries.
+#[derive(Debug, Clone, Default)]
+enum Users {
+    /// None (the sidecar and direct paths).
+    #[default]
+    None,
+    /// Each client its own user.
+    PerClient(Arc<Vec<String>>),
+    /// Every request the next user: as many distinct users as there are tokens.
+    EveryRequest(Arc<Vec<String>>),
+}
+
+impl Users {
+    fn token(&self, client: usize, clients: usize, id: u64) -> Option<&str> {
+        match self {
+            Users::None => None,
+            Users::PerClient(t) => Some(&t[client % t.len()]),
+            Users::EveryRequest(t) => {
+                let n = usize::try_from(id).unwrap_or(0) * clients + client;
+                Some(&t[n % t.len()])
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -191,11 +220,15 @@ fn request(
     call: Call,
     id: u64,
     session: Option<&str>,
+    token: Option<&str>,
 ) -> Result<Request<Full<Bytes>>> {
     let mut req = Request::post(target.path)
         .header(header::HOST, target.addr.to_string())
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json, text/event-stream");
+    if let Some(token) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
     req = match session {
         Some(session) => req
             .header("mcp-protocol-version", "2025-11-25")
@@ -344,9 +377,10 @@ async fn client(
             break;
         }
         id += 1;
+        let token = target.users.token(index, w.clients, id);
         let reqs = sessions
             .iter()
-            .map(|session| request(&target, w.call, id, session.as_deref()))
+            .map(|session| request(&target, w.call, id, session.as_deref(), token))
             .collect::<Result<Vec<_>>>()?;
         let sent = Instant::now();
         let answers = futures::future::join_all(
@@ -618,6 +652,7 @@ async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<St
             pid: Some(pid),
             prefix: "",
             fan_out: 1,
+            users: Users::None,
         }),
         Arc::new(Target {
             name: "two hops",
@@ -626,6 +661,7 @@ async fn two_hop(args: &Args, direct: &Arc<Target>, upstream: &str) -> Result<St
             pid: Some(pid),
             prefix: "",
             fan_out: 1,
+            users: Users::None,
         }),
     ];
     let mut report = format!(
@@ -779,6 +815,7 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
         pid: Some(pid),
         prefix: "",
         fan_out: 1,
+        users: Users::None,
     });
     let through = Arc::new(Target {
         name: "aggregate",
@@ -787,6 +824,7 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
         pid: Some(pid),
         prefix: "bench__",
         fan_out: 1,
+        users: Users::None,
     });
     let calls = [
         Workload {
@@ -878,6 +916,7 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
             pid,
             prefix: "",
             fan_out,
+            users: Users::None,
         })
     };
     // The aggregate asks its ten servers at once: the time the slowest of them takes
@@ -911,6 +950,193 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
     println!("{t}");
     report.push_str(&t);
     report.push('\n');
+    Ok(report)
+}
+
+/// Distinct users whose tokens the gateway sees within a minute (the memory run).
+const GATEWAY_USERS: usize = 10_000;
+
+/// Gateway mode against the sidecar path, in one run: the same small stateless call,
+/// the gateway with a bearer JWT (ES256, from an issuer in this process) on every
+/// request and its policy matched per user; then 10,000 distinct users' tokens in a
+/// minute, for the gateway's memory.
+async fn gateway(args: &Args, upstream: &str, audit: &Path) -> Result<String> {
+    let names = ["gateway-call", "gateway-call-paced", "gateway-users"];
+    if !(args.workloads.is_empty() || args.workloads.iter().any(|n| names.contains(&n.as_str()))) {
+        return Ok(String::new());
+    }
+    let mut report = String::from("## Gateway mode\n\n");
+    let issuer = toolmesh_tests::issuer::Issuer::start().await?;
+    let dir = TempDir::new("bench-gateway")?;
+    let sidecar_config = dir.0.join("sidecar.yaml");
+    std::fs::write(&sidecar_config, resources(upstream))?;
+    let gateway_config = dir.0.join("gateway.yaml");
+    let subjects = "subjects: [{identity: \"agents/*\"}]";
+    let users = format!(
+        "subjects: [{{user: \"user-*\", issuer: \"{}\"}}]",
+        issuer.url
+    );
+    std::fs::write(
+        &gateway_config,
+        resources(upstream).replace(subjects, &users),
+    )?;
+
+    let start_gateway = || async {
+        let (mcp, admin) = (free_port()?, free_port()?);
+        let mut cmd = Command::new(sibling("toolmesh-sidecar")?);
+        cmd.args([
+            "--mode",
+            "gateway",
+            "--identity",
+            "bench/gateway",
+            "--log",
+            "warn",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{mcp}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--workers", &args.proxy_workers.to_string()])
+        .args(["--issuer", &issuer.url])
+        .args(["--resource", &format!("http://127.0.0.1:{mcp}")])
+        .arg("--config")
+        .arg(&gateway_config)
+        .arg("--audit-file")
+        .arg(audit);
+        let (proc, _) = time_to_ready(cmd, admin).await?;
+        anyhow::Ok((proc, mcp))
+    };
+    let tokens = |n: usize, port: u16| -> Result<Arc<Vec<String>>> {
+        let aud = format!("http://127.0.0.1:{port}");
+        Ok(Arc::new(
+            (0..n)
+                .map(|i| issuer.token(&format!("user-{i}"), &aud))
+                .collect::<Result<_>>()?,
+        ))
+    };
+    let target = |name, port: u16, pid, users| {
+        Arc::new(Target {
+            name,
+            addr: ([127, 0, 0, 1], port).into(),
+            path: "/mcp/bench",
+            pid,
+            prefix: "",
+            fan_out: 1,
+            users,
+        })
+    };
+    let calls = [
+        Workload {
+            name: "gateway-call",
+            what: "small stateless `tools/call`, 16 clients (16 users), closed loop".into(),
+            call: Call::Small,
+            clients: 16,
+            rate: None,
+            sessions: false,
+            connections: None,
+            secs: args.duration,
+        },
+        Workload {
+            name: "gateway-call-paced",
+            what: format!(
+                "small stateless `tools/call`, {} requests/s over 10 clients (10 users)",
+                args.rate
+            ),
+            call: Call::Small,
+            clients: 10,
+            rate: Some(args.rate),
+            sessions: false,
+            connections: None,
+            secs: args.paced_duration,
+        },
+    ];
+    for w in calls
+        .iter()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
+    {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..AGGREGATE_ROUNDS {
+            let (mut sidecar, addr) = start_sidecar(args, &sidecar_config, audit).await?;
+            let through_sidecar = target("sidecar", addr.port(), sidecar.pid(), Users::None);
+            a.push(run(through_sidecar, w).await.context("sidecar")?);
+            sidecar.terminate().await?;
+            let (mut gw, port) = start_gateway().await?;
+            let users = Users::PerClient(tokens(w.clients, port)?);
+            b.push(
+                run(target("gateway", port, gw.pid(), users), w)
+                    .await
+                    .context("gateway")?,
+            );
+            gw.terminate().await?;
+        }
+        let sidecar_dummy = target("sidecar", 0, None, Users::None);
+        let gateway_dummy = target("gateway", 0, None, Users::None);
+        let results = [
+            (sidecar_dummy.as_ref(), best(a)),
+            (gateway_dummy.as_ref(), best(b)),
+        ];
+        let mut t = compare_table(
+            &format!("{} — {}", w.name, w.what),
+            &results,
+            &[("gateway", "sidecar")],
+        );
+        for (who, o) in &results {
+            let _ = writeln!(
+                t,
+                "\n{}: CPU {:.0} ms per 1,000 requests, peak RSS {:.1} MiB.",
+                who.name,
+                o.cpu_ms_per_1k.unwrap_or_default(),
+                o.peak_rss_kib.unwrap_or_default() as f64 / 1024.0
+            );
+        }
+        println!("{t}");
+        report.push_str(&t);
+        report.push('\n');
+    }
+
+    if args.workloads.is_empty() || args.workloads.iter().any(|n| n == "gateway-users") {
+        let (mut gw, port) = start_gateway().await?;
+        let pid = gw.pid().context("gateway pid")?;
+        let made = Instant::now();
+        let all = tokens(GATEWAY_USERS, port)?;
+        let minted = made.elapsed();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let idle = usage(pid)?.1;
+        let w = Workload {
+            name: "gateway-users",
+            what: format!(
+                "{GATEWAY_USERS} distinct users' tokens in a minute, each request the next user"
+            ),
+            call: Call::Small,
+            clients: 10,
+            rate: Some(u32::try_from(GATEWAY_USERS / 60 + 1).unwrap_or(u32::MAX)),
+            sessions: false,
+            connections: None,
+            secs: 60.0,
+        };
+        let o = run(
+            target("gateway", port, Some(pid), Users::EveryRequest(all)),
+            &w,
+        )
+        .await?;
+        let after = usage(pid)?.1;
+        gw.terminate().await?;
+        let t = format!(
+            "### {} — {}\n\n{} requests ({} failed), p50 {}, p99 {}. Gateway RSS: {:.1} MiB before, peak {:.1} MiB, {:.1} MiB after ({} tokens minted in {:.1} s by the load generator).\n",
+            w.name,
+            w.what,
+            o.ok,
+            o.failed,
+            us(o.p(0.5)),
+            us(o.p(0.99)),
+            idle as f64 / 1024.0,
+            o.peak_rss_kib.unwrap_or_default() as f64 / 1024.0,
+            after as f64 / 1024.0,
+            GATEWAY_USERS,
+            minted.as_secs_f64()
+        );
+        println!("{t}");
+        report.push_str(&t);
+        report.push('\n');
+    }
     Ok(report)
 }
 
@@ -1303,6 +1529,7 @@ async fn bench(args: Args) -> Result<()> {
         pid: None,
         prefix: "",
         fan_out: 1,
+        users: Users::None,
     });
     let nginx_dir = TempDir::new("bench-nginx")?;
     let (_nginx, nginx) = if args.no_nginx {
@@ -1317,6 +1544,7 @@ async fn bench(args: Args) -> Result<()> {
             pid: nginx_worker(master).or(Some(master)),
             prefix: "",
             fan_out: 1,
+            users: Users::None,
         });
         (Some(proc), Some(target))
     };
@@ -1344,6 +1572,7 @@ async fn bench(args: Args) -> Result<()> {
                 pid: Some(sidecar.pid().context("sidecar pid")?),
                 prefix: "",
                 fan_out: 1,
+                users: Users::None,
             }),
         ];
         targets.extend(nginx.clone());
@@ -1370,6 +1599,9 @@ async fn bench(args: Args) -> Result<()> {
 
     let aggregated = aggregate(&args, &config, &audit).await?;
     report.push_str(&aggregated);
+
+    let gateway = gateway(&args, &upstream_url, &audit).await?;
+    report.push_str(&gateway);
 
     let hops = two_hop(&args, &direct, &upstream_url).await?;
     println!("{hops}");
