@@ -66,6 +66,7 @@ pub fn route() -> Arc<Route> {
                         ..rule(&["d*"], pb::Action::Deny)
                     },
                 ],
+                subjects: Vec::new(),
             }],
             served: Vec::new(),
         };
