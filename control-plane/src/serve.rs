@@ -82,6 +82,17 @@ pub struct ServeArgs {
         value_name = "GLOB"
     )]
     pub gateway_identities: Vec<String>,
+    /// An issuer (repeatable, or comma-separated) whose tokens every gateway accepts
+    /// besides its own `--issuer`s: sent in gateway snapshots, so the platform team
+    /// changes it in one place. `https://` (or `http://` on loopback), no query or
+    /// fragment.
+    #[arg(
+        long = "gateway-issuer",
+        env = "TOOLMESH_CP_GATEWAY_ISSUERS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub gateway_issuers: Vec<String>,
     /// Time a new gRPC connection has to send its first bytes; silent ones are closed.
     #[arg(long, env = "TOOLMESH_CP_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
     pub first_bytes_timeout: std::time::Duration,
@@ -446,13 +457,30 @@ pub async fn serve(
     }
     metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
     let ca = workload_ca(&args, managed.as_ref())?;
+    for issuer in &args.gateway_issuers {
+        let url = issuer
+            .strip_prefix("https://")
+            .or_else(|| issuer.strip_prefix("http://"));
+        if url.is_none_or(|rest| {
+            rest.is_empty()
+                || rest.contains(['?', '#', '"', '\\'])
+                || rest.bytes().any(|b| b <= b' ' || b >= 0x7f)
+        }) {
+            return Err(format!(
+                "--gateway-issuer: {issuer:?} is not an issuer URL (https://host[/path], no query, fragment, quotes or spaces)"
+            ));
+        }
+    }
     let cp = ControlPlane::new(
         store,
         tokens,
         reviewer,
         args.fleet_expiry,
         ca,
-        args.gateway_identities.clone(),
+        crate::service::Gateways {
+            identities: args.gateway_identities.clone(),
+            issuers: args.gateway_issuers.clone(),
+        },
     );
     // Every task started here is owned here: the servers drain, the rest are ended.
     let mut servers = tokio::task::JoinSet::new();

@@ -41,8 +41,8 @@ pub struct ControlPlane {
     pub fleet: Fleet,
     /// Signs sidecars' workload certificates; `None`: none are issued.
     pub ca: Option<crate::workload::Ca>,
-    /// Identity globs that may receive gateway snapshots (`--gateway-identity`).
-    gateways: Vec<String>,
+    /// Who may be a gateway, and the issuers gateways trust.
+    gateways: Gateways,
     next_conn: AtomicU64,
     /// Flipped once on shutdown: every open stream ends with UNAVAILABLE so that the
     /// server's graceful shutdown is not held open by streams that never finish.
@@ -64,7 +64,7 @@ impl ControlPlane {
         reviewer: Option<TokenReviewer>,
         fleet_expiry: Duration,
         ca: Option<crate::workload::Ca>,
-        gateways: Vec<String>,
+        gateways: Gateways,
     ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
@@ -98,7 +98,11 @@ impl ControlPlane {
     fn render(&self, identity: &str, gateway: bool) -> Result<pb::Snapshot, Status> {
         let resources = self.store.resources();
         let rendered = if gateway {
-            toolmesh_proto::render::render_gateway(&resources, identity)
+            toolmesh_proto::render::render_gateway(&resources, identity).map(|mut snapshot| {
+                snapshot.issuers.clone_from(&self.gateways.issuers);
+                snapshot.version = toolmesh_proto::render::content_version(&snapshot);
+                snapshot
+            })
         } else {
             toolmesh_proto::render(&resources, identity)
         };
@@ -109,9 +113,19 @@ impl ControlPlane {
     /// subject, and the credentials of the servers they name).
     fn may_be_gateway(&self, identity: &str) -> bool {
         self.gateways
+            .identities
             .iter()
             .any(|g| toolmesh_proto::glob::matches(g, identity))
     }
+}
+
+/// Gateways (`toolmesh-sidecar --mode gateway`): which identities may be one
+/// (`--gateway-identity` globs), and the issuers their snapshots tell them to trust
+/// (`--gateway-issuer`), besides their own `--issuer`s.
+#[derive(Debug, Clone, Default)]
+pub struct Gateways {
+    pub identities: Vec<String>,
+    pub issuers: Vec<String>,
 }
 
 /// The service types tonic serves; both wrap the same shared state.

@@ -69,6 +69,7 @@ pub fn route() -> Arc<Route> {
                 subjects: Vec::new(),
             }],
             served: Vec::new(),
+            issuers: Vec::new(),
         };
         let runtime = Runtime::compile(&snapshot, None).expect("the fixed snapshot compiles");
         runtime.route("s").expect("route s").clone()

@@ -42,6 +42,7 @@ pub fn render(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot, Resourc
         servers,
         policies,
         served,
+        issuers: Vec::new(),
     };
     snapshot.version = content_version(&snapshot);
     Ok(snapshot)
@@ -78,6 +79,7 @@ pub fn render_gateway(set: &ResourceSet, identity: &str) -> Result<pb::Snapshot,
         servers,
         policies,
         served: Vec::new(),
+        issuers: Vec::new(),
     };
     snapshot.version = content_version(&snapshot);
     Ok(snapshot)
@@ -136,6 +138,7 @@ pub fn largest_snapshot_bytes(set: &ResourceSet) -> usize {
             .max_by_key(|s| s.encoded_len())
             .into_iter()
             .collect(),
+        issuers: Vec::new(),
     };
     snapshot.encoded_len()
 }

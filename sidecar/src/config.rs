@@ -155,7 +155,8 @@ pub struct Config {
 
     /// Gateway mode: an OAuth 2.1 / OpenID issuer whose access tokens (JWTs) are
     /// accepted, e.g. https://idp.example.com; repeat (or comma-separate) for several.
-    /// Its keys are found by discovery and refreshed as they rotate.
+    /// Its keys are found by discovery and refreshed as they rotate. With
+    /// --control-plane, the control plane's --gateway-issuers are trusted too.
     #[arg(
         long = "issuer",
         env = "TOOLMESH_ISSUERS",
@@ -301,7 +302,7 @@ fn loopback_http_url(url: &str) -> Result<(), String> {
 
 /// A gateway's own URL flag (`--resource`, `--issuer`): https, or http on loopback (for
 /// trying it out); no user info, query or fragment; and, for `origin_only`, no path.
-fn gateway_url(flag: &str, url: &str, origin_only: bool) -> Result<(), String> {
+pub(crate) fn gateway_url(flag: &str, url: &str, origin_only: bool) -> Result<(), String> {
     let rest = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
         (Some(rest), _) => rest,
         (None, Some(rest)) => {
@@ -339,8 +340,11 @@ impl Config {
         if self.upstream.is_some() || self.stdio {
             problems.push("--upstream and --stdio: only with --mode server".to_owned());
         }
-        if self.issuers.is_empty() {
-            problems.push("--mode gateway: at least one --issuer is required".to_owned());
+        if self.issuers.is_empty() && self.control_plane.is_none() {
+            problems.push(
+                "--mode gateway: at least one --issuer is required (with --control-plane, issuers may come from its --gateway-issuer instead)"
+                    .to_owned(),
+            );
         }
         for issuer in &self.issuers {
             if let Err(e) = gateway_url("--issuer", issuer, false) {

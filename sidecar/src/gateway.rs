@@ -56,6 +56,8 @@ pub struct Gateway {
     scopes: Vec<String>,
     active: Arc<Active>,
     compiled: ArcSwap<Compiled>,
+    /// The snapshot version whose issuers the verifier trusts.
+    trusted: ArcSwap<String>,
     /// Serializes compiling; readers never take it.
     writer: Mutex<Limiters>,
 }
@@ -98,8 +100,23 @@ impl Gateway {
             scopes,
             active,
             compiled: ArcSwap::default(),
+            trusted: ArcSwap::default(),
             writer: Mutex::new(Limiters::default()),
         }
+    }
+
+    /// Trust the active snapshot's issuers (the control plane's `--gateway-issuer`s)
+    /// beside the `--issuer`s, once per snapshot version: an atomic load and a compare
+    /// on every request, before its token is checked.
+    pub fn follow_issuers(&self) {
+        let Some(base) = self.active.current() else {
+            return;
+        };
+        if **self.trusted.load() == base.version {
+            return;
+        }
+        self.tokens.trust(base.issuers());
+        self.trusted.store(Arc::new(base.version.clone()));
     }
 
     /// The runtime deciding for `principal` under the active snapshot.
@@ -175,7 +192,7 @@ impl Gateway {
         }
         let document = serde_json::json!({
             "resource": format!("{}{}", self.resource, suffix),
-            "authorization_servers": self.tokens.issuer_urls().collect::<Vec<_>>(),
+            "authorization_servers": self.tokens.issuer_urls(),
             "bearer_methods_supported": ["header"],
             "scopes_supported": self.scopes,
             "resource_name": "toolmesh gateway",

@@ -306,6 +306,7 @@ impl Proxy {
                 (other, _) => ProxyError::MethodNotAllowed(other.to_string()).into_response(None),
             };
         }
+        gateway.follow_issuers();
         match gateway.tokens.authenticate(req.headers(), path).await {
             Ok(principal) => {
                 telemetry::gateway_auth("accepted");

@@ -153,6 +153,8 @@ pub struct Runtime {
     limiters: HashMap<Vec<u8>, Arc<Limiter>>,
     /// Server-side mode: the servers this identity runs, with every caller's policies.
     pub served: Vec<pb::Served>,
+    /// Gateway mode: issuers the control plane trusts for gateways.
+    issuers: Vec<String>,
     /// Whether any route goes through the mesh (then a workload certificate is needed).
     pub meshed: bool,
     /// The routes the aggregated `/mcp` serves, sorted by name.
@@ -256,12 +258,19 @@ impl Runtime {
             config_json: Bytes::from(config_json),
             limiters: limiters.into_iter().collect(),
             served: snapshot.served.clone(),
+            issuers: snapshot.issuers.clone(),
             gateway: snapshot
                 .policies
                 .iter()
                 .any(|p| !p.subjects.is_empty())
                 .then(|| Box::new((snapshot.servers.clone(), snapshot.policies.clone()))),
         })
+    }
+
+    /// Gateway mode: the issuers the control plane trusts for gateways (empty for any
+    /// other snapshot).
+    pub fn issuers(&self) -> &[String] {
+        &self.issuers
     }
 
     /// Gateway mode: the snapshot's policies, each with its token subjects (empty for
@@ -289,6 +298,7 @@ impl Runtime {
                 .unwrap_or_default(),
             policies,
             served: Vec::new(),
+            issuers: Vec::new(),
         };
         let mut runtime = Runtime::compile_with(&snapshot, limiters, false)?;
         runtime.gateway = None;
@@ -333,6 +343,7 @@ impl Runtime {
                 .filter_map(|p| p.policy.clone())
                 .collect(),
             served: Vec::new(),
+            issuers: Vec::new(),
         };
         Runtime::compile(&snapshot, previous)
     }
@@ -520,6 +531,7 @@ pub(crate) fn test_route(
             ..Default::default()
         }],
         served: Vec::new(),
+        issuers: Vec::new(),
     };
     Runtime::compile(&snapshot, None)
         .expect("compiles")
@@ -559,6 +571,7 @@ mod tests {
                 ..Default::default()
             }],
             served: Vec::new(),
+            issuers: Vec::new(),
         }
     }
 

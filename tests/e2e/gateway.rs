@@ -589,14 +589,19 @@ async fn a_gateway_gets_its_snapshot_from_the_control_plane_and_only_if_named() 
     let authz = Authz::start().await?;
     let demo = DemoServer::start(&[]).await?;
     let dir = TempDir::new("cp-gateway")?;
+    // The issuer comes from the control plane (--gateway-issuer), not the gateway.
     let cp = ControlPlane::start_with(
         &dir.0,
         &config(&demo, &authz.issuer),
-        &["--gateway-identity", IDENTITY],
+        &[
+            "--gateway-identity",
+            IDENTITY,
+            "--gateway-issuer",
+            &authz.issuer,
+        ],
     )
     .await?;
-    let gateway =
-        Sidecar::connect_gateway(&cp.url(), SIDECAR_TOKEN, IDENTITY, &authz.issuer).await?;
+    let gateway = Sidecar::connect_gateway(&cp.url(), SIDECAR_TOKEN, IDENTITY, None).await?;
     let origin = format!("http://{}", gateway.mcp);
     let token = authz.mint(json!({"sub": "alice", "aud": origin})).await?;
     let mut headers = modern_headers("add");
@@ -612,6 +617,11 @@ async fn a_gateway_gets_its_snapshot_from_the_control_plane_and_only_if_named() 
     })
     .await;
     assert!(served, "alice not served:\n{}", gateway.logs());
+    let metadata: Value = reqwest::get(format!("{origin}/.well-known/oauth-protected-resource"))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(metadata["authorization_servers"], json!([authz.issuer]));
     // The snapshot it got is a gateway's: token policies only (the workload policy
     // stays with sidecars), the upstream credential, redacted in /config.
     let config: Value = reqwest::get(gateway.admin_url("/config"))
@@ -636,7 +646,8 @@ async fn a_gateway_gets_its_snapshot_from_the_control_plane_and_only_if_named() 
 
     // An identity the control plane does not name may not be a gateway.
     let other =
-        Sidecar::connect_gateway(&cp.url(), OTHER_TOKEN, "other/agent", &authz.issuer).await?;
+        Sidecar::connect_gateway(&cp.url(), OTHER_TOKEN, "other/agent", Some(&authz.issuer))
+            .await?;
     let refused = eventually(10, || async {
         other.logs().contains("may not receive gateway snapshots")
     })

@@ -373,20 +373,21 @@ impl Sidecar {
         Self::launch(cmd, token_file, dir).await
     }
 
-    /// A gateway in control-plane mode as `identity`, trusting `issuer`, its resource
-    /// the origin it listens on.
+    /// A gateway in control-plane mode as `identity`, trusting `issuer` (none: only
+    /// the issuers its snapshot names), its resource the origin it listens on.
     pub async fn connect_gateway(
         url: &str,
         token: &str,
         identity: &str,
-        issuer: &str,
+        issuer: Option<&str>,
     ) -> Result<Sidecar> {
         let dir = TempDir::new("gateway-cp")?;
         let (mut cmd, token_file) = Self::control_plane_command(&dir, url, token, identity)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        cmd.args(["--mode", "gateway", "--issuer", issuer])
+        cmd.args(["--mode", "gateway"])
+            .args(issuer.map(|i| ["--issuer", i]).into_iter().flatten())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--resource", &format!("http://127.0.0.1:{port}")])
             .args(["--admin-listen", "127.0.0.1:0"]);

@@ -120,7 +120,10 @@ impl Principal {
 /// The trusted issuers and the checked-token cache.
 #[derive(Debug)]
 pub struct Verifier {
-    issuers: Vec<Arc<Issuer>>,
+    /// Every trusted issuer: `--issuer`s first, then the snapshot's ([`Verifier::trust`]).
+    issuers: ArcSwap<Vec<Arc<Issuer>>>,
+    /// How many of `issuers` are `--issuer`s.
+    flagged: usize,
     /// The gateway's resource URI (`--resource`), no trailing slash.
     resource: String,
     skew: Duration,
@@ -174,22 +177,31 @@ pub struct Settings {
     pub kubernetes_issuer: Option<String>,
 }
 
+impl Issuer {
+    /// An issuer whose keys are yet to be fetched; `tried` says whether readiness
+    /// should wait for a first fetch.
+    fn new(url: &str, tried: bool) -> Arc<Issuer> {
+        Arc::new(Issuer {
+            url: url.trim_end_matches('/').into(),
+            keys: ArcSwap::default(),
+            asked: Mutex::new(None),
+            tried: std::sync::atomic::AtomicBool::new(tried),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
 impl Verifier {
     pub fn new(settings: Settings, upstream: Upstream) -> Verifier {
         Verifier {
-            issuers: settings
-                .issuers
-                .iter()
-                .map(|url| {
-                    Arc::new(Issuer {
-                        url: url.trim_end_matches('/').into(),
-                        keys: ArcSwap::default(),
-                        asked: Mutex::new(None),
-                        tried: std::sync::atomic::AtomicBool::new(false),
-                        fetching: tokio::sync::Mutex::new(()),
-                    })
-                })
-                .collect(),
+            issuers: ArcSwap::from_pointee(
+                settings
+                    .issuers
+                    .iter()
+                    .map(|url| Issuer::new(url, false))
+                    .collect(),
+            ),
+            flagged: settings.issuers.len(),
             resource: settings.resource.trim_end_matches('/').to_owned(),
             skew: settings.skew,
             required_scopes: settings.required_scopes,
@@ -202,18 +214,53 @@ impl Verifier {
     }
 
     /// The trusted issuers' URLs, as `authorization_servers` lists them.
-    pub fn issuer_urls(&self) -> impl Iterator<Item = &str> {
-        self.issuers.iter().map(|i| &*i.url)
+    pub fn issuer_urls(&self) -> Vec<String> {
+        self.issuers
+            .load()
+            .iter()
+            .map(|i| i.url.to_string())
+            .collect()
+    }
+
+    /// Trust `more` (the snapshot's issuers) besides the `--issuer`s, from now on; an
+    /// issuer no longer listed is no longer trusted. Issuers kept keep their keys; a
+    /// new one's keys are fetched on its first token. A URL that is not an issuer URL
+    /// (https, or http on loopback) is logged and left out.
+    pub fn trust(&self, more: &[String]) {
+        let current = self.issuers.load_full();
+        let mut next: Vec<Arc<Issuer>> = current.iter().take(self.flagged).cloned().collect();
+        for url in more {
+            let url = url.trim_end_matches('/');
+            if next.iter().any(|i| *i.url == *url) {
+                continue;
+            }
+            if let Err(e) = crate::config::gateway_url("issuer", url, false) {
+                tracing::warn!(error = %e, "an issuer of the snapshot is not used");
+                continue;
+            }
+            let kept = current.iter().skip(self.flagged).find(|i| *i.url == *url);
+            next.push(kept.cloned().unwrap_or_else(|| Issuer::new(url, true)));
+        }
+        let same = next.len() == current.len()
+            && next
+                .iter()
+                .zip(current.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if !same {
+            tracing::info!(issuers = ?next.iter().map(|i| &*i.url).collect::<Vec<_>>(), "trusted issuers");
+            self.issuers.store(Arc::new(next));
+        }
     }
 
     /// An issuer whose keys have not been asked for yet, if any: the gateway is not
     /// ready before (tokens would be refused for want of keys). An issuer that could not
     /// be reached does not hold readiness back: it was asked.
-    pub fn first_fetch_pending(&self) -> Option<&str> {
+    pub fn first_fetch_pending(&self) -> Option<String> {
         self.issuers
+            .load()
             .iter()
             .find(|i| !i.tried.load(std::sync::atomic::Ordering::Relaxed))
-            .map(|i| &*i.url)
+            .map(|i| i.url.to_string())
     }
 
     /// Fetch every issuer's keys now and every [`KEYS_REFRESH_EVERY`] (a task that runs
@@ -222,7 +269,7 @@ impl Verifier {
         let mut tick = tokio::time::interval(KEYS_REFRESH_EVERY);
         loop {
             tick.tick().await;
-            for issuer in &self.issuers {
+            for issuer in self.issuers.load_full().iter() {
                 if let Err(e) = self.refresh(issuer).await {
                     tracing::warn!(issuer = %issuer.url, error = %e, "cannot fetch the issuer's keys");
                 }
@@ -292,12 +339,13 @@ impl Verifier {
         if !issuer.has_key(header.kid.as_deref()) {
             issuer.refresh_for_unknown_kid(self).await;
         }
+        drop(issuer);
         self.check(token, now)
     }
 
     /// The token's header, once its algorithm is one accepted, and the trusted issuer
     /// it claims (read before the signature is checked only to pick whose keys check it).
-    fn issuer_of(&self, token: &str) -> Result<(jsonwebtoken::Header, &Arc<Issuer>), Refusal> {
+    fn issuer_of(&self, token: &str) -> Result<(jsonwebtoken::Header, Arc<Issuer>), Refusal> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid("not a signed JWT"))?;
         if !ALLOWED.contains(&header.alg) {
@@ -308,8 +356,10 @@ impl Verifier {
         let claimed = unverified_issuer(token)?;
         let issuer = self
             .issuers
+            .load()
             .iter()
             .find(|i| *i.url == *claimed.trim_end_matches('/'))
+            .cloned()
             .ok_or(Refusal::Invalid("the token's issuer is not trusted"))?;
         Ok((header, issuer))
     }
@@ -337,14 +387,14 @@ impl Verifier {
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation)
             .map_err(|e| Refusal::Invalid(reason(&e)))?;
-        self.principal(issuer, data.claims, now)
+        self.principal(&issuer, data.claims, now)
     }
 
     /// Hold `jwks` (a key set document) as `issuer`'s keys, as a fetch would; for
     /// tests and fuzzing, which have no issuer to fetch from.
     pub fn hold_keys(&self, issuer: &str, jwks: &[u8]) -> Result<(), String> {
-        let issuer = self
-            .issuers
+        let issuers = self.issuers.load();
+        let issuer = issuers
             .iter()
             .find(|i| *i.url == *issuer.trim_end_matches('/'))
             .ok_or_else(|| format!("{issuer} is not an --issuer"))?;
@@ -708,6 +758,44 @@ mod tests {
             "one key in all: a token without kid uses it"
         );
         assert!(parse_keys(b"{}").is_err());
+    }
+
+    #[test]
+    fn the_snapshots_issuers_join_and_leave_beside_the_flags() {
+        let settings = Settings {
+            issuers: vec!["https://flag.example.com".to_owned()],
+            resource: "https://gw.example.com".to_owned(),
+            skew: Duration::from_secs(60),
+            required_scopes: Vec::new(),
+            kubernetes_issuer: None,
+        };
+        let upstream = Upstream::new(
+            Duration::from_secs(1),
+            crate::workload::Workload::new("test/gateway"),
+        );
+        let v = Verifier::new(settings, upstream);
+        v.trust(&[
+            "https://cp.example.com/".to_owned(),
+            "ftp://bad.example.com".to_owned(),
+            "https://flag.example.com".to_owned(),
+        ]);
+        assert_eq!(
+            v.issuer_urls(),
+            ["https://flag.example.com", "https://cp.example.com"]
+        );
+        let kept = v.issuers.load_full();
+        v.trust(&["https://cp.example.com".to_owned()]);
+        assert!(
+            Arc::ptr_eq(&kept, &v.issuers.load_full()),
+            "unchanged: not replaced"
+        );
+        // A snapshot issuer does not hold readiness back; a flag's first fetch does.
+        assert_eq!(
+            v.first_fetch_pending().as_deref(),
+            Some("https://flag.example.com")
+        );
+        v.trust(&[]);
+        assert_eq!(v.issuer_urls(), ["https://flag.example.com"]);
     }
 
     #[test]
