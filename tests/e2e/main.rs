@@ -38,6 +38,9 @@
 //! - `mesh`: no way around the sidecar: agent sidecar → server-side sidecar over
 //!   mutual TLS with control-plane-issued workload certificates; plain, anonymous-TLS
 //!   and wrong-identity callers refused, with the upstream's proof; rotation under load.
+//! - `monitoring`: `deploy/monitoring/`'s alerts pass `promtool check rules` and their
+//!   unit tests, and every metric the alerts and the dashboard name is exported by the
+//!   real control plane and sidecar.
 //! - `peers`: the reference server (`server-everything`) and the Python and
 //!   TypeScript SDK clients.
 //! - `stdio`: the stdio bridge in front of `server-everything` in stdio mode: both
@@ -54,6 +57,7 @@ mod hostile;
 mod integrity;
 mod kubernetes;
 mod mesh;
+mod monitoring;
 mod operations;
 mod peers;
 mod policy;
