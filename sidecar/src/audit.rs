@@ -92,6 +92,36 @@ pub struct Record<'a> {
     pub session: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<&'a RawValue>,
+    /// The W3C trace id of the agent's `traceparent` header, when it sent a valid one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<&'a str>,
+}
+
+/// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase,
+/// neither id all zeros), or `None` for anything else: what goes in an audit line is
+/// never free text from the network.
+pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(traceparent).ok()?;
+    let mut parts = text.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    // Version 00 has exactly four parts; a later version may add some.
+    let extra = parts.next().is_some();
+    (hex(version, 2)
+        && version != "ff"
+        && !(version == "00" && extra)
+        && hex(trace, 32)
+        && !zero(trace)
+        && hex(parent, 16)
+        && !zero(parent)
+        && hex(flags, 2))
+    .then_some(trace)
 }
 
 /// The request path's handle: cheap to clone, never blocks on I/O.
@@ -254,6 +284,7 @@ mod tests {
             user: None,
             client_id: None,
             issuer: None,
+            trace_id: None,
             server,
             method: "tools/call",
             kind: Some("tool"),
@@ -308,6 +339,28 @@ mod tests {
             assert_eq!(mine, expected);
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_a_well_formed_traceparent_gives_a_trace_id() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let ok = format!("00-{id}-00f067aa0ba902b7-01");
+        assert_eq!(trace_id(ok.as_bytes()), Some(id));
+        for bad in [
+            String::new(),
+            format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
+            format!("00-{id}-0000000000000000-01"),
+            format!("ff-{id}-00f067aa0ba902b7-01"),
+            format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase()),
+            format!("00-{id}-00f067aa0ba902b7-01-extra"),
+            format!("00-{id}\n-00f067aa0ba902b7-01"),
+            format!("00-{id}-00f067aa0ba902b7"),
+        ] {
+            assert_eq!(trace_id(bad.as_bytes()), None, "{bad:?}");
+        }
+        // A later version may carry more fields.
+        let later = format!("01-{id}-00f067aa0ba902b7-01-xyz");
+        assert_eq!(trace_id(later.as_bytes()), Some(id));
     }
 
     #[tokio::test]

@@ -139,6 +139,8 @@ pub(crate) struct Ctx {
     pub(crate) request_id: Option<Box<RawValue>>,
     pub(crate) session: Option<String>,
     pub(crate) arguments: Option<Box<RawValue>>,
+    /// The agent's W3C trace id (its `traceparent`), for the audit line.
+    pub(crate) trace_id: Option<Box<str>>,
     /// What the response must be filtered for, if anything.
     pub(crate) lists: Option<Lists>,
 }
@@ -166,6 +168,11 @@ impl Ctx {
                 .and_then(|v| v.to_str().ok())
                 .map(truncate),
             arguments: None,
+            trace_id: req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| crate::audit::trace_id(v.as_bytes()))
+                .map(Into::into),
             lists: None,
         }
     }
@@ -218,6 +225,7 @@ impl Pending<'_> {
             request_id: request_id.as_deref(),
             session: ctx.session.as_deref(),
             arguments: arguments.as_deref(),
+            trace_id: ctx.trace_id.as_deref(),
         });
     }
 }

@@ -293,9 +293,13 @@ async fn every_request_has_an_audit_line_and_none_is_lost_on_shutdown() -> Resul
     call(&sidecar, 2, "test_error_handling", json!({})).await?;
     call(&sidecar, 3, "request_headers", json!({"mode": "safe-1"})).await?;
     post(&sidecar.url("demo"), &[], "{broken").await?;
+    // A W3C trace context: its trace id is recorded (a malformed one would not be).
     post(
         &sidecar.url("nope"),
-        &[],
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
         r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#,
     )
     .await?;
@@ -330,6 +334,11 @@ async fn every_request_has_an_audit_line_and_none_is_lost_on_shutdown() -> Resul
     );
     assert_eq!(first["status"], 200);
     assert_eq!(first["request_id"], 1);
+    assert!(
+        first.get("trace_id").is_none(),
+        "no traceparent, no trace id"
+    );
+    assert_eq!(lines[4]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert!(first["latency_ms"].as_f64().is_some() && first["time"].as_str().is_some());
     assert!(
         first.get("arguments").is_none() && !text.contains("secret-looking-argument"),
