@@ -20,6 +20,30 @@ pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(3600);
 /// The most entries one status page holds.
 pub const MAX_PAGE: usize = 1000;
 
+/// Seconds from a snapshot push to its ACK (histogram).
+pub const PUSH_TO_ACK: &str = "toolmesh_cp_push_to_ack_seconds";
+/// Its buckets: from 1 ms to a minute.
+pub const PUSH_TO_ACK_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Where a fleet entry stands, as the `state` label of `toolmesh_cp_sidecars`:
+/// `acked` (has the latest push), `pending` (connected, not yet answered it),
+/// `nacked` (refused it), `disconnected`.
+const STATES: [&str; 4] = ["acked", "pending", "nacked", "disconnected"];
+
+fn state(s: &SidecarStatus) -> usize {
+    if !s.connected {
+        3
+    } else if !s.nack_reason.is_empty() && s.nacked_version == s.sent_version {
+        2
+    } else if !s.sent_version.is_empty() && s.acked_version == s.sent_version {
+        0
+    } else {
+        1
+    }
+}
+
 /// One entry per (identity, node); a reconnecting sidecar takes its entry over.
 #[derive(Debug)]
 pub struct Fleet {
@@ -38,6 +62,8 @@ struct Inner {
     /// The status and the connection that owns the entry.
     sidecars: BTreeMap<(String, String), (u64, SidecarStatus)>,
     connected: usize,
+    /// Entries per [`State`], kept in step with every change.
+    states: [usize; STATES.len()],
     /// When disconnected entries were last swept (Unix seconds).
     swept: u64,
 }
@@ -71,10 +97,12 @@ fn now() -> u64 {
 
 impl Fleet {
     pub fn new(expiry: Duration) -> Fleet {
-        Fleet {
+        let fleet = Fleet {
             inner: Mutex::new(Inner::default()),
             expiry,
-        }
+        };
+        fleet.lock().publish();
+        fleet
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -86,25 +114,26 @@ impl Fleet {
     pub fn connect(&self, identity: &str, node: &str, conn: u64, gateway: bool) {
         let mut inner = self.lock();
         inner.sweep(self.expiry, now());
-        let (owner, status) = inner
-            .sidecars
-            .entry((identity.to_owned(), node.to_owned()))
-            .or_insert_with(|| {
-                let status = SidecarStatus {
-                    identity: identity.to_owned(),
-                    node: node.to_owned(),
-                    ..Default::default()
-                };
-                (conn, status)
-            });
+        let key = (identity.to_owned(), node.to_owned());
+        let before = inner.sidecars.get(&key).map(|(_, s)| state(s));
+        let (owner, status) = inner.sidecars.entry(key).or_insert_with(|| {
+            let status = SidecarStatus {
+                identity: identity.to_owned(),
+                node: node.to_owned(),
+                ..Default::default()
+            };
+            (conn, status)
+        });
         *owner = conn;
         status.gateway = gateway;
         let was = std::mem::replace(&mut status.connected, true);
         status.acked_version.clear();
         status.last_seen = now();
+        let after = state(status);
         if !was {
             inner.connected += 1;
         }
+        inner.moved(before, Some(after));
         gauge(inner.connected);
     }
 
@@ -114,10 +143,14 @@ impl Fleet {
         let key = (identity.to_owned(), node.to_owned());
         if let Some((owner, status)) = inner.sidecars.get_mut(&key)
             && *owner == conn
-            && std::mem::replace(&mut status.connected, false)
+            && status.connected
         {
+            let before = state(status);
+            status.connected = false;
             status.last_seen = now();
+            let after = state(status);
             inner.connected -= 1;
+            inner.moved(Some(before), Some(after));
             gauge(inner.connected);
         }
     }
@@ -135,8 +168,11 @@ impl Fleet {
         if let Some((owner, status)) = inner.sidecars.get_mut(&key)
             && *owner == conn
         {
+            let before = state(status);
             f(status);
             status.last_seen = now();
+            let after = state(status);
+            inner.moved(Some(before), Some(after));
         }
     }
 
@@ -198,8 +234,35 @@ impl Inner {
         }
         self.swept = now;
         let cutoff = now.saturating_sub(expiry.as_secs());
+        let before = self.sidecars.len();
         self.sidecars
             .retain(|_, (_, s)| s.connected || s.last_seen > cutoff);
+        if self.sidecars.len() != before {
+            // Only disconnected entries go.
+            self.states[3] -= before - self.sidecars.len();
+            self.publish();
+        }
+    }
+
+    /// An entry went from state `before` to `after` (`None`: absent).
+    fn moved(&mut self, before: Option<usize>, after: Option<usize>) {
+        if before == after {
+            return;
+        }
+        if let Some(b) = before {
+            self.states[b] -= 1;
+        }
+        if let Some(a) = after {
+            self.states[a] += 1;
+        }
+        self.publish();
+    }
+
+    /// `toolmesh_cp_sidecars{state}`, every state (zeros too).
+    fn publish(&self) {
+        for (name, count) in STATES.iter().zip(self.states) {
+            metrics::gauge!("toolmesh_cp_sidecars", "state" => *name).set(count as f64);
+        }
     }
 }
 
@@ -210,6 +273,48 @@ fn gauge(connected: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_are_counted_by_state_as_they_move() {
+        let fleet = Fleet::new(Duration::from_secs(0));
+        let states = |f: &Fleet| f.lock().states;
+        fleet.connect("ns/a", "pod-a", 1, false);
+        fleet.connect("ns/b", "pod-b", 2, false);
+        assert_eq!(states(&fleet), [0, 2, 0, 0], "connected, nothing sent yet");
+        fleet.update("ns/a", "pod-a", 1, |s| s.sent_version = "v1".into());
+        fleet.update("ns/a", "pod-a", 1, |s| s.acked_version = "v1".into());
+        fleet.update("ns/b", "pod-b", 2, |s| {
+            s.sent_version = "v1".into();
+            s.nacked_version = "v1".into();
+            s.nack_reason = "bad".into();
+        });
+        assert_eq!(states(&fleet), [1, 0, 1, 0]);
+        fleet.update("ns/a", "pod-a", 1, |s| s.sent_version = "v2".into());
+        assert_eq!(states(&fleet), [0, 1, 1, 0], "a new push is pending");
+        fleet.disconnect("ns/b", "pod-b", 2);
+        assert_eq!(states(&fleet), [0, 1, 0, 1]);
+        // Reconnected: the version it refused is still the one it is sent.
+        fleet.connect("ns/b", "pod-b", 3, false);
+        assert_eq!(states(&fleet), [0, 1, 1, 0]);
+        fleet.update("ns/b", "pod-b", 3, |s| {
+            s.acked_version = "v1".into();
+            s.nack_reason.clear();
+        });
+        assert_eq!(states(&fleet), [1, 1, 0, 0]);
+        fleet.disconnect("ns/a", "pod-a", 1);
+        std::thread::sleep(Duration::from_millis(1100));
+        // Expiry 0: the disconnected entry is swept at the next look.
+        assert_eq!(
+            fleet
+                .page(&Query {
+                    limit: 10,
+                    ..Default::default()
+                })
+                .total,
+            1
+        );
+        assert_eq!(states(&fleet), [1, 0, 0, 0]);
+    }
 
     #[test]
     fn a_late_disconnect_does_not_hide_the_reconnected_sidecar() {

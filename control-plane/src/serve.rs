@@ -356,6 +356,11 @@ impl Listeners {
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let listeners = Listeners::bind(&args).await?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(crate::fleet::PUSH_TO_ACK.to_owned()),
+            crate::fleet::PUSH_TO_ACK_BUCKETS,
+        )
+        .map_err(|e| format!("metrics: {e}"))?
         .install_recorder()
         .map_err(|e| format!("metrics: {e}"))?;
     serve(args, listeners, metrics, shutdown()).await

@@ -187,6 +187,7 @@ impl SnapshotService for Snapshots {
             has: String::new(),
             pushes: 0,
             nonce: String::new(),
+            pushed_at: None,
             render: true,
             last_certificate: None,
             ended: None,
@@ -215,6 +216,8 @@ struct Session {
     pushes: u64,
     /// Nonce of the latest push: only an answer carrying it counts.
     nonce: String,
+    /// When the latest push was sent, until its ACK (`toolmesh_cp_push_to_ack_seconds`).
+    pushed_at: Option<tokio::time::Instant>,
     /// Whether to render before waiting again (at start and after a store change).
     render: bool,
     /// When the latest certificate request was answered (one a second at most).
@@ -293,6 +296,7 @@ impl Session {
         }
         self.pushes += 1;
         self.nonce = format!("{}-{}", self.conn, self.pushes);
+        self.pushed_at = Some(tokio::time::Instant::now());
         self.has.clone_from(&snapshot.version);
         metrics::counter!("toolmesh_cp_snapshots_pushed_total").increment(1);
         let version = &self.has;
@@ -375,6 +379,10 @@ impl Session {
                 kind: Some(Msg::Ack(ack)),
             })) if ack.nonce == self.nonce => {
                 // The latest push is taken: an earlier refusal is no longer a problem.
+                if let Some(at) = self.pushed_at.take() {
+                    metrics::histogram!(crate::fleet::PUSH_TO_ACK)
+                        .record(at.elapsed().as_secs_f64());
+                }
                 self.cp.fleet.update(identity, node, self.conn, |s| {
                     s.acked_version = ack.version;
                     s.nacked_version.clear();
