@@ -463,18 +463,8 @@ pub async fn serve(
     metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
     let ca = workload_ca(&args, managed.as_ref())?;
     for issuer in &args.gateway_issuers {
-        let url = issuer
-            .strip_prefix("https://")
-            .or_else(|| issuer.strip_prefix("http://"));
-        if url.is_none_or(|rest| {
-            rest.is_empty()
-                || rest.contains(['?', '#', '"', '\\'])
-                || rest.bytes().any(|b| b <= b' ' || b >= 0x7f)
-        }) {
-            return Err(format!(
-                "--gateway-issuer: {issuer:?} is not an issuer URL (https://host[/path], no query, fragment, quotes or spaces)"
-            ));
-        }
+        toolmesh_proto::origin::check_gateway_url(issuer, false)
+            .map_err(|e| format!("--gateway-issuer: {e}"))?;
     }
     let cp = ControlPlane::new(
         store,

@@ -8,6 +8,7 @@
 //!   that identity's [`v1alpha1::Snapshot`].
 //!
 //! - [`workload`]: identities as SPIFFE IDs, the names in workload certificates.
+//! - [`origin`]: loopback authorities, and gateway mode's issuer and resource URLs.
 //! - [`crd`] (feature `kube`): `McpServer` and `AccessPolicy` as Kubernetes custom
 //!   resources, derived from the same spec types.
 //! - `certs` (feature `certs`): serving certificates read from files and reloaded when
@@ -23,6 +24,7 @@ pub mod codec;
 #[cfg(feature = "kube")]
 pub mod crd;
 pub mod glob;
+pub mod origin;
 pub mod render;
 pub mod resource;
 pub mod workload;

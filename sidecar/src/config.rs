@@ -300,38 +300,10 @@ fn loopback_http_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A gateway's own URL flag (`--resource`, `--issuer`): https, or http on loopback (for
-/// trying it out); no user info, query or fragment; and, for `origin_only`, no path.
+/// A gateway's own URL flag (`--resource`, `--issuer`), checked as
+/// [`toolmesh_proto::origin::check_gateway_url`] does; the error names `flag`.
 pub(crate) fn gateway_url(flag: &str, url: &str, origin_only: bool) -> Result<(), String> {
-    let rest = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
-        (Some(rest), _) => rest,
-        (None, Some(rest)) => {
-            let authority = rest.split('/').next().unwrap_or_default();
-            if !crate::proxy::is_loopback_authority(authority) {
-                return Err(format!(
-                    "{flag}: {url:?} must be https:// (http:// only on loopback)"
-                ));
-            }
-            rest
-        }
-        _ => return Err(format!("{flag}: {url:?} must be an https:// URL")),
-    };
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if authority.is_empty()
-        || authority.contains('@')
-        || rest.contains(['?', '#', '"', '\\'])
-        || rest.bytes().any(|b| b <= b' ' || b >= 0x7f)
-    {
-        return Err(format!(
-            "{flag}: {url:?} must be a plain URL (a host; no user info, query, fragment, quotes or spaces)"
-        ));
-    }
-    if origin_only && !path.is_empty() {
-        return Err(format!(
-            "{flag}: {url:?} must be an origin (scheme://host[:port]), without a path"
-        ));
-    }
-    Ok(())
+    toolmesh_proto::origin::check_gateway_url(url, origin_only).map_err(|e| format!("{flag}: {e}"))
 }
 
 impl Config {

@@ -52,6 +52,7 @@ use crate::session::Sealer;
 use crate::snapshot::{Active, Route, Runtime};
 use crate::telemetry::{self, Outcome};
 use crate::upstream::{self, Upstream};
+pub use toolmesh_proto::origin::is_loopback_authority;
 
 /// Everything the request path shares; built once at startup.
 #[derive(Debug)]
@@ -768,30 +769,6 @@ fn is_loopback_origin(origin: &str) -> bool {
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"))
         .is_some_and(is_loopback_authority)
-}
-
-/// `localhost|127.0.0.1|[::1][:port]`.
-pub fn is_loopback_authority(rest: &str) -> bool {
-    let host = if let Some(v6) = rest.strip_prefix('[') {
-        match v6.split_once(']') {
-            Some((host, port)) if port.is_empty() || is_port(port) => return host == "::1",
-            _ => return false,
-        }
-    } else {
-        match rest.split_once(':') {
-            Some((host, port)) if is_port(port) => host,
-            Some(_) => return false,
-            None => rest,
-        }
-    };
-    host.eq_ignore_ascii_case("localhost") || host == "127.0.0.1"
-}
-
-fn is_port(text: &str) -> bool {
-    text.strip_prefix(':')
-        .unwrap_or(text)
-        .parse::<u16>()
-        .is_ok()
 }
 
 /// `/mcp/<server>` (a trailing slash is tolerated) → `<server>`.
