@@ -355,13 +355,15 @@ impl Verifier {
         }
         let claimed = unverified_issuer(token)?;
         let issuer = self
-            .issuers
-            .load()
-            .iter()
-            .find(|i| *i.url == *claimed.trim_end_matches('/'))
-            .cloned()
+            .trusted(&claimed)
             .ok_or(Refusal::Invalid("the token's issuer is not trusted"))?;
         Ok((header, issuer))
+    }
+
+    /// The trusted issuer `url` names (a trailing `/` aside), if any.
+    fn trusted(&self, url: &str) -> Option<Arc<Issuer>> {
+        let url = url.trim_end_matches('/');
+        self.issuers.load().iter().find(|i| *i.url == *url).cloned()
     }
 
     /// Check `token` with the keys held now (`now`: seconds since the epoch): header,
@@ -393,10 +395,8 @@ impl Verifier {
     /// Hold `jwks` (a key set document) as `issuer`'s keys, as a fetch would; for
     /// tests and fuzzing, which have no issuer to fetch from.
     pub fn hold_keys(&self, issuer: &str, jwks: &[u8]) -> Result<(), String> {
-        let issuers = self.issuers.load();
-        let issuer = issuers
-            .iter()
-            .find(|i| *i.url == *issuer.trim_end_matches('/'))
+        let issuer = self
+            .trusted(issuer)
             .ok_or_else(|| format!("{issuer} is not an --issuer"))?;
         issuer.keys.store(Arc::new(parse_keys(jwks)?));
         Ok(())
