@@ -116,11 +116,11 @@ const INPUT_METHODS: [&str; 3] = ["elicitation/create", "sampling/createMessage"
 /// sessions held for 2026-07-28 agents, servers' generations, resource owners.
 #[derive(Debug, Default)]
 pub struct Aggregate {
-    sessions: Mutex<Sessions>,
+    sessions: Mutex<Oldest<String, Arc<AgentSession>>>,
     /// Upstream sessions the sidecar holds for stateless agents, by subject (a sidecar
     /// has one; a gateway one per user, the least recently added dropped beyond
     /// [`MAX_SHARED_SUBJECTS`]), then by server.
-    shared: Mutex<SharedUpstreams>,
+    shared: Mutex<Oldest<Identity, Arc<Upstreams>>>,
     /// The server whose list showed a resource URI, and templates' literal starts.
     owners: Mutex<Owners>,
     /// Servers' lists as the agent sees them, for as long as the servers say.
@@ -132,10 +132,47 @@ pub struct Aggregate {
     next_id: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct Sessions {
-    by_token: HashMap<String, Arc<AgentSession>>,
-    order: std::collections::VecDeque<String>,
+/// A map that holds at most a given number of entries, the oldest dropped first:
+/// sessions of the aggregate by token, upstream sessions held per subject.
+#[derive(Debug)]
+struct Oldest<K, V> {
+    map: HashMap<K, V>,
+    /// Keys in insertion order (a key removed from `map` may linger here until its
+    /// turn comes; dropping it then drops nothing).
+    order: std::collections::VecDeque<K>,
+}
+
+impl<K, V> Default for Oldest<K, V> {
+    fn default() -> Self {
+        Oldest {
+            map: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Oldest<K, V> {
+    fn get<Q: std::hash::Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.map.get(key)
+    }
+
+    /// Insert `value` under `key`, first dropping the oldest entry when `max` are held.
+    fn insert(&mut self, key: K, value: V, max: usize) -> &mut V {
+        if self.map.len() >= max
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.map.remove(&oldest);
+        }
+        self.order.push_back(key.clone());
+        self.map.entry(key).insert_entry(value).into_mut()
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        self.map.retain(keep);
+    }
 }
 
 /// A cached list: snapshot version, server, list method, whose it is (the 2025
@@ -202,12 +239,6 @@ struct UpstreamSession {
 }
 
 /// Upstream sessions held for stateless agents, per subject.
-#[derive(Debug, Default)]
-struct SharedUpstreams {
-    by_subject: HashMap<Identity, Arc<Upstreams>>,
-    order: std::collections::VecDeque<Identity>,
-}
-
 /// Subjects whose upstream sessions are held at most (a gateway's users).
 const MAX_SHARED_SUBJECTS: usize = 1024;
 
@@ -215,19 +246,11 @@ impl Aggregate {
     /// The upstream sessions held for `subject`'s stateless requests.
     fn shared_of(&self, subject: &Identity) -> Arc<Upstreams> {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(upstreams) = shared.by_subject.get(subject) {
+        if let Some(upstreams) = shared.get(subject) {
             return upstreams.clone();
         }
-        if shared.order.len() >= MAX_SHARED_SUBJECTS
-            && let Some(oldest) = shared.order.pop_front()
-        {
-            shared.by_subject.remove(&oldest);
-        }
-        shared.order.push_back(subject.clone());
         shared
-            .by_subject
-            .entry(subject.clone())
-            .or_default()
+            .insert(subject.clone(), Arc::default(), MAX_SHARED_SUBJECTS)
             .clone()
     }
 
@@ -587,7 +610,6 @@ impl crate::proxy::Proxy {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         sessions
-            .by_token
             .get(token)
             .filter(|s| s.only.as_deref() == only.map(|r| r.name.as_str()))
             .cloned()
@@ -642,13 +664,7 @@ impl crate::proxy::Proxy {
                 .sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if sessions.by_token.len() >= MAX_SESSIONS
-                && let Some(oldest) = sessions.order.pop_front()
-            {
-                sessions.by_token.remove(&oldest);
-            }
-            sessions.order.push_back(token.clone());
-            sessions.by_token.insert(token, session.clone());
+            sessions.insert(token, session.clone(), MAX_SESSIONS);
         }
         let result = match only {
             None => format!(
@@ -708,7 +724,7 @@ impl crate::proxy::Proxy {
                 .sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            sessions.by_token.retain(|_, s| !Arc::ptr_eq(s, &session));
+            sessions.retain(|_, s| !Arc::ptr_eq(s, &session));
         }
         for (server, upstream) in session.upstreams.opened() {
             let (Some(route), Some(id)) = (runtime.route(&server), upstream.id) else {
