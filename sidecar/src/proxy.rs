@@ -278,8 +278,9 @@ impl Proxy {
         peer: Option<&crate::listener::PeerTls>,
     ) -> Result<Response<Body>, Infallible> {
         let _flying = self.in_flight.start();
+        let started = Instant::now();
         if let Some(gateway) = &self.gateway {
-            return Ok(self.handle_gateway(gateway, req).await);
+            return Ok(self.handle_gateway(gateway, req, started).await);
         }
         // Server-side mode: the caller its certificate names; a peer that names none is
         // refused (and audited under this sidecar's identity).
@@ -297,15 +298,17 @@ impl Proxy {
         } else {
             Err(ProxyError::UnknownPeer)
         };
-        Ok(self.serve_as(ctx, result).await)
+        Ok(self.serve_as(ctx, result, started).await)
     }
 
     /// Gateway mode: the metadata document, or the request served for the caller its
-    /// token names, or the token refused (401/403, audited, counted).
+    /// token names, or the token refused (401/403, audited, counted). `started` is when
+    /// the request arrived: its latency includes checking the token.
     async fn handle_gateway(
         self: &Arc<Self>,
         gateway: &crate::gateway::Gateway,
         req: Request<Incoming>,
+        started: Instant,
     ) -> Response<Body> {
         let path = req.uri().path();
         if path.starts_with(crate::gateway::METADATA_PATH) {
@@ -321,7 +324,7 @@ impl Proxy {
                 telemetry::gateway_auth("accepted");
                 let mut ctx = Ctx::new(&req, principal.subject.clone());
                 ctx.principal = Some(principal);
-                self.serve_as(ctx, Ok(req)).await
+                self.serve_as(ctx, Ok(req), started).await
             }
             Err(refusal) => {
                 telemetry::gateway_auth(match refusal {
@@ -333,7 +336,7 @@ impl Proxy {
                 let mut pending = Pending {
                     proxy: self,
                     ctx: Ctx::new(&req, Identity::new(UNAUTHENTICATED)),
-                    started: Instant::now(),
+                    started,
                     finished: false,
                 };
                 pending.finish(response.status().as_u16(), None, Outcome::Rejected);
@@ -343,16 +346,17 @@ impl Proxy {
     }
 
     /// Serve `req` (or answer the refusal already reached) for `ctx`'s subject; one
-    /// audit line and the request metrics, whatever happens.
+    /// audit line and the request metrics (timed from `started`), whatever happens.
     async fn serve_as(
         self: &Arc<Self>,
         ctx: Ctx,
         req: Result<Request<Incoming>, ProxyError>,
+        started: Instant,
     ) -> Response<Body> {
         let mut pending = Pending {
             proxy: self,
             ctx,
-            started: Instant::now(),
+            started,
             finished: false,
         };
         let result = match req {
