@@ -13,8 +13,10 @@
 //!   resources, derived from the same spec types.
 //! - `certs` (feature `certs`): serving certificates read from files and reloaded when
 //!   they change, for every TLS port either binary terminates.
+//! - [`otel`] (feature `otel`): OpenTelemetry tracing set up the same way by both
+//!   binaries (OTLP export, sampling, the bounded export queue, W3C trace context).
 //!
-//! Besides `certs`, this crate does no I/O and holds no runtime state: it parses,
+//! Besides `certs` and `otel`, this crate does no I/O and holds no runtime state: it parses,
 //! validates and renders.
 //! Compiling a snapshot into lookup tables for the request path is the sidecar's job.
 
@@ -25,6 +27,8 @@ pub mod codec;
 pub mod crd;
 pub mod glob;
 pub mod origin;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod render;
 pub mod resource;
 pub mod workload;

@@ -92,9 +92,13 @@ pub struct Record<'a> {
     pub session: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<&'a RawValue>,
-    /// The W3C trace id of the agent's `traceparent` header, when it sent a valid one.
+    /// Tracing on: the request's trace id (the agent's, or a new trace's). Off: the
+    /// trace id of the agent's `traceparent` header, when it sent a valid one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<&'a str>,
+    /// Tracing on: the id of the sidecar's SERVER span for this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<&'a str>,
 }
 
 /// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase,
@@ -285,6 +289,7 @@ mod tests {
             client_id: None,
             issuer: None,
             trace_id: None,
+            span_id: None,
             server,
             method: "tools/call",
             kind: Some("tool"),

@@ -54,6 +54,45 @@ where
     Relay::new(inner, on_end).boxed()
 }
 
+/// `inner`, holding `guard` until it ends (its last frame, an error, or the agent going
+/// away): what a tracing span rides on to cover an SSE stream.
+pub fn holding<G: Send + Sync + Unpin + 'static>(inner: Body, guard: G) -> Body {
+    Holding {
+        inner,
+        guard: Some(guard),
+    }
+    .boxed()
+}
+
+struct Holding<G> {
+    inner: Body,
+    guard: Option<G>,
+}
+
+impl<G: Unpin> HttpBody for Holding<G> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// An upstream body as it is, boxed.
 pub fn incoming(inner: Incoming) -> Body {
     inner.map_err(BodyError::from).boxed()

@@ -8,7 +8,8 @@
 //! [`audit`] writes one line per request. [`proxy`] is that path end to end; [`listener`] accepts
 //! and drains connections; [`admin`] serves health, metrics and the redacted config;
 //! [`standalone`] feeds the configuration from a local file; [`telemetry`] names every
-//! metric; [`error`] every answer the sidecar gives on its own; [`config`] every flag.
+//! metric; [`trace`] makes the OpenTelemetry spans; [`error`] every answer the sidecar
+//! gives on its own; [`config`] every flag.
 //! Server-side mode (`--mode server`): [`workload`] holds the certificate for mutual
 //! TLS, [`mesh`] decides for the caller the certificate names, [`stdio`] runs a stdio
 //! server as a child process. Gateway mode (`--mode gateway`): [`gateway`]
@@ -40,6 +41,7 @@ pub mod snapshot;
 pub mod standalone;
 pub mod stdio;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;
 pub mod uri;
 pub mod workload;
@@ -94,6 +96,9 @@ const STDIO_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 const STDIO_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// `--stdio`: the longest wait before restarting a child that exited.
 const STDIO_RESTART_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// At shutdown, how long queued spans get to reach the collector.
+const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long the admin port keeps answering after the MCP port has drained.
 const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -191,7 +196,18 @@ pub async fn serve(
             (Some(Arc::new(callers)), Some(workload.server_config()?))
         }
     };
-    let upstream = upstream::Upstream::new(config.connect_timeout, workload.clone());
+    let tracing_on = toolmesh_proto::otel::Tracing::start(&toolmesh_proto::otel::Settings {
+        endpoint: config.otlp_endpoint.clone(),
+        sampling: config.trace_sampling,
+        service_name: "toolmesh-sidecar",
+        spans_metric: telemetry::TRACE_SPANS,
+    })?;
+    if let Some(t) = &tracing_on {
+        tracing::info!(endpoint = %t.endpoint, "exporting traces");
+    }
+    let tracer = tracing_on.as_ref().map(|t| t.tracer().clone());
+    let upstream = upstream::Upstream::new(config.connect_timeout, workload.clone())
+        .with_tracer(tracer.clone());
     let gateway = (config.mode == config::Mode::Gateway).then(|| {
         let verifier = gateway::tokens::Verifier::new(
             gateway::tokens::Settings {
@@ -231,6 +247,7 @@ pub async fn serve(
         body_read_timeout: config.body_read_timeout,
         in_flight: in_flight.clone(),
         aggregate: aggregate::Aggregate::default(),
+        tracer,
     });
     let asked_to_stop = Arc::new(tokio::sync::Notify::new());
     let admin = Arc::new(admin::Admin {
@@ -318,6 +335,9 @@ pub async fn serve(
     let _ = mcp_task.await;
     // Every request has finished or been cut off: write out the audit trail.
     audit_writer.finish().await;
+    if let Some(t) = &tracing_on {
+        t.shutdown(TRACE_FLUSH).await;
+    }
     if let Some(bridge) = bridge {
         bridge.shutdown().await;
     }

@@ -92,6 +92,8 @@ pub struct Message<'a> {
     pub target: Option<Cow<'a, str>>,
     /// The `_meta` protocol version, if the message carries one.
     pub meta_version: Option<Cow<'a, str>>,
+    /// `_meta.traceparent` and `_meta.tracestate` (SEP-414), unparsed.
+    pub trace: Option<(&'a RawValue, Option<&'a RawValue>)>,
     /// For gated methods: what the call acts on (`None` if the body does not say,
     /// which policy treats as a denial).
     pub acts_on: Option<Target<'a>>,
@@ -106,6 +108,15 @@ pub struct Message<'a> {
 pub enum Envelope<'a> {
     Single(Message<'a>),
     Batch(Vec<Message<'a>>),
+}
+
+impl Message<'_> {
+    /// The W3C trace context in `params._meta`, when `traceparent` is a string (whether
+    /// it is a valid one is for the tracer to say).
+    pub fn trace_context(&self) -> Option<(Cow<'_, str>, Option<Cow<'_, str>>)> {
+        let (parent, state) = self.trace?;
+        Some((json_str(parent)?, state.and_then(json_str)))
+    }
 }
 
 impl<'a> Envelope<'a> {
@@ -178,6 +189,10 @@ struct RawRef<'a> {
 struct RawMeta<'a> {
     #[serde(borrow, default, rename = "io.modelcontextprotocol/protocolVersion")]
     protocol_version: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    traceparent: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tracestate: Option<&'a RawValue>,
 }
 
 /// Deepest nesting of arrays and objects accepted in a body. serde_json (and so rmcp)
@@ -358,6 +373,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
     }
     let mut target = None;
     let mut meta_version = None;
+    let mut trace = None;
     let mut acts_on = None;
     let mut arguments = None;
     let raw_params = raw.params;
@@ -379,7 +395,10 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
             }
             None => None,
         };
-        meta_version = params.meta.and_then(|m| m.protocol_version);
+        if let Some(meta) = params.meta {
+            meta_version = meta.protocol_version;
+            trace = meta.traceparent.map(|parent| (parent, meta.tracestate));
+        }
         arguments = params.arguments;
         let string =
             |v: Option<&'a RawValue>, field: &str| -> Result<Option<Cow<'a, str>>, Rejection> {
@@ -435,6 +454,7 @@ fn message<'a>(text: &'a str) -> Result<Message<'a>, Rejection> {
         rpc,
         target,
         meta_version,
+        trace,
         acts_on,
         arguments,
         params: raw_params,

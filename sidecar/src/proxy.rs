@@ -82,6 +82,8 @@ pub struct Proxy {
     pub in_flight: Arc<InFlight>,
     /// What the aggregated `/mcp` remembers between requests.
     pub aggregate: crate::aggregate::Aggregate,
+    /// Tracing on: every request is a SERVER span ([`crate::trace`]).
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 /// Requests being handled and response bodies being relayed: what the admin port's
@@ -142,13 +144,28 @@ pub(crate) struct Ctx {
     pub(crate) arguments: Option<Box<RawValue>>,
     /// The agent's W3C trace id (its `traceparent`), for the audit line.
     pub(crate) trace_id: Option<Box<str>>,
+    /// Tracing on: this request's SERVER span.
+    pub(crate) trace: Option<Box<crate::trace::Server>>,
     /// What the response must be filtered for, if anything.
     pub(crate) lists: Option<Lists>,
 }
 
 impl Ctx {
-    fn new(req: &Request<Incoming>, subject: Identity) -> Ctx {
+    /// A request's context; `tracer` when tracing is on, `started` its arrival.
+    fn new(
+        req: &Request<Incoming>,
+        subject: Identity,
+        tracer: Option<&opentelemetry_sdk::trace::SdkTracer>,
+        started: Instant,
+    ) -> Ctx {
+        let trace = tracer.map(|tracer| {
+            let arrived = std::time::SystemTime::now()
+                .checked_sub(started.elapsed())
+                .unwrap_or_else(std::time::SystemTime::now);
+            Box::new(crate::trace::Server::new(tracer, req.headers(), arrived))
+        });
         Ctx {
+            trace,
             subject,
             principal: None,
             server: telemetry::UNKNOWN_SERVER,
@@ -177,6 +194,17 @@ impl Ctx {
             lists: None,
         }
     }
+
+    /// The body is read: the SERVER span starts, its parent the body's `_meta` trace
+    /// context if it carries one, else the header's.
+    pub(crate) fn trace_from(&mut self, message: Option<&mcp::Message<'_>>) {
+        if let Some(trace) = &mut self.trace {
+            if let Some((traceparent, tracestate)) = message.and_then(|m| m.trace_context()) {
+                trace.meta(&traceparent, tracestate.as_deref());
+            }
+            trace.start();
+        }
+    }
 }
 
 fn kind_name(kind: TargetKind) -> &'static str {
@@ -201,6 +229,7 @@ impl Pending<'_> {
         self.finished = true;
         let elapsed = self.started.elapsed();
         telemetry::request(&self.ctx.server, self.ctx.method, outcome, elapsed);
+        let ids = self.trace_finish(status, error_code, outcome);
         let ctx = &self.ctx;
         let server = ctx.server.to_string();
         let request_id = ctx.request_id.as_deref().map(|id| capped(id, MAX_AUDIT_ID));
@@ -226,8 +255,40 @@ impl Pending<'_> {
             request_id: request_id.as_deref(),
             session: ctx.session.as_deref(),
             arguments: arguments.as_deref(),
-            trace_id: ctx.trace_id.as_deref(),
+            trace_id: ids
+                .as_ref()
+                .map(|(t, _)| t.as_str())
+                .or(ctx.trace_id.as_deref()),
+            span_id: ids.as_ref().map(|(_, s)| s.as_str()),
         });
+    }
+
+    /// Tracing on: name and attribute the SERVER span; its trace and span ids for the
+    /// audit line.
+    fn trace_finish(
+        &mut self,
+        status: u16,
+        error_code: Option<i64>,
+        outcome: Outcome,
+    ) -> Option<(String, String)> {
+        let ctx = &mut self.ctx;
+        let trace = ctx.trace.as_mut()?;
+        let server = ctx.server.to_string();
+        trace.finish(crate::trace::Finish {
+            method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
+            kind: ctx.kind,
+            name: ctx.name.as_deref(),
+            request_id: ctx.request_id.as_deref(),
+            session: ctx.session.as_deref(),
+            server: &server,
+            subject: ctx.subject.as_str(),
+            decision: ctx.decision.as_str(),
+            rule: ctx.rule.as_deref(),
+            outcome: outcome.as_str(),
+            status,
+            error_code,
+        });
+        Some(trace.ids())
     }
 }
 
@@ -279,8 +340,21 @@ impl Proxy {
     ) -> Result<Response<Body>, Infallible> {
         let _flying = self.in_flight.start();
         let started = Instant::now();
+        if self.tracer.is_some() {
+            Ok(crate::trace::scope(self.handle_traced(req, peer, started)).await)
+        } else {
+            Ok(self.handle_traced(req, peer, started).await)
+        }
+    }
+
+    async fn handle_traced(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Option<&crate::listener::PeerTls>,
+        started: Instant,
+    ) -> Response<Body> {
         if let Some(gateway) = &self.gateway {
-            return Ok(self.handle_gateway(gateway, req, started).await);
+            return self.handle_gateway(gateway, req, started).await;
         }
         // Server-side mode: the caller its certificate names; a peer that names none is
         // refused (and audited under this sidecar's identity).
@@ -292,13 +366,13 @@ impl Proxy {
                 (self.identity.clone(), false)
             }
         };
-        let ctx = Ctx::new(&req, subject);
+        let ctx = Ctx::new(&req, subject, self.tracer.as_ref(), started);
         let result = if caller_known {
             Ok(req)
         } else {
             Err(ProxyError::UnknownPeer)
         };
-        Ok(self.serve_as(ctx, result, started).await)
+        self.serve_as(ctx, result, started).await
     }
 
     /// Gateway mode: the metadata document, or the request served for the caller its
@@ -322,7 +396,12 @@ impl Proxy {
         match gateway.tokens.authenticate(req.headers(), path).await {
             Ok(principal) => {
                 telemetry::gateway_auth("accepted");
-                let mut ctx = Ctx::new(&req, principal.subject.clone());
+                let mut ctx = Ctx::new(
+                    &req,
+                    principal.subject.clone(),
+                    self.tracer.as_ref(),
+                    started,
+                );
                 ctx.principal = Some(principal);
                 self.serve_as(ctx, Ok(req), started).await
             }
@@ -335,7 +414,12 @@ impl Proxy {
                 let response = gateway.refuse(&refusal, path);
                 let mut pending = Pending {
                     proxy: self,
-                    ctx: Ctx::new(&req, Identity::new(UNAUTHENTICATED)),
+                    ctx: Ctx::new(
+                        &req,
+                        Identity::new(UNAUTHENTICATED),
+                        self.tracer.as_ref(),
+                        started,
+                    ),
                     started,
                     finished: false,
                 };
@@ -370,6 +454,9 @@ impl Proxy {
             }
             Err(error) => {
                 tracing::debug!(server = %pending.ctx.server, error = %error, "request refused");
+                if let Some(trace) = &mut pending.ctx.trace {
+                    trace.refused(error.to_string());
+                }
                 let (code, outcome) = (error.code(), error.outcome());
                 (
                     error.into_response(pending.ctx.request_id.as_deref()),
@@ -379,7 +466,14 @@ impl Proxy {
             }
         };
         pending.finish(response.status().as_u16(), error_code, outcome);
-        response
+        // Tracing on: the request's span ends when its answer does (an SSE stream too).
+        match pending.ctx.trace.as_mut() {
+            None => response,
+            Some(trace) => {
+                let span = trace.hold();
+                response.map(|body| body::holding(body, span))
+            }
+        }
     }
 
     async fn route_and_forward(
@@ -425,6 +519,10 @@ impl Proxy {
                 let body = self.read_body(&parts.headers, incoming).await?;
                 let envelope = mcp::parse(&body).map_err(rejection)?;
                 ctx.request_id = envelope.id().map(|id| id.to_owned());
+                ctx.trace_from(match &envelope {
+                    Envelope::Single(m) => Some(m),
+                    Envelope::Batch(_) => None,
+                });
                 match &envelope {
                     Envelope::Single(m) => {
                         ctx.method = m.rpc.map_or("(response)", mcp::Method::name);
@@ -479,6 +577,7 @@ impl Proxy {
             }
             Method::GET | Method::DELETE => {
                 ctx.decision = Verdict::Plumbing;
+                ctx.trace_from(None);
                 if self.callers.is_none() && route.holds_sessions() {
                     return self
                         .bridge_legacy(
@@ -544,12 +643,15 @@ impl Proxy {
         let (mut parts, incoming) = upstream_resp.into_parts();
         upstream::clean_response_headers(&mut parts.headers);
         self.seal_session(&ctx.subject, &route, endpoint, &mut parts.headers);
+        // Tracing on: the upstream request's span ends when its body does.
+        let span = parts.extensions.remove::<crate::trace::Held>();
         let done = {
             let streaming = telemetry::stream_started(&route.label);
             let flying = self.in_flight.start();
             move || {
                 streaming();
                 drop(flying);
+                drop(span);
             }
         };
         let relayed = body::relay(incoming, done);

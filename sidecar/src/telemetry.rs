@@ -37,6 +37,7 @@ pub const AGGREGATE_LIST_FAILURES: &str = "toolmesh_aggregate_list_failures_tota
 pub const AGGREGATE_LIST_CACHE: &str = "toolmesh_aggregate_list_cache_total";
 pub const AGGREGATE_READ_CACHE: &str = "toolmesh_aggregate_read_cache_total";
 pub const GATEWAY_AUTH: &str = "toolmesh_gateway_authentications_total";
+pub const TRACE_SPANS: &str = "toolmesh_trace_spans_total";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +108,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     describe_histogram!(
         REQUEST_DURATION,
         metrics::Unit::Seconds,
-        "Time from request received to response head sent, by server and MCP method"
+        "Time from request received to response head sent, by server, MCP method and outcome (as toolmesh_requests_total)"
     );
     describe_counter!(
         AGGREGATE_LIST_FAILURES,
@@ -186,6 +187,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         UPSTREAM_EXPOSED,
         "Server-side mode with --pod-ip: 1 while the server behind --upstream also answers on the pod's IP (reachable around the sidecar)"
     );
+    toolmesh_proto::otel::register(TRACE_SPANS);
     gauge!(WORKLOAD_CERT_EXPIRY).set(0.0);
     for reason in ["handshake", "timeout", "identity"] {
         counter!(MESH_REFUSED, "reason" => reason).absolute(0);
@@ -276,7 +278,7 @@ pub fn config_rejected() {
 pub fn request(server: &SharedString, method: &'static str, outcome: Outcome, elapsed: Duration) {
     counter!(REQUESTS, "server" => server.clone(), "method" => method, "outcome" => outcome.as_str())
         .increment(1);
-    histogram!(REQUEST_DURATION, "server" => server.clone(), "method" => method)
+    histogram!(REQUEST_DURATION, "server" => server.clone(), "method" => method, "outcome" => outcome.as_str())
         .record(elapsed.as_secs_f64());
 }
 

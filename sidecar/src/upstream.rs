@@ -12,6 +12,10 @@
 //! agent, hop-by-hop headers are dropped, and so are headers that would point the
 //! agent past the sidecar (`Location`, `Link`, `WWW-Authenticate`, …).
 //!
+//! With tracing on, each request is a CLIENT span and the agent's `traceparent` and
+//! `tracestate` give way to that span's, in the headers and in the body's
+//! `params._meta` ([`crate::trace`]); with tracing off they pass as sent.
+//!
 //! This module does not pick the endpoint (see [`crate::proxy`]) and never reads
 //! or buffers a response body: it hands the upstream's body back as it arrives.
 
@@ -87,6 +91,8 @@ pub struct Upstream {
     /// This sidecar's workload certificate, presented to servers in the mesh.
     workload: Arc<Workload>,
     connect_timeout: Duration,
+    /// Tracing on: each request is a CLIENT span carrying its context upstream.
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 fn connector(connect_timeout: Duration) -> HttpConnector {
@@ -136,7 +142,14 @@ impl Upstream {
             client: pooled(https),
             workload,
             connect_timeout,
+            tracer: None,
         }
+    }
+
+    /// Trace every upstream request with `tracer` (tracing on).
+    pub fn with_tracer(mut self, tracer: Option<opentelemetry_sdk::trace::SdkTracer>) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// The client for `route`: the shared one, or its mesh route's mutual-TLS client.
@@ -169,19 +182,38 @@ impl Upstream {
         route: &Route,
         uri: Uri,
         method: Method,
-        agent_headers: HeaderMap,
-        body: Bytes,
+        mut agent_headers: HeaderMap,
+        mut body: Bytes,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let sent = self.exchange(route, uri, method, agent_headers, body).await;
-        if let Err(e) = &sent {
-            let kind = match e {
-                ProxyError::UpstreamTimeout { .. } => "timeout",
-                ProxyError::UpstreamFailed { .. } => "failed",
-                _ => "connect",
-            };
-            telemetry::upstream_error(&route.label, kind);
+        let span = crate::trace::client(
+            self.tracer.as_ref(),
+            &route.name,
+            &uri,
+            &mut agent_headers,
+            &mut body,
+        );
+        match self.exchange(route, uri, method, agent_headers, body).await {
+            Ok(mut resp) => {
+                if let Some(span) = span {
+                    crate::trace::answered(&span, resp.status().as_u16());
+                    // Held by the response until the proxy hands it to the relayed body.
+                    resp.extensions_mut().insert(span);
+                }
+                Ok(resp)
+            }
+            Err(e) => {
+                let kind = match e {
+                    ProxyError::UpstreamTimeout { .. } => "timeout",
+                    ProxyError::UpstreamFailed { .. } => "failed",
+                    _ => "connect",
+                };
+                telemetry::upstream_error(&route.label, kind);
+                if let Some(span) = span {
+                    crate::trace::failed(span, kind, e.to_string());
+                }
+                Err(e)
+            }
         }
-        sent
     }
 
     /// GET `url` for the sidecar itself (gateway mode: an issuer's metadata and keys):

@@ -31,6 +31,9 @@
 //!   discovery from the 401, per-user decisions, sessions and rate limits, key
 //!   rotation, client credentials, service-account tokens, TLS, the control plane's
 //!   gateway snapshots, and the TypeScript SDK's own OAuth flow.
+//! - `traces`: OpenTelemetry spans to a real OTLP receiver: parents from the header
+//!   or `_meta`, MCP attributes, the context the upstream receives, denied calls, SSE
+//!   streams, sampling; the control plane's apply and push spans.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `kubernetes`: the control plane in cluster mode against a stand-in API server:
@@ -63,5 +66,6 @@ mod peers;
 mod policy;
 mod stdio;
 mod support;
+mod traces;
 mod webhook;
 mod wire;

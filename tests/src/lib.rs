@@ -9,12 +9,14 @@
 //! - [`Everything`] runs `@modelcontextprotocol/server-everything` from `tests/js`.
 //! - [`node22`] and [`python`] locate the runtimes `make deps` installs.
 //! - [`kube_api`]: a stand-in Kubernetes API server for the control plane's cluster mode.
+//! - [`otlp`]: an OTLP/gRPC trace receiver, to see the spans the binaries export.
 //!
 //! Every child is killed when its handle drops; their output is kept for assertions
 //! and printed when a test fails.
 
 pub mod issuer;
 pub mod kube_api;
+pub mod otlp;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -237,6 +239,16 @@ impl Sidecar {
 
     /// Like [`Sidecar::start`], as `identity`.
     pub async fn start_as(identity: &str, yaml: &str, extra: &[&str]) -> Result<Sidecar> {
+        Self::start_with_env(identity, yaml, extra, &[]).await
+    }
+
+    /// Like [`Sidecar::start_as`], with `env` set in the sidecar's environment.
+    pub async fn start_with_env(
+        identity: &str,
+        yaml: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Sidecar> {
         let dir = TempDir::new("sidecar")?;
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml)?;
@@ -250,7 +262,8 @@ impl Sidecar {
                 "--config-poll-interval",
                 "100ms",
             ])
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         Self::launch(cmd, config, dir).await
     }
 

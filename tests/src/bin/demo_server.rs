@@ -4,8 +4,8 @@
 //! It serves both protocol generations: 2025-03-26 … 2025-11-25 clients get sessions
 //! and server-to-client requests (sampling, elicitation) over SSE; 2026-07-28 clients
 //! are served statelessly and get `input_required` results instead. Besides a few
-//! friendly tools (`echo`, `add`, `sleep`, and `request_headers`, which shows the
-//! headers a request arrived with so tests can see what a proxy forwarded), it implements every tool, resource and
+//! friendly tools (`echo`, `add`, `sleep`, and `request_headers`/`request_meta`, which show
+//! the headers and `_meta` a request arrived with so tests can see what a proxy forwarded), it implements every tool, resource and
 //! prompt the official MCP conformance suite's server scenarios ask for, so the suite
 //! can run against it directly and through the sidecar.
 //!
@@ -116,6 +116,7 @@ fn tools() -> Value {
         {"name": "stream", "description": "Sends count progress notifications interval_ms apart (when the call has a progress token), then answers", "inputSchema": {"type": "object",
             "properties": {"count": {"type": "integer", "minimum": 0}, "interval_ms": {"type": "integer", "minimum": 0}}, "required": ["count"]}},
         {"name": "request_headers", "description": "Returns the HTTP headers this request arrived with (a test aid: it shows what a proxy forwarded)", "inputSchema": none},
+        {"name": "request_meta", "description": "Returns the params._meta this request arrived with (a test aid: it shows the trace context a proxy passed on)", "inputSchema": none},
         {"name": "test_simple_text", "description": "Returns simple text", "inputSchema": none},
         {"name": "test_image_content", "description": "Returns an image", "inputSchema": none},
         {"name": "test_audio_content", "description": "Returns audio", "inputSchema": none},
@@ -318,6 +319,10 @@ impl ServerHandler for Demo {
                     })
                     .unwrap_or_default();
                 text_result(Value::Object(headers).to_string())
+            }
+            "request_meta" => {
+                let meta = serde_json::to_value(&ctx.meta).unwrap_or_default();
+                text_result(meta.to_string())
             }
             "test_simple_text" => text_result("This is a simple text response for testing."),
             "test_image_content" => Ok(from_json::<CallToolResult>(json!({"content": [

@@ -1,0 +1,499 @@
+//! The sidecar's spans, when tracing is on (`--otlp-endpoint`; set up by
+//! [`toolmesh_proto::otel`]): one SERVER span per MCP request, named and attributed
+//! per the OpenTelemetry MCP semantic conventions, and one CLIENT span per request to
+//! an upstream, whose context the upstream receives in `traceparent`/`tracestate`
+//! and in `params._meta` (SEP-414).
+//!
+//! The SERVER span's parent is the agent's: `params._meta.traceparent` when the body
+//! carries a valid one (the MCP-level context), else the `traceparent` header. It
+//! starts once the body is read (its start time is the request's arrival) and ends
+//! when the response has been relayed to its end, an SSE stream's included.
+//!
+//! While a request is served, its task knows the SERVER span ([`scope`]), so every
+//! upstream request it makes, on `/mcp/<server>` or the aggregate alike, is a child of
+//! it without the request path passing it around. Work a request hands to another
+//! task (a parked call, a notification stream) is not traced.
+//!
+//! When tracing is off none of this runs: the request path holds `None` and relays
+//! the agent's trace context untouched, body bytes included.
+//!
+//! Not here: the exporter and sampling ([`toolmesh_proto::otel`]), audit lines
+//! ([`crate::audit`], which carry the ids this module gives them).
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{SdkTracer, Span};
+use serde::de::{MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::mcp::RawMessage;
+
+tokio::task_local! {
+    /// The SERVER span of the request this task serves, once it has started.
+    static CURRENT: RefCell<Option<SpanContext>>;
+}
+
+/// Run `fut` (one request) with room for its SERVER span's context.
+pub async fn scope<F: std::future::Future>(fut: F) -> F::Output {
+    CURRENT.scope(RefCell::new(None), fut).await
+}
+
+fn current() -> Option<SpanContext> {
+    CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
+}
+
+/// A span shared by whoever may end it last (the request path and the relayed body):
+/// it ends when the last holder drops it.
+#[derive(Debug, Clone)]
+pub struct Held(Arc<Mutex<Span>>);
+
+impl Held {
+    fn new(span: Span) -> Held {
+        Held(Arc::new(Mutex::new(span)))
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Span)) {
+        if let Ok(mut span) = self.0.lock() {
+            f(&mut span);
+        }
+    }
+}
+
+/// What a finished request says about itself, for its SERVER span.
+#[derive(Debug)]
+pub struct Finish<'a> {
+    pub method: &'a str,
+    pub kind: Option<&'static str>,
+    pub name: Option<&'a str>,
+    pub request_id: Option<&'a RawValue>,
+    pub session: Option<&'a str>,
+    pub server: &'a str,
+    pub subject: &'a str,
+    pub decision: &'static str,
+    pub rule: Option<&'a str>,
+    pub outcome: &'static str,
+    pub status: u16,
+    pub error_code: Option<i64>,
+}
+
+/// One request's SERVER span: its parent as learnt, then the span.
+#[derive(Debug)]
+pub struct Server {
+    tracer: SdkTracer,
+    start: SystemTime,
+    parent: Option<SpanContext>,
+    /// `MCP-Protocol-Version`, and the listener's host and port (the `Host` header).
+    version: Option<String>,
+    host: Option<(String, Option<u16>)>,
+    /// Why the sidecar refused the request or could not serve it, if it did.
+    reason: Option<String>,
+    span: Option<Held>,
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+impl Server {
+    pub fn new(tracer: &SdkTracer, headers: &HeaderMap, start: SystemTime) -> Server {
+        let parent = header(headers, "traceparent").and_then(|traceparent| {
+            toolmesh_proto::otel::parent(traceparent, header(headers, "tracestate"))
+        });
+        let host = header(headers, "host")
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .map(|a| (a.host().to_owned(), a.port_u16()));
+        Server {
+            tracer: tracer.clone(),
+            start,
+            parent,
+            version: header(headers, crate::mcp::HEADER_PROTOCOL_VERSION).map(str::to_owned),
+            host,
+            reason: None,
+            span: None,
+        }
+    }
+
+    /// The sidecar answered the request itself, with this error.
+    pub fn refused(&mut self, reason: String) {
+        self.reason = Some(reason);
+    }
+
+    /// The body's `params._meta` trace context, which takes precedence over the
+    /// header's (before the span starts; ignored when not valid).
+    pub fn meta(&mut self, traceparent: &str, tracestate: Option<&str>) {
+        if self.span.is_none()
+            && let Some(parent) = toolmesh_proto::otel::parent(traceparent, tracestate)
+        {
+            self.parent = Some(parent);
+        }
+    }
+
+    /// Start the span (once): upstream requests made from now on are its children.
+    pub fn start(&mut self) -> &Held {
+        self.span.get_or_insert_with(|| {
+            let parent = match &self.parent {
+                Some(p) => Context::new().with_remote_span_context(p.clone()),
+                None => Context::new(),
+            };
+            let span = self
+                .tracer
+                .span_builder("mcp")
+                .with_kind(SpanKind::Server)
+                .with_start_time(self.start)
+                .start_with_context(&self.tracer, &parent);
+            let _ = CURRENT.try_with(|c| *c.borrow_mut() = Some(span.span_context().clone()));
+            Held::new(span)
+        })
+    }
+
+    /// The span, for a relayed body to hold until it ends.
+    pub fn hold(&mut self) -> Held {
+        self.start().clone()
+    }
+
+    /// The trace and span ids, as audit lines write them (sampled or not).
+    pub fn ids(&mut self) -> (String, String) {
+        let mut ids = (String::new(), String::new());
+        self.start().with(|span| {
+            let cx = span.span_context();
+            ids = (cx.trace_id().to_string(), cx.span_id().to_string());
+        });
+        ids
+    }
+
+    /// Name and attribute the span for how the request ended.
+    pub fn finish(&mut self, f: Finish<'_>) {
+        let (version, host, reason) = (self.version.take(), self.host.take(), self.reason.take());
+        self.start().with(|span| {
+            if !span.is_recording() {
+                return;
+            }
+            let target = match f.kind {
+                Some("tool" | "prompt") => f.name,
+                _ => None,
+            };
+            span.update_name(match target {
+                Some(t) => format!("{} {t}", f.method),
+                None => f.method.to_owned(),
+            });
+            let mut attributes = vec![
+                KeyValue::new("mcp.method.name", f.method.to_owned()),
+                KeyValue::new("network.transport", "tcp"),
+                KeyValue::new("network.protocol.name", "http"),
+                KeyValue::new("http.response.status_code", i64::from(f.status)),
+                KeyValue::new("toolmesh.server", f.server.to_owned()),
+                KeyValue::new("toolmesh.subject", f.subject.to_owned()),
+                KeyValue::new("toolmesh.decision", f.decision),
+                KeyValue::new("toolmesh.outcome", f.outcome),
+            ];
+            match (f.kind, f.name) {
+                (Some("tool"), Some(n)) => {
+                    attributes.push(KeyValue::new("gen_ai.tool.name", n.to_owned()));
+                    attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
+                }
+                (Some("prompt"), Some(n)) => {
+                    attributes.push(KeyValue::new("gen_ai.prompt.name", n.to_owned()));
+                }
+                (Some("resource"), Some(n)) => {
+                    attributes.push(KeyValue::new("mcp.resource.uri", n.to_owned()));
+                }
+                _ => {}
+            }
+            if let Some(id) = f.request_id {
+                attributes.push(KeyValue::new("jsonrpc.request.id", request_id(id)));
+            }
+            if let Some(session) = f.session {
+                attributes.push(KeyValue::new("mcp.session.id", session.to_owned()));
+            }
+            if let Some(version) = version {
+                attributes.push(KeyValue::new("mcp.protocol.version", version));
+            }
+            if let Some((host, port)) = host {
+                attributes.push(KeyValue::new("server.address", host));
+                if let Some(port) = port {
+                    attributes.push(KeyValue::new("server.port", i64::from(port)));
+                }
+            }
+            if let Some(rule) = f.rule {
+                attributes.push(KeyValue::new("toolmesh.rule", rule.to_owned()));
+            }
+            if let Some(code) = f.error_code {
+                attributes.push(KeyValue::new("rpc.response.status_code", code.to_string()));
+                attributes.push(KeyValue::new("error.type", code.to_string()));
+            } else if f.status >= 500 {
+                attributes.push(KeyValue::new("error.type", f.status.to_string()));
+            }
+            span.set_attributes(attributes);
+            if f.outcome != "ok" {
+                span.set_status(Status::error(
+                    reason.unwrap_or_else(|| f.outcome.to_owned()),
+                ));
+            }
+        });
+    }
+}
+
+/// A JSON-RPC id as the attribute holds it: a string's value, a number's text.
+fn request_id(id: &RawValue) -> String {
+    serde_json::from_str::<String>(id.get()).unwrap_or_else(|_| id.get().to_owned())
+}
+
+/// Start the CLIENT span of a request to `server` at `uri`, when tracing is on and
+/// this task serves a traced request: its context replaces the agent's in the
+/// headers and in the body's `params._meta` (the body is rewritten only then).
+pub fn client(
+    tracer: Option<&SdkTracer>,
+    server: &str,
+    uri: &http::Uri,
+    headers: &mut HeaderMap,
+    body: &mut Bytes,
+) -> Option<Held> {
+    let tracer = tracer?;
+    let parent = current()?;
+    let (name, attributes) = describe(server, uri, body);
+    let span = tracer
+        .span_builder(name)
+        .with_kind(SpanKind::Client)
+        .with_attributes(attributes)
+        .start_with_context(tracer, &Context::new().with_remote_span_context(parent));
+    let written = toolmesh_proto::otel::header(span.span_context());
+    if let Some((traceparent, tracestate)) = written {
+        headers.remove("tracestate");
+        if let Ok(v) = http::HeaderValue::from_str(&traceparent) {
+            headers.insert("traceparent", v);
+        }
+        if let Some(v) = tracestate
+            .as_deref()
+            .and_then(|t| http::HeaderValue::from_str(t).ok())
+        {
+            headers.insert("tracestate", v);
+        }
+        if let Some(rewritten) = with_meta(body, &traceparent, tracestate.as_deref()) {
+            *body = rewritten;
+        }
+    }
+    Some(Held::new(span))
+}
+
+/// A CLIENT span's name and attributes, from the request it stands for.
+fn describe(server: &str, uri: &http::Uri, body: &[u8]) -> (String, Vec<KeyValue>) {
+    let message = (!body.is_empty())
+        .then(|| serde_json::from_slice::<RawMessage<'_>>(body).ok())
+        .flatten();
+    let method = message.as_ref().and_then(|m| m.method.as_deref());
+    let target = message
+        .as_ref()
+        .and_then(|m| m.params)
+        .and_then(|p| serde_json::from_str::<Target<'_>>(p.get()).ok())
+        .and_then(|t| t.name);
+    let name = match (method, &target) {
+        (Some(m), Some(t)) if matches!(m, "tools/call" | "prompts/get") => format!("{m} {t}"),
+        (Some(m), _) => m.to_owned(),
+        (None, _) => "http".to_owned(),
+    };
+    let mut attributes = vec![
+        KeyValue::new("network.protocol.name", "http"),
+        KeyValue::new("toolmesh.server", server.to_owned()),
+    ];
+    if let Some(m) = method {
+        attributes.push(KeyValue::new("mcp.method.name", m.to_owned()));
+    }
+    if let (Some("tools/call"), Some(t)) = (method, &target) {
+        attributes.push(KeyValue::new("gen_ai.tool.name", t.to_string()));
+        attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
+    }
+    if let Some(id) = message.as_ref().and_then(|m| m.id) {
+        attributes.push(KeyValue::new("jsonrpc.request.id", request_id(id)));
+    }
+    if let Some(host) = uri.host() {
+        attributes.push(KeyValue::new("server.address", host.to_owned()));
+    }
+    if let Some(port) = uri.port_u16() {
+        attributes.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    (name, attributes)
+}
+
+/// The upstream answered with `status` (its span ends when its body does).
+pub fn answered(span: &Held, status: u16) {
+    span.with(|s| {
+        s.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if status >= 500 {
+            s.set_attribute(KeyValue::new("error.type", status.to_string()));
+            s.set_status(Status::error(format!("upstream answered {status}")));
+        }
+    });
+}
+
+/// The upstream request failed (`kind`: connect, failed, timeout).
+pub fn failed(span: Held, kind: &'static str, reason: String) {
+    span.with(|s| {
+        s.set_attribute(KeyValue::new("error.type", kind));
+        s.set_status(Status::error(reason));
+    });
+}
+
+#[derive(serde::Deserialize)]
+struct Target<'a> {
+    #[serde(borrow, default)]
+    name: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Params<'a> {
+    #[serde(borrow, default, rename = "_meta")]
+    meta: Option<&'a RawValue>,
+}
+
+/// An object's members in order, duplicates kept, values unparsed.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'a>, A::Error> {
+                let mut members = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push((k, v));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// Where `inner` (a slice of `outer`) starts in it.
+fn offset(outer: &str, inner: &str) -> Option<usize> {
+    let at = (inner.as_ptr() as usize).checked_sub(outer.as_ptr() as usize)?;
+    (at + inner.len() <= outer.len()).then_some(at)
+}
+
+/// `body` (one request or notification) with `params._meta` carrying this trace
+/// context in place of any it carried: only the `_meta` object is rewritten (its other
+/// members' values copied as sent, in order), or one is added; every other byte stays.
+/// `None` when the body is not one message with a `method` and object `params`.
+pub fn with_meta(body: &[u8], traceparent: &str, tracestate: Option<&str>) -> Option<Bytes> {
+    let text = std::str::from_utf8(body).ok()?;
+    let message: RawMessage<'_> = serde_json::from_str(text).ok()?;
+    message.method.as_ref()?;
+    let json = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut ours = format!("\"traceparent\":{}", json(traceparent));
+    if let Some(state) = tracestate {
+        ours.push_str(",\"tracestate\":");
+        ours.push_str(&json(state));
+    }
+    let mut out = String::with_capacity(text.len() + ours.len() + 32);
+    match message.params {
+        Some(params) => {
+            let ptext = params.get();
+            let pat = offset(text, ptext)?;
+            let inner = ptext.strip_prefix('{')?;
+            let parsed: Params<'_> = serde_json::from_str(ptext).ok()?;
+            match parsed.meta {
+                Some(meta) => {
+                    let members: Members<'_> = serde_json::from_str(meta.get()).ok()?;
+                    let at = offset(text, meta.get())?;
+                    out.push_str(&text[..at]);
+                    out.push('{');
+                    out.push_str(&ours);
+                    for (key, value) in &members.0 {
+                        if key != "traceparent" && key != "tracestate" {
+                            out.push(',');
+                            out.push_str(&json(key));
+                            out.push(':');
+                            out.push_str(value.get());
+                        }
+                    }
+                    out.push('}');
+                    out.push_str(&text[at + meta.get().len()..]);
+                }
+                None => {
+                    let empty = inner.trim_start().starts_with('}');
+                    out.push_str(&text[..pat + 1]);
+                    out.push_str("\"_meta\":{");
+                    out.push_str(&ours);
+                    out.push('}');
+                    if !empty {
+                        out.push(',');
+                    }
+                    out.push_str(inner);
+                    out.push_str(&text[pat + ptext.len()..]);
+                }
+            }
+        }
+        None => {
+            let open = text.find('{')?;
+            out.push_str(&text[..=open]);
+            out.push_str("\"params\":{\"_meta\":{");
+            out.push_str(&ours);
+            out.push_str("}},");
+            out.push_str(&text[open + 1..]);
+        }
+    }
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn meta(body: &str) -> serde_json::Value {
+        let out = with_meta(body.as_bytes(), TP, Some("k=v")).expect("rewritten");
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+        value["params"]["_meta"].clone()
+    }
+
+    #[test]
+    fn meta_is_added_replaced_or_created_and_the_rest_kept_as_sent() {
+        let added = meta(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}"#);
+        assert_eq!(added["traceparent"], TP);
+        assert_eq!(added["tracestate"], "k=v");
+        let created = meta(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
+        assert_eq!(created["traceparent"], TP);
+        let empty = meta(r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{}}"#);
+        assert_eq!(empty["traceparent"], TP);
+
+        // The agent's context is replaced; other members keep their bytes and order.
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","_meta":{"traceparent":"00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-bbbbbbbbbbbbbbbb-01","big":123456789012345678901234567890,"tracestate":"x=y","progressToken":7}}}"#;
+        let out = with_meta(body.as_bytes(), TP, None).expect("rewritten");
+        let text = std::str::from_utf8(&out).expect("utf-8");
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","_meta":{{"traceparent":"{TP}","big":123456789012345678901234567890,"progressToken":7}}}}}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn what_is_not_one_request_with_object_params_is_left_alone() {
+        for body in [
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":[]}}"#,
+            "not json",
+        ] {
+            assert!(with_meta(body.as_bytes(), TP, None).is_none(), "{body}");
+        }
+    }
+}

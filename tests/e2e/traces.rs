@@ -1,0 +1,384 @@
+//! OpenTelemetry traces from the real sidecar to a real OTLP/gRPC receiver: the SERVER
+//! span under the agent's parent (header or `_meta`), its MCP attributes, the CLIENT
+//! span whose context the upstream receives in the header and in `_meta` (the demo
+//! server reports what it got), a denied call's span, an SSE stream's span, parent-
+//! based sampling, and the body left byte for byte when tracing is off.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use toolmesh_tests::otlp::{Collector, Received};
+use toolmesh_tests::{DemoServer, IDENTITY, Sidecar};
+
+use crate::support::{audit_lines, borrow, demo_config, modern_call, modern_headers, post};
+
+const AGENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const AGENT_SPAN: &str = "00f067aa0ba902b7";
+
+fn agent_parent(flags: &str) -> String {
+    format!("00-{AGENT_TRACE}-{AGENT_SPAN}-{flags}")
+}
+
+const RULES: &str = r#"
+    - server: demo
+      tools: ["echo", "stream", "request_meta", "request_headers"]"#;
+
+/// The demo server and a sidecar exporting to `collector` with `extra` flags.
+async fn traced(collector: &Collector, extra: &[&str]) -> Result<(DemoServer, Sidecar)> {
+    let server = DemoServer::start(&[]).await?;
+    let endpoint = collector.url();
+    let mut args = vec!["--otlp-endpoint", endpoint.as_str()];
+    args.extend_from_slice(extra);
+    let sidecar = Sidecar::start_with_env(
+        IDENTITY,
+        &demo_config(&server.url(), RULES),
+        &args,
+        &[("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    )
+    .await?;
+    Ok((server, sidecar))
+}
+
+/// A 2026-07-28 call of `tool` with `headers` added and `meta` merged into `_meta`.
+async fn call(
+    sidecar: &Sidecar,
+    tool: &str,
+    arguments: Value,
+    headers: &[(&'static str, String)],
+    meta: Value,
+) -> Result<crate::support::Reply> {
+    let mut body: Value = serde_json::from_str(&modern_call(7, tool, arguments))?;
+    if let (Some(target), Some(extra)) = (
+        body["params"]["_meta"].as_object_mut(),
+        meta.as_object().cloned(),
+    ) {
+        target.extend(extra);
+    }
+    let mut all = modern_headers(tool);
+    all.extend(headers.iter().cloned());
+    post(&sidecar.url("demo"), &borrow(&all), body.to_string()).await
+}
+
+/// The JSON text a demo tool answered with.
+fn tool_json(reply: &crate::support::Reply) -> Result<Value> {
+    let message = reply.message();
+    let text = message["result"]["content"][0]["text"]
+        .as_str()
+        .with_context(|| format!("no tool text in {}", reply.text))?;
+    Ok(serde_json::from_str(text)?)
+}
+
+fn server_span(spans: &[Received], trace: &str) -> Option<Received> {
+    spans
+        .iter()
+        .find(|s| s.is_server() && s.trace_id() == trace)
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_call_is_a_server_span_under_the_agents_parent_and_the_upstream_gets_the_client_span()
+-> Result<()> {
+    let collector = Collector::start().await?;
+    let (_server, sidecar) = traced(&collector, &[]).await?;
+
+    // The agent's context in the header: the upstream sees a new parent, in the header
+    // and in `_meta`, in the agent's trace.
+    let reply = call(
+        &sidecar,
+        "request_meta",
+        json!({}),
+        &[("traceparent", agent_parent("01"))],
+        json!({}),
+    )
+    .await?;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let meta = tool_json(&reply)?;
+    let sent = meta["traceparent"]
+        .as_str()
+        .context("no _meta.traceparent")?;
+    assert!(
+        sent.starts_with(&format!("00-{AGENT_TRACE}-")) && sent.ends_with("-01"),
+        "{meta}"
+    );
+    assert!(
+        !sent.contains(AGENT_SPAN),
+        "the agent's span is not the upstream's parent: {sent}"
+    );
+    // The rest of `_meta` reached the server as sent.
+    assert_eq!(
+        meta["io.modelcontextprotocol/protocolVersion"], "2026-07-28",
+        "{meta}"
+    );
+
+    let spans = collector
+        .wait_for(10, |s| s.trace_id() == AGENT_TRACE && s.is_client())
+        .await;
+    let client = spans.first().context("no CLIENT span")?.clone();
+    let server = server_span(&collector.spans(), AGENT_TRACE).context("no SERVER span")?;
+    assert_eq!(server.service, "toolmesh-sidecar");
+    assert_eq!(
+        server.parent_id(),
+        AGENT_SPAN,
+        "the agent's span is the parent"
+    );
+    assert_eq!(client.parent_id(), server.span_id(), "CLIENT under SERVER");
+    assert_eq!(
+        sent,
+        format!("00-{AGENT_TRACE}-{}-01", client.span_id()),
+        "the upstream's parent is the CLIENT span"
+    );
+    assert_eq!(server.span.name, "tools/call request_meta");
+    for (key, value) in [
+        ("mcp.method.name", "tools/call"),
+        ("gen_ai.tool.name", "request_meta"),
+        ("gen_ai.operation.name", "execute_tool"),
+        ("jsonrpc.request.id", "7"),
+        ("mcp.protocol.version", "2026-07-28"),
+        ("server.address", "127.0.0.1"),
+        ("network.protocol.name", "http"),
+        ("http.response.status_code", "200"),
+        ("toolmesh.decision", "allowed"),
+        ("toolmesh.subject", IDENTITY),
+        ("toolmesh.server", "demo"),
+        ("toolmesh.outcome", "ok"),
+    ] {
+        assert_eq!(
+            server.attr(key).as_deref(),
+            Some(value),
+            "{key}: {server:?}"
+        );
+    }
+    assert_eq!(
+        server.attr("server.port"),
+        Some(sidecar.mcp.port().to_string())
+    );
+    assert!(server.error().is_none(), "{server:?}");
+    assert_eq!(client.span.name, "tools/call request_meta");
+    assert_eq!(
+        client.attr("gen_ai.tool.name").as_deref(),
+        Some("request_meta")
+    );
+    assert!(client.attr("server.port").is_some(), "{client:?}");
+    assert_eq!(
+        client.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+
+    // The header the upstream got names the same CLIENT span (a second call: the
+    // demo server reports headers and `_meta` from separate tools).
+    let reply = call(
+        &sidecar,
+        "request_headers",
+        json!({}),
+        &[
+            ("traceparent", agent_parent("01")),
+            ("tracestate", "agent=1".to_owned()),
+        ],
+        json!({}),
+    )
+    .await?;
+    let headers = tool_json(&reply)?;
+    let header = headers["traceparent"]
+        .as_str()
+        .context("no traceparent header")?;
+    let clients = collector
+        .wait_for(10, |s| {
+            s.is_client() && s.span.name == "tools/call request_headers"
+        })
+        .await;
+    let client = clients
+        .first()
+        .context("no CLIENT span for request_headers")?;
+    assert_eq!(header, format!("00-{AGENT_TRACE}-{}-01", client.span_id()));
+    assert_eq!(
+        headers["tracestate"], "agent=1",
+        "tracestate passed on: {headers}"
+    );
+
+    // `_meta`'s context (the MCP-level one) takes precedence over the header's.
+    let meta_trace = "0af7651916cd43dd8448eb211c80319c";
+    let meta_parent = format!("00-{meta_trace}-b7ad6b7169203331-01");
+    let reply = call(
+        &sidecar,
+        "echo",
+        json!({"text": "hi"}),
+        &[("traceparent", agent_parent("01"))],
+        json!({"traceparent": meta_parent}),
+    )
+    .await?;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let spans = collector
+        .wait_for(10, |s| s.is_server() && s.trace_id() == meta_trace)
+        .await;
+    let server = spans.first().context("no SERVER span in _meta's trace")?;
+    assert_eq!(server.parent_id(), "b7ad6b7169203331");
+
+    // Audit lines carry the SERVER span's ids.
+    let (trace, span) = (server.trace_id(), server.span_id());
+    let found = crate::support::eventually(10, || {
+        let lines = audit_lines(&sidecar);
+        let (trace, span) = (trace.clone(), span.clone());
+        async move {
+            lines
+                .iter()
+                .any(|l| l["trace_id"] == trace.as_str() && l["span_id"] == span.as_str())
+        }
+    })
+    .await;
+    assert!(
+        found,
+        "no audit line with the span's ids: {}",
+        sidecar.logs()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_denied_call_span_says_why_and_nothing_went_upstream() -> Result<()> {
+    let collector = Collector::start().await?;
+    let (_server, sidecar) = traced(&collector, &[]).await?;
+    let trace = "11111111111111111111111111111111";
+    let reply = call(
+        &sidecar,
+        "add",
+        json!({"a": 1, "b": 2}),
+        &[("traceparent", format!("00-{trace}-{AGENT_SPAN}-01"))],
+        json!({}),
+    )
+    .await?;
+    assert_eq!(reply.error_code(), Some(-32088), "{}", reply.text);
+    let spans = collector.wait_for(10, |s| s.trace_id() == trace).await;
+    let server = server_span(&spans, trace).context("no SERVER span")?;
+    assert_eq!(server.attr("toolmesh.decision").as_deref(), Some("denied"));
+    assert_eq!(server.attr("toolmesh.outcome").as_deref(), Some("denied"));
+    assert_eq!(server.attr("error.type").as_deref(), Some("-32088"));
+    assert_eq!(
+        server.attr("rpc.response.status_code").as_deref(),
+        Some("-32088")
+    );
+    let why = server.error().context("a denied span is an error")?;
+    assert!(
+        why.contains("add"),
+        "the status says what was refused: {why}"
+    );
+    // Give a CLIENT span time to arrive if there were one: there is none.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !collector
+            .spans()
+            .iter()
+            .any(|s| s.trace_id() == trace && s.is_client()),
+        "a denied call made no upstream request"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_sse_calls_span_covers_the_stream() -> Result<()> {
+    let collector = Collector::start().await?;
+    let (_server, sidecar) = traced(&collector, &[]).await?;
+    let trace = "22222222222222222222222222222222";
+    let reply = call(
+        &sidecar,
+        "stream",
+        json!({"count": 4, "interval_ms": 200}),
+        &[("traceparent", format!("00-{trace}-{AGENT_SPAN}-01"))],
+        json!({"progressToken": "p"}),
+    )
+    .await?;
+    assert!(
+        reply.text.contains("notifications/progress"),
+        "an SSE answer: {}",
+        reply.text
+    );
+    let spans = collector.wait_for(10, |s| s.trace_id() == trace).await;
+    let server = server_span(&spans, trace).context("no SERVER span")?;
+    // Four events 200 ms apart (the first at once): the span lasts until the stream's
+    // end, not its head.
+    assert!(
+        server.duration() >= Duration::from_millis(550),
+        "{:?}",
+        server.duration()
+    );
+    let spans = collector
+        .wait_for(10, |s| s.trace_id() == trace && s.is_client())
+        .await;
+    let client = spans.first().context("no CLIENT span")?;
+    assert!(
+        client.duration() >= Duration::from_millis(550),
+        "{:?}",
+        client.duration()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sampling_follows_the_agent_and_unsampled_context_still_reaches_the_upstream() -> Result<()>
+{
+    let collector = Collector::start().await?;
+    let (_server, sidecar) = traced(&collector, &["--trace-sampling", "0"]).await?;
+
+    // No parent, ratio 0: nothing recorded, but the upstream still gets a context
+    // (not sampled), so its own spans follow the decision.
+    let reply = call(&sidecar, "request_meta", json!({}), &[], json!({})).await?;
+    let meta = tool_json(&reply)?;
+    let sent = meta["traceparent"]
+        .as_str()
+        .context("no _meta.traceparent")?;
+    assert!(sent.ends_with("-00"), "not sampled: {sent}");
+
+    // A sampled parent is followed whatever the ratio.
+    let trace = "33333333333333333333333333333333";
+    call(
+        &sidecar,
+        "echo",
+        json!({"text": "x"}),
+        &[("traceparent", format!("00-{trace}-{AGENT_SPAN}-01"))],
+        json!({}),
+    )
+    .await?;
+    let spans = collector.wait_for(10, |s| s.trace_id() == trace).await;
+    assert!(server_span(&spans, trace).is_some(), "{spans:?}");
+    let unsampled = sent.split('-').nth(1).unwrap_or_default().to_owned();
+    assert!(
+        !collector.spans().iter().any(|s| s.trace_id() == unsampled),
+        "an unsampled trace was exported"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tracing_off_leaves_the_agents_context_and_body_as_sent() -> Result<()> {
+    let server = DemoServer::start(&[]).await?;
+    let sidecar = Sidecar::start(&demo_config(&server.url(), RULES), &[]).await?;
+    let parent = agent_parent("01");
+    let reply = call(
+        &sidecar,
+        "request_meta",
+        json!({}),
+        &[],
+        json!({"traceparent": parent, "tracestate": "a=b"}),
+    )
+    .await?;
+    let meta = tool_json(&reply)?;
+    assert_eq!(meta["traceparent"], parent.as_str());
+    assert_eq!(meta["tracestate"], "a=b");
+    let reply = call(
+        &sidecar,
+        "request_headers",
+        json!({}),
+        &[("traceparent", parent.clone())],
+        json!({}),
+    )
+    .await?;
+    assert_eq!(tool_json(&reply)?["traceparent"], parent.as_str());
+    // The audit line still names the agent's trace.
+    let named = crate::support::eventually(10, || {
+        let lines = audit_lines(&sidecar);
+        async move { lines.iter().any(|l| l["trace_id"] == AGENT_TRACE) }
+    })
+    .await;
+    assert!(named, "{}", sidecar.logs());
+    Ok(())
+}
