@@ -4,6 +4,7 @@
 //! - [`service`]: the gRPC snapshot stream (sidecars) and admin API (toolmeshctl).
 //! - [`auth`]: bootstrap tokens per identity, the admin token.
 //! - [`fleet`]: which sidecar runs which version, who refused what.
+//! - [`trace`]: apply and push spans (OpenTelemetry, when tracing is on).
 //! - [`kubernetes`]: the CRD store, TokenReview identity, the Lease, status writes and
 //!   the self-managed CA, for running inside a cluster.
 //! - [`inject`]: sidecar injection (the mutating admission webhook's logic).
@@ -20,6 +21,7 @@ pub mod kubernetes;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod trace;
 pub mod webhook;
 pub mod workload;
 

@@ -93,6 +93,15 @@ pub struct ServeArgs {
         value_name = "URL"
     )]
     pub gateway_issuers: Vec<String>,
+    /// Export OpenTelemetry traces (apply and push spans) over OTLP/gRPC to this
+    /// collector URL. Without it, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` name one; with none of them tracing is off.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded (0 to 1). Default: what `OTEL_TRACES_SAMPLER`
+    /// says, else every trace.
+    #[arg(long, env = "TOOLMESH_CP_TRACE_SAMPLING", value_parser = parse_ratio, value_name = "RATIO")]
+    pub trace_sampling: Option<f64>,
     /// Time a new gRPC connection has to send its first bytes; silent ones are closed.
     #[arg(long, env = "TOOLMESH_CP_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
     pub first_bytes_timeout: std::time::Duration,
@@ -450,6 +459,7 @@ pub async fn serve(
     ] {
         metrics::counter!(name).absolute(0);
     }
+    toolmesh_proto::otel::register(TRACE_SPANS);
     for listener in ["grpc", "admin", "webhook"] {
         metrics::counter!("toolmesh_cp_accept_errors_total", "listener" => listener).absolute(0);
     }
@@ -466,6 +476,15 @@ pub async fn serve(
         toolmesh_proto::origin::check_gateway_url(issuer, false)
             .map_err(|e| format!("--gateway-issuer: {e}"))?;
     }
+    let tracing_on = toolmesh_proto::otel::Tracing::start(&toolmesh_proto::otel::Settings {
+        endpoint: args.otlp_endpoint.clone(),
+        sampling: args.trace_sampling,
+        service_name: "toolmesh-control-plane",
+        spans_metric: TRACE_SPANS,
+    })?;
+    if let Some(t) = &tracing_on {
+        tracing::info!(endpoint = %t.endpoint, "exporting traces");
+    }
     let cp = ControlPlane::new(
         store,
         tokens,
@@ -476,6 +495,9 @@ pub async fn serve(
             identities: args.gateway_identities.clone(),
             issuers: args.gateway_issuers.clone(),
         },
+        tracing_on
+            .as_ref()
+            .map(|t| crate::trace::Traces::new(t.tracer().clone())),
     );
     // Every task started here is owned here: the servers drain, the rest are ended.
     let mut servers = tokio::task::JoinSet::new();
@@ -604,7 +626,20 @@ pub async fn serve(
     }
     background.abort_all();
     while background.join_next().await.is_some() {}
+    if let Some(t) = &tracing_on {
+        t.shutdown(DRAIN).await;
+    }
     result
+}
+
+/// Trace spans by what became of them (see [`toolmesh_proto::otel::register`]).
+pub const TRACE_SPANS: &str = "toolmesh_cp_trace_spans_total";
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: give a number from 0 to 1")),
+    }
 }
 
 /// How long shutdown waits for open connections before exiting anyway.

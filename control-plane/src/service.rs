@@ -43,6 +43,8 @@ pub struct ControlPlane {
     pub ca: Option<crate::workload::Ca>,
     /// Who may be a gateway, and the issuers gateways trust.
     gateways: Gateways,
+    /// Tracing on: apply and push spans.
+    pub traces: Option<crate::trace::Traces>,
     next_conn: AtomicU64,
     /// Flipped once on shutdown: every open stream ends with UNAVAILABLE so that the
     /// server's graceful shutdown is not held open by streams that never finish.
@@ -65,6 +67,7 @@ impl ControlPlane {
         fleet_expiry: Duration,
         ca: Option<crate::workload::Ca>,
         gateways: Gateways,
+        traces: Option<crate::trace::Traces>,
     ) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             store,
@@ -73,6 +76,7 @@ impl ControlPlane {
             fleet: Fleet::new(fleet_expiry),
             ca,
             gateways,
+            traces,
             next_conn: AtomicU64::new(1),
             stopping: watch::channel(false).0,
         })
@@ -175,8 +179,12 @@ impl SnapshotService for Snapshots {
         let conn = self.0.next_conn.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%identity, %node, version = %hello.version, gateway = hello.gateway, "sidecar connected");
         self.0.fleet.connect(&identity, &node, conn, hello.gateway);
+        let mut changes = self.0.store.changes();
+        let seen = *changes.borrow_and_update();
         let session = Session {
-            changes: self.0.store.changes(),
+            changes,
+            seen,
+            push_span: None,
             cp: self.0.clone(),
             identity,
             node,
@@ -220,6 +228,10 @@ struct Session {
     pushed_at: Option<tokio::time::Instant>,
     /// Whether to render before waiting again (at start and after a store change).
     render: bool,
+    /// The store change this stream last rendered after.
+    seen: u64,
+    /// Tracing on: the latest push's span, until the sidecar answers it.
+    push_span: Option<opentelemetry_sdk::trace::Span>,
     /// When the latest certificate request was answered (one a second at most).
     last_certificate: Option<tokio::time::Instant>,
     /// Why the stream ended, once it has; logged when the session is dropped.
@@ -251,7 +263,7 @@ impl Session {
                         continue;
                     }
                     tokio::time::sleep(DEBOUNCE).await;
-                    self.changes.borrow_and_update();
+                    self.seen = *self.changes.borrow_and_update();
                     self.render = true;
                 }
                 message = self.inbound.message() => {
@@ -299,6 +311,12 @@ impl Session {
         self.pushed_at = Some(tokio::time::Instant::now());
         self.has.clone_from(&snapshot.version);
         metrics::counter!("toolmesh_cp_snapshots_pushed_total").increment(1);
+        if let Some(traces) = &self.cp.traces {
+            let span = traces.push(self.seen, &self.identity, &self.node, &snapshot.version);
+            if let Some(earlier) = self.push_span.replace(span) {
+                crate::trace::answered(earlier, Some("superseded by a newer push".to_owned()));
+            }
+        }
         let version = &self.has;
         self.cp
             .fleet
@@ -383,6 +401,9 @@ impl Session {
                     metrics::histogram!(crate::fleet::PUSH_TO_ACK)
                         .record(at.elapsed().as_secs_f64());
                 }
+                if let Some(span) = self.push_span.take() {
+                    crate::trace::answered(span, None);
+                }
                 self.cp.fleet.update(identity, node, self.conn, |s| {
                     s.acked_version = ack.version;
                     s.nacked_version.clear();
@@ -394,6 +415,9 @@ impl Session {
             })) if nack.nonce == self.nonce => {
                 tracing::warn!(%identity, %node, version = %nack.version, reason = %nack.reason, "sidecar refused a snapshot");
                 metrics::counter!("toolmesh_cp_nacks_total").increment(1);
+                if let Some(span) = self.push_span.take() {
+                    crate::trace::nacked(span, &nack.reason);
+                }
                 self.cp.fleet.update(identity, node, self.conn, |s| {
                     s.nacked_version = nack.version;
                     s.nack_reason = nack.reason;
@@ -412,6 +436,9 @@ impl Drop for Session {
     fn drop(&mut self) {
         let reason = self.ended.as_deref().unwrap_or("response stream dropped");
         tracing::info!(identity = %self.identity, node = %self.node, %reason, "sidecar disconnected");
+        if let Some(span) = self.push_span.take() {
+            crate::trace::answered(span, Some(format!("no answer: {reason}")));
+        }
         self.cp
             .fleet
             .disconnect(&self.identity, &self.node, self.conn);
@@ -473,7 +500,18 @@ impl AdminService for Admin {
         })?;
         let resources = toolmesh_proto::parse_resources(yaml)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let results = self.0.store.apply(resources).map_err(|e| e.status())?;
+        let traced = self
+            .0
+            .traces
+            .as_ref()
+            .map(|t| (t, t.apply_started(resources.len())));
+        let applied = self.0.store.apply(resources);
+        if let Some((traces, span)) = traced {
+            let generation = *self.0.store.changes().borrow();
+            let error = applied.as_ref().err().map(ToString::to_string);
+            traces.apply_ended(span, generation, error);
+        }
+        let results = applied.map_err(|e| e.status())?;
         for line in &results {
             tracing::info!(result = %line, "applied");
         }

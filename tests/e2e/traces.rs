@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use toolmesh_tests::otlp::{Collector, Received};
-use toolmesh_tests::{DemoServer, IDENTITY, Sidecar};
+use toolmesh_tests::{ControlPlane, DemoServer, IDENTITY, SIDECAR_TOKEN, Sidecar, TempDir};
 
 use crate::support::{audit_lines, borrow, demo_config, modern_call, modern_headers, post};
 
@@ -380,5 +380,65 @@ async fn tracing_off_leaves_the_agents_context_and_body_as_sent() -> Result<()> 
     })
     .await;
     assert!(named, "{}", sidecar.logs());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_control_planes_apply_span_links_to_the_pushes_it_caused() -> Result<()> {
+    let collector = Collector::start().await?;
+    let server = DemoServer::start(&[]).await?;
+    let dir = TempDir::new("cp-traces")?;
+    let endpoint = collector.url();
+    let cp = ControlPlane::start_with_env(
+        &dir.0,
+        &demo_config(&server.url(), RULES),
+        &["--otlp-endpoint", &endpoint],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    )
+    .await?;
+    let _sidecar = Sidecar::connect(&cp.url(), SIDECAR_TOKEN, &[]).await?;
+    // The first push (no apply caused it) is answered.
+    let first = collector
+        .wait_for(15, |s| {
+            s.span.name == "toolmesh.push" && s.attr("toolmesh.answer").as_deref() == Some("ack")
+        })
+        .await;
+    assert!(!first.is_empty(), "the connect's push and its ACK");
+
+    let change = demo_config(
+        &server.url(),
+        r#"
+    - server: demo
+      tools: ["echo"]"#,
+    );
+    let (ok, out, err) = cp.ctl(&["apply", "-f", "-"], Some(&change)).await?;
+    assert!(ok, "{out}{err}");
+    let applies = collector
+        .wait_for(15, |s| s.span.name == "toolmesh.apply")
+        .await;
+    let apply = applies.first().context("no apply span")?.clone();
+    assert_eq!(apply.service, "toolmesh-control-plane");
+    assert!(apply.is_server());
+    assert!(apply.error().is_none(), "{apply:?}");
+    let pushes = collector
+        .wait_for(15, |s| {
+            s.span.name == "toolmesh.push"
+                && s.span
+                    .links
+                    .iter()
+                    .any(|l| l.span_id == apply.span.span_id && l.trace_id == apply.span.trace_id)
+        })
+        .await;
+    let push = pushes.first().context("no push linked to the apply")?;
+    assert_eq!(push.attr("toolmesh.identity").as_deref(), Some(IDENTITY));
+    assert_eq!(
+        push.attr("toolmesh.answer").as_deref(),
+        Some("ack"),
+        "{push:?}"
+    );
+    assert_eq!(
+        push.attr("toolmesh.generation"),
+        apply.attr("toolmesh.generation")
+    );
     Ok(())
 }

@@ -504,8 +504,18 @@ impl ControlPlane {
 
     /// Like [`ControlPlane::start`] (any port, `--dev`), with extra `serve` flags.
     pub async fn start_with(data_dir: &Path, seed: &str, extra: &[&str]) -> Result<ControlPlane> {
+        Self::start_with_env(data_dir, seed, extra, &[]).await
+    }
+
+    /// Like [`ControlPlane::start_with`], with `env` set in its environment.
+    pub async fn start_with_env(
+        data_dir: &Path,
+        seed: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ControlPlane> {
         let mut cmd = Self::command(data_dir, 0, seed)?;
-        cmd.arg("--dev").args(extra);
+        cmd.arg("--dev").args(extra).envs(env.iter().copied());
         Self::wait_listening(cmd, data_dir, None).await
     }
 
