@@ -166,6 +166,26 @@ pub struct Settings {
     /// The CA's PEM text: read from --inject-ca-file (or the self-managed CA) at start.
     #[arg(skip)]
     pub ca_pem: Option<String>,
+    /// An OTLP/gRPC collector the injected sidecars export traces to (their
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, with the pod's namespace and name as resource
+    /// attributes). Default: no tracing.
+    #[arg(
+        id = "inject_otlp_endpoint",
+        long = "inject-otlp-endpoint",
+        env = "TOOLMESH_INJECT_OTLP_ENDPOINT",
+        value_name = "URL",
+        value_parser = toolmesh_proto::otel::parse_endpoint
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// The injected sidecars' --trace-sampling (0 to 1). Default: every trace.
+    #[arg(
+        id = "inject_trace_sampling",
+        long = "inject-trace-sampling",
+        env = "TOOLMESH_INJECT_TRACE_SAMPLING",
+        value_name = "RATIO",
+        value_parser = toolmesh_proto::otel::parse_ratio
+    )]
+    pub trace_sampling: Option<f64>,
 }
 
 /// How the sidecar container is added (`--inject-sidecar-mode`).
@@ -449,6 +469,16 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
         && let Some(env) = sidecar["env"].as_array_mut()
     {
         env.push(json!({"name": "TOOLMESH_CA_PEM", "value": ca}));
+    }
+    if let Some(env) = sidecar["env"].as_array_mut() {
+        if let Some(endpoint) = &settings.otlp_endpoint {
+            env.push(json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}));
+            env.push(json!({"name": "OTEL_RESOURCE_ATTRIBUTES",
+                "value": "k8s.namespace.name=$(TOOLMESH_NAMESPACE),k8s.pod.name=$(TOOLMESH_NODE)"}));
+        }
+        if let Some(ratio) = settings.trace_sampling {
+            env.push(json!({"name": "TOOLMESH_TRACE_SAMPLING", "value": ratio.to_string()}));
+        }
     }
     if let Some(upstream) = &server {
         // Server-side mode: mutual TLS from other sidecars on every address, the

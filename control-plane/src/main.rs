@@ -70,3 +70,13 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every flag has its own id and name (clap checks this only in debug builds, at
+    /// the first parse: a clash would stop the binary at start).
+    #[test]
+    fn the_command_line_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

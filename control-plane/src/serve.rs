@@ -96,11 +96,11 @@ pub struct ServeArgs {
     /// Export OpenTelemetry traces (apply and push spans) over OTLP/gRPC to this
     /// collector URL. Without it, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` name one; with none of them tracing is off.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = toolmesh_proto::otel::parse_endpoint)]
     pub otlp_endpoint: Option<String>,
     /// The share of new traces recorded (0 to 1). Default: what `OTEL_TRACES_SAMPLER`
     /// says, else every trace.
-    #[arg(long, env = "TOOLMESH_CP_TRACE_SAMPLING", value_parser = parse_ratio, value_name = "RATIO")]
+    #[arg(long, env = "TOOLMESH_CP_TRACE_SAMPLING", value_parser = toolmesh_proto::otel::parse_ratio, value_name = "RATIO")]
     pub trace_sampling: Option<f64>,
     /// Time a new gRPC connection has to send its first bytes; silent ones are closed.
     #[arg(long, env = "TOOLMESH_CP_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = toolmesh_proto::resource::parse_duration, value_name = "DURATION")]
@@ -634,13 +634,6 @@ pub async fn serve(
 
 /// Trace spans by what became of them (see [`toolmesh_proto::otel::register`]).
 pub const TRACE_SPANS: &str = "toolmesh_cp_trace_spans_total";
-
-fn parse_ratio(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-        _ => Err(format!("{s:?}: give a number from 0 to 1")),
-    }
-}
 
 /// How long shutdown waits for open connections before exiting anyway.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);

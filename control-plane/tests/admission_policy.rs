@@ -118,6 +118,30 @@ fn injected_pods_are_admitted_native_and_legacy() {
         policy.refusals(&injected(&agent_pod(), &with_ca)),
         Vec::<String>::new()
     );
+    let traced = Settings {
+        otlp_endpoint: Some("http://otel-collector.monitoring:4317".into()),
+        trace_sampling: Some(0.1),
+        ..native()
+    };
+    let pod = injected(&agent_pod(), &traced);
+    assert_eq!(policy.refusals(&pod), Vec::<String>::new());
+    let env = pod["spec"]["initContainers"][0]["env"].to_string();
+    for (name, value) in [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://otel-collector.monitoring:4317",
+        ),
+        ("TOOLMESH_TRACE_SAMPLING", "0.1"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "k8s.namespace.name=$(TOOLMESH_NAMESPACE),k8s.pod.name=$(TOOLMESH_NODE)",
+        ),
+    ] {
+        assert!(
+            env.contains(&format!(r#""name":"{name}","value":"{value}""#)),
+            "{name}={value} in {env}"
+        );
+    }
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::Context;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -83,6 +83,29 @@ fn env_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String>
     }
 }
 
+/// A sampling ratio as the flags take it: a number from 0 to 1.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?}: give a number from 0 to 1 (0.1 records one trace in ten)"
+        )),
+    }
+}
+
+/// An OTLP/gRPC endpoint as the flags take it: an `http://` or `https://` URL.
+pub fn parse_endpoint(s: &str) -> Result<String, String> {
+    let url = s.trim();
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+    if scheme_ok && url.parse::<http::Uri>().is_ok() {
+        Ok(url.to_owned())
+    } else {
+        Err(format!(
+            "OTLP endpoint {s:?}: must be an http:// or https:// URL (e.g. http://otel-collector:4317)"
+        ))
+    }
+}
+
 /// The endpoint tracing exports to, or `None` when tracing is off.
 fn endpoint(flag: Option<&str>) -> Result<Option<String>, String> {
     if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
@@ -116,13 +139,7 @@ fn endpoint(flag: Option<&str>) -> Result<Option<String>, String> {
     let Some(named) = named else {
         return Ok(None);
     };
-    let named = named.trim().to_owned();
-    if !(named.starts_with("http://") || named.starts_with("https://")) {
-        return Err(format!(
-            "OTLP endpoint {named:?}: must be an http:// or https:// URL"
-        ));
-    }
-    Ok(Some(named))
+    parse_endpoint(&named).map(Some)
 }
 
 impl Tracing {
@@ -232,8 +249,8 @@ impl SpanProcessor for Queue {
     }
 }
 
-/// The export task: wait for a span, give the queue `delay` to fill a batch (unless
-/// it already has), export, repeat; on stop, export what is queued and end.
+/// The export task: wait for a span, then gather more until the batch is full or
+/// `delay` has passed, export, repeat; on stop, export what is queued and end.
 async fn export(
     exporter: opentelemetry_otlp::SpanExporter,
     mut rx: mpsc::Receiver<SpanData>,
@@ -247,17 +264,18 @@ async fn export(
     loop {
         if !stopping {
             tokio::select! {
-                n = rx.recv_many(&mut spans, batch) => {
-                    if n == 0 {
-                        stopping = true;
-                    } else if spans.len() < batch {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = stop.notified() => stopping = true,
-                        }
-                    }
-                }
+                n = rx.recv_many(&mut spans, batch) => stopping = n == 0,
                 _ = stop.notified() => stopping = true,
+            }
+            let deadline = tokio::time::sleep(delay);
+            tokio::pin!(deadline);
+            while !stopping && spans.len() < batch {
+                let room = batch - spans.len();
+                tokio::select! {
+                    n = rx.recv_many(&mut spans, room) => stopping = n == 0,
+                    _ = &mut deadline => break,
+                    _ = stop.notified() => stopping = true,
+                }
             }
         }
         while spans.len() < batch {
@@ -283,12 +301,11 @@ async fn export(
     }
 }
 
-/// W3C `traceparent` and `tracestate` as text, for both directions.
+/// W3C `traceparent` and `tracestate` as the agent sent them.
 #[derive(Debug, Default)]
 struct Carrier<'a> {
     traceparent: Option<&'a str>,
     tracestate: Option<&'a str>,
-    out: Option<(String, Option<String>)>,
 }
 
 impl Extractor for Carrier<'_> {
@@ -305,35 +322,30 @@ impl Extractor for Carrier<'_> {
     }
 }
 
-impl Injector for Carrier<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        let out = self.out.get_or_insert_with(|| (String::new(), None));
-        match key {
-            "traceparent" => out.0 = value,
-            "tracestate" if !value.is_empty() => out.1 = Some(value),
-            _ => {}
-        }
-    }
-}
-
 /// The remote span context a `traceparent` (and `tracestate`) names, if valid.
 pub fn parent(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
     let carrier = Carrier {
         traceparent: Some(traceparent),
         tracestate,
-        out: None,
     };
     let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &carrier);
     let span = cx.span().span_context().clone();
     span.is_valid().then_some(span)
 }
 
-/// `traceparent` and `tracestate` (if any) for `span`.
+/// `traceparent` and `tracestate` (if any) for `span` (`None` for an invalid one).
 pub fn header(span: &SpanContext) -> Option<(String, Option<String>)> {
-    let mut carrier = Carrier::default();
-    let cx = Context::new().with_remote_span_context(span.clone());
-    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    carrier.out.filter(|(parent, _)| !parent.is_empty())
+    if !span.is_valid() {
+        return None;
+    }
+    let parent = format!(
+        "00-{}-{}-{:02x}",
+        span.trace_id(),
+        span.span_id(),
+        span.trace_flags().to_u8()
+    );
+    let state = span.trace_state().header();
+    Some((parent, (!state.is_empty()).then_some(state)))
 }
 
 #[cfg(test)]

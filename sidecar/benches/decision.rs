@@ -7,28 +7,18 @@
 
 #[path = "../tests/fixture.rs"]
 mod fixture;
+#[path = "support/timing.rs"]
+mod timing;
 
 use std::hint::black_box;
-use std::time::Instant;
 
 use toolmesh_sidecar::mcp::TargetKind;
 
 const BATCH: u32 = 200_000;
 const ROUNDS: usize = 7;
 
-fn best_ns(mut f: impl FnMut()) -> f64 {
-    for _ in 0..BATCH {
-        f();
-    }
-    (0..ROUNDS)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..BATCH {
-                f();
-            }
-            start.elapsed().as_nanos() as f64 / f64::from(BATCH)
-        })
-        .fold(f64::INFINITY, f64::min)
+fn best_ns(f: impl FnMut()) -> f64 {
+    timing::best_ns(BATCH, ROUNDS, f)
 }
 
 fn main() {

@@ -356,7 +356,7 @@ impl crate::proxy::Proxy {
             HttpMethod::POST => {}
             HttpMethod::DELETE => {
                 ctx.decision = crate::audit::Verdict::Plumbing;
-                ctx.trace_from(None);
+                ctx.trace_from(&parts.headers, None);
                 return self
                     .end_session(subject, runtime, &parts.headers, None)
                     .await;
@@ -388,7 +388,7 @@ impl crate::proxy::Proxy {
                 "JSON-RPC batches are not accepted on the aggregated /mcp".to_owned(),
             ));
         };
-        ctx.trace_from(Some(message));
+        ctx.trace_from(&parts.headers, Some(message));
         ctx.method = message.rpc.map_or("(response)", Method::name);
         ctx.rpc_method = message.method.as_deref().map(crate::proxy::truncate);
         let modern =

@@ -274,13 +274,13 @@ pub struct Config {
     /// Export OpenTelemetry traces over OTLP/gRPC to this collector URL (e.g.
     /// http://otel-collector:4317). Without it, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` name one; with none of them tracing is off.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = toolmesh_proto::otel::parse_endpoint)]
     pub otlp_endpoint: Option<String>,
 
     /// The share of new traces recorded (0 to 1), parent-based: a request whose agent
     /// sent a trace context follows the agent's sampling decision. Default: what
     /// `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` say, else every trace.
-    #[arg(long, env = "TOOLMESH_TRACE_SAMPLING", value_parser = parse_ratio, value_name = "RATIO")]
+    #[arg(long, env = "TOOLMESH_TRACE_SAMPLING", value_parser = toolmesh_proto::otel::parse_ratio, value_name = "RATIO")]
     pub trace_sampling: Option<f64>,
 
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. info or toolmesh_sidecar=debug.
@@ -467,11 +467,12 @@ impl Config {
     }
 }
 
-fn parse_ratio(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-        _ => Err(format!(
-            "{s:?}: give a number from 0 to 1 (0.1 records one trace in ten)"
-        )),
+#[cfg(test)]
+mod tests {
+    /// Every flag has its own id and name (clap checks this only in debug builds, at
+    /// the first parse: a clash would stop the binary at start).
+    #[test]
+    fn the_command_line_is_consistent() {
+        <super::Config as clap::CommandFactory>::command().debug_assert();
     }
 }

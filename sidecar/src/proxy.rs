@@ -197,12 +197,16 @@ impl Ctx {
 
     /// The body is read: the SERVER span starts, its parent the body's `_meta` trace
     /// context if it carries one, else the header's.
-    pub(crate) fn trace_from(&mut self, message: Option<&mcp::Message<'_>>) {
+    pub(crate) fn trace_from(
+        &mut self,
+        headers: &http::HeaderMap,
+        message: Option<&mcp::Message<'_>>,
+    ) {
         if let Some(trace) = &mut self.trace {
             if let Some((traceparent, tracestate)) = message.and_then(|m| m.trace_context()) {
                 trace.meta(&traceparent, tracestate.as_deref());
             }
-            trace.start();
+            trace.start(Some(headers));
         }
     }
 }
@@ -257,9 +261,9 @@ impl Pending<'_> {
             arguments: arguments.as_deref(),
             trace_id: ids
                 .as_ref()
-                .map(|(t, _)| t.as_str())
+                .map(crate::trace::Ids::trace)
                 .or(ctx.trace_id.as_deref()),
-            span_id: ids.as_ref().map(|(_, s)| s.as_str()),
+            span_id: ids.as_ref().map(crate::trace::Ids::span),
         });
     }
 
@@ -270,17 +274,16 @@ impl Pending<'_> {
         status: u16,
         error_code: Option<i64>,
         outcome: Outcome,
-    ) -> Option<(String, String)> {
+    ) -> Option<crate::trace::Ids> {
         let ctx = &mut self.ctx;
         let trace = ctx.trace.as_mut()?;
-        let server = ctx.server.to_string();
         trace.finish(crate::trace::Finish {
             method: ctx.rpc_method.as_deref().unwrap_or(ctx.method),
             kind: ctx.kind,
             name: ctx.name.as_deref(),
             request_id: ctx.request_id.as_deref(),
             session: ctx.session.as_deref(),
-            server: &server,
+            server: &ctx.server,
             subject: ctx.subject.as_str(),
             decision: ctx.decision.as_str(),
             rule: ctx.rule.as_deref(),
@@ -467,12 +470,9 @@ impl Proxy {
         };
         pending.finish(response.status().as_u16(), error_code, outcome);
         // Tracing on: the request's span ends when its answer does (an SSE stream too).
-        match pending.ctx.trace.as_mut() {
+        match pending.ctx.trace.as_mut().and_then(|t| t.hold()) {
             None => response,
-            Some(trace) => {
-                let span = trace.hold();
-                response.map(|body| body::holding(body, span))
-            }
+            Some(span) => response.map(|body| body::holding(body, span)),
         }
     }
 
@@ -519,10 +519,13 @@ impl Proxy {
                 let body = self.read_body(&parts.headers, incoming).await?;
                 let envelope = mcp::parse(&body).map_err(rejection)?;
                 ctx.request_id = envelope.id().map(|id| id.to_owned());
-                ctx.trace_from(match &envelope {
-                    Envelope::Single(m) => Some(m),
-                    Envelope::Batch(_) => None,
-                });
+                ctx.trace_from(
+                    &parts.headers,
+                    match &envelope {
+                        Envelope::Single(m) => Some(m),
+                        Envelope::Batch(_) => None,
+                    },
+                );
                 match &envelope {
                     Envelope::Single(m) => {
                         ctx.method = m.rpc.map_or("(response)", mcp::Method::name);
@@ -577,7 +580,7 @@ impl Proxy {
             }
             Method::GET | Method::DELETE => {
                 ctx.decision = Verdict::Plumbing;
-                ctx.trace_from(None);
+                ctx.trace_from(&parts.headers, None);
                 if self.callers.is_none() && route.holds_sessions() {
                     return self
                         .bridge_legacy(

@@ -14,6 +14,11 @@
 //! it without the request path passing it around. Work a request hands to another
 //! task (a parked call, a notification stream) is not traced.
 //!
+//! A request that is not sampled costs as little as it can: its SERVER span is the
+//! SDK's non-recording one (no attributes are built), it gets no CLIENT span, and its
+//! body is not rewritten; the upstream gets the agent's context as sent, or, when the
+//! agent sent none, a `traceparent` header saying "not sampled".
+//!
 //! When tracing is off none of this runs: the request path holds `None` and relays
 //! the agent's trace context untouched, body bytes included.
 //!
@@ -90,11 +95,16 @@ pub struct Server {
     tracer: SdkTracer,
     start: SystemTime,
     parent: Option<SpanContext>,
-    /// `MCP-Protocol-Version`, and the listener's host and port (the `Host` header).
+    /// `MCP-Protocol-Version`, and the listener's host and port (the `Host` header):
+    /// copied when a recorded span starts (holding the request's own header values
+    /// would keep the connection's read buffer alive).
     version: Option<String>,
-    host: Option<(String, Option<u16>)>,
+    host: Option<String>,
     /// Why the sidecar refused the request or could not serve it, if it did.
     reason: Option<String>,
+    /// Once started: the span's context, and the span itself if it is recorded (an
+    /// unsampled span is dropped at once: there is nothing to end).
+    started: Option<SpanContext>,
     span: Option<Held>,
 }
 
@@ -104,19 +114,18 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 
 impl Server {
     pub fn new(tracer: &SdkTracer, headers: &HeaderMap, start: SystemTime) -> Server {
+        // (`headers` are read here for the parent only.)
         let parent = header(headers, "traceparent").and_then(|traceparent| {
             toolmesh_proto::otel::parent(traceparent, header(headers, "tracestate"))
         });
-        let host = header(headers, "host")
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-            .map(|a| (a.host().to_owned(), a.port_u16()));
         Server {
             tracer: tracer.clone(),
             start,
             parent,
-            version: header(headers, crate::mcp::HEADER_PROTOCOL_VERSION).map(str::to_owned),
-            host,
+            version: None,
+            host: None,
             reason: None,
+            started: None,
             span: None,
         }
     }
@@ -129,16 +138,31 @@ impl Server {
     /// The body's `params._meta` trace context, which takes precedence over the
     /// header's (before the span starts; ignored when not valid).
     pub fn meta(&mut self, traceparent: &str, tracestate: Option<&str>) {
-        if self.span.is_none()
+        if self.started.is_none()
             && let Some(parent) = toolmesh_proto::otel::parent(traceparent, tracestate)
         {
             self.parent = Some(parent);
         }
     }
 
-    /// Start the span (once): upstream requests made from now on are its children.
-    pub fn start(&mut self) -> &Held {
-        self.span.get_or_insert_with(|| {
+    /// Start the span (once), with the request's `headers` when they are at hand:
+    /// upstream requests made from now on are its children.
+    pub fn start(&mut self, headers: Option<&HeaderMap>) -> &SpanContext {
+        if self.started.is_none() {
+            self.begin();
+            if self.span.is_some()
+                && let Some(headers) = headers
+            {
+                self.version =
+                    header(headers, crate::mcp::HEADER_PROTOCOL_VERSION).map(str::to_owned);
+                self.host = header(headers, "host").map(str::to_owned);
+            }
+        }
+        self.begin()
+    }
+
+    fn begin(&mut self) -> &SpanContext {
+        self.started.get_or_insert_with(|| {
             let parent = match &self.parent {
                 Some(p) => Context::new().with_remote_span_context(p.clone()),
                 None => Context::new(),
@@ -149,33 +173,42 @@ impl Server {
                 .with_kind(SpanKind::Server)
                 .with_start_time(self.start)
                 .start_with_context(&self.tracer, &parent);
-            let _ = CURRENT.try_with(|c| *c.borrow_mut() = Some(span.span_context().clone()));
-            Held::new(span)
+            let cx = span.span_context().clone();
+            let _ = CURRENT.try_with(|c| *c.borrow_mut() = Some(cx.clone()));
+            if span.is_recording() {
+                self.span = Some(Held::new(span));
+            }
+            cx
         })
     }
 
-    /// The span, for a relayed body to hold until it ends.
-    pub fn hold(&mut self) -> Held {
-        self.start().clone()
+    /// The span if it is recorded, for a relayed body to hold until it ends.
+    pub fn hold(&mut self) -> Option<Held> {
+        self.begin();
+        self.span.clone()
     }
 
     /// The trace and span ids, as audit lines write them (sampled or not).
-    pub fn ids(&mut self) -> (String, String) {
-        let mut ids = (String::new(), String::new());
-        self.start().with(|span| {
-            let cx = span.span_context();
-            ids = (cx.trace_id().to_string(), cx.span_id().to_string());
-        });
+    pub fn ids(&mut self) -> Ids {
+        let cx = self.begin();
+        let mut ids = Ids::default();
+        hex(&cx.trace_id().to_bytes(), &mut ids.trace);
+        hex(&cx.span_id().to_bytes(), &mut ids.span);
         ids
     }
 
-    /// Name and attribute the span for how the request ended.
+    /// Name and attribute the span for how the request ended (only if it is recorded:
+    /// an unsampled request costs no attributes).
     pub fn finish(&mut self, f: Finish<'_>) {
         let (version, host, reason) = (self.version.take(), self.host.take(), self.reason.take());
-        self.start().with(|span| {
-            if !span.is_recording() {
-                return;
-            }
+        self.begin();
+        let Some(span) = &self.span else {
+            return;
+        };
+        span.with(|span| {
+            let host = host
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .map(|a| (a.host().to_owned(), a.port_u16()));
             let target = match f.kind {
                 Some("tool" | "prompt") => f.name,
                 _ => None,
@@ -241,6 +274,31 @@ impl Server {
     }
 }
 
+/// Hex trace and span ids for an audit line, without allocating.
+#[derive(Debug, Default)]
+pub struct Ids {
+    trace: [u8; 32],
+    span: [u8; 16],
+}
+
+impl Ids {
+    pub fn trace(&self) -> &str {
+        std::str::from_utf8(&self.trace).unwrap_or_default()
+    }
+
+    pub fn span(&self) -> &str {
+        std::str::from_utf8(&self.span).unwrap_or_default()
+    }
+}
+
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
+
 /// A JSON-RPC id as the attribute holds it: a string's value, a number's text.
 fn request_id(id: &RawValue) -> String {
     serde_json::from_str::<String>(id.get()).unwrap_or_else(|_| id.get().to_owned())
@@ -258,7 +316,24 @@ pub fn client(
 ) -> Option<Held> {
     let tracer = tracer?;
     let parent = current()?;
-    let (name, attributes) = describe(server, uri, body);
+    if !parent.is_sampled() {
+        // Nobody records this trace: no span, the body untouched. An agent's context
+        // goes on as it was sent; without one, the header says "not sampled" so the
+        // upstream follows the decision.
+        if !headers.contains_key("traceparent")
+            && let Some((traceparent, _)) = toolmesh_proto::otel::header(&parent)
+            && let Ok(v) = http::HeaderValue::from_str(&traceparent)
+        {
+            headers.insert("traceparent", v);
+        }
+        return None;
+    }
+    // One reading of the body for the span's name and attributes and the rewrite.
+    let text = std::str::from_utf8(body)
+        .ok()
+        .filter(|t| t.trim_start().starts_with('{'));
+    let message = text.and_then(|t| serde_json::from_str::<RawMessage<'_>>(t).ok());
+    let (name, attributes) = describe(server, uri, message.as_ref());
     let span = tracer
         .span_builder(name)
         .with_kind(SpanKind::Client)
@@ -276,7 +351,14 @@ pub fn client(
         {
             headers.insert("tracestate", v);
         }
-        if let Some(rewritten) = with_meta(body, &traceparent, tracestate.as_deref()) {
+        let rewritten = match (text, &message) {
+            (Some(text), Some(message)) => {
+                rewrite(text, message, &traceparent, tracestate.as_deref())
+            }
+            _ => None,
+        };
+        drop(message);
+        if let Some(rewritten) = rewritten {
             *body = rewritten;
         }
     }
@@ -284,13 +366,13 @@ pub fn client(
 }
 
 /// A CLIENT span's name and attributes, from the request it stands for.
-fn describe(server: &str, uri: &http::Uri, body: &[u8]) -> (String, Vec<KeyValue>) {
-    let message = (!body.is_empty())
-        .then(|| serde_json::from_slice::<RawMessage<'_>>(body).ok())
-        .flatten();
-    let method = message.as_ref().and_then(|m| m.method.as_deref());
+fn describe(
+    server: &str,
+    uri: &http::Uri,
+    message: Option<&RawMessage<'_>>,
+) -> (String, Vec<KeyValue>) {
+    let method = message.and_then(|m| m.method.as_deref());
     let target = message
-        .as_ref()
         .and_then(|m| m.params)
         .and_then(|p| serde_json::from_str::<Target<'_>>(p.get()).ok())
         .and_then(|t| t.name);
@@ -310,7 +392,7 @@ fn describe(server: &str, uri: &http::Uri, body: &[u8]) -> (String, Vec<KeyValue
         attributes.push(KeyValue::new("gen_ai.tool.name", t.to_string()));
         attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
     }
-    if let Some(id) = message.as_ref().and_then(|m| m.id) {
+    if let Some(id) = message.and_then(|m| m.id) {
         attributes.push(KeyValue::new("jsonrpc.request.id", request_id(id)));
     }
     if let Some(host) = uri.host() {
@@ -391,10 +473,26 @@ fn offset(outer: &str, inner: &str) -> Option<usize> {
 /// `None` when the body is not one message with a `method` and object `params`.
 pub fn with_meta(body: &[u8], traceparent: &str, tracestate: Option<&str>) -> Option<Bytes> {
     let text = std::str::from_utf8(body).ok()?;
+    // An object (serde would also read a struct from an array).
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
     let message: RawMessage<'_> = serde_json::from_str(text).ok()?;
+    rewrite(text, &message, traceparent, tracestate)
+}
+
+/// [`with_meta`] for a body already read as `message`.
+fn rewrite(
+    text: &str,
+    message: &RawMessage<'_>,
+    traceparent: &str,
+    tracestate: Option<&str>,
+) -> Option<Bytes> {
     message.method.as_ref()?;
     let json = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let mut ours = format!("\"traceparent\":{}", json(traceparent));
+    let mut ours = String::with_capacity(96 + tracestate.map_or(0, str::len));
+    ours.push_str("\"traceparent\":");
+    ours.push_str(&json(traceparent));
     if let Some(state) = tracestate {
         ours.push_str(",\"tracestate\":");
         ours.push_str(&json(state));
@@ -407,6 +505,19 @@ pub fn with_meta(body: &[u8], traceparent: &str, tracestate: Option<&str>) -> Op
             let inner = ptext.strip_prefix('{')?;
             let parsed: Params<'_> = serde_json::from_str(ptext).ok()?;
             match parsed.meta {
+                // No key that could be a trace key, however spelled: ours go first,
+                // the members stay as they are.
+                Some(meta) if !meta.get().contains("trace") && !meta.get().contains('\\') => {
+                    let at = offset(text, meta.get())?;
+                    let members = meta.get().strip_prefix('{')?;
+                    out.push_str(&text[..=at]);
+                    out.push_str(&ours);
+                    if !members.trim_start().starts_with('}') {
+                        out.push(',');
+                    }
+                    out.push_str(members);
+                    out.push_str(&text[at + meta.get().len()..]);
+                }
                 Some(meta) => {
                     let members: Members<'_> = serde_json::from_str(meta.get()).ok()?;
                     let at = offset(text, meta.get())?;
@@ -426,7 +537,7 @@ pub fn with_meta(body: &[u8], traceparent: &str, tracestate: Option<&str>) -> Op
                 }
                 None => {
                     let empty = inner.trim_start().starts_with('}');
-                    out.push_str(&text[..pat + 1]);
+                    out.push_str(&text[..=pat]);
                     out.push_str("\"_meta\":{");
                     out.push_str(&ours);
                     out.push('}');
@@ -491,6 +602,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":[]}}"#,
+            r#"["2.0",1,"tools/call",{"name":"t"}]"#,
             "not json",
         ] {
             assert!(with_meta(body.as_bytes(), TP, None).is_none(), "{body}");

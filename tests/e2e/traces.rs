@@ -314,19 +314,35 @@ async fn an_sse_calls_span_covers_the_stream() -> Result<()> {
 }
 
 #[tokio::test]
-async fn sampling_follows_the_agent_and_unsampled_context_still_reaches_the_upstream() -> Result<()>
-{
+async fn sampling_follows_the_agent_and_unsampled_requests_tell_the_upstream_so() -> Result<()> {
     let collector = Collector::start().await?;
     let (_server, sidecar) = traced(&collector, &["--trace-sampling", "0"]).await?;
 
-    // No parent, ratio 0: nothing recorded, but the upstream still gets a context
-    // (not sampled), so its own spans follow the decision.
-    let reply = call(&sidecar, "request_meta", json!({}), &[], json!({})).await?;
-    let meta = tool_json(&reply)?;
-    let sent = meta["traceparent"]
+    // No parent, ratio 0: nothing recorded, and the body reaches the upstream as sent,
+    // but its header says "not sampled", so the server's own spans follow the decision.
+    let reply = call(&sidecar, "request_headers", json!({}), &[], json!({})).await?;
+    let headers = tool_json(&reply)?;
+    let sent = headers["traceparent"]
         .as_str()
-        .context("no _meta.traceparent")?;
+        .context("no traceparent header")?
+        .to_owned();
     assert!(sent.ends_with("-00"), "not sampled: {sent}");
+    let reply = call(&sidecar, "request_meta", json!({}), &[], json!({})).await?;
+    assert!(
+        tool_json(&reply)?.get("traceparent").is_none(),
+        "an unsampled request's body is not rewritten"
+    );
+    // An unsampled agent context goes on as the agent sent it.
+    let unsampled_parent = agent_parent("00");
+    let reply = call(
+        &sidecar,
+        "request_headers",
+        json!({}),
+        &[("traceparent", unsampled_parent.clone())],
+        json!({}),
+    )
+    .await?;
+    assert_eq!(tool_json(&reply)?["traceparent"], unsampled_parent.as_str());
 
     // A sampled parent is followed whatever the ratio.
     let trace = "33333333333333333333333333333333";
@@ -440,5 +456,61 @@ async fn the_control_planes_apply_span_links_to_the_pushes_it_caused() -> Result
         push.attr("toolmesh.generation"),
         apply.attr("toolmesh.generation")
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_collector_that_never_answers_costs_requests_nothing_and_spans_are_counted_as_dropped()
+-> Result<()> {
+    // Accepts connections and never says a word: every export waits for its timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", silent.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let server = DemoServer::start(&[]).await?;
+    let sidecar = Sidecar::start_with_env(
+        IDENTITY,
+        &demo_config(&server.url(), RULES),
+        &["--otlp-endpoint", &endpoint],
+        &[
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "8"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "10"),
+        ],
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    for i in 0..60 {
+        let reply = call(
+            &sidecar,
+            "echo",
+            json!({"text": format!("{i}")}),
+            &[],
+            json!({}),
+        )
+        .await?;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "60 calls took {took:?}: the export must not hold requests up"
+    );
+    let dropped = crate::support::eventually(10, || async {
+        let (_, page) = crate::support::admin(&sidecar, "/metrics")
+            .await
+            .unwrap_or_default();
+        page.lines().any(|l| {
+            l.starts_with("toolmesh_trace_spans_total{result=\"dropped\"}")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(1.0)
+        })
+    })
+    .await;
+    assert!(dropped, "spans that found the queue full are counted");
+    held.abort();
     Ok(())
 }

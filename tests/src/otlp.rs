@@ -202,3 +202,85 @@ impl Drop for Collector {
         self.task.abort();
     }
 }
+
+/// An OTLP/gRPC endpoint that reads every export and answers OK without decoding it:
+/// a collector that costs the machine as little as one can, so a benchmark measures
+/// the exporter, not the receiver. Counts exports and bytes.
+#[derive(Debug)]
+pub struct Sink {
+    addr: std::net::SocketAddr,
+    exports: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sink {
+    pub async fn start() -> Result<Sink> {
+        use http_body_util::BodyExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the OTLP sink")?;
+        let addr = listener.local_addr()?;
+        let exports = Arc::new(AtomicU64::new(0));
+        let counted = exports.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let counted = counted.clone();
+                            async move {
+                                // Read (and drop) the whole export, as a collector would.
+                                let _ = req.into_body().collect().await;
+                                counted.fetch_add(1, Ordering::Relaxed);
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                                // An empty ExportTraceServiceResponse: a 5-byte gRPC frame.
+                                let frames = vec![
+                                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                        bytes::Bytes::from_static(&[0, 0, 0, 0, 0]),
+                                    )),
+                                    Ok(hyper::body::Frame::trailers(trailers)),
+                                ];
+                                let body =
+                                    http_body_util::StreamBody::new(futures::stream::iter(frames));
+                                let mut resp = http::Response::new(body);
+                                resp.headers_mut().insert(
+                                    http::header::CONTENT_TYPE,
+                                    http::HeaderValue::from_static("application/grpc"),
+                                );
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        Ok(Sink {
+            addr,
+            exports,
+            task,
+        })
+    }
+
+    /// The endpoint to give `--otlp-endpoint`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Exports (batches of spans) answered so far.
+    pub fn exports(&self) -> u64 {
+        self.exports.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

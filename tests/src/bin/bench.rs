@@ -23,7 +23,8 @@
 //! (agent sidecar → server-side sidecar over mutual TLS → server) against the first,
 //! for the paced and unpaced small calls; and gateway mode (a bearer JWT on every
 //! request, policies matched per user) against the sidecar path, with 10,000 distinct
-//! users' tokens in a minute for its memory.
+//! users' tokens in a minute for its memory; and tracing off, at 10% and at 100%
+//! sampling (with `--baseline-sidecar`, also a build without tracing at all).
 //!
 //! Build and run with `make bench` (release binaries; installs nginx if missing).
 //! It measures; it asserts nothing but that answers are correct.
@@ -68,9 +69,14 @@ struct Args {
     proxy_workers: usize,
     /// Run only these workloads (repeat the flag): call-paced, call, big, sse, list,
     /// sessions, sessions-pooled, stateless, aggregate-call-paced, aggregate-call,
-    /// aggregate-list, gateway-call, gateway-call-paced, gateway-users.
+    /// aggregate-list, gateway-call, gateway-call-paced, gateway-users, trace-call,
+    /// trace-call-paced.
     #[arg(long = "workload")]
     workloads: Vec<String>,
+    /// A sidecar binary built without tracing (e.g. from the commit before it), to
+    /// measure what tracing costs when off; the tracing workloads add it as a target.
+    #[arg(long, value_name = "PATH")]
+    baseline_sidecar: Option<PathBuf>,
     /// Leave nginx out (when it is not installed).
     #[arg(long)]
     no_nginx: bool,
@@ -1023,31 +1029,11 @@ async fn gateway(args: &Args, upstream: &str, audit: &Path) -> Result<String> {
             users,
         })
     };
-    let calls = [
-        Workload {
-            name: "gateway-call",
-            what: "small stateless `tools/call`, 16 clients (16 users), closed loop".into(),
-            call: Call::Small,
-            clients: 16,
-            rate: None,
-            sessions: false,
-            connections: None,
-            secs: args.duration,
-        },
-        Workload {
-            name: "gateway-call-paced",
-            what: format!(
-                "small stateless `tools/call`, {} requests/s over 10 clients (10 users)",
-                args.rate
-            ),
-            call: Call::Small,
-            clients: 10,
-            rate: Some(args.rate),
-            sessions: false,
-            connections: None,
-            secs: args.paced_duration,
-        },
-    ];
+    let calls = small_calls(
+        args,
+        ["gateway-call", "gateway-call-paced"],
+        ("stateless `tools/call`", "clients (as many users)"),
+    );
     for w in calls
         .iter()
         .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
@@ -1078,15 +1064,7 @@ async fn gateway(args: &Args, upstream: &str, audit: &Path) -> Result<String> {
             &results,
             &[("gateway", "sidecar")],
         );
-        for (who, o) in &results {
-            let _ = writeln!(
-                t,
-                "\n{}: CPU {:.0} ms per 1,000 requests, peak RSS {:.1} MiB.",
-                who.name,
-                o.cpu_ms_per_1k.unwrap_or_default(),
-                o.peak_rss_kib.unwrap_or_default() as f64 / 1024.0
-            );
-        }
+        t.push_str(&costs(&results));
         println!("{t}");
         report.push_str(&t);
         report.push('\n');
@@ -1502,16 +1480,215 @@ fn main() -> Result<()> {
     runtime.block_on(bench(args))
 }
 
+/// Each target's CPU per 1,000 requests and peak RSS, a line each, after a table.
+fn costs(results: &[(&Target, Outcome)]) -> String {
+    let mut t = String::new();
+    for (who, o) in results {
+        let _ = writeln!(
+            t,
+            "\n{}: CPU {:.0} ms per 1,000 requests, peak RSS {:.1} MiB.",
+            who.name,
+            o.cpu_ms_per_1k.unwrap_or_default(),
+            o.peak_rss_kib.unwrap_or_default() as f64 / 1024.0
+        );
+    }
+    t
+}
+
+/// The small call closed-loop over 16 `over`, and paced at `--rate` over 10, named
+/// `names`: how the gateway and tracing sections compare their targets.
+fn small_calls(args: &Args, names: [&'static str; 2], (call, over): (&str, &str)) -> [Workload; 2] {
+    [
+        Workload {
+            name: names[0],
+            what: format!("small {call}, 16 {over}, closed loop"),
+            call: Call::Small,
+            clients: 16,
+            rate: None,
+            sessions: false,
+            connections: None,
+            secs: args.duration,
+        },
+        Workload {
+            name: names[1],
+            what: format!("small {call}, {} requests/s over 10 {over}", args.rate),
+            call: Call::Small,
+            clients: 10,
+            rate: Some(args.rate),
+            sessions: false,
+            connections: None,
+            secs: args.paced_duration,
+        },
+    ]
+}
+
+/// Rounds of each tracing workload, interleaved; the best of each is reported.
+const TRACE_ROUNDS: usize = 3;
+
+/// The sidecar with tracing off, on at 0% (what a request nobody records costs), 10%
+/// and 100% sampling (exporting to an
+/// OTLP receiver in this process, which counts and drops what it gets), and, given
+/// `--baseline-sidecar`, a sidecar without tracing at all: small calls, unpaced and
+/// paced, the best of interleaved rounds.
+async fn tracing(args: &Args, config: &Path, audit: &Path) -> Result<String> {
+    let names = ["trace-call", "trace-call-paced"];
+    if !(args.workloads.is_empty() || args.workloads.iter().any(|n| names.contains(&n.as_str()))) {
+        return Ok(String::new());
+    }
+    // A collector that reads exports and does not decode them: what is measured is the
+    // sidecar's cost, not a receiver's on the same two cores.
+    let collector = toolmesh_tests::otlp::Sink::start().await?;
+    let url = collector.url();
+    let on = |ratio: &str| {
+        vec![
+            "--otlp-endpoint".to_owned(),
+            url.clone(),
+            "--trace-sampling".to_owned(),
+            ratio.to_owned(),
+        ]
+    };
+    let mut modes: Vec<(&'static str, Option<PathBuf>, Vec<String>)> = vec![
+        ("tracing off", None, Vec::new()),
+        ("tracing 0%", None, on("0")),
+        ("tracing 10%", None, on("0.1")),
+        ("tracing 100%", None, on("1")),
+    ];
+    let mut ratios = vec![
+        ("tracing 0%", "tracing off"),
+        ("tracing 10%", "tracing off"),
+        ("tracing 100%", "tracing off"),
+    ];
+    if let Some(baseline) = &args.baseline_sidecar {
+        modes.push(("no tracing (baseline)", Some(baseline.clone()), Vec::new()));
+        ratios.push(("tracing off", "no tracing (baseline)"));
+    }
+    let calls = small_calls(
+        args,
+        ["trace-call", "trace-call-paced"],
+        ("`tools/call`", "connections"),
+    );
+    let mut report = String::from(
+        "## Tracing
+
+",
+    );
+    for w in calls
+        .iter()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
+    {
+        let mut rounds: Vec<Vec<Outcome>> = modes.iter().map(|_| Vec::new()).collect();
+        let mut spans: Vec<(f64, f64)> = modes.iter().map(|_| (0.0, 0.0)).collect();
+        let before = collector.exports();
+        for _ in 0..TRACE_ROUNDS {
+            for (i, (name, binary, extra)) in modes.iter().enumerate() {
+                let (mut sidecar, addr, admin) =
+                    start_sidecar_with(args, config, audit, binary.as_deref(), extra).await?;
+                let through = Arc::new(Target {
+                    name,
+                    addr,
+                    path: "/mcp/bench",
+                    pid: sidecar.pid(),
+                    prefix: "",
+                    fan_out: 1,
+                    users: Users::None,
+                });
+                rounds[i].push(run(through, w).await.with_context(|| name.to_string())?);
+                // Give the queue a moment to drain, then read what became of the spans.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (exported, dropped) = trace_spans(admin).await;
+                spans[i].0 += exported;
+                spans[i].1 += dropped;
+                // SIGTERM: the sidecar flushes its spans before it exits.
+                sidecar.terminate().await?;
+            }
+        }
+        let targets: Vec<Arc<Target>> = modes
+            .iter()
+            .map(|(name, _, _)| {
+                Arc::new(Target {
+                    name,
+                    addr: ([127, 0, 0, 1], 0).into(),
+                    path: "",
+                    pid: None,
+                    prefix: "",
+                    fan_out: 1,
+                    users: Users::None,
+                })
+            })
+            .collect();
+        let results: Vec<(&Target, Outcome)> = targets
+            .iter()
+            .map(Arc::as_ref)
+            .zip(rounds.into_iter().map(best))
+            .collect();
+        let mut t = compare_table(&format!("{} — {}", w.name, w.what), &results, &ratios);
+        t.push_str(&costs(&results));
+        for ((name, _, _), (exported, dropped)) in modes.iter().zip(&spans) {
+            if exported + dropped > 0.0 {
+                let _ = writeln!(
+                    t,
+                    "\n{name}: {exported:.0} spans exported, {dropped:.0} dropped over {TRACE_ROUNDS} rounds (two per sampled call: SERVER and CLIENT)."
+                );
+            }
+        }
+        let _ = writeln!(
+            t,
+            "\nExports the OTLP endpoint answered: {}.",
+            collector.exports() - before
+        );
+        println!("{t}");
+        report.push_str(&t);
+        report.push('\n');
+    }
+    Ok(report)
+}
+
+/// `toolmesh_trace_spans_total` of the sidecar whose admin port is `admin`: exported,
+/// dropped (0 when unreadable).
+async fn trace_spans(admin: u16) -> (f64, f64) {
+    let page = match reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let value = |result: &str| {
+        let prefix = format!("toolmesh_trace_spans_total{{result=\"{result}\"}} ");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("exported"), value("dropped"))
+}
+
 /// A fresh sidecar with the benchmark's resources and audit to `audit`.
 async fn start_sidecar(args: &Args, config: &Path, audit: &Path) -> Result<(Proc, SocketAddr)> {
+    let (proc, addr, _) = start_sidecar_with(args, config, audit, None, &[]).await?;
+    Ok((proc, addr))
+}
+
+/// [`start_sidecar`], from `binary` if given, with `extra` flags.
+async fn start_sidecar_with(
+    args: &Args,
+    config: &Path,
+    audit: &Path,
+    binary: Option<&Path>,
+    extra: &[String],
+) -> Result<(Proc, SocketAddr, u16)> {
     let (mcp, admin) = (free_port()?, free_port()?);
     let mut cmd = sidecar_command(args, mcp, admin)?;
+    if let Some(binary) = binary {
+        let std = cmd.as_std();
+        let mut other = Command::new(binary);
+        other.args(std.get_args());
+        cmd = other;
+    }
+    cmd.args(extra);
     cmd.arg("--config")
         .arg(config)
         .arg("--audit-file")
         .arg(audit);
     let (sidecar, _) = time_to_ready(cmd, admin).await?;
-    Ok((sidecar, ([127, 0, 0, 1], mcp).into()))
+    Ok((sidecar, ([127, 0, 0, 1], mcp).into(), admin))
 }
 
 async fn bench(args: Args) -> Result<()> {
@@ -1602,6 +1779,9 @@ async fn bench(args: Args) -> Result<()> {
 
     let gateway = gateway(&args, &upstream_url, &audit).await?;
     report.push_str(&gateway);
+
+    let traced = tracing(&args, &config, &audit).await?;
+    report.push_str(&traced);
 
     let hops = two_hop(&args, &direct, &upstream_url).await?;
     println!("{hops}");

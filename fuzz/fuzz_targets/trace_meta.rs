@@ -1,0 +1,55 @@
+//! The trace context written into a request body (`trace::with_meta`, tracing on):
+//! any body through it. What it rewrites is still JSON, carries exactly the sidecar's
+//! `traceparent`/`tracestate` in `params._meta`, and means what the agent sent
+//! everywhere else: the same message with the trace keys taken out of `_meta` on both
+//! sides (and the `params`/`_meta` it had to add removed). Never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use toolmesh_sidecar::trace::with_meta;
+
+const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const STATE: &str = "toolmesh=1";
+
+/// `message` without the trace keys in `params._meta`, and without a `_meta` or
+/// `params` left empty by that when `added` says the rewrite made them.
+fn without_trace(mut message: Value, added: (bool, bool)) -> Value {
+    if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut) {
+        if let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut) {
+            meta.remove("traceparent");
+            meta.remove("tracestate");
+        }
+        if added.1 {
+            params.remove("_meta");
+        }
+    }
+    if added.0 {
+        if let Some(m) = message.as_object_mut() {
+            m.remove("params");
+        }
+    }
+    message
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some(out) = with_meta(data, PARENT, Some(STATE)) else {
+        return;
+    };
+    let rewritten: Value = serde_json::from_slice(&out)
+        .unwrap_or_else(|e| panic!("rewritten body is not JSON ({e}): {:?}", String::from_utf8_lossy(&out)));
+    let meta = &rewritten["params"]["_meta"];
+    assert_eq!(meta["traceparent"], PARENT, "{rewritten}");
+    assert_eq!(meta["tracestate"], STATE, "{rewritten}");
+    // Numbers serde_json cannot hold are compared only as far as the rewrite above.
+    let Ok(sent) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let had_params = sent.get("params").is_some();
+    let had_meta = sent["params"].get("_meta").is_some();
+    assert_eq!(
+        without_trace(sent, (false, false)),
+        without_trace(rewritten, (!had_params, !had_meta)),
+        "the rewrite changed more than the trace context"
+    );
+});
