@@ -9,6 +9,8 @@
 //!
 //! - [`workload`]: identities as SPIFFE IDs, the names in workload certificates.
 //! - [`origin`]: loopback authorities, and gateway mode's issuer and resource URLs.
+//! - [`pin`]: pinned tool and prompt definitions: what is pinned, the canonical form
+//!   (RFC 8785) and the digest.
 //! - [`crd`] (feature `kube`): `McpServer` and `AccessPolicy` as Kubernetes custom
 //!   resources, derived from the same spec types.
 //! - `certs` (feature `certs`): serving certificates read from files and reloaded when
@@ -29,6 +31,7 @@ pub mod glob;
 pub mod origin;
 #[cfg(feature = "otel")]
 pub mod otel;
+pub mod pin;
 pub mod render;
 pub mod resource;
 pub mod workload;
