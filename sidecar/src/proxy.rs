@@ -426,6 +426,13 @@ impl Proxy {
                     started,
                     finished: false,
                 };
+                if let Some(trace) = &mut pending.ctx.trace {
+                    trace.refused(match refusal {
+                        Refusal::Missing => "no bearer token".to_owned(),
+                        Refusal::Invalid(why) => format!("token refused: {why}"),
+                        Refusal::InsufficientScope => "token lacks the required scope".to_owned(),
+                    });
+                }
                 pending.finish(response.status().as_u16(), None, Outcome::Rejected);
                 response
             }

@@ -85,14 +85,17 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Result<Stack> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Stack::start`] with `extra` gateway flags.
+    pub async fn start_with(extra: &[&str]) -> Result<Stack> {
         let authz = Authz::start().await?;
         let demo = DemoServer::start(&[]).await?;
-        let gateway = Sidecar::start_gateway(
-            &config(&demo, &authz.issuer),
-            &authz.issuer,
-            &["--required-scope", "mcp"],
-        )
-        .await?;
+        let mut flags = vec!["--required-scope", "mcp"];
+        flags.extend_from_slice(extra);
+        let gateway =
+            Sidecar::start_gateway(&config(&demo, &authz.issuer), &authz.issuer, &flags).await?;
         let origin = format!("http://{}", gateway.mcp);
         // Ready: the snapshot is loaded.
         let ready = eventually(10, || async {

@@ -33,7 +33,8 @@
 //!   gateway snapshots, and the TypeScript SDK's own OAuth flow.
 //! - `traces`: OpenTelemetry spans to a real OTLP receiver: parents from the header
 //!   or `_meta`, MCP attributes, the context the upstream receives, denied calls, SSE
-//!   streams, sampling; the control plane's apply and push spans.
+//!   streams, sampling, a collector that never answers, gateway users and refused
+//!   tokens; the control plane's apply and push spans.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `kubernetes`: the control plane in cluster mode against a stand-in API server:

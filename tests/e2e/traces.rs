@@ -514,3 +514,60 @@ async fn a_collector_that_never_answers_costs_requests_nothing_and_spans_are_cou
     held.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_gateway_span_names_the_user_and_a_refused_token_gets_one_too() -> Result<()> {
+    let collector = Collector::start().await?;
+    let endpoint = collector.url();
+    let s = crate::gateway::Stack::start_with(&["--otlp-endpoint", &endpoint]).await?;
+    let alice = s.token("alice").await?;
+    let (allowed, refused) = (
+        "55555555555555555555555555555555",
+        "66666666666666666666666666666666",
+    );
+    let send = |token: Option<String>, trace: &'static str| {
+        let url = s.gateway.url("demo");
+        async move {
+            let mut headers = modern_headers("add");
+            headers.push(("traceparent", format!("00-{trace}-{AGENT_SPAN}-01")));
+            if let Some(token) = token {
+                headers.push(("authorization", format!("Bearer {token}")));
+            }
+            post(
+                &url,
+                &borrow(&headers),
+                modern_call(1, "add", json!({"a": 1, "b": 2})),
+            )
+            .await
+        }
+    };
+    assert_eq!(send(Some(alice), allowed).await?.status, 200);
+    assert_eq!(send(None, refused).await?.status, 401);
+    // The gateway exports on the default schedule (5 s).
+    let spans = collector
+        .wait_for(20, |s| s.trace_id() == allowed && s.is_server())
+        .await;
+    let span = spans.first().context("no SERVER span for alice's call")?;
+    assert_eq!(
+        span.attr("toolmesh.subject"),
+        Some(format!("{}#alice", s.authz.issuer))
+    );
+    assert_eq!(span.attr("toolmesh.decision").as_deref(), Some("allowed"));
+    assert_eq!(span.parent_id(), AGENT_SPAN);
+    let spans = collector
+        .wait_for(20, |s| s.trace_id() == refused && s.is_server())
+        .await;
+    let span = spans
+        .first()
+        .context("no SERVER span for the refused token")?;
+    assert_eq!(
+        span.attr("toolmesh.subject").as_deref(),
+        Some("(unauthenticated)")
+    );
+    assert_eq!(
+        span.attr("http.response.status_code").as_deref(),
+        Some("401")
+    );
+    assert_eq!(span.error().as_deref(), Some("no bearer token"), "{span:?}");
+    Ok(())
+}
