@@ -11,8 +11,9 @@
 //!
 //! While a request is served, its task knows the SERVER span ([`scope`]), so every
 //! upstream request it makes, on `/mcp/<server>` or the aggregate alike, is a child of
-//! it without the request path passing it around. Work a request hands to another
-//! task (a parked call, a notification stream) is not traced.
+//! it without the request path passing it around; work it hands to another task (a
+//! bridged call's rounds, a parked call's stream) takes it along ([`carry`]).
+//! Notification streams, which outlive the request that opened them, are not traced.
 //!
 //! A request that is not sampled costs as little as it can: its SERVER span is the
 //! SDK's non-recording one (no attributes are built), it gets no CLIENT span, and its
@@ -49,6 +50,12 @@ tokio::task_local! {
 /// Run `fut` (one request) with room for its SERVER span's context.
 pub async fn scope<F: std::future::Future>(fut: F) -> F::Output {
     CURRENT.scope(RefCell::new(None), fut).await
+}
+
+/// `fut`, for work a request hands to another task (a bridged call's rounds): its
+/// upstream requests are children of the request's SERVER span too.
+pub fn carry<F: std::future::Future>(fut: F) -> impl std::future::Future<Output = F::Output> {
+    CURRENT.scope(RefCell::new(current()), fut)
 }
 
 fn current() -> Option<SpanContext> {

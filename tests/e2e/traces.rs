@@ -571,3 +571,67 @@ async fn a_gateway_span_names_the_user_and_a_refused_token_gets_one_too() -> Res
     assert_eq!(span.error().as_deref(), Some("no bearer token"), "{span:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_call_bridged_to_a_2026_only_server_is_traced_through() -> Result<()> {
+    // A 2025 agent and a server that speaks only 2026-07-28 (the Python SDK's): the
+    // sidecar holds the session and sends the call statelessly; that request is a
+    // CLIENT span under the call's SERVER span. (Later rounds of a call that asks the
+    // agent something run in a task of their own and take the context along.)
+    let collector = Collector::start().await?;
+    let py = toolmesh_tests::PyServer::start().await?;
+    let yaml = format!(
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: py}}\nspec: {{endpoints: [{{url: \"{}\"}}], allowUnauthenticated: true, timeout: 20s}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: tests}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}]\n  rules:\n    - {{server: py, tools: [echo]}}\n",
+        py.url()
+    );
+    let endpoint = collector.url();
+    let sidecar = Sidecar::start_with_env(
+        IDENTITY,
+        &yaml,
+        &["--otlp-endpoint", &endpoint],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    )
+    .await?;
+    let url = sidecar.url("py");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let reply = post(&url, &[], init.to_string()).await?;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let session = reply
+        .headers
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .context("a session from the sidecar")?
+        .to_owned();
+    let base = [
+        ("mcp-session-id", session.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post(&url, &base, initialized.to_string()).await?;
+    let trace = "77777777777777777777777777777777";
+    let parent = format!("00-{trace}-{AGENT_SPAN}-01");
+    let mut headers = base.to_vec();
+    headers.push(("traceparent", parent.as_str()));
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "bridged"}}});
+    let reply = post(&url, &headers, call.to_string()).await?;
+    assert!(reply.text.contains("bridged"), "{}", reply.text);
+    let servers = collector
+        .wait_for(10, |s| s.trace_id() == trace && s.is_server())
+        .await;
+    let server = servers.first().context("no SERVER span")?;
+    assert_eq!(server.parent_id(), AGENT_SPAN);
+    let clients = collector
+        .wait_for(10, |s| {
+            s.trace_id() == trace && s.is_client() && s.parent_id() == server.span_id()
+        })
+        .await;
+    let client = clients
+        .iter()
+        .find(|c| c.attr("mcp.method.name").as_deref() == Some("tools/call"))
+        .with_context(|| format!("no tools/call CLIENT span under the SERVER span: {clients:?}"))?;
+    assert_eq!(client.attr("gen_ai.tool.name").as_deref(), Some("echo"));
+    Ok(())
+}

@@ -131,7 +131,9 @@ impl Proxy {
     pub(super) fn relay_bridged(self: &Arc<Self>, call: Call, stream: Stream) -> Response<Body> {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let proxy = self.clone();
-        tokio::spawn(async move { proxy.pump_bridged(call, stream, tx).await });
+        tokio::spawn(crate::trace::carry(async move {
+            proxy.pump_bridged(call, stream, tx).await
+        }));
         super::notify::stream(body::Channel { rx }.boxed())
     }
 

@@ -243,12 +243,12 @@ impl Proxy {
         // The agent's cancellation drops the rounds, and with them the request upstream
         // (closing a stateless request is how it is cancelled).
         let cancelled = std::mem::replace(&mut bridged.cancelled, oneshot::channel().1);
-        tokio::spawn(async move {
+        tokio::spawn(crate::trace::carry(async move {
             tokio::select! {
                 () = proxy.run_rounds(bridged, step, tx) => {}
                 Ok(()) = cancelled => tracing::debug!("a bridged request was cancelled by its agent"),
             }
-        });
+        }));
         Ok(super::notify::stream(body::Channel { rx }.boxed()))
     }
 
