@@ -576,12 +576,12 @@ async fn a_gateway_span_names_the_user_and_a_refused_token_gets_one_too() -> Res
 async fn a_call_bridged_to_a_2026_only_server_is_traced_through() -> Result<()> {
     // A 2025 agent and a server that speaks only 2026-07-28 (the Python SDK's): the
     // sidecar holds the session and sends the call statelessly; that request is a
-    // CLIENT span under the call's SERVER span. (Later rounds of a call that asks the
-    // agent something run in a task of their own and take the context along.)
+    // CLIENT span under the call's SERVER span, and so is the retry of a call that
+    // asked the agent something, sent by a task of its own.
     let collector = Collector::start().await?;
     let py = toolmesh_tests::PyServer::start().await?;
     let yaml = format!(
-        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: py}}\nspec: {{endpoints: [{{url: \"{}\"}}], allowUnauthenticated: true, timeout: 20s}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: tests}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}]\n  rules:\n    - {{server: py, tools: [echo]}}\n",
+        "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: py}}\nspec: {{endpoints: [{{url: \"{}\"}}], allowUnauthenticated: true, timeout: 20s}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: tests}}\nspec:\n  subjects: [{{identity: \"agents/*\"}}]\n  rules:\n    - {{server: py, tools: [echo, greet]}}\n",
         py.url()
     );
     let endpoint = collector.url();
@@ -594,7 +594,7 @@ async fn a_call_bridged_to_a_2026_only_server_is_traced_through() -> Result<()> 
     .await?;
     let url = sidecar.url("py");
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {},
+        "protocolVersion": "2025-11-25", "capabilities": {"elicitation": {"form": {}}},
         "clientInfo": {"name": "raw", "version": "0"}}});
     let reply = post(&url, &[], init.to_string()).await?;
     assert_eq!(reply.status, 200, "{}", reply.text);
@@ -633,5 +633,83 @@ async fn a_call_bridged_to_a_2026_only_server_is_traced_through() -> Result<()> 
         .find(|c| c.attr("mcp.method.name").as_deref() == Some("tools/call"))
         .with_context(|| format!("no tools/call CLIENT span under the SERVER span: {clients:?}"))?;
     assert_eq!(client.attr("gen_ai.tool.name").as_deref(), Some("echo"));
+
+    // A call that asks the agent something (elicitation): the retry that carries the
+    // answer is sent by the rounds' own task, and is a child of the same span.
+    let trace = "88888888888888888888888888888888";
+    let parent = format!("00-{trace}-{AGENT_SPAN}-01");
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "greet", "arguments": {}}});
+    let mut req = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("traceparent", parent.as_str());
+    for (k, v) in base {
+        req = req.header(k, v);
+    }
+    let mut stream = req.body(call.to_string()).send().await?;
+    let mut seen = String::new();
+    let asked = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let Some(chunk) = stream.chunk().await? else {
+                anyhow::bail!("the stream ended before the question: {seen}");
+            };
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            let question = seen
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+                .find(|m| m["method"] == "elicitation/create");
+            if let Some(q) = question {
+                return anyhow::Ok(q["id"].clone());
+            }
+        }
+    })
+    .await??;
+    let answer = json!({"jsonrpc": "2.0", "id": asked, "result": {"action": "decline"}});
+    let reply = post(&url, &base, answer.to_string()).await?;
+    assert!(reply.status < 300, "{}", reply.text);
+    let rest = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = stream.chunk().await? {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("action=decline") {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    assert!(rest.is_ok() && seen.contains("action=decline"), "{seen}");
+    let servers = collector
+        .wait_for(10, |s| {
+            s.trace_id() == trace && s.is_server() && s.span.name.contains("greet")
+        })
+        .await;
+    let server = servers.first().context("no SERVER span for greet")?.clone();
+    let rounds = |spans: &[Received]| {
+        spans
+            .iter()
+            .filter(|c| {
+                c.is_client()
+                    && c.parent_id() == server.span_id()
+                    && c.attr("gen_ai.tool.name").as_deref() == Some("greet")
+            })
+            .count()
+    };
+    let both = crate::support::eventually(10, || {
+        let n = rounds(&collector.spans());
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(
+        both,
+        "the first round and the retry, both under the call's span: {:?}",
+        collector
+            .spans()
+            .iter()
+            .filter(|s| s.trace_id() == trace)
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }
