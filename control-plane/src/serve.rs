@@ -482,9 +482,6 @@ pub async fn serve(
         service_name: "toolmesh-control-plane",
         spans_metric: TRACE_SPANS,
     })?;
-    if let Some(t) = &tracing_on {
-        tracing::info!(endpoint = %t.endpoint, "exporting traces");
-    }
     let cp = ControlPlane::new(
         store,
         tokens,

@@ -65,8 +65,6 @@ pub struct Tracing {
     tracer: SdkTracer,
     stop: Arc<Notify>,
     worker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The endpoint spans go to (for the startup log line).
-    pub endpoint: String,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -196,12 +194,12 @@ impl Tracing {
         }
         let provider = provider.build();
         let tracer = provider.tracer(settings.service_name);
+        tracing::info!(%endpoint, "exporting traces");
         Ok(Some(Tracing {
             provider,
             tracer,
             stop,
             worker: std::sync::Mutex::new(Some(worker)),
-            endpoint,
         }))
     }
 
@@ -302,16 +300,16 @@ async fn export(
 }
 
 /// W3C `traceparent` and `tracestate` as the agent sent them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Carrier<'a> {
-    traceparent: Option<&'a str>,
+    traceparent: &'a str,
     tracestate: Option<&'a str>,
 }
 
 impl Extractor for Carrier<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         match key {
-            "traceparent" => self.traceparent,
+            "traceparent" => Some(self.traceparent),
             "tracestate" => self.tracestate,
             _ => None,
         }
@@ -325,7 +323,7 @@ impl Extractor for Carrier<'_> {
 /// The remote span context a `traceparent` (and `tracestate`) names, if valid.
 pub fn parent(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
     let carrier = Carrier {
-        traceparent: Some(traceparent),
+        traceparent,
         tracestate,
     };
     let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &carrier);

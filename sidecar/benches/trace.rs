@@ -52,7 +52,7 @@ fn main() {
         let ns = best_ns(|| {
             runtime.block_on(trace::scope(async {
                 let mut server = Server::new(&tracer, &headers, SystemTime::now());
-                server.start(Some(&headers));
+                server.start(&headers);
                 let (mut up, mut body) = (HeaderMap::new(), Bytes::from_static(BODY));
                 let client = trace::client(Some(&tracer), "github", &uri, &mut up, &mut body);
                 if let Some(c) = &client {

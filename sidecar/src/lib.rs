@@ -202,9 +202,6 @@ pub async fn serve(
         service_name: "toolmesh-sidecar",
         spans_metric: telemetry::TRACE_SPANS,
     })?;
-    if let Some(t) = &tracing_on {
-        tracing::info!(endpoint = %t.endpoint, "exporting traces");
-    }
     let tracer = tracing_on.as_ref().map(|t| t.tracer().clone());
     let upstream = upstream::Upstream::new(config.connect_timeout, workload.clone())
         .with_tracer(tracer.clone());

@@ -142,7 +142,7 @@ pub(crate) struct Ctx {
     pub(crate) request_id: Option<Box<RawValue>>,
     pub(crate) session: Option<String>,
     pub(crate) arguments: Option<Box<RawValue>>,
-    /// The agent's W3C trace id (its `traceparent`), for the audit line.
+    /// Tracing off: the agent's W3C trace id (its `traceparent`), for the audit line.
     pub(crate) trace_id: Option<Box<str>>,
     /// Tracing on: this request's SERVER span.
     pub(crate) trace: Option<Box<crate::trace::Server>>,
@@ -165,7 +165,6 @@ impl Ctx {
             Box::new(crate::trace::Server::new(tracer, req.headers(), arrived))
         });
         Ctx {
-            trace,
             subject,
             principal: None,
             server: telemetry::UNKNOWN_SERVER,
@@ -186,11 +185,14 @@ impl Ctx {
                 .and_then(|v| v.to_str().ok())
                 .map(truncate),
             arguments: None,
+            // With tracing on, the audit line takes its ids from the span instead.
             trace_id: req
                 .headers()
                 .get("traceparent")
+                .filter(|_| trace.is_none())
                 .and_then(|v| crate::audit::trace_id(v.as_bytes()))
                 .map(Into::into),
+            trace,
             lists: None,
         }
     }
@@ -206,7 +208,7 @@ impl Ctx {
             if let Some((traceparent, tracestate)) = message.and_then(|m| m.trace_context()) {
                 trace.meta(&traceparent, tracestate.as_deref());
             }
-            trace.start(Some(headers));
+            trace.start(headers);
         }
     }
 }

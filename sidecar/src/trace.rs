@@ -103,8 +103,7 @@ pub struct Server {
     start: SystemTime,
     parent: Option<SpanContext>,
     /// `MCP-Protocol-Version`, and the listener's host and port (the `Host` header):
-    /// copied when a recorded span starts (holding the request's own header values
-    /// would keep the connection's read buffer alive).
+    /// copied only when a recorded span starts (an unsampled request copies nothing).
     version: Option<String>,
     host: Option<String>,
     /// Why the sidecar refused the request or could not serve it, if it did.
@@ -152,20 +151,18 @@ impl Server {
         }
     }
 
-    /// Start the span (once), with the request's `headers` when they are at hand:
-    /// upstream requests made from now on are its children.
-    pub fn start(&mut self, headers: Option<&HeaderMap>) -> &SpanContext {
-        if self.started.is_none() {
-            self.begin();
-            if self.span.is_some()
-                && let Some(headers) = headers
-            {
-                self.version =
-                    header(headers, crate::mcp::HEADER_PROTOCOL_VERSION).map(str::to_owned);
-                self.host = header(headers, "host").map(str::to_owned);
-            }
+    /// Start the span (once), reading what it says of the request from `headers`:
+    /// upstream requests made from now on are its children. (A request refused before
+    /// its body is read starts its span when it finishes, without these.)
+    pub fn start(&mut self, headers: &HeaderMap) {
+        if self.started.is_some() {
+            return;
         }
-        self.begin()
+        self.begin();
+        if self.span.is_some() {
+            self.version = header(headers, crate::mcp::HEADER_PROTOCOL_VERSION).map(str::to_owned);
+            self.host = header(headers, "host").map(str::to_owned);
+        }
     }
 
     fn begin(&mut self) -> &SpanContext {

@@ -1,5 +1,6 @@
 //! An OTLP/gRPC trace receiver on `127.0.0.1:0`: what a collector would get from the
-//! binaries, kept in memory for assertions (and counted, for the benchmark). It speaks
+//! binaries, kept in memory for assertions; and [`Sink`], an endpoint that answers
+//! exports without decoding them, for the benchmark. It speaks
 //! the real protocol (the `opentelemetry-proto` service definitions over tonic), so a
 //! span reaching it went through the binaries' real exporter.
 
@@ -80,9 +81,6 @@ fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Default)]
 struct Store {
     spans: Mutex<Vec<Received>>,
-    count: AtomicU64,
-    /// Keep only the count (the benchmark), not the spans.
-    count_only: bool,
 }
 
 /// The service: a handle on the shared store.
@@ -116,12 +114,7 @@ impl TraceService for Receiver {
                 }
             }
         }
-        self.0
-            .count
-            .fetch_add(received.len() as u64, Ordering::Relaxed);
-        if !self.0.count_only
-            && let Ok(mut spans) = self.0.spans.lock()
-        {
+        if let Ok(mut spans) = self.0.spans.lock() {
             spans.extend(received);
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
@@ -138,23 +131,11 @@ pub struct Collector {
 
 impl Collector {
     pub async fn start() -> Result<Collector> {
-        Collector::start_with(false).await
-    }
-
-    /// A receiver that counts spans and keeps none (for load).
-    pub async fn counting() -> Result<Collector> {
-        Collector::start_with(true).await
-    }
-
-    async fn start_with(count_only: bool) -> Result<Collector> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the OTLP receiver")?;
         let addr = listener.local_addr()?;
-        let store = Arc::new(Store {
-            count_only,
-            ..Store::default()
-        });
+        let store = Arc::new(Store::default());
         let service = TraceServiceServer::new(Receiver(store.clone()));
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -169,11 +150,6 @@ impl Collector {
     /// The endpoint to give `--otlp-endpoint`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// Spans received so far.
-    pub fn count(&self) -> u64 {
-        self.store.count.load(Ordering::Relaxed)
     }
 
     pub fn spans(&self) -> Vec<Received> {

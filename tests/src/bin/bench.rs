@@ -1136,12 +1136,22 @@ async fn start_upstream(extra: &[&str]) -> Result<(Proc, SocketAddr)> {
 }
 
 fn sidecar_command(args: &Args, mcp: u16, admin: u16) -> Result<Command> {
-    let mut cmd = Command::new(sibling("toolmesh-sidecar")?);
+    Ok(sidecar_command_of(
+        &sibling("toolmesh-sidecar")?,
+        args,
+        mcp,
+        admin,
+    ))
+}
+
+/// [`sidecar_command`] running `binary` (another build of the sidecar).
+fn sidecar_command_of(binary: &Path, args: &Args, mcp: u16, admin: u16) -> Command {
+    let mut cmd = Command::new(binary);
     cmd.args(["--identity", IDENTITY, "--log", "warn"])
         .args(["--listen", &format!("127.0.0.1:{mcp}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
         .args(["--workers", &args.proxy_workers.to_string()]);
-    Ok(cmd)
+    cmd
 }
 
 /// Start `cmd` and time it until `GET /ready` on `admin` answers 200.
@@ -1675,13 +1685,10 @@ async fn start_sidecar_with(
     extra: &[String],
 ) -> Result<(Proc, SocketAddr, u16)> {
     let (mcp, admin) = (free_port()?, free_port()?);
-    let mut cmd = sidecar_command(args, mcp, admin)?;
-    if let Some(binary) = binary {
-        let std = cmd.as_std();
-        let mut other = Command::new(binary);
-        other.args(std.get_args());
-        cmd = other;
-    }
+    let mut cmd = match binary {
+        Some(binary) => sidecar_command_of(binary, args, mcp, admin),
+        None => sidecar_command(args, mcp, admin)?,
+    };
     cmd.args(extra);
     cmd.arg("--config")
         .arg(config)
