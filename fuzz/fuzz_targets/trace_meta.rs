@@ -1,12 +1,13 @@
 //! The trace context written into a request body (`trace::with_meta`, tracing on):
 //! any body through it. What it rewrites is still JSON, carries exactly the sidecar's
-//! `traceparent`/`tracestate` in `params._meta`, and means what the agent sent
-//! everywhere else: the same message with the trace keys taken out of `_meta` on both
-//! sides (and the `params`/`_meta` it had to add removed). Never a panic.
+//! `traceparent`/`tracestate` in `params._meta` (and no other key a case-insensitive
+//! server would read as one), and means what the agent sent everywhere else: the same
+//! message with the trace keys taken out of `_meta` on both sides (and the `params`/`_meta` it had to add removed). Never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
+use toolmesh_sidecar::mcp::keys_fold_equal;
 use toolmesh_sidecar::trace::with_meta;
 
 const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -17,8 +18,10 @@ const STATE: &str = "toolmesh=1";
 fn without_trace(mut message: Value, added: (bool, bool)) -> Value {
     if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut) {
         if let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut) {
-            meta.remove("traceparent");
-            meta.remove("tracestate");
+            // Every key a case-insensitive server would read as a trace key.
+            meta.retain(|k, _| {
+                !keys_fold_equal(k, "traceparent") && !keys_fold_equal(k, "tracestate")
+            });
         }
         if added.1 {
             params.remove("_meta");

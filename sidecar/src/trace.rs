@@ -471,8 +471,28 @@ fn offset(outer: &str, inner: &str) -> Option<usize> {
     (at + inner.len() <= outer.len()).then_some(at)
 }
 
+/// Whether `key` is one a server may read as `traceparent` or `tracestate`: servers
+/// that match keys case-insensitively (Go's `encoding/json`, .NET) would take an
+/// agent's `TraceParent`, or `traceſtate`, sent after ours, in place of ours.
+fn is_trace_key(key: &str) -> bool {
+    crate::mcp::keys_fold_equal(key, "traceparent")
+        || crate::mcp::keys_fold_equal(key, "tracestate")
+}
+
+/// Whether a `_meta` object's text may hold a key [`is_trace_key`] matches: any escape,
+/// any non-ASCII text, or `trace` in any case.
+fn may_hold_trace_key(meta: &str) -> bool {
+    !meta.is_ascii()
+        || meta.contains('\\')
+        || meta
+            .as_bytes()
+            .windows(5)
+            .any(|w| w.eq_ignore_ascii_case(b"trace"))
+}
+
 /// `body` (one request or notification) with `params._meta` carrying this trace
-/// context in place of any it carried: only the `_meta` object is rewritten (its other
+/// context in place of any it carried (under any spelling a server may read as one):
+/// only the `_meta` object is rewritten (its other
 /// members' values copied as sent, in order), or one is added; every other byte stays.
 /// `None` when the body is not one message with a `method` and object `params`.
 pub fn with_meta(body: &[u8], traceparent: &str, tracestate: Option<&str>) -> Option<Bytes> {
@@ -509,9 +529,9 @@ fn rewrite(
             let inner = ptext.strip_prefix('{')?;
             let parsed: Params<'_> = serde_json::from_str(ptext).ok()?;
             match parsed.meta {
-                // No key that could be a trace key, however spelled: ours go first,
-                // the members stay as they are.
-                Some(meta) if !meta.get().contains("trace") && !meta.get().contains('\\') => {
+                // No key that could be a trace key, however spelled or cased: ours go
+                // first, the members stay as they are.
+                Some(meta) if !may_hold_trace_key(meta.get()) => {
                     let at = offset(text, meta.get())?;
                     let members = meta.get().strip_prefix('{')?;
                     out.push_str(&text[..=at]);
@@ -529,7 +549,7 @@ fn rewrite(
                     out.push('{');
                     out.push_str(&ours);
                     for (key, value) in &members.0 {
-                        if key != "traceparent" && key != "tracestate" {
+                        if !is_trace_key(key) {
                             out.push(',');
                             out.push_str(&json(key));
                             out.push(':');
@@ -596,6 +616,37 @@ mod tests {
             format!(
                 r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","_meta":{{"traceparent":"{TP}","big":123456789012345678901234567890,"progressToken":7}}}}}}"#
             )
+        );
+    }
+
+    #[test]
+    fn trace_keys_a_case_insensitive_server_would_read_are_replaced_too() {
+        for key in [
+            "TraceParent",
+            "TRACESTATE",
+            "trace\\u017Ftate",
+            "traceſtate",
+        ] {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"_meta":{{"{key}":"00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-bbbbbbbbbbbbbbbb-01","k":1}}}}}}"#
+            );
+            let out = with_meta(body.as_bytes(), TP, None).expect("rewritten");
+            let text = std::str::from_utf8(&out).expect("utf-8");
+            assert_eq!(
+                text,
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"_meta":{{"traceparent":"{TP}","k":1}}}}}}"#
+                ),
+                "{key}"
+            );
+        }
+        // Keys that only look alike stay.
+        let kept = meta(
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"traceparents":1,"x-trace":2}}}"#,
+        );
+        assert_eq!(
+            (kept["traceparents"].clone(), kept["x-trace"].clone()),
+            (1.into(), 2.into())
         );
     }
 

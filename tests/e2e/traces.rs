@@ -214,6 +214,31 @@ async fn a_call_is_a_server_span_under_the_agents_parent_and_the_upstream_gets_t
     let server = spans.first().context("no SERVER span in _meta's trace")?;
     assert_eq!(server.parent_id(), "b7ad6b7169203331");
 
+    // A trace key spelled so a case-insensitive server (Go's encoding/json) would read
+    // it after ours never reaches the upstream: what it received holds ours alone.
+    let reply = call(
+        &sidecar,
+        "request_meta",
+        json!({}),
+        &[("traceparent", agent_parent("01"))],
+        json!({"TraceParent": "00-99999999999999999999999999999999-9999999999999999-01"}),
+    )
+    .await?;
+    let received = tool_json(&reply)?;
+    let keys: Vec<&String> = received
+        .as_object()
+        .context("_meta")?
+        .keys()
+        .filter(|k| k.to_ascii_lowercase().starts_with("trace"))
+        .collect();
+    assert_eq!(keys, ["traceparent"], "{received}");
+    assert!(
+        received["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(&format!("00-{AGENT_TRACE}-"))),
+        "{received}"
+    );
+
     // Audit lines carry the SERVER span's ids.
     let (trace, span) = (server.trace_id(), server.span_id());
     let found = crate::support::eventually(10, || {
