@@ -15,6 +15,7 @@
 pub mod auth;
 pub use toolmesh_proto::certs;
 pub mod conn;
+pub mod drift;
 pub mod fleet;
 pub mod inject;
 pub mod kubernetes;

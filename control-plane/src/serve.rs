@@ -471,6 +471,7 @@ pub async fn serve(
         metrics::counter!("toolmesh_cp_connections_closed_total", "reason" => reason).absolute(0);
     }
     metrics::gauge!("toolmesh_cp_connected_sidecars").set(0.0);
+    metrics::gauge!(crate::drift::REPORTS).set(0.0);
     let ca = workload_ca(&args, managed.as_ref())?;
     for issuer in &args.gateway_issuers {
         toolmesh_proto::origin::check_gateway_url(issuer, false)

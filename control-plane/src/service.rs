@@ -39,6 +39,8 @@ pub struct ControlPlane {
     /// Set with `--sidecar-auth kubernetes`: sidecars present service-account tokens.
     pub reviewer: Option<TokenReviewer>,
     pub fleet: Fleet,
+    /// Definitions sidecars saw that do not match their server's pins.
+    pub drifts: crate::drift::Drifts,
     /// Signs sidecars' workload certificates; `None`: none are issued.
     pub ca: Option<crate::workload::Ca>,
     /// Who may be a gateway, and the issuers gateways trust.
@@ -74,6 +76,7 @@ impl ControlPlane {
             tokens,
             reviewer,
             fleet: Fleet::new(fleet_expiry),
+            drifts: crate::drift::Drifts::default(),
             ca,
             gateways,
             traces,
@@ -379,6 +382,32 @@ impl Session {
         }
     }
 
+    /// Take in a drift report: only for a server this identity's snapshot holds.
+    fn drifted(&mut self, drift: pb::Drift) {
+        let (server, name) = (drift.server.clone(), drift.name.clone());
+        let servers = match self.cp.render(&self.identity, self.gateway) {
+            Ok(snapshot) => snapshot.servers.into_iter().map(|s| s.name).collect(),
+            Err(_) => Default::default(),
+        };
+        let resources = self.cp.store.resources();
+        match self
+            .cp
+            .drifts
+            .report(&self.identity, &servers, &resources, drift)
+        {
+            Ok(true) => tracing::warn!(
+                identity = %self.identity,
+                %server,
+                name = %name.chars().take(200).collect::<String>(),
+                "a sidecar saw a definition that does not match the server's pins"
+            ),
+            Ok(false) => {}
+            Err(why) => {
+                tracing::debug!(identity = %self.identity, %server, %why, "drift report not taken")
+            }
+        }
+    }
+
     /// Take in an ACK or NACK (ignoring stale ones), or note why the stream ended; a
     /// certificate request is answered with the push returned.
     fn answer(
@@ -390,6 +419,13 @@ impl Session {
         })) = &message
         {
             return Some(self.certify(&request.csr));
+        }
+        if let Ok(Some(pb::SidecarMessage {
+            kind: Some(Msg::Drift(drift)),
+        })) = message
+        {
+            self.drifted(drift);
+            return None;
         }
         let (identity, node) = (&self.identity, &self.node);
         match message {
@@ -600,5 +636,15 @@ impl AdminService for Admin {
             next_page_token: page.next.map(|k| page_token(&k)).unwrap_or_default(),
             total: page.total as u64,
         }))
+    }
+
+    async fn drifts(
+        &self,
+        request: Request<pb::DriftsRequest>,
+    ) -> Result<Response<pb::DriftsResponse>, Status> {
+        self.0.tokens.admin(request.metadata())?;
+        let resources = self.0.store.resources();
+        let drifts = self.0.drifts.list(&resources, &request.get_ref().server);
+        Ok(Response::new(pb::DriftsResponse { drifts }))
     }
 }

@@ -40,6 +40,7 @@ pub fn route() -> Arc<Route> {
                 mesh: None,
                 prefix: None,
                 transport: 0,
+                pins: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),

@@ -225,6 +225,34 @@ fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
             Transport::Sse => pb::Transport::Sse,
         }
         .into(),
+        pins: spec.pins.as_deref().map(render_pins),
+    }
+}
+
+fn render_pins(pins: &crate::resource::PinsSpec) -> pb::Pins {
+    let each = |map: &std::collections::BTreeMap<String, crate::resource::PinSpec>| {
+        map.iter()
+            .map(|(name, pin)| {
+                let fields = pin
+                    .fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (
+                    name.clone(),
+                    pb::Pin {
+                        digest: pin.digest.clone(),
+                        fields,
+                    },
+                )
+            })
+            .collect()
+    };
+    pb::Pins {
+        warn: pins.mode == crate::resource::PinMode::Warn,
+        allow_unpinned: pins.unpinned == crate::resource::Unpinned::Allow,
+        tools: each(&pins.tools),
+        prompts: each(&pins.prompts),
     }
 }
 

@@ -204,6 +204,86 @@ pub struct McpServerSpec {
     /// both generations in front of it; agents never learn the server's address.
     #[serde(default, skip_serializing_if = "Transport::is_default")]
     pub transport: Transport,
+    /// Approved tool and prompt definitions (the rug-pull defence): each sidecar checks
+    /// every list it relays against them, hides what drifted (and, unless `unpinned:
+    /// allow`, what has no pin) and refuses its calls. Absent: definitions are not
+    /// checked. `toolmeshctl pin` proposes them; see the README's "Pinned definitions".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins: Option<Box<PinsSpec>>,
+}
+
+/// `McpServer.spec.pins`.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PinsSpec {
+    /// `enforce` (the default): a tool or prompt whose definition no longer matches its
+    /// pin is hidden from lists and its calls and gets are refused. `warn`: it is relayed,
+    /// and the drift only counted, audited and reported, for rolling pins out.
+    #[serde(default, skip_serializing_if = "PinMode::is_default")]
+    pub mode: PinMode,
+    /// What happens to a tool or prompt that has no pin: `hide` (the default: hidden,
+    /// its calls refused, like a drifted one) or `allow` (relayed; still reported, so
+    /// `toolmeshctl pin` can propose a pin for it).
+    #[serde(default, skip_serializing_if = "Unpinned::is_default")]
+    pub unpinned: Unpinned,
+    /// Tool name → its approved definition.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tools: BTreeMap<String, PinSpec>,
+    /// Prompt name → its approved definition.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prompts: BTreeMap<String, PinSpec>,
+}
+
+/// `McpServer.spec.pins.mode`.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PinMode {
+    /// Hide what drifted and refuse its calls.
+    #[default]
+    Enforce,
+    /// Relay it; count, audit and report the drift.
+    Warn,
+}
+
+impl PinMode {
+    fn is_default(&self) -> bool {
+        *self == PinMode::Enforce
+    }
+}
+
+/// `McpServer.spec.pins.unpinned`.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unpinned {
+    /// Treat a definition without a pin as drifted.
+    #[default]
+    Hide,
+    /// Relay it.
+    Allow,
+}
+
+impl Unpinned {
+    fn is_default(&self) -> bool {
+        *self == Unpinned::Hide
+    }
+}
+
+/// One approved definition.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PinSpec {
+    /// `sha256:<64 hex>` of the definition's canonical form (RFC 8785 over its pinned
+    /// members): what decides whether the live definition still matches.
+    #[cfg_attr(feature = "kube", schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$")))]
+    pub digest: String,
+    /// Pinned member (`description`, `inputSchema`, …) → 16 hex digits of its own
+    /// digest. Optional: it only lets a drift name the members that changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
 }
 
 /// `McpServer.spec.transport`.

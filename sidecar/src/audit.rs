@@ -99,6 +99,13 @@ pub struct Record<'a> {
     /// Tracing on: the id of the sidecar's SERVER span for this request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub span_id: Option<&'a str>,
+    /// The server has pins and this definition (a list's drift line) or the called one
+    /// does not match them: `drifted (<members>)` or `unpinned`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin: Option<&'a str>,
+    /// A drift line: the live definition's digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_digest: Option<&'a str>,
 }
 
 /// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase,
@@ -290,6 +297,8 @@ mod tests {
             issuer: None,
             trace_id: None,
             span_id: None,
+            pin: None,
+            pin_digest: None,
             server,
             method: "tools/call",
             kind: Some("tool"),

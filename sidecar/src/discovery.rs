@@ -408,6 +408,13 @@ impl Discovery {
             outstanding: None,
             retry: None,
         };
+        // Drifts from pinned definitions: every one seen so far on each connection (a
+        // restarted control plane learns them again), then each new one.
+        let (drifts, mut drift_added) = crate::pin::reports();
+        let mut drifts_sent = drifts.len();
+        for drift in drifts {
+            send(&tx, Msg::Drift(drift)).await?;
+        }
         loop {
             let retry_in = pending.as_ref().map(|(_, wait)| *wait);
             let certificate_due = self.certificate_due(&certifying);
@@ -423,6 +430,14 @@ impl Discovery {
                 },
                 () = sleep_until_or_never(certificate_due) => {
                     self.certify(&mut certifying, &tx).await?;
+                    continue;
+                }
+                Ok(()) = drift_added.changed() => {
+                    let (drifts, _) = crate::pin::reports();
+                    for drift in drifts.into_iter().skip(drifts_sent) {
+                        drifts_sent += 1;
+                        send(&tx, Msg::Drift(drift)).await?;
+                    }
                     continue;
                 }
             };

@@ -96,6 +96,16 @@ pub enum ProxyError {
         subject: Identity,
         server: String,
     },
+    /// The server has pins and this definition does not match them ([`crate::pin`]).
+    #[error(
+        "{kind} {name:?} of server {server:?} is {drift}: its definition does not match the approved pin, so it is refused until the pins are renewed"
+    )]
+    NotPinned {
+        kind: &'static str,
+        name: String,
+        server: String,
+        drift: String,
+    },
     #[error(
         "{kind} {name:?} is rate limited for {subject:?} by {rule}; retry in {retry_after_ms} ms"
     )]
@@ -126,7 +136,7 @@ impl ProxyError {
             NotReady | Misconfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             UnknownPeer => StatusCode::FORBIDDEN,
             // A JSON-RPC-level refusal, as a server refusing a call would answer.
-            NotPermitted { .. } | InvalidParams(_) => StatusCode::OK,
+            NotPermitted { .. } | NotPinned { .. } | InvalidParams(_) => StatusCode::OK,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -148,7 +158,7 @@ impl ProxyError {
             UpstreamUnavailable { .. } | UpstreamFailed { .. } => code::UPSTREAM_UNAVAILABLE,
             UpstreamTimeout { .. } => code::UPSTREAM_TIMEOUT,
             NotReady | Misconfigured(_) => code::NOT_READY,
-            NotPermitted { .. } | UnknownPeer => code::NOT_PERMITTED,
+            NotPermitted { .. } | NotPinned { .. } | UnknownPeer => code::NOT_PERMITTED,
             RateLimited { .. } => code::RATE_LIMITED,
         }
     }
@@ -178,7 +188,9 @@ impl ProxyError {
     pub fn outcome(&self) -> crate::telemetry::Outcome {
         use crate::telemetry::Outcome;
         match self {
-            ProxyError::NotPermitted { .. } => return Outcome::Denied,
+            ProxyError::NotPermitted { .. } | ProxyError::NotPinned { .. } => {
+                return Outcome::Denied;
+            }
             ProxyError::RateLimited { .. } => return Outcome::RateLimited,
             _ => {}
         }
@@ -195,6 +207,9 @@ impl ProxyError {
             serde_json::json!({"source": "toolmesh-sidecar", "retryable": self.retryable()});
         if let ProxyError::RateLimited { retry_after_ms, .. } = &self {
             data["retryAfterMs"] = (*retry_after_ms).into();
+        }
+        if let ProxyError::NotPinned { drift, .. } = &self {
+            data["pin"] = drift.as_str().into();
         }
         let payload = serde_json::json!({
             "jsonrpc": "2.0",

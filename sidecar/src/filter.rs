@@ -78,7 +78,7 @@ impl Lists {
                     let lists = crate::mcp::method::ALL_LISTS
                         .iter()
                         .filter_map(|m| m.list());
-                    for list in lists.filter(|l| route.policy.filters(l.kind)) {
+                    for list in lists.filter(|l| route.filters(l.kind)) {
                         match list.filter_result(route, &current) {
                             Filtered::Unchanged => {}
                             Filtered::Rewritten(out) => {
@@ -305,6 +305,7 @@ impl ListKind {
 
     /// An item is visible when its name is a string the policy shows (anything else,
     /// a missing or repeated name included, is hidden).
+    /// Items of a server with pins must also match them ([`crate::pin`]).
     fn visible(&self, route: &Route, item: &RawValue) -> bool {
         serde_json::from_str::<Named<'_>>(item.get())
             .ok()
@@ -313,7 +314,13 @@ impl ListKind {
                 "uri" => n.uri,
                 _ => n.uri_template,
             })
-            .is_some_and(|name| route.policy.visible(self.kind, &name))
+            .is_some_and(|name| {
+                route.policy.visible(self.kind, &name)
+                    && route
+                        .pins
+                        .as_ref()
+                        .is_none_or(|p| p.admit(self.kind, &name, item.get()))
+            })
     }
 }
 

@@ -148,6 +148,8 @@ pub(crate) struct Ctx {
     pub(crate) trace: Option<Box<crate::trace::Server>>,
     /// What the response must be filtered for, if anything.
     pub(crate) lists: Option<Lists>,
+    /// The called definition does not match its server's pins (see [`crate::pin`]).
+    pub(crate) pin: Option<String>,
 }
 
 impl Ctx {
@@ -194,6 +196,7 @@ impl Ctx {
                 .map(Into::into),
             trace,
             lists: None,
+            pin: None,
         }
     }
 
@@ -266,6 +269,8 @@ impl Pending<'_> {
                 .map(crate::trace::Ids::trace)
                 .or(ctx.trace_id.as_deref()),
             span_id: ids.as_ref().map(crate::trace::Ids::span),
+            pin: ctx.pin.as_deref(),
+            pin_digest: None,
         });
     }
 
@@ -949,6 +954,24 @@ pub(crate) fn authorize(
             if rule.audit_arguments {
                 ctx.arguments = m.arguments.map(|a| a.to_owned());
             }
+            if let Some(problem) = route
+                .pins
+                .as_ref()
+                .and_then(|p| p.call(target.kind, &target.name))
+            {
+                let drift = problem.describe();
+                ctx.pin = Some(drift.clone());
+                if !problem.warn {
+                    telemetry::decision(&route.label, label, Verdict::Denied);
+                    ctx.decision = Verdict::Denied;
+                    return Err(ProxyError::NotPinned {
+                        kind,
+                        name: truncate(&target.name),
+                        server: route.name.clone(),
+                        drift,
+                    });
+                }
+            }
             if let Some(limiter) = &rule.limiter
                 && let Err(wait) = limiter.acquire(subject.as_str(), &target.name)
             {
@@ -975,7 +998,7 @@ pub(crate) fn authorize(
 pub(crate) fn response_filter(route: &Route, m: &mcp::Message<'_>) -> Option<Lists> {
     let method = m.rpc?;
     if let Some(list) = method.list() {
-        return route.policy.filters(list.kind).then_some(Lists::One(list));
+        return route.filters(list.kind).then_some(Lists::One(list));
     }
     match &m.acts_on {
         Some(subject)

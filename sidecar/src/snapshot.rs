@@ -24,6 +24,7 @@ use metrics::SharedString;
 use toolmesh_proto::render::redacted;
 use toolmesh_proto::v1alpha1 as pb;
 
+use crate::mcp::TargetKind;
 use crate::policy::{LimiterSource, ServerPolicy};
 use crate::ratelimit::Limiter;
 use crate::telemetry;
@@ -96,9 +97,17 @@ pub struct Route {
     generation: std::sync::atomic::AtomicU8,
     /// Round-robin cursor for requests that carry no session.
     next: AtomicUsize,
+    /// The server's approved definitions, if it has pins.
+    pub pins: Option<Arc<crate::pin::Pinned>>,
 }
 
 impl Route {
+    /// Does a list of `kind` need its items judged at all (by the policy, or by pins)?
+    pub fn filters(&self, kind: TargetKind) -> bool {
+        self.policy.filters(kind)
+            || (self.pins.is_some() && matches!(kind, TargetKind::Tool | TargetKind::Prompt))
+    }
+
     /// Does the server speak 2026-07-28, as far as is known?
     pub fn speaks_modern(&self) -> Option<bool> {
         match self.generation.load(Ordering::Relaxed) {
@@ -331,6 +340,7 @@ impl Runtime {
                 mesh: None,
                 prefix: None,
                 transport: 0,
+                pins: None,
             }],
             policies: served
                 .policies
@@ -433,6 +443,10 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
         // A legacy server speaks no 2026-07-28: known without asking.
         generation: std::sync::atomic::AtomicU8::new(if sse { 2 } else { 0 }),
         next: AtomicUsize::new(0),
+        pins: server
+            .pins
+            .as_ref()
+            .map(|p| crate::pin::Pinned::for_server(&server.name, p)),
     })
 }
 
@@ -521,6 +535,7 @@ pub(crate) fn test_route(
             mesh: None,
             prefix: None,
             transport: 0,
+            pins: None,
         }],
         policies: vec![pb::Policy {
             name: "p".into(),
@@ -560,6 +575,7 @@ mod tests {
                 mesh: None,
                 prefix: None,
                 transport: 0,
+                pins: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),

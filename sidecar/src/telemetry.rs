@@ -38,6 +38,7 @@ pub const AGGREGATE_LIST_CACHE: &str = "toolmesh_aggregate_list_cache_total";
 pub const AGGREGATE_READ_CACHE: &str = "toolmesh_aggregate_read_cache_total";
 pub const GATEWAY_AUTH: &str = "toolmesh_gateway_authentications_total";
 pub const TRACE_SPANS: &str = "toolmesh_trace_spans_total";
+pub const PIN_DRIFTS: &str = "toolmesh_pin_drifts_total";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +188,15 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         UPSTREAM_EXPOSED,
         "Server-side mode with --pod-ip: 1 while the server behind --upstream also answers on the pod's IP (reachable around the sidecar)"
     );
+    describe_counter!(
+        PIN_DRIFTS,
+        "Tool and prompt definitions seen in lists that do not match their server's pins, each distinct one once, by kind (tool, prompt) and state (drifted, unpinned)"
+    );
+    for kind in ["tool", "prompt"] {
+        for state in ["drifted", "unpinned"] {
+            counter!(PIN_DRIFTS, "kind" => kind, "state" => state).absolute(0);
+        }
+    }
     toolmesh_proto::otel::register(TRACE_SPANS);
     gauge!(WORKLOAD_CERT_EXPIRY).set(0.0);
     for reason in ["handshake", "timeout", "identity"] {

@@ -482,8 +482,10 @@ async fn toolmeshctl_says_which_step_failed() -> Result<()> {
             held.push(s);
         }
     });
+    // Built (if need be) before the clock starts.
+    let toolmeshctl = binary("toolmeshctl");
     let started = Instant::now();
-    let out = tokio::process::Command::new(binary("toolmeshctl"))
+    let out = tokio::process::Command::new(&toolmeshctl)
         .args([
             "status",
             "--timeout",
@@ -509,7 +511,7 @@ async fn toolmeshctl_says_which_step_failed() -> Result<()> {
 
     // Nothing listening: the cause is named.
     let closed = free_port()?;
-    let out = tokio::process::Command::new(binary("toolmeshctl"))
+    let out = tokio::process::Command::new(&toolmeshctl)
         .args(["status", "--server", &format!("http://127.0.0.1:{closed}")])
         .env("TOOLMESH_ADMIN_TOKEN", ADMIN_TOKEN)
         .output()

@@ -45,6 +45,9 @@
 //! - `monitoring`: `deploy/monitoring/`'s alerts pass `promtool check rules` and their
 //!   unit tests, and every metric the alerts and the dashboard name is exported by the
 //!   real control plane and sidecar.
+//! - `pins`: pinned definitions: a server's rug pull hidden and refused with the
+//!   upstream's proof, reported once to the control plane; warn mode; `toolmeshctl
+//!   pin`/`diff` round trips on the rmcp demo server and server-everything.
 //! - `peers`: the reference server (`server-everything`) and the Python and
 //!   TypeScript SDK clients.
 //! - `stdio`: the stdio bridge in front of `server-everything` in stdio mode: both
@@ -64,6 +67,7 @@ mod mesh;
 mod monitoring;
 mod operations;
 mod peers;
+mod pins;
 mod policy;
 mod stdio;
 mod support;

@@ -1,7 +1,9 @@
 //! toolmeshctl: the platform team's command line for the control plane's admin API.
 //!
 //! kubectl habits: `apply -f FILE|DIR|-`, `get KIND [NAME] [-o yaml|json]`,
-//! `delete KIND NAME`, `status`. Exit status 1 with the server's message on failure.
+//! `delete KIND NAME`, `status`; and for pinned definitions `diff SERVER` and
+//! `pin SERVER [--file F]`. Exit status 1 with the server's message on failure (and
+//! from `diff` when something drifted).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -77,6 +79,24 @@ enum Command {
         /// Show at most this many (0: all, fetched page by page).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+    },
+    /// What sidecars saw of SERVER's tools and prompts that does not match its pins
+    /// (`spec.pins`): per definition, the members that changed and what they say now.
+    /// Exit status 1 when anything drifted.
+    Diff {
+        #[arg(value_name = "SERVER")]
+        name: String,
+    },
+    /// Propose pins for SERVER: the McpServer as it is, with a pin for each definition
+    /// sidecars reported as drifted or unpinned (or each one in --file), printed as
+    /// YAML to review and `apply`. Existing pins for other names are kept.
+    Pin {
+        #[arg(value_name = "SERVER")]
+        name: String,
+        /// Take the definitions from this file instead: a saved `tools/list` or
+        /// `prompts/list` response or result (`-`: stdin).
+        #[arg(long, value_name = "FILE")]
+        file: Option<String>,
     },
 }
 
@@ -338,9 +358,134 @@ async fn run(cli: Cli) -> Result<(), String> {
             if (shown.len() as u64) < total {
                 println!("({} of {total} shown)", shown.len());
             }
+            let drifts = drifts(&mut admin, &cli, "").await?;
+            if !drifts.is_empty() {
+                print!("\n{}", toolmesh_control_plane::drift::table(&drifts));
+            }
+        }
+        Command::Diff { name: server } => {
+            let drifts = drifts(&mut admin, &cli, server).await?;
+            if drifts.is_empty() {
+                println!("no definition of {server} differs from its pins");
+            } else {
+                print!("{}", toolmesh_control_plane::drift::diff_text(&drifts));
+                return Err(format!(
+                    "{} definition(s) of {server} differ from its pins",
+                    drifts.len()
+                ));
+            }
+        }
+        Command::Pin { name: server, file } => {
+            let req = pb::GetRequest {
+                kind: "McpServer".into(),
+                name: server.clone(),
+            };
+            let found = admin
+                .get(authorized(&cli, req)?)
+                .await
+                .map_err(fail("Get"))?
+                .into_inner()
+                .resources;
+            let text = found
+                .first()
+                .ok_or_else(|| format!("no McpServer {server}"))?;
+            let value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            let mut resource =
+                toolmesh_proto::resource::parse_document(0, value).map_err(|e| e.to_string())?;
+            let toolmesh_proto::resource::Resource::McpServer(mcp) = &mut resource else {
+                return Err(format!("{server} is not an McpServer"));
+            };
+            let definitions = match file {
+                Some(file) => {
+                    let text = if file == "-" {
+                        let mut text = String::new();
+                        std::io::stdin()
+                            .read_to_string(&mut text)
+                            .map_err(|e| format!("stdin: {e}"))?;
+                        text
+                    } else {
+                        std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?
+                    };
+                    toolmesh_control_plane::drift::definitions_in(&text)
+                        .map_err(|e| format!("{file}: {e}"))?
+                }
+                None => reported_definitions(&mut admin, &cli, server).await?,
+            };
+            let pins = mcp.spec.pins.get_or_insert_with(Default::default);
+            let proposal = toolmesh_control_plane::drift::propose(pins, &definitions)?;
+            println!(
+                "{}",
+                serde_saphyr::to_string(&resource)
+                    .map_err(|e| e.to_string())?
+                    .trim_end()
+            );
+            eprintln!(
+                "{server}: {} pin(s) added{}, {} changed{}, {} unchanged; review, then `toolmeshctl apply -f` it",
+                proposal.added.len(),
+                listed(&proposal.added),
+                proposal.changed.len(),
+                listed(&proposal.changed),
+                proposal.unchanged
+            );
         }
     }
     Ok(())
+}
+
+/// ` (a, b)` for a non-empty list.
+fn listed(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", names.join(", "))
+    }
+}
+
+/// What the control plane keeps of drifted definitions, of `server` (empty: all).
+async fn drifts(
+    admin: &mut AdminServiceClient<Channel>,
+    cli: &Cli,
+    server: &str,
+) -> Result<Vec<pb::ReportedDrift>, String> {
+    let req = pb::DriftsRequest {
+        server: server.to_owned(),
+    };
+    Ok(admin
+        .drifts(authorized(cli, req)?)
+        .await
+        .map_err(|e| failure("Drifts", cli.timeout, &e))?
+        .into_inner()
+        .drifts)
+}
+
+/// The live definitions sidecars reported for `server` (those small enough to carry).
+async fn reported_definitions(
+    admin: &mut AdminServiceClient<Channel>,
+    cli: &Cli,
+    server: &str,
+) -> Result<Vec<(toolmesh_proto::pin::Kind, serde_json::Value)>, String> {
+    let drifts = drifts(admin, cli, server).await?;
+    let mut out = Vec::new();
+    for d in drifts.into_iter().filter_map(|r| r.drift) {
+        let kind = if d.kind == "tool" {
+            toolmesh_proto::pin::Kind::Tool
+        } else {
+            toolmesh_proto::pin::Kind::Prompt
+        };
+        match serde_json::from_str(&d.definition) {
+            Ok(definition) => out.push((kind, definition)),
+            Err(_) => eprintln!(
+                "{} {}: its definition was not reported (too large or unreadable); pin it with --file",
+                d.kind, d.name
+            ),
+        }
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "no sidecar has reported a drifted or unpinned definition of {server}; list its tools through a sidecar first (with pins in mode warn and unpinned allow), or pass --file"
+        ));
+    }
+    Ok(out)
 }
 
 fn main() -> ExitCode {
@@ -364,6 +509,12 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::certificate_left;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 
     #[test]
     fn certificate_lifetimes_read_at_a_glance() {

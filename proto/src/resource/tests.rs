@@ -466,3 +466,58 @@ fn subjects_name_someone_and_say_it_plainly() {
     let good = "apiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: p}\nspec:\n  subjects:\n    - {identity: \"ci/*\", issuer: \"https://kubernetes.default.svc\"}\n    - {user: \"*\", clientId: ide, scopes: [mcp], claims: {groups: platform}}\n  rules: [{server: s, tools: [\"*\"]}]\n";
     parse_resources(good).expect("valid subjects");
 }
+
+#[test]
+fn pins_are_checked_and_rendered() {
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let yaml = |pins: &str| {
+        format!(
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: gh}}\nspec:\n  endpoints: [{{url: \"http://gh:1/mcp\"}}]\n  allowUnauthenticated: true\n  pins:\n{pins}---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: p}}\nspec:\n  subjects: [{{identity: \"agents/a\"}}]\n  rules: [{{server: gh, tools: [\"*\"]}}]\n"
+        )
+    };
+    let good = format!(
+        "    mode: warn\n    tools:\n      get_issue: {{digest: \"{D}\", fields: {{description: 0123456789abcdef}}}}\n    prompts:\n      review: {{digest: \"{D}\"}}\n"
+    );
+    let set = ResourceSet::new(parse_resources(&yaml(&good)).expect("parses")).expect("set");
+    let pins = crate::render::render(&set, "agents/a")
+        .expect("renders")
+        .servers[0]
+        .pins
+        .clone()
+        .expect("pins rendered");
+    assert!(pins.warn && !pins.allow_unpinned);
+    assert_eq!(pins.tools["get_issue"].digest, D);
+    assert_eq!(
+        pins.tools["get_issue"].fields["description"],
+        "0123456789abcdef"
+    );
+    assert_eq!(pins.prompts["review"].digest, D);
+    for (bad, field) in [
+        (
+            "    tools:\n      x: {digest: \"sha1:abc\"}\n",
+            "spec.pins.tools[\"x\"].digest",
+        ),
+        (
+            &format!(
+                "    tools:\n      x: {{digest: \"{}\"}}\n",
+                D.to_uppercase().replace("SHA256", "sha256")
+            ),
+            "spec.pins.tools[\"x\"].digest",
+        ),
+        (
+            &format!(
+                "    prompts:\n      x: {{digest: \"{D}\", fields: {{inputSchema: 0123456789abcdef}}}}\n"
+            ),
+            "spec.pins.prompts[\"x\"].fields",
+        ),
+        (
+            &format!("    tools:\n      x: {{digest: \"{D}\", fields: {{name: \"12\"}}}}\n"),
+            "spec.pins.tools[\"x\"].fields.name",
+        ),
+        ("    mode: audit\n", "spec.pins.mode"),
+        ("    unpinned: deny\n", "spec.pins.unpinned"),
+    ] {
+        let e = err_of(&yaml(bad));
+        assert!(e.contains(field), "{bad}: {e}");
+    }
+}

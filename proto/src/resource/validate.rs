@@ -99,6 +99,9 @@ fn validate_server(server: &McpServer) -> FieldResult {
             }
         }
     }
+    if let Some(pins) = &spec.pins {
+        validate_pins(pins)?;
+    }
     if spec.mesh.is_some() && spec.transport == super::Transport::Sse {
         return fail(
             "spec.transport",
@@ -120,6 +123,48 @@ fn validate_server(server: &McpServer) -> FieldResult {
             "spec.credential",
             "required: without a credential only the sidecar holds, anything that reaches the server can call it around the sidecar; set spec.credential, or spec.mesh to put the server behind a server-side sidecar, or spec.allowUnauthenticated: true to accept that",
         );
+    }
+    Ok(())
+}
+
+fn validate_pins(pins: &super::PinsSpec) -> FieldResult {
+    use crate::pin::{Kind, is_digest, is_fingerprint};
+    for (list, kind, map) in [
+        ("tools", Kind::Tool, &pins.tools),
+        ("prompts", Kind::Prompt, &pins.prompts),
+    ] {
+        for (name, pin) in map {
+            let at = format!("spec.pins.{list}[{name:?}]");
+            if name.is_empty() {
+                return fail(format!("spec.pins.{list}"), "a name must not be empty");
+            }
+            if !is_digest(&pin.digest) {
+                return fail(
+                    format!("{at}.digest"),
+                    format!(
+                        "{:?} is not a digest: sha256: and 64 lowercase hex digits",
+                        pin.digest
+                    ),
+                );
+            }
+            for (field, fingerprint) in &pin.fields {
+                if !kind.fields().contains(&field.as_str()) {
+                    return fail(
+                        format!("{at}.fields"),
+                        format!(
+                            "{field:?} is not pinned; pinned members are {}",
+                            kind.fields().join(", ")
+                        ),
+                    );
+                }
+                if !is_fingerprint(fingerprint) {
+                    return fail(
+                        format!("{at}.fields.{field}"),
+                        format!("{fingerprint:?} is not a fingerprint: 16 lowercase hex digits"),
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }
