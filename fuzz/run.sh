@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 SECONDS_EACH="${FUZZ_SECONDS:-60}"
-ALL=(envelope headers sse resources_yaml snapshot uri values spiffe tokens trace_meta)
+ALL=(envelope headers sse resources_yaml snapshot uri values spiffe tokens trace_meta pin_items)
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
   TARGETS=("${ALL[@]}")

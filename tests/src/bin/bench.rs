@@ -24,7 +24,9 @@
 //! for the paced and unpaced small calls; and gateway mode (a bearer JWT on every
 //! request, policies matched per user) against the sidecar path, with 10,000 distinct
 //! users' tokens in a minute for its memory; and tracing off, at 10% and at 100%
-//! sampling (with `--baseline-sidecar`, also a build without tracing at all).
+//! sampling (with `--baseline-sidecar`, also a build without tracing at all); and the
+//! 500-tool `tools/list` relayed with every definition checked against its pin against
+//! the same list without pins, on one sidecar.
 //!
 //! Build and run with `make bench` (release binaries; installs nginx if missing).
 //! It measures; it asserts nothing but that answers are correct.
@@ -48,7 +50,7 @@ use tokio::sync::{Barrier, watch};
 use toolmesh_tests::measure::{percentile, sibling, usage};
 use toolmesh_tests::{Proc, TempDir};
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(about = "The sidecar against the direct path and nginx, in one run")]
 struct Args {
     /// Seconds each closed-loop workload runs against each target.
@@ -70,7 +72,7 @@ struct Args {
     /// Run only these workloads (repeat the flag): call-paced, call, big, sse, list,
     /// sessions, sessions-pooled, stateless, aggregate-call-paced, aggregate-call,
     /// aggregate-list, gateway-call, gateway-call-paced, gateway-users, trace-call,
-    /// trace-call-paced.
+    /// trace-call-paced, pinned-list.
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// A sidecar binary built without tracing (e.g. from the commit before it), to
@@ -959,6 +961,114 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
     Ok(report)
 }
 
+/// Rounds of the pinned-list comparison, interleaved.
+const PINNING_ROUNDS: usize = 3;
+
+/// The 500-tool `tools/list` through one sidecar twice: `/mcp/bench` as in the other
+/// workloads, and `/mcp/pinned`, the same upstream and policy with a pin for every
+/// tool (each one matching, so the list is the same 400 tools): what checking every
+/// definition costs on the relay path.
+async fn pinning(args: &Args, upstream: &str, audit: &Path) -> Result<String> {
+    if !(args.workloads.is_empty() || args.workloads.iter().any(|n| n == "pinned-list")) {
+        return Ok(String::new());
+    }
+    let every = Args {
+        workloads: Vec::new(),
+        ..args.clone()
+    };
+    let w = workloads(&every)
+        .into_iter()
+        .find(|w| w.name == "list")
+        .context("the list workload")?;
+    let addr: SocketAddr = upstream
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .context("upstream URL")?
+        .parse()?;
+    let direct = Target {
+        name: "direct",
+        addr,
+        path: "/mcp",
+        pid: None,
+        prefix: "",
+        fan_out: 1,
+        users: Users::None,
+    };
+    let mut send = connect(addr).await?;
+    let resp = send
+        .send_request(request(&direct, Call::List, 1, None, None)?)
+        .await?;
+    let listed: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+    let mut pins = String::from("  pins:\n    tools:\n");
+    for tool in listed["result"]["tools"]
+        .as_array()
+        .context("tools/list result")?
+    {
+        let name = tool["name"].as_str().context("tool name")?;
+        let digest = toolmesh_proto::pin::digest(toolmesh_proto::pin::Kind::Tool, tool)?;
+        let _ = writeln!(pins, "      {name}: {{digest: \"{digest}\"}}");
+    }
+    let mut yaml = resources(upstream);
+    let bench_rules = "    - {server: bench, tools: [\"t4*\"], action: deny}\n\
+         \x20   - {server: bench, tools: [\"t0*\", \"t1*\", \"t2*\", \"t3*\", \"t4*\"]}\n";
+    yaml = yaml.replace(
+        bench_rules,
+        &format!(
+            "{bench_rules}{}",
+            bench_rules.replace("server: bench", "server: pinned")
+        ),
+    );
+    let _ = write!(
+        yaml,
+        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: pinned}}\nspec:\n  endpoints: [{{url: \"{upstream}\"}}]\n  credential: {{header: Authorization, secretRef: {{name: bench-token, key: token}}, prefix: \"Bearer \"}}\n{pins}"
+    );
+    let dir = TempDir::new("bench-pinning")?;
+    let config = dir.0.join("pinned.yaml");
+    std::fs::write(&config, yaml)?;
+    let (mut sidecar, addr) = start_sidecar(args, &config, audit).await?;
+    let target = |name, path| {
+        Arc::new(Target {
+            name,
+            addr,
+            path,
+            pid: sidecar.pid(),
+            prefix: "",
+            fan_out: 1,
+            users: Users::None,
+        })
+    };
+    let targets = [
+        target("no pins", "/mcp/bench"),
+        target("500 pins", "/mcp/pinned"),
+    ];
+    let mut rounds: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..PINNING_ROUNDS {
+        for (i, t) in targets.iter().enumerate() {
+            rounds[i].push(run(t.clone(), &w).await.with_context(|| t.name)?);
+        }
+    }
+    let results: Vec<(&Target, Outcome)> = targets
+        .iter()
+        .map(AsRef::as_ref)
+        .zip(rounds.into_iter().map(best))
+        .collect();
+    let mut report = String::from("## Pinned definitions\n\n");
+    report.push_str(&compare_table(
+        &format!(
+            "pinned-list — {}, best of {PINNING_ROUNDS} interleaved rounds",
+            w.what
+        ),
+        &results,
+        &[("500 pins", "no pins")],
+    ));
+    report.push_str(&costs(&results));
+    report.push('\n');
+    println!("{report}");
+    sidecar.terminate().await?;
+    Ok(report)
+}
+
 /// Distinct users whose tokens the gateway sees within a minute (the memory run).
 const GATEWAY_USERS: usize = 10_000;
 
@@ -1789,6 +1899,9 @@ async fn bench(args: Args) -> Result<()> {
 
     let traced = tracing(&args, &config, &audit).await?;
     report.push_str(&traced);
+
+    let pinned = pinning(&args, &upstream_url, &audit).await?;
+    report.push_str(&pinned);
 
     let hops = two_hop(&args, &direct, &upstream_url).await?;
     println!("{hops}");
