@@ -41,6 +41,7 @@ pub fn route() -> Arc<Route> {
                 prefix: None,
                 transport: 0,
                 pins: None,
+                oauth: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),

@@ -226,6 +226,30 @@ fn render_server(set: &ResourceSet, server: &McpServer) -> pb::Server {
         }
         .into(),
         pins: spec.pins.as_deref().map(render_pins),
+        oauth: spec.oauth.as_deref().map(|o| render_oauth(set, o)),
+    }
+}
+
+fn render_oauth(set: &ResourceSet, oauth: &crate::resource::OAuthSpec) -> pb::OAuth {
+    // validate_set has checked that the secret and key exist.
+    let secret = oauth.client_secret_ref.as_ref().and_then(|r| {
+        let value = set.secrets.get(&r.name)?.data.get(&r.key)?;
+        Some((value.clone(), format!("{}/{}", r.name, r.key)))
+    });
+    let (client_secret, client_secret_source) = secret.unwrap_or_default();
+    pb::OAuth {
+        grant: match oauth.grant {
+            crate::resource::Grant::ClientCredentials => pb::o_auth::Grant::ClientCredentials,
+            crate::resource::Grant::TokenExchange => pb::o_auth::Grant::TokenExchange,
+        }
+        .into(),
+        token_url: oauth.token_url.clone(),
+        client_id: oauth.client_id.clone(),
+        client_secret,
+        client_secret_source,
+        scopes: oauth.scopes.clone(),
+        audience: oauth.audience.clone(),
+        resource: oauth.resource.clone(),
     }
 }
 
@@ -318,6 +342,13 @@ pub fn redacted(snapshot: &pb::Snapshot) -> pb::Snapshot {
     for server in &mut copy.servers {
         if let Some(cred) = &mut server.credential {
             cred.value = REDACTED.to_owned();
+        }
+        if let Some(oauth) = server
+            .oauth
+            .as_mut()
+            .filter(|o| !o.client_secret.is_empty())
+        {
+            oauth.client_secret = REDACTED.to_owned();
         }
     }
     for served in &mut copy.served {

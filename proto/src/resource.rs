@@ -210,6 +210,73 @@ pub struct McpServerSpec {
     /// checked. `toolmeshctl pin` proposes them; see the README's "Pinned definitions".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pins: Option<Box<PinsSpec>>,
+    /// An OAuth 2.0 access token the sidecar obtains, caches until shortly before it
+    /// expires, and sends as `Authorization: Bearer …` (instead of `credential`):
+    /// client credentials, or an RFC 8693 token exchange of the pod's own identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<Box<OAuthSpec>>,
+}
+
+/// `McpServer.spec.oauth`.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OAuthSpec {
+    /// `client-credentials` (RFC 6749 §4.4: the sidecar is the client) or
+    /// `token-exchange` (RFC 8693: the sidecar trades the pod's own token, its
+    /// `--subject-token-file`, for one for this server, so the server sees who acts).
+    pub grant: Grant,
+    /// The authorization server's token endpoint (`https://`; `http://` only on
+    /// loopback).
+    #[cfg_attr(feature = "kube", schemars(regex(pattern = r"^https?://.+")))]
+    pub token_url: String,
+    /// The client id the sidecar authenticates as (required for `client-credentials`;
+    /// with `token-exchange`, only if the authorization server wants client
+    /// authentication).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_id: String,
+    /// The client secret (HTTP Basic authentication at the token endpoint). Sent only
+    /// to sidecars that may use this server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<SecretRef>,
+    /// Scopes asked for (`scope`, space-separated on the wire).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// `audience` asked for (RFC 8693; many servers also read it with client
+    /// credentials).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub audience: String,
+    /// `resource` asked for (RFC 8707): the server's URI, the audience of the token.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource: String,
+}
+
+/// `McpServer.spec.oauth.grant`.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grant {
+    #[default]
+    ClientCredentials,
+    TokenExchange,
+}
+
+impl McpServerSpec {
+    /// Every Secret this server's spec names: `(field path, reference)`.
+    pub fn secret_refs(&self) -> Vec<(&'static str, &SecretRef)> {
+        let mut refs = Vec::new();
+        if let Some(c) = &self.credential {
+            refs.push(("spec.credential.secretRef", &c.secret_ref));
+        }
+        if let Some(r) = self
+            .oauth
+            .as_ref()
+            .and_then(|o| o.client_secret_ref.as_ref())
+        {
+            refs.push(("spec.oauth.clientSecretRef", r));
+        }
+        refs
+    }
 }
 
 /// `McpServer.spec.pins`.

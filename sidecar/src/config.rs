@@ -266,6 +266,13 @@ pub struct Config {
     #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
+    /// The pod's own token (e.g. a projected service-account token whose audience the
+    /// authorization server accepts), presented as the subject of RFC 8693 token
+    /// exchanges for servers with `spec.oauth.grant: token-exchange`. Read at each
+    /// exchange, so a rotated token is picked up.
+    #[arg(long, env = "TOOLMESH_SUBJECT_TOKEN_FILE", value_name = "FILE")]
+    pub subject_token_file: Option<PathBuf>,
+
     /// Write audit lines (one JSON object per MCP request) to this file, appending,
     /// instead of stdout.
     #[arg(long, env = "TOOLMESH_AUDIT_FILE", value_name = "FILE")]

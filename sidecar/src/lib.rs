@@ -33,6 +33,7 @@ pub mod identity;
 pub mod listener;
 pub mod mcp;
 pub mod mesh;
+pub mod oauth;
 pub mod pin;
 pub mod policy;
 pub mod proxy;
@@ -226,6 +227,9 @@ pub async fn serve(
     });
     let (audit, audit_writer) = audit::Audit::start(config.audit_file.as_deref())?;
     pin::audit_to(audit.clone(), &config.identity);
+    if let Some(file) = &config.subject_token_file {
+        oauth::set_subject_token_file(file.clone());
+    }
     let draining = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(proxy::InFlight::default());
     let proxy = Arc::new(proxy::Proxy {

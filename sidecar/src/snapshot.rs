@@ -99,6 +99,8 @@ pub struct Route {
     next: AtomicUsize,
     /// The server's approved definitions, if it has pins.
     pub pins: Option<Arc<crate::pin::Pinned>>,
+    /// Where its OAuth access token comes from, if it has `spec.oauth`.
+    pub oauth: Option<Arc<crate::oauth::TokenSource>>,
 }
 
 impl Route {
@@ -341,6 +343,7 @@ impl Runtime {
                 prefix: None,
                 transport: 0,
                 pins: None,
+                oauth: None,
             }],
             policies: served
                 .policies
@@ -447,6 +450,10 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
             .pins
             .as_ref()
             .map(|p| crate::pin::Pinned::for_server(&server.name, p)),
+        oauth: server
+            .oauth
+            .as_ref()
+            .map(|o| crate::oauth::TokenSource::for_server(&server.name, o)),
     })
 }
 
@@ -536,6 +543,7 @@ pub(crate) fn test_route(
             prefix: None,
             transport: 0,
             pins: None,
+            oauth: None,
         }],
         policies: vec![pb::Policy {
             name: "p".into(),
@@ -576,6 +584,7 @@ mod tests {
                 prefix: None,
                 transport: 0,
                 pins: None,
+                oauth: None,
             }],
             policies: vec![pb::Policy {
                 name: "p".into(),

@@ -39,6 +39,7 @@ pub const AGGREGATE_READ_CACHE: &str = "toolmesh_aggregate_read_cache_total";
 pub const GATEWAY_AUTH: &str = "toolmesh_gateway_authentications_total";
 pub const TRACE_SPANS: &str = "toolmesh_trace_spans_total";
 pub const PIN_DRIFTS: &str = "toolmesh_pin_drifts_total";
+pub const TOKEN_REQUESTS: &str = "toolmesh_upstream_token_requests_total";
 
 /// How a request ended, as the `outcome` label of `toolmesh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +196,15 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     for kind in ["tool", "prompt"] {
         for state in ["drifted", "unpinned"] {
             counter!(PIN_DRIFTS, "kind" => kind, "state" => state).absolute(0);
+        }
+    }
+    describe_counter!(
+        TOKEN_REQUESTS,
+        "Requests to OAuth token endpoints for upstream access tokens (spec.oauth), by grant (client_credentials, token_exchange) and result (ok, error)"
+    );
+    for grant in ["client_credentials", "token_exchange"] {
+        for result in ["ok", "error"] {
+            counter!(TOKEN_REQUESTS, "grant" => grant, "result" => result).absolute(0);
         }
     }
     toolmesh_proto::otel::register(TRACE_SPANS);

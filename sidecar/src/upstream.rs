@@ -248,6 +248,52 @@ impl Upstream {
         }
     }
 
+    /// POST a form to `url` for the sidecar itself (an OAuth token endpoint), with
+    /// `authorization` if given: the status and a body of at most `limit` bytes, within
+    /// `timeout`. The error names the URL and what went wrong, never the form.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        authorization: Option<http::HeaderValue>,
+        form: String,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<(http::StatusCode, Bytes), String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let mut req = Request::new(Full::new(Bytes::from(form)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        headers.insert(
+            header::ACCEPT,
+            http::HeaderValue::from_static("application/json"),
+        );
+        if let Some(value) = authorization {
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        let posted = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| toolmesh_proto::error_chain(&e))?;
+            let status = resp.status();
+            let limited = http_body_util::Limited::new(resp.into_body(), limit);
+            http_body_util::BodyExt::collect(limited)
+                .await
+                .map(|c| (status, c.to_bytes()))
+                .map_err(|e| format!("reading the body: {e}"))
+        };
+        match tokio::time::timeout(timeout, posted).await {
+            Ok(result) => result.map_err(|e| format!("{url}: {e}")),
+            Err(_) => Err(format!("{url}: no answer within {timeout:?}")),
+        }
+    }
+
     /// [`Upstream::send`] for the sidecar's own questions (which generation a server
     /// speaks): a failure is the caller's to judge, not counted as a failed request.
     pub async fn probe(
@@ -268,10 +314,46 @@ impl Upstream {
         agent_headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let headers = forward_headers(agent_headers, route);
+        let Some(tokens) = &route.oauth else {
+            return self.exchange_once(route, uri, method, headers, body).await;
+        };
+        // An OAuth route: its token, and on a 401 (the server refused the request
+        // before acting on it, and the whole body is here to send again) one retry
+        // with a fresh token.
+        let token = tokens.header(self).await?;
+        let mut first = headers.clone();
+        first.insert(header::AUTHORIZATION, token.clone());
+        let resp = self
+            .exchange_once(route, uri.clone(), method.clone(), first, body.clone())
+            .await?;
+        if resp.status() != http::StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        tokens.invalidate(&token);
+        let fresh = tokens.header(self).await?;
+        if fresh == token {
+            return Ok(resp);
+        }
+        drop(resp);
+        tracing::info!(server = %route.name, "the upstream refused its access token; sent again with a new one");
+        let mut again = headers;
+        again.insert(header::AUTHORIZATION, fresh);
+        self.exchange_once(route, uri, method, again, body).await
+    }
+
+    async fn exchange_once(
+        &self,
+        route: &Route,
+        uri: Uri,
+        method: Method,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
-        *req.headers_mut() = forward_headers(agent_headers, route);
+        *req.headers_mut() = headers;
         let client = self.client_for(route)?;
         if route.mesh.is_some() && !self.workload.has_certificate() {
             return Err(ProxyError::UpstreamUnavailable {

@@ -17,6 +17,9 @@
 //! - `policy`: default deny, list filtering, rate limits, audit lines.
 //! - `control`: the control plane, `toolmeshctl` and sidecars in control-plane mode:
 //!   live policy changes, per-identity snapshots, NACKs, fail static, TLS.
+//! - `credentials`: upstream OAuth tokens from a real authorization server: client
+//!   credentials fetched once under load, refreshed before expiry, renewed after a
+//!   401; RFC 8693 token exchange naming the pod; no token or secret shown.
 //! - `integrity`: damaged state files, snapshots that cannot be persisted, limits
 //!   from apply to delivery, 1,500-file applies and seeds, pod churn, idle-connection
 //!   floods under a descriptor limit, toolmeshctl's errors.
@@ -56,6 +59,7 @@
 mod aggregate;
 mod conformance;
 mod control;
+mod credentials;
 mod faults;
 mod gateway;
 mod generations;

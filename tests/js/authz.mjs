@@ -11,12 +11,20 @@
 //                issuer)
 //   POST /rotate -> {kid}: a new signing key, published and used from now on
 //   GET  /public -> the first key's public JWK (for key-confusion attacks)
+//   GET  /hits   -> {grant_type: count}: token requests answered, by grant
+//   POST /ttl    {seconds} -> {}: the lifetime (expires_in) of tokens issued from now
+//
+// Besides the mock's own grants it serves RFC 8693 token exchange at
+// <issuer>/token-exchange: the subject token must be a JWT this issuer signed; the
+// token issued names its subject, the `audience` (or `resource`) asked for, and the
+// authenticating client as `act.sub` (HTTP Basic, any secret).
 //
 // Prints one line: {"issuer": URL, "admin": URL}. Runs on Node >= 22.
 
 import http from "node:http";
+import { randomUUID } from "node:crypto";
 import { OAuth2Server } from "oauth2-mock-server";
-import { SignJWT, generateKeyPair } from "jose";
+import { SignJWT, createLocalJWKSet, generateKeyPair, jwtVerify } from "jose";
 
 const server = new OAuth2Server();
 const first = await server.issuer.keys.generate("RS256");
@@ -34,6 +42,8 @@ server.service.on("beforeAuthorizeRedirect", (redirect, req) => {
 
 server.service.on("beforeTokenSigning", (token, req) => {
   const body = req.body ?? {};
+  // Every token its own, as real servers issue them (two in one second differ).
+  token.payload.jti = randomUUID();
   if (typeof body.resource === "string") token.payload.aud = body.resource;
   if (body.grant_type === "authorization_code" && granted.has(body.code)) {
     token.payload.scope = granted.get(body.code);
@@ -49,6 +59,60 @@ server.service.on("beforeTokenSigning", (token, req) => {
 });
 
 const foreign = await generateKeyPair("RS256", { extractable: true });
+
+const hits = {};
+let ttl = 3600;
+server.service.on("beforeResponse", (response, req) => {
+  const grant = (req.body ?? {}).grant_type ?? "unknown";
+  hits[grant] = (hits[grant] ?? 0) + 1;
+  if (response.body && typeof response.body === "object") response.body.expires_in = ttl;
+});
+
+const EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange";
+server.service.addRoute("POST", "/token-exchange", async (req, res) => {
+  const body = req.body ?? {};
+  const fail = (error, description) =>
+    res
+      .writeHead(400, { "content-type": "application/json" })
+      .end(JSON.stringify({ error, error_description: description }));
+  if (body.grant_type !== EXCHANGE) return fail("unsupported_grant_type", String(body.grant_type));
+  if (typeof body.subject_token !== "string") return fail("invalid_request", "no subject_token");
+  let subject;
+  try {
+    const published = server.issuer.keys.toJSON();
+    const jwks = createLocalJWKSet(Array.isArray(published) ? { keys: published } : published);
+    subject = (await jwtVerify(body.subject_token, jwks, { issuer })).payload;
+  } catch (e) {
+    return fail("invalid_grant", `subject_token: ${e.message}`);
+  }
+  const basic = (req.headers.authorization ?? "").replace(/^Basic /i, "");
+  const client = basic
+    ? decodeURIComponent(Buffer.from(basic, "base64").toString().split(":")[0])
+    : body.client_id;
+  const token = await server.issuer.buildToken({
+    kid: current,
+    expiresIn: ttl,
+    scopesOrTransform: (_header, claims) => {
+      claims.sub = subject.sub;
+      claims.jti = randomUUID();
+      claims.aud = body.audience ?? body.resource;
+      if (body.scope) claims.scope = body.scope;
+      if (client) {
+        claims.act = { sub: client };
+        claims.client_id = client;
+      }
+    },
+  });
+  hits[EXCHANGE] = (hits[EXCHANGE] ?? 0) + 1;
+  res.writeHead(200, { "content-type": "application/json", "cache-control": "no-store" }).end(
+    JSON.stringify({
+      access_token: token,
+      issued_token_type: "urn:ietf:params:oauth:token-type:access_token",
+      token_type: "Bearer",
+      expires_in: ttl,
+    }),
+  );
+});
 
 async function mint(spec) {
   const now = Math.floor(Date.now() / 1000);
@@ -96,6 +160,11 @@ const admin = http.createServer(async (req, res) => {
       const key = await server.issuer.keys.generate("RS256");
       current = key.kid;
       answer = { kid: current };
+    } else if (req.method === "GET" && req.url === "/hits") {
+      answer = hits;
+    } else if (req.method === "POST" && req.url === "/ttl") {
+      ttl = spec.seconds;
+      answer = {};
     } else if (req.method === "GET" && req.url === "/public") {
       const published = server.issuer.keys.toJSON();
       answer = (Array.isArray(published) ? published : published.keys).find((k) => k.kid === first.kid);

@@ -808,6 +808,23 @@ impl Authz {
             .ok_or_else(|| anyhow!("no kid in {v}"))
     }
 
+    /// Token requests answered so far, by `grant_type`.
+    pub async fn hits(&self) -> Result<serde_json::Value> {
+        self.admin(reqwest::Method::GET, "/hits", serde_json::Value::Null)
+            .await
+    }
+
+    /// Issue tokens living `seconds` from now on (`expires_in`).
+    pub async fn set_ttl(&self, seconds: u64) -> Result<()> {
+        self.admin(
+            reqwest::Method::POST,
+            "/ttl",
+            serde_json::json!({ "seconds": seconds }),
+        )
+        .await
+        .map(drop)
+    }
+
     /// The first signing key's public JWK.
     pub async fn public_key(&self) -> Result<serde_json::Value> {
         self.admin(reqwest::Method::GET, "/public", serde_json::Value::Null)

@@ -120,37 +120,36 @@ pub fn build(
         .collect();
     let mut unserved = Vec::new();
     for (name, server) in &set.servers {
-        let Some(cred) = &server.spec.credential else {
-            continue;
-        };
-        let (secret, key) = (&cred.secret_ref.name, &cred.secret_ref.key);
-        let value = by_name
-            .get(secret)
-            .ok_or_else(|| format!("Secret {secret:?} does not exist in this namespace"))
-            .and_then(|s| {
-                s.data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .ok_or_else(|| format!("Secret {secret:?} has no key {key:?}"))
-            })
-            .and_then(|v| {
-                String::from_utf8(v.0.clone())
-                    .map_err(|_| format!("Secret {secret:?} key {key:?} is not UTF-8 text"))
-            });
-        match value {
-            Ok(value) => {
-                let entry = set.secrets.entry(secret.clone()).or_insert_with(|| Secret {
-                    api_version: API_VERSION.to_owned(),
-                    metadata: toolmesh_proto::resource::Metadata {
-                        name: secret.clone(),
-                        labels: BTreeMap::new(),
-                        annotations: BTreeMap::new(),
-                    },
-                    data: BTreeMap::new(),
+        for (field, r) in server.spec.secret_refs() {
+            let (secret, key) = (&r.name, &r.key);
+            let value = by_name
+                .get(secret)
+                .ok_or_else(|| format!("Secret {secret:?} does not exist in this namespace"))
+                .and_then(|s| {
+                    s.data
+                        .as_ref()
+                        .and_then(|d| d.get(key))
+                        .ok_or_else(|| format!("Secret {secret:?} has no key {key:?}"))
+                })
+                .and_then(|v| {
+                    String::from_utf8(v.0.clone())
+                        .map_err(|_| format!("Secret {secret:?} key {key:?} is not UTF-8 text"))
                 });
-                entry.data.insert(key.clone(), value);
+            match value {
+                Ok(value) => {
+                    let entry = set.secrets.entry(secret.clone()).or_insert_with(|| Secret {
+                        api_version: API_VERSION.to_owned(),
+                        metadata: toolmesh_proto::resource::Metadata {
+                            name: secret.clone(),
+                            labels: BTreeMap::new(),
+                            annotations: BTreeMap::new(),
+                        },
+                        data: BTreeMap::new(),
+                    });
+                    entry.data.insert(key.clone(), value);
+                }
+                Err(why) => unserved.push((name.clone(), format!("{field}: {why}"))),
             }
-            Err(why) => unserved.push((name.clone(), why)),
         }
     }
     for (name, why) in unserved {
@@ -161,7 +160,7 @@ pub fn build(
         {
             v.ready = false;
             v.reason = "SecretMissing";
-            v.message = format!("spec.credential.secretRef: {why}; not served until it does");
+            v.message = format!("{why}; not served until it does");
         }
     }
 

@@ -521,3 +521,86 @@ fn pins_are_checked_and_rendered() {
         assert!(e.contains(field), "{bad}: {e}");
     }
 }
+
+#[test]
+fn oauth_credentials_are_checked_rendered_and_redacted() {
+    let yaml = |oauth: &str, more: &str| {
+        format!(
+            "apiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: gh}}\nspec:\n  endpoints: [{{url: \"https://gh.example/mcp\"}}]\n  oauth:\n{oauth}{more}---\napiVersion: toolmesh.dev/v1alpha1\nkind: Secret\nmetadata: {{name: gh-oauth}}\ndata: {{secret: \"s3cret-value\"}}\n---\napiVersion: toolmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: p}}\nspec:\n  subjects: [{{identity: \"agents/a\"}}]\n  rules: [{{server: gh, tools: [\"*\"]}}]\n"
+        )
+    };
+    let cc = "    grant: client-credentials\n    tokenUrl: https://idp.example/token\n    clientId: toolmesh\n    clientSecretRef: {name: gh-oauth, key: secret}\n    scopes: [repo, read:org]\n    resource: https://gh.example/mcp\n";
+    let set = ResourceSet::new(parse_resources(&yaml(cc, "")).expect("parses")).expect("set");
+    let snapshot = crate::render::render(&set, "agents/a").expect("renders");
+    let oauth = snapshot.servers[0].oauth.clone().expect("oauth rendered");
+    assert_eq!(oauth.client_secret, "s3cret-value");
+    assert_eq!(oauth.client_secret_source, "gh-oauth/secret");
+    assert_eq!(oauth.scopes, vec!["repo", "read:org"]);
+    assert!(snapshot.servers[0].credential.is_none());
+    let dump = serde_json::to_string(&crate::render::redacted(&snapshot)).expect("json");
+    assert!(
+        !dump.contains("s3cret-value") && dump.contains("<redacted>"),
+        "{dump}"
+    );
+    // Token exchange needs no secret at all.
+    let te =
+        "    grant: token-exchange\n    tokenUrl: https://idp.example/token\n    audience: gh\n";
+    let set = ResourceSet::new(parse_resources(&yaml(te, "")).expect("parses")).expect("set");
+    let rendered = crate::render::render(&set, "agents/a").expect("renders");
+    assert_eq!(
+        rendered.servers[0]
+            .oauth
+            .as_ref()
+            .map(|o| o.client_secret.as_str()),
+        Some("")
+    );
+    for (bad, more, field) in [
+        (
+            "    grant: client-credentials\n    tokenUrl: http://idp.example/token\n    clientId: x\n    clientSecretRef: {name: gh-oauth, key: secret}\n",
+            "",
+            "spec.oauth.tokenUrl",
+        ),
+        (
+            "    grant: client-credentials\n    tokenUrl: https://idp.example/token\n    clientId: x\n",
+            "",
+            "spec.oauth",
+        ),
+        (
+            "    grant: token-exchange\n    tokenUrl: https://idp.example/token\n    clientSecretRef: {name: gh-oauth, key: secret}\n",
+            "",
+            "spec.oauth.clientId",
+        ),
+        (
+            "    grant: token-exchange\n    tokenUrl: https://idp.example/token\n    scopes: [\"a b\"]\n",
+            "",
+            "spec.oauth.scopes[0]",
+        ),
+        (
+            te,
+            "  credential: {header: X-Key, secretRef: {name: gh-oauth, key: secret}}\n",
+            "spec.oauth",
+        ),
+        (
+            "    grant: client-credentials\n    tokenUrl: https://idp.example/token\n    clientId: x\n    clientSecretRef: {name: missing, key: secret}\n",
+            "",
+            "spec.oauth.clientSecretRef",
+        ),
+        (
+            "    grant: password\n    tokenUrl: https://idp.example/token\n",
+            "",
+            "spec.oauth.grant",
+        ),
+    ] {
+        let e = match parse_resources(&yaml(bad, more)).map(ResourceSet::new) {
+            Ok(Ok(set)) => match crate::render::render(&set, "agents/a") {
+                Ok(_) => panic!("accepted: {bad}{more}"),
+                Err(e) => e.to_string(),
+            },
+            Ok(Err(e)) | Err(e) => e.to_string(),
+        };
+        assert!(e.contains(field), "{bad}{more}: {e}");
+    }
+    // Loopback token endpoints may be plain HTTP (a local authorization server).
+    let local = "    grant: token-exchange\n    tokenUrl: http://127.0.0.1:8080/token\n";
+    assert!(parse_resources(&yaml(local, "")).is_ok());
+}

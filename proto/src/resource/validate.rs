@@ -118,10 +118,88 @@ fn validate_server(server: &McpServer) -> FieldResult {
             ),
         );
     }
-    if spec.credential.is_none() && spec.mesh.is_none() && !spec.allow_unauthenticated {
+    if let Some(oauth) = &spec.oauth {
+        validate_oauth(oauth)?;
+        if spec.credential.is_some() {
+            return fail(
+                "spec.oauth",
+                "a server has one credential: spec.credential or spec.oauth, not both",
+            );
+        }
+        if spec.mesh.is_some() {
+            return fail(
+                "spec.oauth",
+                "a server in the mesh gets its credential from its server-side sidecar; spec.oauth is for servers outside it",
+            );
+        }
+    }
+    if spec.credential.is_none()
+        && spec.oauth.is_none()
+        && spec.mesh.is_none()
+        && !spec.allow_unauthenticated
+    {
         return fail(
             "spec.credential",
-            "required: without a credential only the sidecar holds, anything that reaches the server can call it around the sidecar; set spec.credential, or spec.mesh to put the server behind a server-side sidecar, or spec.allowUnauthenticated: true to accept that",
+            "required: without a credential only the sidecar holds, anything that reaches the server can call it around the sidecar; set spec.credential (or spec.oauth), or spec.mesh to put the server behind a server-side sidecar, or spec.allowUnauthenticated: true to accept that",
+        );
+    }
+    Ok(())
+}
+
+fn validate_oauth(oauth: &super::OAuthSpec) -> FieldResult {
+    let url = &oauth.token_url;
+    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+        .iter()
+        .any(|p| {
+            url.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+        });
+    if !(url.starts_with("https://") || loopback) {
+        return fail(
+            "spec.oauth.tokenUrl",
+            format!(
+                "{url:?}: must be https:// (http:// only on loopback): the client secret and the tokens cross it"
+            ),
+        );
+    }
+    validate_url(url).map_err(|m| ("spec.oauth.tokenUrl".to_owned(), m))?;
+    if oauth.grant == super::Grant::ClientCredentials
+        && (oauth.client_id.is_empty() || oauth.client_secret_ref.is_none())
+    {
+        return fail(
+            "spec.oauth",
+            "grant client-credentials needs clientId and clientSecretRef",
+        );
+    }
+    if oauth.client_secret_ref.is_some() && oauth.client_id.is_empty() {
+        return fail("spec.oauth.clientId", "required with clientSecretRef");
+    }
+    if let Some(r) = &oauth.client_secret_ref {
+        if !is_dns_label(&r.name) {
+            return fail("spec.oauth.clientSecretRef.name", "must name a Secret");
+        }
+        if r.key.is_empty() {
+            return fail("spec.oauth.clientSecretRef.key", "must not be empty");
+        }
+    }
+    for (i, scope) in oauth.scopes.iter().enumerate() {
+        // RFC 6749 §3.3: printable ASCII but space, '"' and '\\'.
+        if scope.is_empty()
+            || !scope
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+        {
+            return fail(
+                format!("spec.oauth.scopes[{i}]"),
+                format!("{scope:?} is not a scope token"),
+            );
+        }
+    }
+    let printable = |t: &str| t.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if !printable(&oauth.client_id) || !printable(&oauth.audience) || !printable(&oauth.resource) {
+        return fail(
+            "spec.oauth",
+            "clientId, audience and resource must be printable ASCII",
         );
     }
     Ok(())
@@ -365,24 +443,20 @@ pub fn validate_set(set: &ResourceSet) -> Result<(), ResourceError> {
         message,
     })?;
     for server in set.servers.values() {
-        let Some(cred) = &server.spec.credential else {
-            continue;
-        };
-        let err = |message: String| ResourceError::Field {
-            kind: Kind::McpServer,
-            name: server.metadata.name.clone(),
-            field: "spec.credential.secretRef".to_owned(),
-            message,
-        };
-        let secret = set
-            .secrets
-            .get(&cred.secret_ref.name)
-            .ok_or_else(|| err(format!("Secret {:?} does not exist", cred.secret_ref.name)))?;
-        if !secret.data.contains_key(&cred.secret_ref.key) {
-            return Err(err(format!(
-                "Secret {:?} has no key {:?}",
-                cred.secret_ref.name, cred.secret_ref.key
-            )));
+        for (field, r) in server.spec.secret_refs() {
+            let err = |message: String| ResourceError::Field {
+                kind: Kind::McpServer,
+                name: server.metadata.name.clone(),
+                field: field.to_owned(),
+                message,
+            };
+            let secret = set
+                .secrets
+                .get(&r.name)
+                .ok_or_else(|| err(format!("Secret {:?} does not exist", r.name)))?;
+            if !secret.data.contains_key(&r.key) {
+                return Err(err(format!("Secret {:?} has no key {:?}", r.name, r.key)));
+            }
         }
     }
     for policy in set.policies.values() {

@@ -9,6 +9,10 @@
 //! prompt the official MCP conformance suite's server scenarios ask for, so the suite
 //! can run against it directly and through the sidecar.
 //!
+//! For the upstream-credential tests it can refuse a bearer token it was sent before:
+//! `POST /revoke-token` with the token as the body makes every request carrying it a
+//! 401, as a server that learnt of a revocation would answer.
+//!
 //! For the pinned-definitions tests it plays a server that changes what a tool says
 //! after it was approved: `POST /rug-pull` (outside the MCP endpoint, so no MCP client
 //! can reach it) makes `echo`'s description ask the model for a secret, until
@@ -109,6 +113,47 @@ fn is_modern(ctx: &RequestContext<RoleServer>) -> bool {
 }
 
 /// Every tool: name, description, input schema.
+/// Bearer tokens `POST /revoke-token` named: requests carrying one get a 401.
+static REVOKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+async fn revoke_token(token: String) -> &'static str {
+    REVOKED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(token.trim().to_owned());
+    "revoked\n"
+}
+
+async fn refuse_revoked(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let bearer = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let revoked = bearer.is_some_and(|t| {
+        REVOKED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&t)
+    });
+    if revoked {
+        eprintln!("refused a revoked token");
+        return axum::response::IntoResponse::into_response((
+            http::StatusCode::UNAUTHORIZED,
+            [(
+                http::header::WWW_AUTHENTICATE,
+                "Bearer error=\"invalid_token\"",
+            )],
+            "revoked\n",
+        ));
+    }
+    next.run(req).await
+}
+
 /// Set by `POST /rug-pull`: `echo` now describes itself otherwise.
 static RUG_PULLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -604,6 +649,8 @@ async fn main() -> anyhow::Result<()> {
     let app = axum::Router::new()
         .nest_service("/mcp", service)
         .route("/rug-pull", axum::routing::post(rug_pull).delete(rug_pull))
+        .route("/revoke-token", axum::routing::post(revoke_token))
+        .layer(axum::middleware::from_fn(refuse_revoked))
         .layer(axum::middleware::from_fn(delete_answers_ok));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on http://{}/mcp", listener.local_addr()?);
