@@ -26,7 +26,8 @@
 //! users' tokens in a minute for its memory; and tracing off, at 10% and at 100%
 //! sampling (with `--baseline-sidecar`, also a build without tracing at all); and the
 //! 500-tool `tools/list` relayed with every definition checked against its pin against
-//! the same list without pins, on one sidecar.
+//! the same list without pins, on one sidecar; and a small call to a server whose
+//! credential is an OAuth token the sidecar holds against one with a static header.
 //!
 //! Build and run with `make bench` (release binaries; installs nginx if missing).
 //! It measures; it asserts nothing but that answers are correct.
@@ -72,7 +73,7 @@ struct Args {
     /// Run only these workloads (repeat the flag): call-paced, call, big, sse, list,
     /// sessions, sessions-pooled, stateless, aggregate-call-paced, aggregate-call,
     /// aggregate-list, gateway-call, gateway-call-paced, gateway-users, trace-call,
-    /// trace-call-paced, pinned-list.
+    /// trace-call-paced, pinned-list, oauth-call, oauth-call-paced.
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// A sidecar binary built without tracing (e.g. from the commit before it), to
@@ -1069,6 +1070,104 @@ async fn pinning(args: &Args, upstream: &str, audit: &Path) -> Result<String> {
     Ok(report)
 }
 
+/// Rounds of the OAuth comparison, interleaved.
+const OAUTH_ROUNDS: usize = 3;
+
+/// The small call through one sidecar to `/mcp/bench` (a static `Authorization`
+/// header from a Secret) and to `/mcp/oauth` (the same upstream, its token from the
+/// upstream's `/token` as `spec.oauth` client credentials, fetched once and cached):
+/// what holding an OAuth token costs a call.
+async fn oauth_tokens(args: &Args, upstream: &str, audit: &Path) -> Result<String> {
+    let names = ["oauth-call", "oauth-call-paced"];
+    if !(args.workloads.is_empty() || args.workloads.iter().any(|n| names.contains(&n.as_str()))) {
+        return Ok(String::new());
+    }
+    let base = upstream.strip_suffix("/mcp").context("upstream URL")?;
+    let mut yaml = resources(upstream);
+    let bench_rule =
+        "    - {server: bench, tools: [\"small\"], rateLimit: {requests: 100000000, per: 1s}}\n";
+    yaml = yaml.replace(
+        bench_rule,
+        &format!(
+            "{bench_rule}{}",
+            bench_rule.replace("server: bench", "server: oauth")
+        ),
+    );
+    let _ = write!(
+        yaml,
+        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: oauth}}\nspec:\n  endpoints: [{{url: \"{upstream}\"}}]\n  oauth: {{grant: client-credentials, tokenUrl: \"{base}/token\", clientId: bench, clientSecretRef: {{name: bench-token, key: token}}}}\n"
+    );
+    let dir = TempDir::new("bench-oauth")?;
+    let config = dir.0.join("oauth.yaml");
+    std::fs::write(&config, yaml)?;
+    let (mut sidecar, addr) = start_sidecar(args, &config, audit).await?;
+    let target = |name, path| {
+        Arc::new(Target {
+            name,
+            addr,
+            path,
+            pid: sidecar.pid(),
+            prefix: "",
+            fan_out: 1,
+            users: Users::None,
+        })
+    };
+    let targets = [
+        target("static header", "/mcp/bench"),
+        target("OAuth token", "/mcp/oauth"),
+    ];
+    let mut report = String::from("## Upstream OAuth tokens\n\n");
+    for w in small_calls(
+        args,
+        ["oauth-call", "oauth-call-paced"],
+        ("stateless `tools/call`", "connections"),
+    )
+    .into_iter()
+    .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
+    {
+        let mut rounds: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
+        for _ in 0..OAUTH_ROUNDS {
+            for (i, t) in targets.iter().enumerate() {
+                rounds[i].push(run(t.clone(), &w).await.with_context(|| t.name)?);
+            }
+        }
+        let results: Vec<(&Target, Outcome)> = targets
+            .iter()
+            .map(AsRef::as_ref)
+            .zip(rounds.into_iter().map(best))
+            .collect();
+        report.push_str(&compare_table(
+            &format!(
+                "{} — {}, best of {OAUTH_ROUNDS} interleaved rounds",
+                w.name, w.what
+            ),
+            &results,
+            &[("OAuth token", "static header")],
+        ));
+        report.push_str(&costs(&results));
+        report.push('\n');
+    }
+    let requests = get_text(base, "/token-requests").await?;
+    let _ = writeln!(
+        report,
+        "Token requests the upstream answered over the whole run: {requests}.\n"
+    );
+    println!("{report}");
+    sidecar.terminate().await?;
+    Ok(report)
+}
+
+/// GET `path` on `base` (`http://host:port`) with this file's own client: the body.
+async fn get_text(base: &str, path: &str) -> Result<String> {
+    let addr: SocketAddr = base.strip_prefix("http://").context("http URL")?.parse()?;
+    let mut send = connect(addr).await?;
+    let req = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(Full::new(Bytes::new()))?;
+    let resp = send.send_request(req).await?;
+    Ok(String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned())
+}
+
 /// Distinct users whose tokens the gateway sees within a minute (the memory run).
 const GATEWAY_USERS: usize = 10_000;
 
@@ -1902,6 +2001,9 @@ async fn bench(args: Args) -> Result<()> {
 
     let pinned = pinning(&args, &upstream_url, &audit).await?;
     report.push_str(&pinned);
+
+    let tokens = oauth_tokens(&args, &upstream_url, &audit).await?;
+    report.push_str(&tokens);
 
     let hops = two_hop(&args, &direct, &upstream_url).await?;
     println!("{hops}");

@@ -13,6 +13,9 @@
 //! - `progress`: an SSE response of 100 `notifications/progress` events, one frame
 //!   each, then the result.
 //!
+//! `POST /token` answers any form with the same bearer token (an hour's lifetime): the
+//! token endpoint of the benchmark's OAuth route, counted in `GET /token-requests`.
+//!
 //! Anything else gets a JSON-RPC error. It is not a conforming MCP server (no
 //! capability negotiation, no resources or prompts); `toolmesh-demo-server` is that.
 //! Prints `listening on http://ADDR/mcp` once it accepts connections.
@@ -170,7 +173,27 @@ fn error(id: &str, message: &str) -> Response<Body> {
     )
 }
 
+/// Token requests answered (`POST /token`).
+static TOKEN_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
 async fn handle(answers: Arc<Answers>, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&http::Method::POST, "/token") => {
+            TOKEN_REQUESTS.fetch_add(1, Ordering::Relaxed);
+            return full(
+                StatusCode::OK,
+                "application/json",
+                Bytes::from_static(
+                    br#"{"access_token":"bench-access-token","token_type":"Bearer","expires_in":3600}"#,
+                ),
+            );
+        }
+        (&http::Method::GET, "/token-requests") => {
+            let n = TOKEN_REQUESTS.load(Ordering::Relaxed);
+            return full(StatusCode::OK, "text/plain", Bytes::from(n.to_string()));
+        }
+        _ => {}
+    }
     let (parts, body) = req.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return full(StatusCode::BAD_REQUEST, "", Bytes::new());
