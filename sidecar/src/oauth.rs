@@ -9,6 +9,10 @@
 //!   rotate) and receives one for the server's audience, so the server sees which
 //!   workload acts, and no long-lived secret needs to be in the snapshot at all.
 //!
+//! In gateway mode a token-exchange server trades each caller's own (validated) token
+//! instead, so the upstream sees the user: one cached token per caller (by the SHA-256
+//! of the caller's token, at most 10,000 callers per server).
+//!
 //! One [`TokenSource`] per server, kept across snapshot swaps that leave its `oauth`
 //! alone. Reading the current token is one atomic load; a refresh is done by one
 //! request at a time (the others wait for it and take its token: no thundering herd at
@@ -62,13 +66,26 @@ struct Token {
     expires_at: Instant,
 }
 
-/// One server's access token.
+/// Most callers whose exchanged tokens a gateway keeps per server; past it, slots
+/// whose token expired are dropped, then the whole map (tokens are fetched again).
+const MAX_CALLERS: usize = 10_000;
+
+/// One token and the lock its refresh takes.
+#[derive(Debug, Default)]
+struct Slot {
+    current: ArcSwapOption<Token>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// One server's access token (and, in gateway mode with token exchange, one per
+/// caller).
 #[derive(Debug)]
 pub struct TokenSource {
     server: Arc<str>,
     config: pb::OAuth,
-    current: ArcSwapOption<Token>,
-    refreshing: tokio::sync::Mutex<()>,
+    own: Slot,
+    /// Gateway mode, token exchange: by SHA-256 of the caller's token.
+    callers: Mutex<HashMap<[u8; 32], Arc<Slot>>>,
 }
 
 fn registry() -> &'static Mutex<HashMap<Arc<str>, Arc<TokenSource>>> {
@@ -102,8 +119,8 @@ impl TokenSource {
         let fresh = Arc::new(TokenSource {
             server: Arc::from(server),
             config: config.clone(),
-            current: ArcSwapOption::empty(),
-            refreshing: tokio::sync::Mutex::new(()),
+            own: Slot::default(),
+            callers: Mutex::new(HashMap::new()),
         });
         registry.insert(fresh.server.clone(), fresh.clone());
         fresh
@@ -113,25 +130,67 @@ impl TokenSource {
         pb::o_auth::Grant::try_from(self.config.grant).unwrap_or_default()
     }
 
-    /// The `Authorization` value to send now: the cached token, or a new one.
-    pub async fn header(&self, upstream: &Upstream) -> Result<HeaderValue, ProxyError> {
-        if let Some(token) = self.current.load().as_ref()
+    /// Does this source exchange tokens (and so may take a caller's as the subject)?
+    pub fn exchanges(&self) -> bool {
+        self.grant() == pb::o_auth::Grant::TokenExchange
+    }
+
+    /// The slot for `caller` (a gateway caller's token to exchange).
+    fn caller_slot(&self, caller: &str) -> Arc<Slot> {
+        use sha2::Digest as _;
+        let key: [u8; 32] = sha2::Sha256::digest(caller.as_bytes()).into();
+        let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+        if !callers.contains_key(&key) && callers.len() >= MAX_CALLERS {
+            let now = Instant::now();
+            callers.retain(|_, s| {
+                s.current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|t| now < t.expires_at)
+            });
+            if callers.len() >= MAX_CALLERS {
+                callers.clear();
+            }
+        }
+        callers.entry(key).or_default().clone()
+    }
+
+    /// The `Authorization` value to send now: the cached token, or a new one. `caller`
+    /// is the gateway caller's own token, exchanged instead of the pod's.
+    pub async fn header(
+        &self,
+        upstream: &Upstream,
+        caller: Option<&str>,
+    ) -> Result<HeaderValue, ProxyError> {
+        match caller {
+            None => self.header_in(&self.own, upstream, None).await,
+            Some(c) => self.header_in(&self.caller_slot(c), upstream, caller).await,
+        }
+    }
+
+    async fn header_in(
+        &self,
+        slot: &Slot,
+        upstream: &Upstream,
+        caller: Option<&str>,
+    ) -> Result<HeaderValue, ProxyError> {
+        if let Some(token) = slot.current.load().as_ref()
             && Instant::now() < token.refresh_at
         {
             return Ok(token.header.clone());
         }
-        let _one_at_a_time = self.refreshing.lock().await;
+        let _one_at_a_time = slot.refreshing.lock().await;
         // Whoever held the lock may have refreshed it.
-        let current = self.current.load_full();
+        let current = slot.current.load_full();
         if let Some(token) = &current
             && Instant::now() < token.refresh_at
         {
             return Ok(token.header.clone());
         }
-        match self.fetch(upstream).await {
+        match self.fetch(upstream, caller).await {
             Ok(token) => {
                 let header = token.header.clone();
-                self.current.store(Some(Arc::new(token)));
+                slot.current.store(Some(Arc::new(token)));
                 Ok(header)
             }
             Err(reason) => {
@@ -150,17 +209,23 @@ impl TokenSource {
 
     /// The upstream refused `sent`: forget it, so the next [`TokenSource::header`]
     /// fetches another (unless a newer one already replaced it).
-    pub fn invalidate(&self, sent: &HeaderValue) {
-        self.current.rcu(|current| match current {
-            Some(token) if token.header == sent => None,
-            other => other.clone(),
-        });
+    pub fn invalidate(&self, caller: Option<&str>, sent: &HeaderValue) {
+        let forget = |slot: &Slot| {
+            slot.current.rcu(|current| match current {
+                Some(token) if token.header == sent => None,
+                other => other.clone(),
+            });
+        };
+        match caller {
+            None => forget(&self.own),
+            Some(c) => forget(&self.caller_slot(c)),
+        }
     }
 
-    async fn fetch(&self, upstream: &Upstream) -> Result<Token, String> {
+    async fn fetch(&self, upstream: &Upstream, caller: Option<&str>) -> Result<Token, String> {
         let grant = self.grant();
         let c = &self.config;
-        let (form, basic) = self.form(grant)?;
+        let (form, basic) = self.form(grant, caller)?;
         let sent = Instant::now();
         let answer = upstream
             .post_form(&c.token_url, basic, form, MAX_TOKEN_RESPONSE, TOKEN_TIMEOUT)
@@ -169,7 +234,11 @@ impl TokenSource {
     }
 
     /// The token request's form and its client authentication, if any.
-    fn form(&self, grant: pb::o_auth::Grant) -> Result<(String, Option<HeaderValue>), String> {
+    fn form(
+        &self,
+        grant: pb::o_auth::Grant,
+        caller: Option<&str>,
+    ) -> Result<(String, Option<HeaderValue>), String> {
         let c = &self.config;
         let mut form = url::form_urlencoded::Serializer::new(String::new());
         match grant {
@@ -177,11 +246,16 @@ impl TokenSource {
                 form.append_pair("grant_type", "client_credentials");
             }
             pb::o_auth::Grant::TokenExchange => {
-                let path = SUBJECT_TOKEN_FILE.get().ok_or(
-                    "token exchange needs the pod's own token: start the sidecar with --subject-token-file",
-                )?;
-                let subject = std::fs::read_to_string(path)
-                    .map_err(|e| format!("--subject-token-file {}: {e}", path.display()))?;
+                let subject = match caller {
+                    Some(caller) => caller.to_owned(),
+                    None => {
+                        let path = SUBJECT_TOKEN_FILE.get().ok_or(
+                            "token exchange needs the pod's own token: start the sidecar with --subject-token-file",
+                        )?;
+                        std::fs::read_to_string(path)
+                            .map_err(|e| format!("--subject-token-file {}: {e}", path.display()))?
+                    }
+                };
                 form.append_pair(
                     "grant_type",
                     "urn:ietf:params:oauth:grant-type:token-exchange",

@@ -93,6 +93,9 @@ pub struct Upstream {
     connect_timeout: Duration,
     /// Tracing on: each request is a CLIENT span carrying its context upstream.
     tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// Gateway mode: the caller's (validated) bearer token is the subject of token
+    /// exchanges ([`crate::oauth`]).
+    caller_subjects: bool,
 }
 
 fn connector(connect_timeout: Duration) -> HttpConnector {
@@ -143,12 +146,20 @@ impl Upstream {
             workload,
             connect_timeout,
             tracer: None,
+            caller_subjects: false,
         }
     }
 
     /// Trace every upstream request with `tracer` (tracing on).
     pub fn with_tracer(mut self, tracer: Option<opentelemetry_sdk::trace::SdkTracer>) -> Self {
         self.tracer = tracer;
+        self
+    }
+
+    /// Gateway mode: exchange each caller's own bearer token (the gateway checked it)
+    /// for servers with `spec.oauth.grant: token-exchange`.
+    pub fn with_caller_subjects(mut self, on: bool) -> Self {
+        self.caller_subjects = on;
         self
     }
 
@@ -314,6 +325,18 @@ impl Upstream {
         agent_headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let caller = match &route.oauth {
+            Some(tokens) if self.caller_subjects && tokens.exchanges() => agent_headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    v.get(..7)
+                        .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                        .map(|_| v[7..].trim().to_owned())
+                }),
+            _ => None,
+        };
+        let caller = caller.as_deref();
         let headers = forward_headers(agent_headers, route);
         let Some(tokens) = &route.oauth else {
             return self.exchange_once(route, uri, method, headers, body).await;
@@ -321,7 +344,7 @@ impl Upstream {
         // An OAuth route: its token, and on a 401 (the server refused the request
         // before acting on it, and the whole body is here to send again) one retry
         // with a fresh token.
-        let token = tokens.header(self).await?;
+        let token = tokens.header(self, caller).await?;
         let mut first = headers.clone();
         first.insert(header::AUTHORIZATION, token.clone());
         let resp = self
@@ -330,8 +353,8 @@ impl Upstream {
         if resp.status() != http::StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
-        tokens.invalidate(&token);
-        let fresh = tokens.header(self).await?;
+        tokens.invalidate(caller, &token);
+        let fresh = tokens.header(self, caller).await?;
         if fresh == token {
             return Ok(resp);
         }

@@ -213,3 +213,73 @@ async fn token_exchange_gives_the_upstream_a_token_naming_the_pod() -> Result<()
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_gateway_exchanges_each_callers_own_token() -> Result<()> {
+    let authz = Authz::start().await?;
+    let server = DemoServer::start(&[]).await?;
+    let yaml = format!(
+        r#"apiVersion: toolmesh.dev/v1alpha1
+kind: McpServer
+metadata: {{name: demo}}
+spec:
+  endpoints: [{{url: "{url}"}}]
+  oauth: {{grant: token-exchange, tokenUrl: "{issuer}/token-exchange", audience: "{AUDIENCE}"}}
+---
+apiVersion: toolmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: users}}
+spec:
+  subjects: [{{user: "*", issuer: "{issuer}"}}]
+  rules: [{{server: demo, tools: ["request_headers"]}}]
+"#,
+        url = server.url(),
+        issuer = authz.issuer
+    );
+    let gateway = Sidecar::start_gateway(&yaml, &authz.issuer, &[]).await?;
+    let origin = format!("http://{}", gateway.mcp);
+    let upstream_sub = |user: &'static str| {
+        let (authz, gateway, origin) = (&authz, &gateway, &origin);
+        async move {
+            let caller = authz.mint(json!({"sub": user, "aud": origin})).await?;
+            let mut headers = modern_headers("request_headers");
+            headers.push(("authorization", format!("Bearer {caller}")));
+            let r = post(
+                &gateway.url("demo"),
+                &borrow(&headers),
+                modern_call(1, "request_headers", json!({})),
+            )
+            .await?;
+            let text = r.message()["result"]["content"][0]["text"]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("{r:?}\n{}", gateway.logs()))?;
+            let headers: Value = serde_json::from_str(&text)?;
+            let token = headers["authorization"]
+                .as_str()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .context("no bearer token upstream")?
+                .to_owned();
+            assert_ne!(
+                token, caller,
+                "the caller's own token never reaches the upstream"
+            );
+            let payload = token.split('.').nth(1).context("not a JWT")?;
+            let claims: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,
+            )?;
+            assert_eq!(claims["aud"], AUDIENCE);
+            anyhow::Ok(claims["sub"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    assert_eq!(upstream_sub("alice").await?, "alice");
+    assert_eq!(upstream_sub("bob").await?, "bob");
+    // Alice again, with a new token of hers: exchanged again (the cache is by the
+    // caller's token, so a token never stands in for another).
+    assert_eq!(upstream_sub("alice").await?, "alice");
+    assert_eq!(
+        hits(&authz, "urn:ietf:params:oauth:grant-type:token-exchange").await?,
+        3
+    );
+    Ok(())
+}

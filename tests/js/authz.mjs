@@ -122,6 +122,7 @@ async function mint(spec) {
     aud: spec.aud,
     iat: now,
     nbf: now - 10,
+    jti: randomUUID(),
     exp: now + (spec.expiresIn ?? 3600),
     ...(spec.scope ? { scope: spec.scope } : {}),
     ...(spec.client_id ? { client_id: spec.client_id } : {}),
