@@ -76,6 +76,9 @@ const NO_PROXY_HOSTS: &str = "127.0.0.1,localhost,::1";
 /// The annotation `kubectl logs` and `exec` read to pick a container by default.
 const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 const TOKEN_DIR: &str = "/var/run/secrets/toolmesh";
+/// The projected token presented in token exchanges (`--inject-subject-token-audience`),
+/// in TOKEN_DIR.
+const SUBJECT_TOKEN: &str = "subject-token";
 const STATE_DIR: &str = "/var/lib/toolmesh";
 
 /// How sidecars are injected: the control plane's `--inject-*` flags.
@@ -186,6 +189,29 @@ pub struct Settings {
         value_parser = toolmesh_proto::otel::parse_ratio
     )]
     pub trace_sampling: Option<f64>,
+    /// Give injected sidecars a second projected service-account token with this
+    /// audience (the authorization server's), as their `--subject-token-file`: what
+    /// they present in RFC 8693 token exchanges for `McpServer`s with
+    /// `spec.oauth.grant: token-exchange`. Default: none (token exchange unavailable).
+    #[arg(
+        id = "inject_subject_token_audience",
+        long = "inject-subject-token-audience",
+        env = "TOOLMESH_INJECT_SUBJECT_TOKEN_AUDIENCE",
+        value_name = "AUDIENCE",
+        value_parser = parse_audience
+    )]
+    pub subject_token_audience: Option<String>,
+}
+
+/// An audience for a projected token: non-empty printable ASCII without spaces.
+fn parse_audience(text: &str) -> Result<String, String> {
+    if !text.is_empty() && text.len() <= 253 && text.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?}: an audience is 1 to 253 printable characters without spaces"
+        ))
+    }
 }
 
 /// How the sidecar container is added (`--inject-sidecar-mode`).
@@ -479,6 +505,10 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
         if let Some(ratio) = settings.trace_sampling {
             env.push(json!({"name": "TOOLMESH_TRACE_SAMPLING", "value": ratio.to_string()}));
         }
+        if settings.subject_token_audience.is_some() {
+            env.push(json!({"name": "TOOLMESH_SUBJECT_TOKEN_FILE",
+                "value": format!("{TOKEN_DIR}/{SUBJECT_TOKEN}")}));
+        }
     }
     if let Some(upstream) = &server {
         // Server-side mode: mutual TLS from other sidecars on every address, the
@@ -558,10 +588,14 @@ pub fn mutate(pod: &Value, settings: &Settings) -> Result<Injected, NotInjected>
         volumes.push(json!({"name": "toolmesh-state", "emptyDir": {"sizeLimit": "16Mi"}}));
         // Readable whatever uid the pod's other containers use (the kubelet makes a
         // projected token owner-only otherwise); only the sidecar mounts it.
-        volumes.push(
-            json!({"name": "toolmesh-token", "projected": {"defaultMode": 0o444, "sources": [{"serviceAccountToken": {
-            "audience": settings.audience, "expirationSeconds": 3600, "path": "token"}}]}}),
-        );
+        let mut sources = vec![json!({"serviceAccountToken": {
+            "audience": settings.audience, "expirationSeconds": 3600, "path": "token"}})];
+        // Token exchange: the pod's identity for the authorization server.
+        if let Some(audience) = &settings.subject_token_audience {
+            sources.push(json!({"serviceAccountToken": {
+                "audience": audience, "expirationSeconds": 3600, "path": SUBJECT_TOKEN}}));
+        }
+        volumes.push(json!({"name": "toolmesh-token", "projected": {"defaultMode": 0o444, "sources": sources}}));
     }
     let record = json!({
         "mode": if native { "native" } else { "legacy" },

@@ -121,6 +121,7 @@ fn injected_pods_are_admitted_native_and_legacy() {
     let traced = Settings {
         otlp_endpoint: Some("http://otel-collector.monitoring:4317".into()),
         trace_sampling: Some(0.1),
+        subject_token_audience: Some("https://idp.example.com".into()),
         ..native()
     };
     let pod = injected(&agent_pod(), &traced);
@@ -133,6 +134,10 @@ fn injected_pods_are_admitted_native_and_legacy() {
         ),
         ("TOOLMESH_TRACE_SAMPLING", "0.1"),
         (
+            "TOOLMESH_SUBJECT_TOKEN_FILE",
+            "/var/run/secrets/toolmesh/subject-token",
+        ),
+        (
             "OTEL_RESOURCE_ATTRIBUTES",
             "k8s.namespace.name=$(TOOLMESH_NAMESPACE),k8s.pod.name=$(TOOLMESH_NODE)",
         ),
@@ -142,6 +147,12 @@ fn injected_pods_are_admitted_native_and_legacy() {
             "{name}={value} in {env}"
         );
     }
+    // The subject token is a second projected token, for the authorization server.
+    let volumes = pod["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains(r#""audience":"https://idp.example.com","expirationSeconds":3600,"path":"subject-token""#),
+        "{volumes}"
+    );
 }
 
 #[test]
