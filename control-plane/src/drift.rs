@@ -42,9 +42,20 @@ struct Entry {
 }
 
 /// The reports, by server, kind, name and live digest.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Drifts {
     entries: Mutex<BTreeMap<Key, Entry>>,
+    /// Bumped on every new report (the status writer waits on it).
+    added: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Drifts {
+    fn default() -> Self {
+        Drifts {
+            entries: Mutex::default(),
+            added: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// Why a report was not taken.
@@ -172,7 +183,53 @@ impl Drifts {
             },
         );
         metrics::gauge!(REPORTS).set(entries.len() as f64);
+        drop(entries);
+        self.added.send_modify(|n| *n += 1);
         Ok(true)
+    }
+
+    /// Wakes when a new report is taken.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.added.subscribe()
+    }
+
+    /// Each server with pins in `set`: `None` when nothing is reported against them,
+    /// else what an `McpServer`'s `Pinned` condition says (`2 definitions differ from
+    /// the pins: tool echo drifted (description), …`).
+    pub fn by_server(&self, set: &ResourceSet) -> BTreeMap<String, Option<String>> {
+        let mut out: BTreeMap<String, Option<String>> = set
+            .servers
+            .iter()
+            .filter(|(_, s)| s.spec.pins.is_some())
+            .map(|(name, _)| (name.clone(), None))
+            .collect();
+        let mut each: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in self.list(set, "") {
+            if let Some(d) = r.drift {
+                each.entry(d.server.clone()).or_default().push(format!(
+                    "{} {} {}",
+                    d.kind,
+                    d.name.chars().take(100).collect::<String>(),
+                    described(&d)
+                ));
+            }
+        }
+        for (server, items) in each {
+            let shown: Vec<&str> = items.iter().take(10).map(String::as_str).collect();
+            let more = items.len().saturating_sub(shown.len());
+            let message = format!(
+                "{} definition(s) differ from the pins: {}{}; see `toolmeshctl diff {server}`",
+                items.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+            out.insert(server, Some(message));
+        }
+        out
     }
 
     /// The reports that still apply to `set`'s pins, of `server` (empty: every server),

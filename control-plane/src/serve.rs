@@ -526,6 +526,7 @@ pub async fn serve(
                 client.clone(),
                 namespace.clone(),
                 store,
+                cp.drifts.clone(),
                 leading.clone(),
             ));
         }

@@ -40,7 +40,7 @@ pub struct ControlPlane {
     pub reviewer: Option<TokenReviewer>,
     pub fleet: Fleet,
     /// Definitions sidecars saw that do not match their server's pins.
-    pub drifts: crate::drift::Drifts,
+    pub drifts: Arc<crate::drift::Drifts>,
     /// Signs sidecars' workload certificates; `None`: none are issued.
     pub ca: Option<crate::workload::Ca>,
     /// Who may be a gateway, and the issuers gateways trust.
@@ -76,7 +76,7 @@ impl ControlPlane {
             tokens,
             reviewer,
             fleet: Fleet::new(fleet_expiry),
-            drifts: crate::drift::Drifts::default(),
+            drifts: Arc::default(),
             ca,
             gateways,
             traces,

@@ -159,6 +159,11 @@ pub struct McpServer {
             json_path = ".spec.allowUnauthenticated"
         ),
         printcolumn(
+            name = "Pinned",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Pinned")].status"#
+        ),
+        printcolumn(
             name = "Age",
             type_ = "date",
             json_path = ".metadata.creationTimestamp"

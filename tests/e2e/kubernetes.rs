@@ -24,7 +24,9 @@ fn server(url: &str) -> Value {
     json!({
         "apiVersion": "toolmesh.dev/v1alpha1", "kind": "McpServer",
         "metadata": {"name": "demo", "namespace": NS},
-        "spec": {"endpoints": [{"url": url}], "credential": {"header": "X-Api-Key", "secretRef": {"name": "demo-key", "key": "key"}}},
+        "spec": {"endpoints": [{"url": url}], "credential": {"header": "X-Api-Key", "secretRef": {"name": "demo-key", "key": "key"}},
+            // Pins being rolled out: nothing hidden, what sidecars see is reported.
+            "pins": {"mode": "warn", "unpinned": "allow"}},
     })
 }
 
@@ -255,6 +257,44 @@ async fn service_account_tokens_crd_resources_lease_status_and_the_self_managed_
         api.get("mcpservers", "demo"),
         api.webhook(),
         cp.output.text()
+    );
+
+    // What the sidecar lists is reported, and the server's `Pinned` condition says so.
+    let pinned = |s: &Value| s["status"]["conditions"][1].clone();
+    assert_eq!(
+        api.get("mcpservers", "demo")
+            .map(|s| pinned(&s)["reason"].clone()),
+        Some(json!("Matching"))
+    );
+    let h = [
+        ("mcp-protocol-version", "2026-07-28".to_owned()),
+        ("mcp-method", "tools/list".to_owned()),
+    ];
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}}}});
+    crate::support::post(
+        &triage.url("demo"),
+        &crate::support::borrow(&h),
+        list.to_string(),
+    )
+    .await?;
+    assert!(
+        eventually(10, || async {
+            api.get("mcpservers", "demo").is_some_and(|s| {
+                let c = pinned(&s);
+                c["type"] == "Pinned"
+                    && c["status"] == "False"
+                    && c["reason"] == "Drifted"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("tool echo unpinned"))
+            })
+        })
+        .await,
+        "{:?}",
+        api.get("mcpservers", "demo")
     );
 
     // Deleting the credential stops the server being served; status says why.

@@ -1,4 +1,5 @@
-//! Writes each `McpServer` / `AccessPolicy` object's `Ready` condition (Lease holder only).
+//! Writes each `McpServer` / `AccessPolicy` object's `Ready` condition, and for an
+//! `McpServer` with pins its `Pinned` condition (Lease holder only).
 //!
 //! The verdicts come from [`super::store`]; an object's status is patched (merge patch
 //! on the `status` subresource) only when what it says differs from the verdict, judged
@@ -6,8 +7,13 @@
 //! a new leader does not rewrite what its predecessor wrote. `lastTransitionTime` moves
 //! only when `status` flips. Failed writes are retried at the next change or resync.
 //!
+//! `Pinned` is `True` (reason `Matching`) while no sidecar has reported a definition
+//! that differs from the server's current pins, `False` (reason `Drifted`) naming them
+//! otherwise ([`crate::drift`]); a server without pins has no `Pinned` condition.
+//!
 //! Not here: deciding the verdicts.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,36 +26,68 @@ use toolmesh_proto::crd::{AccessPolicyObject, Condition, McpServerObject, Resour
 use toolmesh_proto::resource::Kind;
 
 use super::store::{KubeStore, Verdict};
+use crate::drift::Drifts;
 
 /// How often the holder re-checks every status even when nothing changed.
 pub const RESYNC: Duration = Duration::from_secs(60);
 
-/// The status a verdict asks for, given the object's current one.
-pub fn wanted(verdict: &Verdict, current: Option<&ResourceStatus>) -> Option<ResourceStatus> {
-    let status = if verdict.ready { "True" } else { "False" };
-    let old = current.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    if let Some(old) = old
-        && old.status == status
-        && old.reason == verdict.reason
-        && old.message == verdict.message
-        && current.and_then(|s| s.observed_generation) == verdict.generation
-    {
-        return None;
+/// The status a verdict (and, for a server with pins, what is reported against them:
+/// `Some(None)` nothing, `Some(Some(message))` drifts) asks for, given the object's
+/// current one; `None` when it already says that.
+pub fn wanted(
+    verdict: &Verdict,
+    pinned: Option<Option<&str>>,
+    current: Option<&ResourceStatus>,
+) -> Option<ResourceStatus> {
+    let mut conditions = vec![condition(
+        current,
+        "Ready",
+        verdict.ready,
+        verdict.reason,
+        &verdict.message,
+    )];
+    if let Some(drift) = pinned {
+        conditions.push(match drift {
+            None => condition(current, "Pinned", true, "Matching", ""),
+            Some(message) => condition(current, "Pinned", false, "Drifted", message),
+        });
     }
+    let same = current.is_some_and(|c| {
+        c.observed_generation == verdict.generation
+            && c.conditions.len() == conditions.len()
+            && c.conditions.iter().zip(&conditions).all(|(a, b)| {
+                (&a.type_, &a.status, &a.reason, &a.message)
+                    == (&b.type_, &b.status, &b.reason, &b.message)
+            })
+    });
+    (!same).then_some(ResourceStatus {
+        observed_generation: verdict.generation,
+        conditions,
+    })
+}
+
+/// A condition of `type_`, keeping its transition time from `current` while its status
+/// is the same.
+fn condition(
+    current: Option<&ResourceStatus>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let old = current.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_));
     let since = match old {
         Some(old) if old.status == status => old.last_transition_time.clone(),
         _ => None,
     };
-    Some(ResourceStatus {
-        observed_generation: verdict.generation,
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason: verdict.reason.into(),
-            message: verdict.message.clone(),
-            last_transition_time: Some(since.unwrap_or_else(|| super::now().to_string())),
-        }],
-    })
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Some(since.unwrap_or_else(|| super::now().to_string())),
+    }
 }
 
 /// Patch the statuses that differ; returns how many were written.
@@ -58,13 +96,17 @@ pub async fn sync(
     namespace: &str,
     store: &KubeStore,
     verdicts: &[Verdict],
+    pinned: &BTreeMap<String, Option<String>>,
 ) -> usize {
     let mut written = 0;
     for v in verdicts {
         let result = match v.kind {
-            Kind::McpServer => write::<McpServerObject>(client, namespace, &store.servers, v).await,
+            Kind::McpServer => {
+                let pins = pinned.get(&v.name).map(Option::as_deref);
+                write::<McpServerObject>(client, namespace, &store.servers, v, pins).await
+            }
             Kind::AccessPolicy => {
-                write::<AccessPolicyObject>(client, namespace, &store.policies, v).await
+                write::<AccessPolicyObject>(client, namespace, &store.policies, v, None).await
             }
             Kind::Secret => Ok(false),
         };
@@ -84,6 +126,7 @@ async fn write<K>(
     namespace: &str,
     cache: &Cache<K>,
     verdict: &Verdict,
+    pinned: Option<Option<&str>>,
 ) -> Result<bool, kube::Error>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
@@ -93,7 +136,11 @@ where
         + serde::de::DeserializeOwned,
 {
     let object = cache.get(&ObjectRef::new(&verdict.name).within(namespace));
-    let Some(status) = wanted(verdict, object.as_deref().and_then(HasStatus::status)) else {
+    let Some(status) = wanted(
+        verdict,
+        pinned,
+        object.as_deref().and_then(HasStatus::status),
+    ) else {
         return Ok(false);
     };
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
@@ -111,19 +158,24 @@ pub async fn run(
     client: kube::Client,
     namespace: String,
     store: Arc<KubeStore>,
+    drifts: Arc<Drifts>,
     mut leading: watch::Receiver<bool>,
 ) {
     let mut verdicts = store.verdicts();
+    let mut reported = drifts.changes();
     loop {
         if *leading.borrow_and_update() {
             let current = verdicts.borrow_and_update().clone();
-            let n = sync(&client, &namespace, &store, &current).await;
+            reported.borrow_and_update();
+            let pinned = drifts.by_server(&crate::store::Store::resources(store.as_ref()));
+            let n = sync(&client, &namespace, &store, &current, &pinned).await;
             if n > 0 {
                 tracing::info!(written = n, "resource status updated");
             }
         }
         tokio::select! {
             changed = verdicts.changed() => if changed.is_err() { return },
+            changed = reported.changed() => if changed.is_err() { return },
             changed = leading.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(RESYNC) => {}
         }
@@ -153,25 +205,62 @@ mod tests {
 
     #[test]
     fn status_moves_only_when_the_verdict_does_and_keeps_its_transition_time() {
-        let first = wanted(&verdict(true, "Accepted", 1), None).expect("no status yet");
+        let first = wanted(&verdict(true, "Accepted", 1), None, None).expect("no status yet");
         assert_eq!(first.observed_generation, Some(1));
         assert_eq!(first.conditions[0].status, "True");
         let t0 = first.conditions[0].last_transition_time.clone();
         assert!(t0.as_deref().is_some_and(|t| t.ends_with('Z')), "{t0:?}");
         assert_eq!(
-            wanted(&verdict(true, "Accepted", 1), Some(&first)),
+            wanted(&verdict(true, "Accepted", 1), None, Some(&first)),
             None,
             "unchanged"
         );
 
-        let regen = wanted(&verdict(true, "Accepted", 2), Some(&first)).expect("new generation");
+        let regen =
+            wanted(&verdict(true, "Accepted", 2), None, Some(&first)).expect("new generation");
         assert_eq!(
             regen.conditions[0].last_transition_time, t0,
             "still True: same transition"
         );
-        let broken = wanted(&verdict(false, "SecretMissing", 2), Some(&regen)).expect("flipped");
+        let broken =
+            wanted(&verdict(false, "SecretMissing", 2), None, Some(&regen)).expect("flipped");
         assert_eq!(broken.conditions[0].status, "False");
         assert_eq!(broken.conditions[0].reason, "SecretMissing");
+    }
+
+    #[test]
+    fn a_server_with_pins_says_whether_anything_drifted() {
+        let v = verdict(true, "Accepted", 1);
+        let matching = wanted(&v, Some(None), None).expect("no status yet");
+        let pinned = &matching.conditions[1];
+        assert_eq!(
+            (
+                pinned.type_.as_str(),
+                pinned.status.as_str(),
+                pinned.reason.as_str()
+            ),
+            ("Pinned", "True", "Matching")
+        );
+        assert_eq!(wanted(&v, Some(None), Some(&matching)), None);
+        let message = "1 definition(s) differ from the pins: tool echo drifted (description)";
+        let drifted = wanted(&v, Some(Some(message)), Some(&matching)).expect("flipped");
+        assert_eq!(
+            drifted.conditions[0], matching.conditions[0],
+            "Ready untouched"
+        );
+        assert_eq!(
+            (
+                drifted.conditions[1].status.as_str(),
+                drifted.conditions[1].reason.as_str()
+            ),
+            ("False", "Drifted")
+        );
+        assert_eq!(drifted.conditions[1].message, message);
+        // Pins removed: the condition goes.
+        assert_eq!(
+            wanted(&v, None, Some(&drifted)).map(|s| s.conditions.len()),
+            Some(1)
+        );
     }
 
     fn server_object(status: Option<Value>) -> Value {
@@ -201,7 +290,17 @@ mod tests {
             .await
             .expect("synced");
         let verdicts = store.verdicts().borrow().clone();
-        assert_eq!(sync(&client, "toolmesh-system", &store, &verdicts).await, 1);
+        assert_eq!(
+            sync(
+                &client,
+                "toolmesh-system",
+                &store,
+                &verdicts,
+                &BTreeMap::new()
+            )
+            .await,
+            1
+        );
         let patches: Vec<Call> = api
             .calls()
             .into_iter()
@@ -246,7 +345,17 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "status never seen");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(sync(&client, "toolmesh-system", &store, &verdicts).await, 0);
+        assert_eq!(
+            sync(
+                &client,
+                "toolmesh-system",
+                &store,
+                &verdicts,
+                &BTreeMap::new()
+            )
+            .await,
+            0
+        );
         assert_eq!(
             api.calls().iter().filter(|c| c.method == "PATCH").count(),
             1
