@@ -258,6 +258,18 @@ async fn warn_mode_relays_with_an_audit_line_and_unpinned_tools_are_hidden_by_de
             .await?
             .is_empty()
     );
+    // The aggregated /mcp judges the same way: one list, one refusal.
+    let aggregate = format!("http://{}/mcp", sidecar.mcp);
+    assert_eq!(names(&aggregate, "tools/list").await?, vec!["demo__echo"]);
+    let refused = post(
+        &aggregate,
+        &borrow(&crate::support::modern_headers("demo__add")),
+        crate::support::modern_call(3, "demo__add", json!({"a": 1, "b": 2})),
+    )
+    .await?;
+    assert_eq!(refused.message()["error"]["code"], -32088, "{refused:?}");
+    assert_eq!(refused.message()["error"]["data"]["pin"], "unpinned");
+    assert_eq!(server.proc.output.text().matches("call add").count(), 0);
 
     // Warn: the drifted echo is relayed and its call runs, both noted.
     sidecar.write_config(&yaml(&format!("    mode: warn\n{pin}")))?;
