@@ -362,11 +362,7 @@ pub fn table(drifts: &[pb::ReportedDrift]) -> String {
 
 /// `drifted (description, inputSchema)`, or `unpinned`.
 pub fn described(d: &pb::Drift) -> String {
-    if d.fields.is_empty() {
-        d.state.clone()
-    } else {
-        format!("{} ({})", d.state, d.fields.join(", "))
-    }
+    toolmesh_proto::pin::describe(&d.state, &d.fields)
 }
 
 /// `toolmeshctl diff`: each report, the members that changed and what they say now.

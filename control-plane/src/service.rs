@@ -201,6 +201,7 @@ impl SnapshotService for Snapshots {
             pushed_at: None,
             render: true,
             last_certificate: None,
+            servers: None,
             ended: None,
             inbound,
         };
@@ -233,6 +234,9 @@ struct Session {
     render: bool,
     /// The store change this stream last rendered after.
     seen: u64,
+    /// The servers of the snapshot last rendered for this identity (drift reports are
+    /// taken only for those); `None` until one is.
+    servers: Option<std::collections::BTreeSet<String>>,
     /// Tracing on: the latest push's span, until the sidecar answers it.
     push_span: Option<opentelemetry_sdk::trace::Span>,
     /// When the latest certificate request was answered (one a second at most).
@@ -297,6 +301,7 @@ impl Session {
                 return None;
             }
         };
+        self.servers = Some(snapshot.servers.iter().map(|s| s.name.clone()).collect());
         if snapshot.version == self.has {
             return None;
         }
@@ -385,15 +390,15 @@ impl Session {
     /// Take in a drift report: only for a server this identity's snapshot holds.
     fn drifted(&mut self, drift: pb::Drift) {
         let (server, name) = (drift.server.clone(), drift.name.clone());
-        let servers = match self.cp.render(&self.identity, self.gateway) {
-            Ok(snapshot) => snapshot.servers.into_iter().map(|s| s.name).collect(),
-            Err(_) => Default::default(),
+        let Some(servers) = &self.servers else {
+            tracing::debug!(identity = %self.identity, %server, "drift report before any snapshot was rendered; not taken");
+            return;
         };
         let resources = self.cp.store.resources();
         match self
             .cp
             .drifts
-            .report(&self.identity, &servers, &resources, drift)
+            .report(&self.identity, servers, &resources, drift)
         {
             Ok(true) => tracing::warn!(
                 identity = %self.identity,

@@ -141,6 +141,17 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// How a drift is named everywhere (the refusal, the audit line, `toolmeshctl`):
+/// `drifted (description, inputSchema)`, or the state alone when no member is named.
+pub fn describe<S: AsRef<str>>(state: &str, fields: &[S]) -> String {
+    if fields.is_empty() {
+        state.to_owned()
+    } else {
+        let fields: Vec<&str> = fields.iter().map(AsRef::as_ref).collect();
+        format!("{state} ({})", fields.join(", "))
+    }
+}
+
 /// Is `text` a digest as [`digest`] writes it?
 pub fn is_digest(text: &str) -> bool {
     text.strip_prefix("sha256:").is_some_and(|h| {

@@ -410,9 +410,10 @@ impl Discovery {
         };
         // Drifts from pinned definitions: every one seen so far on each connection (a
         // restarted control plane learns them again), then each new one.
-        let (drifts, mut drift_added) = crate::pin::reports();
-        let mut drifts_sent = drifts.len();
-        for drift in drifts {
+        let mut drift_added = crate::pin::subscribe();
+        let mut drifts_sent = 0;
+        for drift in crate::pin::reports_from(0) {
+            drifts_sent += 1;
             send(&tx, Msg::Drift(drift)).await?;
         }
         loop {
@@ -433,8 +434,7 @@ impl Discovery {
                     continue;
                 }
                 Ok(()) = drift_added.changed() => {
-                    let (drifts, _) = crate::pin::reports();
-                    for drift in drifts.into_iter().skip(drifts_sent) {
+                    for drift in crate::pin::reports_from(drifts_sent) {
                         drifts_sent += 1;
                         send(&tx, Msg::Drift(drift)).await?;
                     }

@@ -66,6 +66,14 @@ impl State {
             State::Unpinned => "unpinned",
         }
     }
+
+    /// `drifted (description, inputSchema)`, `unpinned` or `approved`.
+    fn describe(&self) -> String {
+        match self {
+            State::Drifted(fields) => pin::describe(self.name(), fields),
+            other => other.name().to_owned(),
+        }
+    }
 }
 
 /// Why a call meets a pin: the definition it calls drifted, or has no pin.
@@ -79,10 +87,7 @@ pub struct Problem {
 impl Problem {
     /// What the refusal and the audit line say, e.g. `drifted (description, inputSchema)`.
     pub fn describe(&self) -> String {
-        match &self.state {
-            State::Drifted(fields) => format!("drifted ({})", fields.join(", ")),
-            other => other.name().to_owned(),
-        }
+        self.state.describe()
     }
 }
 
@@ -199,23 +204,27 @@ impl Pinned {
             );
         }
         if state != State::Approved {
-            report(pb::Drift {
-                server: self.server.to_string(),
-                kind: kind_name(kind).to_owned(),
-                name: name.to_owned(),
-                state: state.name().to_owned(),
-                digest: digest.unwrap_or_default(),
-                fields: match &state {
-                    State::Drifted(f) => f.iter().map(|f| (*f).to_owned()).collect(),
-                    _ => Vec::new(),
+            report(
+                kind,
+                &state,
+                pb::Drift {
+                    server: self.server.to_string(),
+                    kind: kind_name(kind).to_owned(),
+                    name: name.to_owned(),
+                    state: state.name().to_owned(),
+                    digest: digest.unwrap_or_default(),
+                    fields: match &state {
+                        State::Drifted(f) => f.iter().map(|f| (*f).to_owned()).collect(),
+                        _ => Vec::new(),
+                    },
+                    definition: if raw.len() <= MAX_REPORTED_DEFINITION {
+                        raw.to_owned()
+                    } else {
+                        String::new()
+                    },
+                    approved: pin.map(|p| p.digest.clone()).unwrap_or_default(),
                 },
-                definition: if raw.len() <= MAX_REPORTED_DEFINITION {
-                    raw.to_owned()
-                } else {
-                    String::new()
-                },
-                approved: pin.map(|p| p.digest.clone()).unwrap_or_default(),
-            });
+            );
         }
         state
     }
@@ -290,17 +299,21 @@ pub fn audit_to(audit: Audit, identity: &str) {
     let _ = sink().audit.set((audit, identity.to_owned()));
 }
 
-/// The drifts seen so far (at most [`MAX_REPORTS`]), to send to the control plane on
-/// each connection, and a receiver that wakes when one is added.
-pub fn reports() -> (Vec<pb::Drift>, tokio::sync::watch::Receiver<usize>) {
-    let sink = sink();
-    let receiver = sink.added.subscribe();
-    let reports = sink.reports.lock().unwrap_or_else(|e| e.into_inner());
-    (reports.clone(), receiver)
+/// A receiver that wakes when a drift is added to [`reports_from`]'s list.
+pub fn subscribe() -> tokio::sync::watch::Receiver<usize> {
+    sink().added.subscribe()
 }
 
-/// Record a drift once per server, kind, name, state and live digest.
-fn report(drift: pb::Drift) {
+/// The drifts seen so far (at most [`MAX_REPORTS`]) from the `start`th on: what the
+/// control plane is sent on each connection, and then as they come.
+pub fn reports_from(start: usize) -> Vec<pb::Drift> {
+    let reports = sink().reports.lock().unwrap_or_else(|e| e.into_inner());
+    reports.get(start..).unwrap_or_default().to_vec()
+}
+
+/// Record a drift (`state` of a definition of `kind`) once per server, kind, name,
+/// state and live digest.
+fn report(kind: Kind, state: &State, drift: pb::Drift) {
     let sink = sink();
     let mut reports = sink.reports.lock().unwrap_or_else(|e| e.into_inner());
     let same = |d: &pb::Drift| {
@@ -313,7 +326,8 @@ fn report(drift: pb::Drift) {
     if reports.iter().any(same) {
         return;
     }
-    counter!(telemetry::PIN_DRIFTS, "kind" => kind_label(&drift.kind), "state" => state_label(&drift.state)).increment(1);
+    counter!(telemetry::PIN_DRIFTS, "kind" => kind_name(kind), "state" => state.name())
+        .increment(1);
     tracing::warn!(
         server = %drift.server,
         kind = %drift.kind,
@@ -324,10 +338,7 @@ fn report(drift: pb::Drift) {
         "definition does not match the server's pins"
     );
     if let Some((audit, identity)) = sink.audit.get() {
-        let note = crate::proxy::truncate(&match drift.fields.is_empty() {
-            true => drift.state.clone(),
-            false => format!("{} ({})", drift.state, drift.fields.join(", ")),
-        });
+        let note = crate::proxy::truncate(&state.describe());
         audit.record(&Record {
             time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
             subject: identity,
@@ -335,12 +346,11 @@ fn report(drift: pb::Drift) {
             client_id: None,
             issuer: None,
             server: &drift.server,
-            method: if drift.kind == "tool" {
-                "tools/list"
-            } else {
-                "prompts/list"
+            method: match kind {
+                Kind::Tool => "tools/list",
+                Kind::Prompt => "prompts/list",
             },
-            kind: Some(kind_label(&drift.kind)),
+            kind: Some(kind_name(kind)),
             name: Some(&crate::proxy::truncate(&drift.name)),
             decision: Verdict::Plumbing,
             rule: None,
@@ -361,18 +371,6 @@ fn report(drift: pb::Drift) {
         let count = reports.len();
         drop(reports);
         sink.added.send_replace(count);
-    }
-}
-
-fn kind_label(kind: &str) -> &'static str {
-    if kind == "tool" { "tool" } else { "prompt" }
-}
-
-fn state_label(state: &str) -> &'static str {
-    if state == "drifted" {
-        "drifted"
-    } else {
-        "unpinned"
     }
 }
 
@@ -465,7 +463,7 @@ mod tests {
                 r#"{"description":"changed","name":"echo"}"#,
             );
         }
-        let (reports, _) = reports();
+        let reports = reports_from(0);
         let mine: Vec<_> = reports
             .iter()
             .filter(|d| d.server == "pin-unit-report")

@@ -326,14 +326,12 @@ impl Upstream {
         body: Bytes,
     ) -> Result<Response<Incoming>, ProxyError> {
         let caller = match &route.oauth {
-            Some(tokens) if self.caller_subjects && tokens.exchanges() => agent_headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    v.get(..7)
-                        .filter(|p| p.eq_ignore_ascii_case("bearer "))
-                        .map(|_| v[7..].trim().to_owned())
-                }),
+            // Read as the gateway read it when it checked the token.
+            Some(tokens) if self.caller_subjects && tokens.exchanges() => {
+                crate::gateway::tokens::bearer(&agent_headers)
+                    .ok()
+                    .map(str::to_owned)
+            }
             _ => None,
         };
         let caller = caller.as_deref();
