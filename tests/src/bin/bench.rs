@@ -962,8 +962,78 @@ async fn aggregate(args: &Args, config: &Path, audit: &Path) -> Result<String> {
     Ok(report)
 }
 
-/// Rounds of the pinned-list comparison, interleaved.
-const PINNING_ROUNDS: usize = 3;
+/// Rounds of the side-by-side comparisons below, interleaved.
+const SIDE_BY_SIDE_ROUNDS: usize = 3;
+
+/// One sidecar routing `/mcp/bench` as the other workloads do, and `path`
+/// (`/mcp/<name>`) to the same upstream as the McpServer `name` whose spec ends with
+/// `spec` (YAML lines under `spec:`), with a copy of the bench rules `rules` for it:
+/// the process, its config's directory, and the two targets, named `labels`.
+async fn beside_bench(
+    args: &Args,
+    upstream: &str,
+    audit: &Path,
+    (name, path): (&str, &'static str),
+    spec: &str,
+    rules: &str,
+    labels: [&'static str; 2],
+) -> Result<(Proc, TempDir, [Arc<Target>; 2])> {
+    let mut yaml = resources(upstream).replace(
+        rules,
+        &format!(
+            "{rules}{}",
+            rules.replace("server: bench", &format!("server: {name}"))
+        ),
+    );
+    let _ = write!(
+        yaml,
+        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{{url: \"{upstream}\"}}]\n{spec}"
+    );
+    let dir = TempDir::new(&format!("bench-{name}"))?;
+    let config = dir.0.join(format!("{name}.yaml"));
+    std::fs::write(&config, yaml)?;
+    let (sidecar, addr) = start_sidecar(args, &config, audit).await?;
+    let target = |name, path| {
+        Arc::new(Target {
+            name,
+            addr,
+            path,
+            pid: sidecar.pid(),
+            prefix: "",
+            fan_out: 1,
+            users: Users::None,
+        })
+    };
+    let targets = [target(labels[0], "/mcp/bench"), target(labels[1], path)];
+    Ok((sidecar, dir, targets))
+}
+
+/// `w` against both `targets` in interleaved rounds, the best of each: the table with
+/// the second ÷ the first, and each one's CPU and memory.
+async fn side_by_side(targets: &[Arc<Target>; 2], w: &Workload, title: &str) -> Result<String> {
+    let mut rounds: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..SIDE_BY_SIDE_ROUNDS {
+        for (i, t) in targets.iter().enumerate() {
+            rounds[i].push(run(t.clone(), w).await.with_context(|| t.name)?);
+        }
+    }
+    let results: Vec<(&Target, Outcome)> = targets
+        .iter()
+        .map(AsRef::as_ref)
+        .zip(rounds.into_iter().map(best))
+        .collect();
+    let mut out = compare_table(
+        &format!(
+            "{title} — {}, best of {SIDE_BY_SIDE_ROUNDS} interleaved rounds",
+            w.what
+        ),
+        &results,
+        &[(targets[1].name, targets[0].name)],
+    );
+    out.push_str(&costs(&results));
+    out.push('\n');
+    Ok(out)
+}
 
 /// The 500-tool `tools/list` through one sidecar twice: `/mcp/bench` as in the other
 /// workloads, and `/mcp/pinned`, the same upstream and policy with a pin for every
@@ -1001,77 +1071,35 @@ async fn pinning(args: &Args, upstream: &str, audit: &Path) -> Result<String> {
         .await?;
     let listed: serde_json::Value =
         serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
-    let mut pins = String::from("  pins:\n    tools:\n");
+    let mut spec = String::from(
+        "  credential: {header: Authorization, secretRef: {name: bench-token, key: token}, prefix: \"Bearer \"}\n  pins:\n    tools:\n",
+    );
     for tool in listed["result"]["tools"]
         .as_array()
         .context("tools/list result")?
     {
         let name = tool["name"].as_str().context("tool name")?;
         let digest = toolmesh_proto::pin::digest(toolmesh_proto::pin::Kind::Tool, tool)?;
-        let _ = writeln!(pins, "      {name}: {{digest: \"{digest}\"}}");
+        let _ = writeln!(spec, "      {name}: {{digest: \"{digest}\"}}");
     }
-    let mut yaml = resources(upstream);
-    let bench_rules = "    - {server: bench, tools: [\"t4*\"], action: deny}\n\
+    let rules = "    - {server: bench, tools: [\"t4*\"], action: deny}\n\
          \x20   - {server: bench, tools: [\"t0*\", \"t1*\", \"t2*\", \"t3*\", \"t4*\"]}\n";
-    yaml = yaml.replace(
-        bench_rules,
-        &format!(
-            "{bench_rules}{}",
-            bench_rules.replace("server: bench", "server: pinned")
-        ),
-    );
-    let _ = write!(
-        yaml,
-        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: pinned}}\nspec:\n  endpoints: [{{url: \"{upstream}\"}}]\n  credential: {{header: Authorization, secretRef: {{name: bench-token, key: token}}, prefix: \"Bearer \"}}\n{pins}"
-    );
-    let dir = TempDir::new("bench-pinning")?;
-    let config = dir.0.join("pinned.yaml");
-    std::fs::write(&config, yaml)?;
-    let (mut sidecar, addr) = start_sidecar(args, &config, audit).await?;
-    let target = |name, path| {
-        Arc::new(Target {
-            name,
-            addr,
-            path,
-            pid: sidecar.pid(),
-            prefix: "",
-            fan_out: 1,
-            users: Users::None,
-        })
-    };
-    let targets = [
-        target("no pins", "/mcp/bench"),
-        target("500 pins", "/mcp/pinned"),
-    ];
-    let mut rounds: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
-    for _ in 0..PINNING_ROUNDS {
-        for (i, t) in targets.iter().enumerate() {
-            rounds[i].push(run(t.clone(), &w).await.with_context(|| t.name)?);
-        }
-    }
-    let results: Vec<(&Target, Outcome)> = targets
-        .iter()
-        .map(AsRef::as_ref)
-        .zip(rounds.into_iter().map(best))
-        .collect();
+    let (mut sidecar, _dir, targets) = beside_bench(
+        args,
+        upstream,
+        audit,
+        ("pinned", "/mcp/pinned"),
+        &spec,
+        rules,
+        ["no pins", "500 pins"],
+    )
+    .await?;
     let mut report = String::from("## Pinned definitions\n\n");
-    report.push_str(&compare_table(
-        &format!(
-            "pinned-list — {}, best of {PINNING_ROUNDS} interleaved rounds",
-            w.what
-        ),
-        &results,
-        &[("500 pins", "no pins")],
-    ));
-    report.push_str(&costs(&results));
-    report.push('\n');
+    report.push_str(&side_by_side(&targets, &w, "pinned-list").await?);
     println!("{report}");
     sidecar.terminate().await?;
     Ok(report)
 }
-
-/// Rounds of the OAuth comparison, interleaved.
-const OAUTH_ROUNDS: usize = 3;
 
 /// The small call through one sidecar to `/mcp/bench` (a static `Authorization`
 /// header from a Secret) and to `/mcp/oauth` (the same upstream, its token from the
@@ -1083,39 +1111,21 @@ async fn oauth_tokens(args: &Args, upstream: &str, audit: &Path) -> Result<Strin
         return Ok(String::new());
     }
     let base = upstream.strip_suffix("/mcp").context("upstream URL")?;
-    let mut yaml = resources(upstream);
-    let bench_rule =
+    let spec = format!(
+        "  oauth: {{grant: client-credentials, tokenUrl: \"{base}/token\", clientId: bench, clientSecretRef: {{name: bench-token, key: token}}}}\n"
+    );
+    let rules =
         "    - {server: bench, tools: [\"small\"], rateLimit: {requests: 100000000, per: 1s}}\n";
-    yaml = yaml.replace(
-        bench_rule,
-        &format!(
-            "{bench_rule}{}",
-            bench_rule.replace("server: bench", "server: oauth")
-        ),
-    );
-    let _ = write!(
-        yaml,
-        "---\napiVersion: toolmesh.dev/v1alpha1\nkind: McpServer\nmetadata: {{name: oauth}}\nspec:\n  endpoints: [{{url: \"{upstream}\"}}]\n  oauth: {{grant: client-credentials, tokenUrl: \"{base}/token\", clientId: bench, clientSecretRef: {{name: bench-token, key: token}}}}\n"
-    );
-    let dir = TempDir::new("bench-oauth")?;
-    let config = dir.0.join("oauth.yaml");
-    std::fs::write(&config, yaml)?;
-    let (mut sidecar, addr) = start_sidecar(args, &config, audit).await?;
-    let target = |name, path| {
-        Arc::new(Target {
-            name,
-            addr,
-            path,
-            pid: sidecar.pid(),
-            prefix: "",
-            fan_out: 1,
-            users: Users::None,
-        })
-    };
-    let targets = [
-        target("static header", "/mcp/bench"),
-        target("OAuth token", "/mcp/oauth"),
-    ];
+    let (mut sidecar, _dir, targets) = beside_bench(
+        args,
+        upstream,
+        audit,
+        ("oauth", "/mcp/oauth"),
+        &spec,
+        rules,
+        ["static header", "OAuth token"],
+    )
+    .await?;
     let mut report = String::from("## Upstream OAuth tokens\n\n");
     for w in small_calls(
         args,
@@ -1125,27 +1135,7 @@ async fn oauth_tokens(args: &Args, upstream: &str, audit: &Path) -> Result<Strin
     .into_iter()
     .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
     {
-        let mut rounds: Vec<Vec<Outcome>> = targets.iter().map(|_| Vec::new()).collect();
-        for _ in 0..OAUTH_ROUNDS {
-            for (i, t) in targets.iter().enumerate() {
-                rounds[i].push(run(t.clone(), &w).await.with_context(|| t.name)?);
-            }
-        }
-        let results: Vec<(&Target, Outcome)> = targets
-            .iter()
-            .map(AsRef::as_ref)
-            .zip(rounds.into_iter().map(best))
-            .collect();
-        report.push_str(&compare_table(
-            &format!(
-                "{} — {}, best of {OAUTH_ROUNDS} interleaved rounds",
-                w.name, w.what
-            ),
-            &results,
-            &[("OAuth token", "static header")],
-        ));
-        report.push_str(&costs(&results));
-        report.push('\n');
+        report.push_str(&side_by_side(&targets, &w, w.name).await?);
     }
     let requests = get_text(base, "/token-requests").await?;
     let _ = writeln!(
