@@ -39,6 +39,8 @@
 //!   streams, sampling, a collector that never answers, gateway users and refused
 //!   tokens; the control plane's apply and push spans.
 //! - `conformance`: the official MCP conformance suite, direct and through the sidecar.
+//! - `bench`: a half-second smoke run of the benchmark binary (list and paced calls,
+//!   direct and through a sidecar), every answer checked.
 //! - `webhook`: the sidecar-injection webhook over TLS, called by curl.
 //! - `kubernetes`: the control plane in cluster mode against a stand-in API server:
 //!   service-account identity, CRD watches, Lease, status, the self-managed CA.
@@ -57,6 +59,7 @@
 //!   SDK clients, both generations, a child killed mid-call, the HTTP edges.
 
 mod aggregate;
+mod bench;
 mod conformance;
 mod control;
 mod credentials;

@@ -4,7 +4,9 @@
 //! Plain hyper, HTTP/1.1, every answer prebuilt at start (only the JSON-RPC id is
 //! spliced in). It speaks just enough MCP for the benchmark's workloads, in both
 //! generations: `initialize` (2025-11-25; answers with an `Mcp-Session-Id`, and later
-//! requests of that generation must carry one), notifications (202), `tools/list`
+//! requests of that generation must carry one), `server/discover` (2026-07-28, naming
+//! both generations, so a sidecar relays rather than bridges), notifications (202),
+//! `tools/list`
 //! (`--tools`, 500 by default: `t000`..`t499`; with `ttlMs` when `--list-ttl-ms` is
 //! set) and `tools/call` of
 //!
@@ -88,6 +90,7 @@ impl Canned {
 #[derive(Debug)]
 struct Answers {
     initialize: Canned,
+    discover: Canned,
     small: Canned,
     big: Canned,
     list: Canned,
@@ -115,6 +118,10 @@ impl Answers {
         Answers {
             initialize: Canned::new(
                 r#"{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"toolmesh-bench-upstream","version":"0"}}"#,
+            ),
+            // Both generations: a sidecar that asks learns it need not bridge.
+            discover: Canned::new(
+                r#"{"resultType":"complete","supportedVersions":["2025-11-25","2026-07-28"],"capabilities":{"tools":{}},"_meta":{"io.modelcontextprotocol/serverInfo":{"name":"toolmesh-bench-upstream","version":"0"}}}"#,
             ),
             small: Canned::new(r#"{"content":[{"type":"text","text":"ok"}]}"#),
             big: Canned::new(&format!(
@@ -226,6 +233,11 @@ async fn handle(answers: Arc<Answers>, req: Request<Incoming>) -> Response<Body>
     }
     let name = envelope.params.and_then(|p| p.name).unwrap_or_default();
     match (envelope.method, name) {
+        ("server/discover", _) => full(
+            StatusCode::OK,
+            "application/json",
+            answers.discover.with_id(id),
+        ),
         ("tools/list", _) => full(StatusCode::OK, "application/json", answers.list.with_id(id)),
         ("tools/call", "small") => full(
             StatusCode::OK,
