@@ -28,6 +28,8 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 
+mod scan;
+
 use crate::body::{Body, BodyError};
 use crate::mcp::TargetKind;
 use crate::snapshot::Route;
@@ -69,8 +71,8 @@ impl Lists {
             Lists::One(list) => list.filter(route, text),
             Lists::Completion(completion) => completion.filter(route, text),
             Lists::Any => {
-                if text.trim_ascii().is_empty() {
-                    return Filtered::Unchanged;
+                if let Some(unread) = unread(text) {
+                    return unread;
                 }
                 rewrite_each(text, "result", |result| {
                     let mut current = Cow::Borrowed(result);
@@ -198,8 +200,8 @@ impl Completion {
     }
 
     fn filter(&self, route: &Route, text: &str) -> Filtered {
-        if text.trim_ascii().is_empty() {
-            return Filtered::Unchanged;
+        if let Some(unread) = unread(text) {
+            return unread;
         }
         rewrite_each(text, "result", |result| {
             if !result.starts_with('{') {
@@ -213,16 +215,14 @@ impl Completion {
                     if !values.starts_with('[') {
                         return Filtered::Unchanged;
                     }
-                    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(values) else {
+                    let Some(items) = scan::elements(values) else {
                         return Filtered::Unreadable;
                     };
                     let kept: Vec<&str> = items
-                        .into_iter()
                         .filter(|item| {
-                            serde_json::from_str::<Cow<'_, str>>(item.get())
+                            serde_json::from_str::<Cow<'_, str>>(item)
                                 .is_ok_and(|v| self.visible(route, &v))
                         })
-                        .map(RawValue::get)
                         .collect();
                     Filtered::Rewritten(format!("[{}]", kept.join(",")))
                 })
@@ -244,18 +244,24 @@ impl ListKind {
     /// member and every list member in it is filtered, so duplicate keys cannot carry
     /// an unfiltered copy past the sidecar.
     fn filter(&self, route: &Route, text: &str) -> Filtered {
-        if text.trim_ascii().is_empty() {
-            return Filtered::Unchanged;
+        if let Some(unread) = unread(text) {
+            return unread;
         }
-        rewrite_each(text, "result", |result| self.filter_result(route, result))
+        rewrite_message(text, "result", |result| self.walk_result(route, result))
     }
 
+    /// [`ListKind::filter`] for a `result` member's value alone (valid JSON).
     fn filter_result(&self, route: &Route, text: &str) -> Filtered {
+        filtered(self.walk_result(route, text))
+    }
+
+    /// The `result` whose value opens `rest`: its list filtered, and its length.
+    fn walk_result(&self, route: &Route, rest: &str) -> scan::Walked {
         // A result that is not an object holds no list an agent could take.
-        if !text.starts_with('{') {
-            return Filtered::Unchanged;
+        if !rest.starts_with('{') {
+            return Ok((None, scan::value_end(rest.as_bytes(), 0)));
         }
-        rewrite_each(text, self.field, |items| self.filter_items(route, items))
+        scan::replace_values(rest, self.field, |items| self.walk_items(route, items))
     }
 
     /// The items of the list result `result` the policy shows, raw, and its
@@ -275,7 +281,11 @@ impl ListKind {
                     return None;
                 }
                 let all: Vec<&RawValue> = serde_json::from_str(value.get()).ok()?;
-                items = Some(all.into_iter().filter(|i| self.visible(route, i)).collect());
+                items = Some(
+                    all.into_iter()
+                        .filter(|i| self.visible(route, i.get()))
+                        .collect(),
+                );
             } else if key == "nextCursor" {
                 cursor = Some(value);
             }
@@ -283,44 +293,96 @@ impl ListKind {
         Some((items.unwrap_or_default(), cursor))
     }
 
-    /// The list array `text` with only the visible items.
-    fn filter_items(&self, route: &Route, text: &str) -> Filtered {
-        if !text.starts_with('[') {
-            return Filtered::Unchanged;
+    /// The list array that opens `rest` (valid JSON) with only the visible items, and
+    /// its length. One pass: each item is walked once, for its name and for where it
+    /// ends.
+    fn walk_items(&self, route: &Route, rest: &str) -> scan::Walked {
+        let b = rest.as_bytes();
+        if b.first() != Some(&b'[') {
+            return Ok((None, scan::value_end(b, 0)));
         }
-        let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text) else {
-            return Filtered::Unreadable;
-        };
-        let mut out = String::with_capacity(text.len());
+        let mut out = String::with_capacity(rest.len());
         out.push('[');
-        for item in items.into_iter().filter(|item| self.visible(route, item)) {
-            if out.len() > 1 {
-                out.push(',');
+        let mut at = 1;
+        loop {
+            at = scan::skip_ws(b, at);
+            if b.get(at) == Some(&b',') {
+                at = scan::skip_ws(b, at + 1);
             }
-            out.push_str(item.get());
+            match b.get(at) {
+                None => return Err(()),
+                Some(b']') => break,
+                Some(_) => {}
+            }
+            let item_text = rest.get(at..).ok_or(())?;
+            let (name, len) = match scan::object_at(item_text) {
+                Some(mut members) => {
+                    let name = self.name(members.by_ref());
+                    members.by_ref().for_each(drop);
+                    (name, members.end().ok_or(())?)
+                }
+                // Not an object: hidden.
+                None => (None, scan::value_end(b, at) - at),
+            };
+            let item = item_text.get(..len).ok_or(())?;
+            if name.is_some_and(|name| self.shows(route, &name, item)) {
+                if out.len() > 1 {
+                    out.push(',');
+                }
+                out.push_str(item);
+            }
+            at += len.max(1);
         }
         out.push(']');
-        Filtered::Rewritten(out)
+        Ok((Some(out), at + 1))
     }
 
-    /// An item is visible when its name is a string the policy shows (anything else,
-    /// a missing or repeated name included, is hidden).
-    /// Items of a server with pins must also match them ([`crate::pin`]).
-    fn visible(&self, route: &Route, item: &RawValue) -> bool {
-        serde_json::from_str::<Named<'_>>(item.get())
-            .ok()
-            .and_then(|n| match self.key {
-                "name" => n.name,
-                "uri" => n.uri,
-                _ => n.uri_template,
-            })
-            .is_some_and(|name| {
-                route.policy.visible(self.kind, &name)
-                    && route
-                        .pins
-                        .as_ref()
-                        .is_none_or(|p| p.admit(self.kind, &name, item.get()))
-            })
+    /// An item is visible when it is an object whose name is a string the policy
+    /// shows (anything else, a missing or repeated name included, is hidden). `item`
+    /// is valid JSON.
+    fn visible(&self, route: &Route, item: &str) -> bool {
+        scan::members(item)
+            .and_then(|members| self.name(members))
+            .is_some_and(|name| self.shows(route, &name, item))
+    }
+
+    /// Whether the policy shows the item `name`, and (for a server with pins) its
+    /// definition `item` matches its pin ([`crate::pin`]).
+    fn shows(&self, route: &Route, name: &str, item: &str) -> bool {
+        route.policy.visible(self.kind, name)
+            && route
+                .pins
+                .as_ref()
+                .is_none_or(|p| p.admit(self.kind, name, item))
+    }
+
+    /// An item's name (`name`, `uri` or `uriTemplate`, as the list keys it) from its
+    /// members. Read strictly: none when any of those three members is given twice, or
+    /// is neither a string nor null, or a key does not decode.
+    fn name<'t>(
+        &self,
+        members: impl Iterator<Item = (scan::Key<'t>, &'t str)>,
+    ) -> Option<Cow<'t, str>> {
+        const NAMES: [&str; 3] = ["name", "uri", "uriTemplate"];
+        let mut seen = [false; 3];
+        let mut found = None;
+        for (key, value) in members {
+            let key = key.decoded()?;
+            let Some(slot) = NAMES.iter().position(|n| *n == key) else {
+                continue;
+            };
+            if std::mem::replace(&mut seen[slot], true) {
+                return None;
+            }
+            if value == "null" {
+                continue;
+            }
+            let text = serde_json::from_str::<Cow<'t, str>>(value).ok()?;
+            if NAMES[slot] == self.key {
+                found = Some(text);
+            }
+        }
+        found
     }
 }
 
@@ -334,17 +396,6 @@ enum Filtered {
     /// Not a JSON object the sidecar can read. An agent's parser may read it all the
     /// same (a batch array, a lone surrogate in a key, `NaN`), so it must not pass.
     Unreadable,
-}
-
-/// The name fields of a list item; everything else in it is skipped unparsed.
-#[derive(Deserialize)]
-struct Named<'a> {
-    #[serde(borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    uri: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "uriTemplate")]
-    uri_template: Option<Cow<'a, str>>,
 }
 
 /// A JSON object's members in order, values left as raw text.
@@ -370,35 +421,51 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
     }
 }
 
-/// The JSON object `text` with every member named `key` replaced by what `inner`
-/// makes of its raw value. Unreadable when the object, or any such member, is;
-/// rewritten when any member was; otherwise unchanged.
-fn rewrite_each(text: &str, key: &str, mut inner: impl FnMut(&str) -> Filtered) -> Filtered {
-    let (mut found, mut unreadable) = (false, false);
-    let Some(out) = rewrite_members(text, |name, value, out| {
-        if name != key {
-            return false;
-        }
-        match inner(value) {
-            Filtered::Rewritten(new) => {
-                out.push_str(&new);
-                found = true;
-                true
-            }
-            Filtered::Unchanged => false,
-            Filtered::Unreadable => {
-                unreadable = true;
-                false
-            }
-        }
-    }) else {
-        return Filtered::Unreadable;
-    };
-    match (unreadable, found) {
-        (true, _) => Filtered::Unreadable,
-        (false, true) => Filtered::Rewritten(out),
-        (false, false) => Filtered::Unchanged,
+/// What a message that is not to be walked comes to: unchanged when blank, unreadable
+/// when serde_json (strict RFC 8259) refuses it; `None` for valid JSON, which from then
+/// on is walked rather than parsed again ([`scan`]).
+fn unread(text: &str) -> Option<Filtered> {
+    if text.trim_ascii().is_empty() {
+        return Some(Filtered::Unchanged);
     }
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .is_err()
+        .then_some(Filtered::Unreadable)
+}
+
+/// What a walk came to, as a [`Filtered`].
+fn filtered(walked: scan::Walked) -> Filtered {
+    match walked {
+        Err(()) => Filtered::Unreadable,
+        Ok((Some(out), _)) => Filtered::Rewritten(out),
+        Ok((None, _)) => Filtered::Unchanged,
+    }
+}
+
+/// The JSON object `text` (valid JSON: see [`unread`]; whitespace around it is
+/// dropped when it is rewritten) with every member named `key` replaced by what
+/// `inner` walks of its value ([`scan::replace_values`]). Unreadable when `text` is not
+/// an object, or a key or any such member is unreadable.
+fn rewrite_message(text: &str, key: &str, inner: impl FnMut(&str) -> scan::Walked) -> Filtered {
+    let at = scan::skip_ws(text.as_bytes(), 0);
+    filtered(scan::replace_values(
+        text.get(at..).unwrap_or_default(),
+        key,
+        inner,
+    ))
+}
+
+/// [`rewrite_message`] with an `inner` given each value's exact text.
+fn rewrite_each(text: &str, key: &str, mut inner: impl FnMut(&str) -> Filtered) -> Filtered {
+    rewrite_message(
+        text,
+        key,
+        scan::value_walk(|value| match inner(value) {
+            Filtered::Rewritten(new) => Ok(Some(new)),
+            Filtered::Unchanged => Ok(None),
+            Filtered::Unreadable => Err(()),
+        }),
+    )
 }
 
 /// The JSON object `text` without its members named in `drop` (the others copied as
@@ -518,7 +585,12 @@ pub async fn json(body: Body, route: &Route, lists: &Lists) -> Result<Bytes, Bod
         }
     }
     let bytes = buf.freeze();
-    let text = String::from_utf8_lossy(&bytes);
+    // Valid UTF-8 (the usual case) is checked at memory speed; only text that is not
+    // goes through the slower replacing decoder.
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(&bytes),
+    };
     match lists.filter(route, text.strip_prefix('\u{feff}').unwrap_or(&text)) {
         Filtered::Unchanged => Ok(bytes),
         Filtered::Rewritten(out) => Ok(Bytes::from(out)),
@@ -811,6 +883,19 @@ mod tests {
     }
 
     #[test]
+    fn items_that_are_not_objects_are_hidden_and_kept_items_are_copied_byte_for_byte() {
+        let list = ListKind::of("tools/list").expect("list");
+        let text = "{\"id\":1,\"result\":{\"tools\": [ 1 , \"a0\",[{\"name\":\"a1\"}] ,null,\n {\"name\" : \"a2\", \"x\":\"]}\"} ,{\"name\":\"b\"}, {\"uri\":null,\"name\":\"a3\"} ] }}";
+        assert_eq!(
+            list.filter(&route(), text),
+            Filtered::Rewritten(
+                "{\"id\":1,\"result\":{\"tools\": [{\"name\" : \"a2\", \"x\":\"]}\"},{\"uri\":null,\"name\":\"a3\"}] }}"
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
     fn resources_are_matched_on_their_uri() {
         let out = filtered(
             "resources/list",
@@ -1015,7 +1100,8 @@ mod tests {
             let out = through_sse("tools/list", stream, chunk).await;
             assert_eq!(
                 String::from_utf8_lossy(&out),
-                "data: {\"id\":1,\"result\":{\"tools\":[{\"name\":\"a1\"}]}}\nx-junk\n\n"
+                // The message's own line break stays (as a second data line).
+                "data: {\"id\":1,\ndata: \"result\":{\"tools\":[{\"name\":\"a1\"}]}}\nx-junk\n\n"
             );
         }
     }
