@@ -1546,9 +1546,15 @@ impl crate::proxy::Proxy {
     /// by asking `server/discover`; `None` while the server cannot be asked (it is
     /// asked again next time).
     pub(crate) async fn generation(&self, route: &Arc<Route>) -> Option<bool> {
-        if let Some(known) = route.speaks_modern() {
-            return Some(known);
+        match route.speaks_modern() {
+            Some(known) => Some(known),
+            // Once per snapshot: boxed, so the request future (which hyper allocates
+            // per connection) does not carry the probe's state.
+            None => Box::pin(self.ask_generation(route)).await,
         }
+    }
+
+    async fn ask_generation(&self, route: &Arc<Route>) -> Option<bool> {
         let id = self.aggregate.next_id.fetch_add(1, Ordering::Relaxed);
         let text = format!(
             "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"server/discover\",\"params\":{{\"_meta\":{}}}}}",

@@ -26,6 +26,7 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 pub const DEFAULT_BODY_READ_TIMEOUT: &str = "30s";
 /// Time allowed to open a TCP (and TLS) connection to an upstream.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: u32 = 256;
 /// Server-side mode: where agent sidecars connect with mutual TLS (every address).
 pub const DEFAULT_MESH_LISTEN: &str = "[::]:16030";
 
@@ -265,6 +266,12 @@ pub struct Config {
     /// Time allowed to connect to an upstream (TCP and TLS).
     #[arg(long, env = "TOOLMESH_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
+
+    /// Requests in flight to one upstream server at once, and so (over HTTP/1.1) its
+    /// open connections; more wait for one to finish, within the server's timeout. A
+    /// streamed answer holds its place until it ends.
+    #[arg(long, env = "TOOLMESH_UPSTREAM_MAX_CONNECTIONS", default_value_t = DEFAULT_UPSTREAM_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=65_536), value_name = "N")]
+    pub upstream_max_connections: u32,
 
     /// The pod's own token (e.g. a projected service-account token whose audience the
     /// authorization server accepts), presented as the subject of RFC 8693 token

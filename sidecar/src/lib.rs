@@ -206,6 +206,7 @@ pub async fn serve(
     })?;
     let tracer = tracing_on.as_ref().map(|t| t.tracer().clone());
     let upstream = upstream::Upstream::new(config.connect_timeout, workload.clone())
+        .with_max_connections(config.upstream_max_connections)
         .with_tracer(tracer.clone())
         .with_caller_subjects(config.mode == config::Mode::Gateway);
     let gateway = (config.mode == config::Mode::Gateway).then(|| {

@@ -83,7 +83,7 @@ pub async fn serve<H, F>(
                 // connections still showing their protocol.
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let acceptor = match acceptor {
+                    match acceptor {
                         None => {
                             if !protocol_shown(&stream, header_read).await {
                                 tracing::debug!(listener = name, %peer, "closed: no request started in time");
@@ -93,34 +93,18 @@ pub async fn serve<H, F>(
                                 addr: peer,
                                 tls: None,
                             };
-                            return serve_connection(&builder, stream, who, handler, watcher, name)
-                                .await;
+                            serve_connection(&builder, stream, who, handler, watcher, name).await;
                         }
-                        Some(acceptor) => acceptor,
-                    };
-                    let stream = match tokio::time::timeout(header_read, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
-                            crate::telemetry::mesh_refused("handshake");
-                            return;
+                        // Boxed: a plain connection's task need not have room for a
+                        // TLS session (tasks are sized for their largest state).
+                        Some(acceptor) => {
+                            let tls = (acceptor, header_read);
+                            Box::pin(serve_tls(
+                                &builder, stream, peer, tls, handler, watcher, name,
+                            ))
+                            .await;
                         }
-                        Err(_) => {
-                            tracing::debug!(listener = name, %peer, "closed: no TLS handshake in time");
-                            crate::telemetry::mesh_refused("timeout");
-                            return;
-                        }
-                    };
-                    let tls = stream.get_ref().1.peer_certificates().map(|c| {
-                        std::sync::Arc::new(PeerTls {
-                            certificates: c.iter().map(|d| d.clone().into_owned()).collect(),
-                            identity: std::sync::OnceLock::new(),
-                        })
-                    });
-                    let who = Peer { addr: peer, tls };
-                    serve_connection(&builder, stream, who, handler, watcher, name).await;
+                    }
                 });
             }
             Err(e) => {
@@ -138,6 +122,43 @@ pub async fn serve<H, F>(
             tracing::warn!(listener = name, deadline = ?drain, "drain deadline reached; closing remaining connections");
         }
     }
+}
+
+/// The TLS handshake (within `header_read`), then HTTP on the connection as the peer
+/// its certificate names.
+async fn serve_tls<H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    (acceptor, header_read): (tokio_rustls::TlsAcceptor, Duration),
+    handler: H,
+    watcher: hyper_util::server::graceful::Watcher,
+    name: &'static str,
+) where
+    H: Fn(Request<Incoming>, Peer) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let stream = match tokio::time::timeout(header_read, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
+            crate::telemetry::mesh_refused("handshake");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(listener = name, %peer, "closed: no TLS handshake in time");
+            crate::telemetry::mesh_refused("timeout");
+            return;
+        }
+    };
+    let tls = stream.get_ref().1.peer_certificates().map(|c| {
+        std::sync::Arc::new(PeerTls {
+            certificates: c.iter().map(|d| d.clone().into_owned()).collect(),
+            identity: std::sync::OnceLock::new(),
+        })
+    });
+    let who = Peer { addr: peer, tls };
+    serve_connection(builder, stream, who, handler, watcher, name).await;
 }
 
 /// Serve HTTP on one accepted connection (plain or TLS) as `who`, until it ends or the

@@ -101,6 +101,9 @@ pub struct Route {
     pub pins: Option<Arc<crate::pin::Pinned>>,
     /// Where its OAuth access token comes from, if it has `spec.oauth`.
     pub oauth: Option<Arc<crate::oauth::TokenSource>>,
+    /// Requests in flight to the server, at most `--upstream-max-connections`
+    /// ([`crate::upstream`]); made on first use.
+    pub in_flight: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Route {
@@ -454,6 +457,7 @@ fn compile_server(server: &pb::Server, policy: ServerPolicy) -> Result<Route, St
             .oauth
             .as_ref()
             .map(|o| crate::oauth::TokenSource::for_server(&server.name, o)),
+        in_flight: std::sync::OnceLock::new(),
     })
 }
 

@@ -96,7 +96,15 @@ pub struct Upstream {
     /// Gateway mode: the caller's (validated) bearer token is the subject of token
     /// exchanges ([`crate::oauth`]).
     caller_subjects: bool,
+    /// Requests in flight to one server at most (`--upstream-max-connections`).
+    max_in_flight: usize,
 }
+
+/// A request's place among those in flight to its server, carried in the response's
+/// extensions: whoever relays the body holds it until the body ends (dropped with
+/// the response otherwise).
+#[derive(Debug, Clone)]
+pub struct InFlight(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
 fn connector(connect_timeout: Duration) -> HttpConnector {
     let mut http = HttpConnector::new();
@@ -147,7 +155,14 @@ impl Upstream {
             connect_timeout,
             tracer: None,
             caller_subjects: false,
+            max_in_flight: crate::config::DEFAULT_UPSTREAM_MAX_CONNECTIONS as usize,
         }
+    }
+
+    /// At most `n` requests in flight to one server (`--upstream-max-connections`).
+    pub fn with_max_connections(mut self, n: u32) -> Self {
+        self.max_in_flight = usize::try_from(n.max(1)).unwrap_or(usize::MAX);
+        self
     }
 
     /// Trace every upstream request with `tracer` (tracing on).
@@ -334,14 +349,28 @@ impl Upstream {
             }
             _ => None,
         };
-        let caller = caller.as_deref();
         let headers = forward_headers(agent_headers, route);
-        let Some(tokens) = &route.oauth else {
-            return self.exchange_once(route, uri, method, headers, body).await;
-        };
-        // An OAuth route: its token, and on a 401 (the server refused the request
-        // before acting on it, and the whole body is here to send again) one retry
-        // with a fresh token.
+        match &route.oauth {
+            None => self.exchange_once(route, uri, method, headers, body).await,
+            // Boxed: the token's state stays out of every other route's request future
+            // (which hyper allocates per connection).
+            Some(tokens) => {
+                let call = (uri, method, headers, body);
+                Box::pin(self.exchange_with_token(route, tokens, caller.as_deref(), call)).await
+            }
+        }
+    }
+
+    /// An OAuth route: its token, and on a 401 (the server refused the request before
+    /// acting on it, and the whole body is here to send again) one retry with a fresh
+    /// token.
+    async fn exchange_with_token(
+        &self,
+        route: &Route,
+        tokens: &crate::oauth::TokenSource,
+        caller: Option<&str>,
+        (uri, method, headers, body): (Uri, Method, HeaderMap, Bytes),
+    ) -> Result<Response<Incoming>, ProxyError> {
         let token = tokens.header(self, caller).await?;
         let mut first = headers.clone();
         first.insert(header::AUTHORIZATION, token.clone());
@@ -382,7 +411,21 @@ impl Upstream {
                 reason: "this sidecar has no workload certificate yet (it asks the control plane for one)".to_owned(),
             });
         }
-        match tokio::time::timeout(route.timeout, client.request(req)).await {
+        // A place among the requests in flight to this server (waiting for one counts
+        // towards the timeout), then the request.
+        let permits = route
+            .in_flight
+            .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)))
+            .clone();
+        let sent = async move {
+            let permit = permits.acquire_owned().await;
+            let mut resp = client.request(req).await?;
+            if let Ok(permit) = permit {
+                resp.extensions_mut().insert(InFlight(Arc::new(permit)));
+            }
+            Ok::<_, hyper_util::client::legacy::Error>(resp)
+        };
+        match tokio::time::timeout(route.timeout, sent).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
                 let reason = toolmesh_proto::error_chain(&e);

@@ -620,3 +620,61 @@ async fn a_slow_loris_client_is_disconnected() -> Result<()> {
     assert_eq!(r.status, 200);
     Ok(())
 }
+
+/// Established TCP connections (IPv4) whose far end is `port`: the sidecar's
+/// connections to an upstream listening there.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = cols
+                .get(2)
+                .and_then(|r| r.split(':').nth(1))
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            remote_port == Some(port) && cols.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn upstream_connections_are_capped_and_the_rest_wait_their_turn() -> Result<()> {
+    // Six slow calls at once through a sidecar allowed two upstream connections: the
+    // upstream never sees more than two (read from the kernel's socket table), all six
+    // are answered, and they take three rounds.
+    let server = DemoServer::start(&["--json-response"]).await?;
+    let sidecar = Sidecar::start(
+        &demo_config(&server.url(), r#" [{server: demo, tools: ["sleep"]}]"#),
+        &["--upstream-max-connections", "2"],
+    )
+    .await?;
+    let headers = modern_headers("sleep");
+    let url = sidecar.url("demo");
+    let started = Instant::now();
+    let calls: Vec<_> = (0..6u64)
+        .map(|i| {
+            let (url, headers) = (url.clone(), headers.clone());
+            tokio::spawn(async move {
+                let body = modern_call(i, "sleep", json!({"ms": 400}));
+                post(&url, &borrow(&headers), body).await
+            })
+        })
+        .collect();
+    let mut most = 0;
+    while calls.iter().any(|c| !c.is_finished()) {
+        most = most.max(connections_to(server.addr.port()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for call in calls {
+        let reply = call.await??;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        assert!(reply.text.contains("\"result\""), "{}", reply.text);
+    }
+    let took = started.elapsed();
+    assert!(most >= 1, "the calls were seen on the wire");
+    assert!(most <= 2, "{most} connections to the upstream at once");
+    assert!(took >= Duration::from_millis(1150), "six calls in {took:?}");
+    Ok(())
+}
